@@ -1,0 +1,129 @@
+"""CreditGuardMiddleware (pure ASGI) and the settlement wrapper every adapter shares.
+
+Pure ASGI, not BaseHTTPMiddleware: no task group per request, contextvars intact, and
+streaming bodies are passed through untouched. Per-request state lives in the Ticket
+and the ``send`` closure, never on the middleware instance.
+
+Streaming responses: the credit headers go out with ``http.response.start``. If the body
+fails *after* that, the status can no longer change, so the charge is refunded in the
+ledger (the client sees a cut connection, and the refund in the next response's
+``X-Credits-Remaining``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import anyio
+from collections.abc import Mapping
+from starlette.datastructures import MutableHeaders
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .guard import CreditGuard, Ticket
+from .problems import Problem
+
+
+async def send_problem(problem: Problem, send: Send) -> None:
+    body = problem.body_bytes()
+    await send({"type": "http.response.start", "status": problem.status, "headers": problem.raw_headers(len(body))})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def run_charged(guard: CreditGuard, ticket: Ticket, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run ``app`` for a paid request: refund on an exception or a 5xx, add the headers.
+
+    The refund for a 5xx happens before its ``http.response.start`` is forwarded, so the
+    failed response itself can say ``X-Credits-Refunded``.
+    """
+    started = False
+
+    async def send_with_credits(message: Message) -> None:
+        nonlocal started
+        if message["type"] == "http.response.start" and not started:
+            started = True
+            status = message["status"]
+            if status >= 500:
+                await guard.settle(ticket, failed=True, reason=f"handler answered {status}")
+            else:
+                await guard.settle(ticket, failed=False)
+            headers = MutableHeaders(raw=list(message.get("headers", ())))
+            for name, value in ticket.headers():
+                headers[name] = value
+            message = {**message, "headers": headers.raw}
+        await send(message)
+
+    try:
+        await app(scope, receive, send_with_credits)
+    except BaseException as exc:
+        # Before the start, the app's error handler will answer 500; after it, the body
+        # broke mid-stream (or the client went away). Either way the client did not get
+        # what it paid for. Shielded: a cancelled request must still get its refund.
+        with anyio.CancelScope(shield=True):
+            await guard.settle(ticket, failed=True, reason=f"handler raised {type(exc).__name__}")
+        raise
+    if not started:
+        # The app returned without answering; nothing was delivered.
+        await guard.settle(ticket, failed=True, reason="no response sent")
+
+
+class CreditGuardMiddleware:
+    """Charge for requests that match ``rules`` before the app runs them.
+
+    ``rules`` maps ``"METHOD /path/{param}"`` to a feature key. Templates use Starlette's
+    syntax (``{id}``, ``{id:int}``, ``{rest:path}``). Requests that match no rule, and
+    every non-HTTP scope, go straight to the app: the only cost is a dict lookup (and,
+    for methods that have templated rules, their regexes).
+    """
+
+    def __init__(self, app: ASGIApp, *, guard: CreditGuard, rules: Mapping[str, str]) -> None:
+        self.app = app
+        self.guard = guard
+        self._static: dict[tuple[str, str], str] = {}
+        self._templated: dict[str, list[tuple[re.Pattern[str], str]]] = {}
+        for rule, feature_key in rules.items():
+            method, _, path = rule.strip().partition(" ")
+            path = path.strip()
+            if not method or not path.startswith("/"):
+                raise ValueError(f"rule {rule!r} must look like 'POST /v1/images'")
+            method = method.upper()
+            if "{" in path:
+                regex, _, _ = compile_path(path)
+                self._templated.setdefault(method, []).append((regex, feature_key))
+            else:
+                self._static[(method, path)] = feature_key
+
+    def match(self, method: str, path: str) -> str | None:
+        """The feature key a request pays for, or None."""
+        feature_key = self._static.get((method, path))
+        if feature_key is not None:
+            return feature_key
+        for regex, key in self._templated.get(method, ()):
+            if regex.match(path):
+                return key
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        feature_key = self.match(scope["method"], _route_path(scope))
+        if feature_key is None:
+            await self.app(scope, receive, send)
+            return
+        outcome = await self.guard.open_charge(feature_key, scope)
+        if isinstance(outcome, Problem):
+            await send_problem(outcome, send)
+            return
+        await run_charged(self.guard, outcome, self.app, scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+__all__ = ["CreditGuardMiddleware", "run_charged", "send_problem"]

@@ -1,0 +1,1 @@
+"""Thin framework adapters; each imports its framework only when used."""

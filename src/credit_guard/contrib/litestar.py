@@ -1,0 +1,81 @@
+"""``requires_credits`` for Litestar handlers.
+
+Litestar hands a handler its request through the reserved keyword ``request``; if the
+handler does not ask for it, one is added to ``__signature__`` and popped before the
+call. A returned value is wrapped in a ``litestar.Response`` with the route's own status
+code and media type, so the credit headers can ride on it.
+
+Streaming: a ``Stream`` whose body fails after its headers went out is not refunded by
+the decorator; put such routes under ``CreditGuardMiddleware``, which sees the failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+from litestar import Request, Response
+
+from ..decorator import find_guard
+from ..guard import CreditGuard
+from ..problems import PROBLEM_CONTENT_TYPE, Problem
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def problem_response(problem: Problem) -> Response[Any]:
+    return Response(
+        content=problem.body(), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> Callable[[F], F]:
+    """Charge ``feature_key``'s price before a Litestar handler runs; refund if it fails."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        asks_for_request = "request" in signature.parameters
+        params = list(signature.parameters.values())
+        if not asks_for_request:
+            param = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+            if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+                params.insert(len(params) - 1, param)
+            else:
+                params.append(param)
+        is_async = inspect.iscoroutinefunction(fn)
+
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
+            active = find_guard(guard, request.app)
+            outcome = await active.open_charge(feature_key, request.scope, request)
+            if isinstance(outcome, Problem):
+                return problem_response(outcome)
+            try:
+                if is_async:
+                    result = await fn(*args, **kwargs)
+                else:
+                    result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
+                raise
+            if not isinstance(result, Response):
+                handler = request.scope["route_handler"]
+                result = Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
+            status = result.status_code
+            await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}")
+            for name, value in outcome.headers():
+                result.headers[name] = value
+            return result
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        if not asks_for_request:
+            wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "request": Request}
+        return typing.cast(F, wrapper)
+
+    return decorate

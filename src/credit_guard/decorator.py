@@ -1,0 +1,194 @@
+"""``@requires_credits``: charge for one route handler, on Starlette, FastAPI or Litestar.
+
+For Starlette and FastAPI the handler's signature is kept, so ``Depends``, path and query
+parameters and Pydantic bodies keep working. If the handler declares no ``Request``
+parameter, a keyword-only one is added to ``__signature__`` (and popped before the call);
+likewise a ``Response`` parameter, which is how FastAPI lets a handler that returns a
+plain dict or model still carry the credit headers. Parameters are found by annotation,
+never by name alone (the complaint users have about slowapi).
+
+Litestar handlers are recognised by their annotations or module and handed to
+``credit_guard.contrib.litestar``; import ``requires_credits`` from there to be explicit.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from .asgi import run_charged
+from .guard import CreditGuard, Ticket
+from .problems import PROBLEM_CONTENT_TYPE, Problem
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_REQUEST_PARAM = "credit_guard_request"
+_RESPONSE_PARAM = "credit_guard_response"
+
+
+def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> Callable[[F], F]:
+    """Charge ``feature_key``'s price before the handler runs; refund if it fails.
+
+    The guard is ``guard=`` or ``request.app.state.credit_guard``. Put the decorator
+    *below* the framework's route decorator (``@app.post(...)`` / ``@post(...)``).
+    """
+
+    def decorate(fn: F) -> F:
+        if _is_litestar(fn):
+            from .contrib.litestar import requires_credits as litestar_requires_credits
+
+            return litestar_requires_credits(feature_key, guard=guard)(fn)
+        return _decorate_starlette(fn, feature_key, guard)
+
+    return decorate
+
+
+def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
+    if explicit is not None:
+        return explicit
+    found = getattr(getattr(app, "state", None), "credit_guard", None)
+    if not isinstance(found, CreditGuard):
+        raise RuntimeError(
+            "requires_credits found no CreditGuard: pass guard=... or set app.state.credit_guard at startup"
+        )
+    return found
+
+
+def problem_response(problem: Problem) -> Response:
+    return Response(
+        content=problem.body_bytes(), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_CONTENT_TYPE
+    )
+
+
+class _ChargedResponse(Response):
+    """The handler's own response, sent through ``run_charged`` so that a 5xx, or a
+    stream that breaks after its headers, is refunded at the moment it happens."""
+
+    def __init__(self, guard: CreditGuard, ticket: Ticket, inner: Response) -> None:
+        self._guard, self._ticket, self._inner = guard, ticket, inner
+        self.status_code = inner.status_code
+
+    @property  # type: ignore[override]
+    def background(self) -> Any:
+        return self._inner.background
+
+    @background.setter
+    def background(self, value: Any) -> None:
+        self._inner.background = value
+
+    @property  # type: ignore[override]
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._inner.raw_headers
+
+    @raw_headers.setter
+    def raw_headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        self._inner.raw_headers = value
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await run_charged(self._guard, self._ticket, self._inner, scope, receive, send)
+
+
+def _decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
+    signature = inspect.signature(fn)
+    hints = _hints(fn)
+    request_name = _param_of_type(signature, hints, HTTPConnection) or (
+        "request" if "request" in signature.parameters and "request" not in hints else None
+    )
+    response_name = _param_of_type(signature, hints, Response)
+    params = list(signature.parameters.values())
+    extra = []
+    if request_name is None:
+        extra.append(inspect.Parameter(_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
+    if response_name is None:
+        extra.append(inspect.Parameter(_RESPONSE_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Response))
+    if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        params[-1:-1] = extra
+    else:
+        params += extra
+    is_async = inspect.iscoroutinefunction(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        request = kwargs.pop(_REQUEST_PARAM, None) if request_name is None else kwargs.get(request_name)
+        sub_response = kwargs.pop(_RESPONSE_PARAM, None) if response_name is None else kwargs.get(response_name)
+        if request is None:
+            # Plain Starlette calls endpoint(request) positionally (or method(self, request)).
+            request = next((arg for arg in args if isinstance(arg, HTTPConnection)), None)
+        if request is None:
+            raise RuntimeError(f"requires_credits: {fn.__qualname__} was called without a request")
+        active = find_guard(guard, request.app)
+        outcome = await active.open_charge(feature_key, request.scope, request)
+        if isinstance(outcome, Problem):
+            return problem_response(outcome)
+        try:
+            if is_async:
+                result = await fn(*args, **kwargs)
+            else:
+                result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
+            raise
+        if isinstance(result, Response):
+            return _ChargedResponse(active, outcome, result)
+        # FastAPI serialises a returned value itself; its status and headers come from the
+        # sub-response it handed us (status_code None there means the route's default).
+        status = getattr(sub_response, "status_code", None) or 200
+        await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}")
+        if sub_response is not None:
+            for name, value in outcome.headers():
+                sub_response.headers[name] = value
+        return result
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return typing.cast(F, wrapper)
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: fall back to what is concrete
+        return {k: v for k, v in getattr(fn, "__annotations__", {}).items() if not isinstance(v, str)}
+
+
+def _param_of_type(signature: inspect.Signature, hints: dict[str, Any], base: type) -> str | None:
+    for name in signature.parameters:
+        hint = hints.get(name)
+        if isinstance(hint, type) and issubclass(hint, base):
+            return name
+    return None
+
+
+def _from_litestar(obj: Any) -> bool:
+    return isinstance(getattr(obj, "__module__", None), str) and obj.__module__.split(".")[0] == "litestar"
+
+
+def _is_litestar(fn: Callable[..., Any]) -> bool:
+    """Guess the framework from the handler: its annotations, else its module's imports."""
+    if "litestar" not in sys.modules:
+        return False
+    if _from_litestar(type(fn)):
+        raise TypeError("put @requires_credits below Litestar's route decorator (@post(...)), not above it")
+    hints = _hints(fn)
+    if any(_from_litestar(hint) for hint in hints.values()):
+        return True
+    if any(isinstance(hint, type) and issubclass(hint, HTTPConnection) for hint in hints.values()):
+        return False
+    module = sys.modules.get(fn.__module__)
+    names = vars(module).values() if module is not None else ()
+    uses_litestar = any(_from_litestar(value) for value in names)
+    uses_starlette = any(
+        isinstance(getattr(value, "__module__", None), str)
+        and value.__module__.split(".")[0] in ("fastapi", "starlette")
+        for value in names
+    )
+    return uses_litestar and not uses_starlette

@@ -1,0 +1,51 @@
+"""Building the SQLAlchemy engine with the settings each database needs to be safe.
+
+SQLite is a file shared by every connection of the pool: without WAL, a busy timeout
+and ``BEGIN IMMEDIATE``, two concurrent writers make one of them fail with "database
+is locked" instead of waiting its turn, and a request would be refused for nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///credit_guard.db"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwargs: Any) -> AsyncEngine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_async_engine(
+            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, **engine_kwargs.pop("connect_args", {})}, **engine_kwargs
+        )
+        _make_sqlite_writers_queue(engine)
+        return engine
+    if parsed.drivername == "postgresql+asyncpg":
+        connect_args = {"timeout": connect_timeout, "command_timeout": connect_timeout * 2}
+        connect_args.update(engine_kwargs.pop("connect_args", {}))
+        engine_kwargs.setdefault("pool_pre_ping", True)
+        engine_kwargs.setdefault("pool_timeout", connect_timeout)
+        return create_async_engine(parsed, connect_args=connect_args, **engine_kwargs)
+    return create_async_engine(parsed, **engine_kwargs)
+
+
+def _make_sqlite_writers_queue(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event, not the driver, decide how a transaction starts.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

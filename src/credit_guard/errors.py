@@ -1,0 +1,44 @@
+"""Exceptions raised by credit_guard's engine API.
+
+Business outcomes (not enough credits, unknown feature) are *results*, not exceptions:
+``deduct_credits`` returns them so callers cannot forget the unhappy path. Exceptions
+are kept for what a caller cannot handle inline: bad arguments and an unreachable store.
+"""
+
+from __future__ import annotations
+
+
+class CreditGuardError(Exception):
+    """Base class of every exception credit_guard raises on purpose."""
+
+
+class StorageUnavailable(CreditGuardError):
+    """The database could not be reached or did not answer in time.
+
+    The web layer turns this into ``503`` with ``Retry-After`` and never runs the handler
+    (fail closed) unless the guard was built with ``fail_open=True``.
+    """
+
+
+class InvalidPricing(CreditGuardError, ValueError):
+    """Pricing fields failed validation; ``errors`` maps each field to what is wrong."""
+
+    def __init__(self, errors: dict[str, str]) -> None:
+        self.errors = dict(errors)
+        super().__init__("; ".join(f"{field}: {message}" for field, message in self.errors.items()))
+
+
+class DuplicateFeature(CreditGuardError):
+    """A pricing row with this ``feature_key`` already exists."""
+
+    def __init__(self, feature_key: str) -> None:
+        self.feature_key = feature_key
+        super().__init__(f"feature_key {feature_key!r} already exists")
+
+
+class PricingNotFound(CreditGuardError, LookupError):
+    """No pricing row has this id."""
+
+    def __init__(self, pricing_id: str) -> None:
+        self.pricing_id = pricing_id
+        super().__init__(f"no pricing with id {pricing_id!r}")

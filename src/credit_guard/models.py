@@ -1,0 +1,171 @@
+"""Plain result and record types of the public API, and the validation of pricing fields.
+
+They are frozen dataclasses (not ORM objects) so they can be cached, compared in tests
+and serialised without a session hanging off them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from .errors import InvalidPricing
+
+FEATURE_KEY_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
+FEATURE_KEY_MAX = 64
+FEATURE_NAME_MAX = 200
+CATEGORY_MAX = 100
+DESCRIPTION_MAX = 2000
+CREDITS_MAX = 1_000_000
+
+#: Why a deduction did not happen; stable strings callers may switch on.
+DeductionError = Literal["insufficient_credits", "feature_not_found", "feature_inactive"]
+
+
+@dataclass(frozen=True, slots=True)
+class FeaturePricing:
+    """One row of the pricing table."""
+
+    id: str
+    feature_key: str
+    feature_name: str
+    category: str
+    credits: int
+    description: str | None
+    is_active: bool
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for stamp in ("created_at", "updated_at"):
+            value = data[stamp]
+            data[stamp] = value.isoformat() if value is not None else None
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class DeductionResult:
+    """Outcome of :meth:`CreditGuard.deduct_credits` (the seed's ``deductCredits``).
+
+    ``remaining_credits`` is the balance after the charge on success and the balance
+    that was available on failure, so a 402 can say both numbers without a second read.
+    """
+
+    success: bool
+    remaining_credits: int | None = None
+    credits_deducted: int | None = None
+    error: str | None = None
+    charge_id: int | None = None
+    required: int | None = None
+    error_code: DeductionError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreditCheck:
+    """Outcome of :meth:`CreditGuard.check_credits` (the seed's ``checkCredits``).
+
+    A check is advice for a UI, not a reservation: only a deduction holds credits.
+    """
+
+    has_enough: bool
+    required: int
+    available: int
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefundResult:
+    """Outcome of :meth:`CreditGuard.refund_credits`.
+
+    ``refunded`` is False when the charge was already refunded (by this call's twin or
+    any earlier one) or does not exist; ``error`` says which.
+    """
+
+    refunded: bool
+    credits_refunded: int = 0
+    remaining_credits: int | None = None
+    refund_id: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditIssue:
+    """Something in the books that does not add up; ``audit()`` returns [] when all is well."""
+
+    organization_id: str
+    problem: str
+    balance: int | None = None
+    ledger_sum: int | None = None
+
+
+_FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}
+_REQUIRED = ("feature_key", "feature_name", "category", "credits")
+
+
+def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any]:
+    """Check pricing fields and return them cleaned; raise InvalidPricing naming every bad field.
+
+    All fields are checked before anything is written so a request either lands whole or
+    changes nothing. ``partial`` is for updates, where absent fields stay as they are.
+    """
+    errors: dict[str, str] = {}
+    for unknown in sorted(set(data) - _FIELDS):
+        errors[unknown] = "unknown field"
+    if not partial:
+        for name in _REQUIRED:
+            if data.get(name) is None:
+                errors[name] = "is required"
+    clean: dict[str, Any] = {}
+
+    if "feature_key" in data and "feature_key" not in errors:
+        key = data["feature_key"]
+        if not isinstance(key, str):
+            errors["feature_key"] = "must be a string"
+        elif len(key) > FEATURE_KEY_MAX:
+            errors["feature_key"] = f"must be at most {FEATURE_KEY_MAX} characters"
+        elif not FEATURE_KEY_RE.match(key):
+            errors["feature_key"] = (
+                "must be lowercase letters and digits joined by single underscores, "
+                "starting with a letter (e.g. seedream_text_to_image)"
+            )
+        else:
+            clean["feature_key"] = key
+    for name, limit in (("feature_name", FEATURE_NAME_MAX), ("category", CATEGORY_MAX)):
+        if name in data and name not in errors:
+            value = data[name]
+            if not isinstance(value, str) or not value.strip():
+                errors[name] = "must be a non-empty string"
+            elif len(value.strip()) > limit:
+                errors[name] = f"must be at most {limit} characters"
+            else:
+                clean[name] = value.strip()
+    if "credits" in data and "credits" not in errors:
+        credits = data["credits"]
+        # bool is an int subclass; True credits is a bug in the caller, not 1 credit.
+        if not isinstance(credits, int) or isinstance(credits, bool):
+            errors["credits"] = "must be an integer"
+        elif not 0 <= credits <= CREDITS_MAX:
+            errors["credits"] = f"must be between 0 and {CREDITS_MAX}"
+        else:
+            clean["credits"] = credits
+    if "description" in data:
+        description = data["description"]
+        if description is not None and not isinstance(description, str):
+            errors["description"] = "must be a string or null"
+        elif description is not None and len(description) > DESCRIPTION_MAX:
+            errors["description"] = f"must be at most {DESCRIPTION_MAX} characters"
+        else:
+            clean["description"] = description or None
+    if "is_active" in data:
+        active = data["is_active"]
+        if not isinstance(active, bool):
+            errors["is_active"] = "must be true or false"
+        else:
+            clean["is_active"] = active
+    if errors:
+        raise InvalidPricing(errors)
+    return clean

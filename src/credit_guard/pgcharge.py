@@ -1,0 +1,113 @@
+"""PostgreSQL's deduction in one round trip, on a dedicated asyncpg pool.
+
+Why not through SQLAlchemy: checking a connection out of SQLAlchemy's pool adds a BEGIN
+and, on return, a ROLLBACK round trip; measured on this project's machine that cut the
+throughput of the very same statement to 0.3x. The deduction is the only statement on
+every guarded request, so it gets its own pool and is sent as ONE statement with no
+explicit transaction: PostgreSQL runs it atomically (the CTE's UPDATE and INSERT commit
+together or not at all).
+
+Correctness: under READ COMMITTED a concurrent UPDATE waits for the row lock and then
+re-checks ``balance >= cost`` against the committed row, so no interleaving overdraws.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import asyncpg
+from sqlalchemy.engine import URL, make_url
+
+from .errors import StorageUnavailable
+from .schema import accounts, ledger
+
+log = logging.getLogger("credit_guard")
+
+_DEDUCT = f"""
+WITH debit AS (
+    UPDATE {accounts.name}
+       SET balance = balance - $2::bigint, updated_at = now()
+     WHERE organization_id = $1 AND balance >= $2::bigint
+ RETURNING balance
+), entry AS (
+    INSERT INTO {ledger.name}
+           (organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
+    SELECT $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6 FROM debit
+ RETURNING id, balance_after
+)
+SELECT (SELECT id FROM entry) AS charge_id,
+       (SELECT balance_after FROM entry) AS balance_after,
+       (SELECT balance FROM {accounts.name} WHERE organization_id = $1) AS available
+"""
+_BALANCE = f"SELECT balance FROM {accounts.name} WHERE organization_id = $1"
+
+# What asyncpg raises when the server is gone, restarting, or too slow to answer.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+
+def asyncpg_dsn(url: str | URL) -> str:
+    """The SQLAlchemy URL as a DSN asyncpg understands (driver suffix removed)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class PgCharger:
+    """Owns the asyncpg pool; the pool is opened on first use so constructors stay sync."""
+
+    def __init__(self, url: str | URL, *, pool_size: int = 10, timeout: float = 5.0, **pool_kwargs: Any) -> None:
+        self._dsn = asyncpg_dsn(url)
+        self._pool: asyncpg.Pool | None = None
+        self._lock = anyio.Lock()
+        self._timeout = timeout
+        self._pool_kwargs = {"min_size": 1, "max_size": pool_size, "command_timeout": timeout, **pool_kwargs}
+
+    async def _get_pool(self) -> asyncpg.Pool:
+        if self._pool is not None:
+            return self._pool
+        async with self._lock:
+            if self._pool is None:
+                with anyio.fail_after(self._timeout):
+                    self._pool = await asyncpg.create_pool(self._dsn, timeout=self._timeout, **self._pool_kwargs)
+        return self._pool
+
+    async def deduct(
+        self,
+        organization_id: str,
+        credits: int,
+        *,
+        feature_key: str,
+        user_id: str | None,
+        request_method: str | None,
+        request_path: str | None,
+    ) -> tuple[int | None, int]:
+        """Same contract as ``SqlStore.deduct``: (charge_id, balance_after) or (None, available)."""
+        try:
+            pool = await self._get_pool()
+            async with pool.acquire(timeout=self._timeout) as conn:
+                row = await conn.fetchrow(
+                    _DEDUCT, organization_id, credits, feature_key, user_id, request_method, request_path
+                )
+                assert row is not None
+                charge_id, balance_after, available = row
+                if charge_id is not None:
+                    return int(charge_id), int(balance_after)
+                available = int(available or 0)
+                if available >= credits:
+                    # The scalar read saw the statement's snapshot, taken before we waited on
+                    # a racing charge; read the committed balance so a 402 never says "enough".
+                    available = int(await conn.fetchval(_BALANCE, organization_id) or 0)
+                return None, available
+        except _UNAVAILABLE as exc:
+            log.error("credit_guard: PostgreSQL deduction failed: %s", exc, exc_info=exc)
+            raise StorageUnavailable(str(exc)) from exc
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()

@@ -1,0 +1,104 @@
+"""Header names, problem types and the problem+json bodies (RFC 9457), in one place.
+
+Everything a client can see from credit_guard is defined here, so the middleware, the
+decorator, the framework adapters and the README cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+HEADER_REMAINING = "X-Credits-Remaining"
+HEADER_CHARGED = "X-Credits-Charged"
+HEADER_REFUNDED = "X-Credits-Refunded"
+HEADER_REQUIRED = "X-Credits-Required"
+#: What browsers must be allowed to read: pass to CORSMiddleware(expose_headers=...).
+EXPOSE_HEADERS = (HEADER_REMAINING, HEADER_CHARGED, HEADER_REFUNDED, HEADER_REQUIRED)
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+_TYPE_BASE = "urn:credit-guard:problem:"
+TYPE_INSUFFICIENT = _TYPE_BASE + "insufficient-credits"
+TYPE_NO_ORGANIZATION = _TYPE_BASE + "no-organization"
+TYPE_FEATURE_NOT_FOUND = _TYPE_BASE + "feature-not-found"
+TYPE_FEATURE_INACTIVE = _TYPE_BASE + "feature-inactive"
+TYPE_UNAVAILABLE = _TYPE_BASE + "credits-unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A refusal the guard answers with instead of running the handler."""
+
+    status: int
+    type: str
+    title: str
+    detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail, **self.extra}
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body(), separators=(",", ":")).encode()
+
+    def raw_headers(self, content_length: int) -> list[tuple[bytes, bytes]]:
+        raw = [
+            (b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+            (b"content-length", str(content_length).encode()),
+        ]
+        raw += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.items()]
+        return raw
+
+
+def insufficient_credits(feature_key: str, required: int, available: int) -> Problem:
+    return Problem(
+        status=402,
+        type=TYPE_INSUFFICIENT,
+        title="Insufficient credits",
+        detail=f"{feature_key!r} costs {required} credits; the organization has {available}.",
+        extra={"feature": feature_key, "required": required, "available": available},
+        headers={HEADER_REQUIRED: str(required), HEADER_REMAINING: str(available)},
+    )
+
+
+def no_organization() -> Problem:
+    return Problem(
+        status=401,
+        type=TYPE_NO_ORGANIZATION,
+        title="No organization",
+        detail="This route is paid for in credits, and the request is not signed in to an organization.",
+    )
+
+
+def feature_not_found(feature_key: str) -> Problem:
+    # A guarded route whose key has no pricing is a server misconfiguration, not the
+    # client's fault: 500 alerts the operator, and nothing was charged.
+    return Problem(
+        status=500,
+        type=TYPE_FEATURE_NOT_FOUND,
+        title="Feature not priced",
+        detail=f"No pricing exists for feature {feature_key!r}; nothing was charged.",
+        extra={"feature": feature_key},
+    )
+
+
+def feature_inactive(feature_key: str) -> Problem:
+    return Problem(
+        status=403,
+        type=TYPE_FEATURE_INACTIVE,
+        title="Feature unavailable",
+        detail=f"Feature {feature_key!r} is currently disabled; nothing was charged.",
+        extra={"feature": feature_key},
+    )
+
+
+def unavailable(retry_after: int) -> Problem:
+    return Problem(
+        status=503,
+        type=TYPE_UNAVAILABLE,
+        title="Credits unavailable",
+        detail="The credit ledger cannot be reached right now; nothing was charged. Retry later.",
+        headers={"Retry-After": str(retry_after)},
+    )

@@ -1,0 +1,105 @@
+"""The tables credit_guard keeps in the application's database.
+
+``metadata`` is public so an app can hand it to its own Alembic environment
+(``target_metadata = [app_metadata, credit_guard.schema.metadata]``). Every table
+name starts with ``credit_guard_`` so the library can share a database with the app.
+
+Money invariants that the database itself enforces, so no code path can break them:
+
+* ``balance >= 0`` on every account (a CHECK constraint backs the conditional UPDATE);
+* a charge is refunded at most once (``refund_of`` is UNIQUE);
+* a refund row always points at a charge and a charge never points anywhere.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+)
+
+TABLE_PREFIX = "credit_guard_"
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid; BIGINT would not autoincrement.
+_LedgerId = BigInteger().with_variant(Integer(), "sqlite")
+
+feature_pricing = Table(
+    f"{TABLE_PREFIX}feature_pricing",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("feature_key", String(64), nullable=False, unique=True),
+    Column("feature_name", String(200), nullable=False),
+    Column("category", String(100), nullable=False),
+    Column("credits", Integer, nullable=False),
+    Column("description", Text, nullable=True),
+    Column("is_active", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("credits >= 0", name="credits_non_negative"),
+)
+
+accounts = Table(
+    f"{TABLE_PREFIX}accounts",
+    metadata,
+    Column("organization_id", String(255), primary_key=True),
+    Column("balance", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("balance >= 0", name="balance_non_negative"),
+)
+
+ledger = Table(
+    f"{TABLE_PREFIX}ledger",
+    metadata,
+    Column("id", _LedgerId, primary_key=True, autoincrement=True),
+    Column("organization_id", String(255), nullable=False),
+    # 'grant' (top-up, amount > 0), 'charge' (amount < 0) or 'refund' (amount > 0).
+    Column("kind", String(16), nullable=False),
+    Column("amount", BigInteger, nullable=False),
+    Column("balance_after", BigInteger, nullable=False),
+    Column("feature_key", String(64), nullable=True),
+    Column("user_id", String(255), nullable=True),
+    Column("request_method", String(16), nullable=True),
+    Column("request_path", String(2048), nullable=True),
+    Column("reason", String(500), nullable=True),
+    Column(
+        "refund_of",
+        _LedgerId,
+        ForeignKey(f"{TABLE_PREFIX}ledger.id", ondelete="RESTRICT"),
+        nullable=True,
+        unique=True,
+    ),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_known"),
+    CheckConstraint(
+        "(kind = 'refund' AND refund_of IS NOT NULL AND amount > 0)"
+        " OR (kind = 'charge' AND refund_of IS NULL AND amount <= 0)"
+        " OR (kind = 'grant' AND refund_of IS NULL AND amount > 0)",
+        name="kind_shape",
+    ),
+    CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
+)
+
+Index(f"ix_{TABLE_PREFIX}ledger_org_created", ledger.c.organization_id, ledger.c.created_at)
+Index(f"ix_{TABLE_PREFIX}ledger_feature_created", ledger.c.feature_key, ledger.c.created_at)
