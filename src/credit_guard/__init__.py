@@ -1,10 +1,10 @@
 """credit_guard: pay-per-use credits in front of any ASGI app.
 
-    guard = CreditGuard("sqlite+aiosqlite:///credit_guard.db")
+guard = CreditGuard("sqlite+aiosqlite:///credit_guard.db")
 
-    @app.post("/v1/images")
-    @requires_credits("seedream_text_to_image")
-    async def generate(...): ...
+@app.post("/v1/images")
+@requires_credits("seedream_text_to_image")
+async def generate(...): ...
 """
 
 from .asgi import CreditGuardMiddleware

@@ -13,9 +13,9 @@ ledger (the client sees a cut connection, and the refund in the next response's
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import anyio
-from collections.abc import Mapping
 from starlette.datastructures import MutableHeaders
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +30,9 @@ async def send_problem(problem: Problem, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def run_charged(guard: CreditGuard, ticket: Ticket, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+async def run_charged(
+    guard: CreditGuard, ticket: Ticket, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+) -> None:
     """Run ``app`` for a paid request: refund on an exception or a 5xx, add the headers.
 
     The refund for a 5xx happens before its ``http.response.start`` is forwarded, so the

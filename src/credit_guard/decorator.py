@@ -47,7 +47,7 @@ def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> C
             from .contrib.litestar import requires_credits as litestar_requires_credits
 
             return litestar_requires_credits(feature_key, guard=guard)(fn)
-        return _decorate_starlette(fn, feature_key, guard)
+        return decorate_starlette(fn, feature_key, guard)
 
     return decorate
 
@@ -65,7 +65,10 @@ def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
 
 def problem_response(problem: Problem) -> Response:
     return Response(
-        content=problem.body_bytes(), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_CONTENT_TYPE
+        content=problem.body_bytes(),
+        status_code=problem.status,
+        headers=problem.headers,
+        media_type=PROBLEM_CONTENT_TYPE,
     )
 
 
@@ -77,7 +80,7 @@ class _ChargedResponse(Response):
         self._guard, self._ticket, self._inner = guard, ticket, inner
         self.status_code = inner.status_code
 
-    @property  # type: ignore[override]
+    @property
     def background(self) -> Any:
         return self._inner.background
 
@@ -85,7 +88,7 @@ class _ChargedResponse(Response):
     def background(self, value: Any) -> None:
         self._inner.background = value
 
-    @property  # type: ignore[override]
+    @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         return self._inner.raw_headers
 
@@ -97,7 +100,7 @@ class _ChargedResponse(Response):
         await run_charged(self._guard, self._ticket, self._inner, scope, receive, send)
 
 
-def _decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
+def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
     signature = inspect.signature(fn)
     hints = _hints(fn)
     request_name = _param_of_type(signature, hints, HTTPConnection) or (
@@ -173,22 +176,31 @@ def _from_litestar(obj: Any) -> bool:
 
 
 def _is_litestar(fn: Callable[..., Any]) -> bool:
-    """Guess the framework from the handler: its annotations, else its module's imports."""
+    """Tell a Litestar handler from a Starlette/FastAPI one: by its annotations, else its module.
+
+    A module that imports both frameworks and whose handler's annotations do not tell is
+    refused with a clear error rather than guessed at.
+    """
     if "litestar" not in sys.modules:
         return False
     if _from_litestar(type(fn)):
         raise TypeError("put @requires_credits below Litestar's route decorator (@post(...)), not above it")
-    hints = _hints(fn)
-    if any(_from_litestar(hint) for hint in hints.values()):
+    hints = _hints(fn).values()
+    if any(_from_litestar(hint) for hint in hints):
         return True
-    if any(isinstance(hint, type) and issubclass(hint, HTTPConnection) for hint in hints.values()):
+    if any(_from_starlette(hint) for hint in hints):
         return False
     module = sys.modules.get(fn.__module__)
-    names = vars(module).values() if module is not None else ()
+    names = list(vars(module).values()) if module is not None else []
     uses_litestar = any(_from_litestar(value) for value in names)
-    uses_starlette = any(
-        isinstance(getattr(value, "__module__", None), str)
-        and value.__module__.split(".")[0] in ("fastapi", "starlette")
-        for value in names
-    )
-    return uses_litestar and not uses_starlette
+    if uses_litestar and any(_from_starlette(value) for value in names):
+        raise TypeError(
+            f"cannot tell whether {fn.__qualname__} is a Litestar or a Starlette/FastAPI handler (its module "
+            "imports both): import requires_credits from credit_guard.contrib.litestar or credit_guard.contrib.starlette"
+        )
+    return uses_litestar
+
+
+def _from_starlette(obj: Any) -> bool:
+    module = getattr(obj, "__module__", None)
+    return isinstance(module, str) and module.split(".")[0] in ("starlette", "fastapi")

@@ -14,16 +14,19 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///credit_guard.db"
-SQLITE_BUSY_TIMEOUT_S = 30.0
 
 
 def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwargs: Any) -> AsyncEngine:
+    """An engine for ``url``; ``connect_timeout`` bounds every wait on the database.
+
+    On SQLite it is the busy timeout: how long a writer queues behind another before the
+    request fails closed with 503.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_async_engine(
-            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, **engine_kwargs.pop("connect_args", {})}, **engine_kwargs
-        )
-        _make_sqlite_writers_queue(engine)
+        connect_args = {"timeout": connect_timeout, **engine_kwargs.pop("connect_args", {})}
+        engine = create_async_engine(parsed, connect_args=connect_args, **engine_kwargs)
+        _make_sqlite_writers_queue(engine, busy_timeout=connect_timeout)
         return engine
     if parsed.drivername == "postgresql+asyncpg":
         connect_args = {"timeout": connect_timeout, "command_timeout": connect_timeout * 2}
@@ -34,14 +37,14 @@ def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwarg
     return create_async_engine(parsed, **engine_kwargs)
 
 
-def _make_sqlite_writers_queue(engine: AsyncEngine) -> None:
+def _make_sqlite_writers_queue(engine: AsyncEngine, *, busy_timeout: float) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event, not the driver, decide how a transaction starts.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()

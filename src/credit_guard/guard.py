@@ -41,7 +41,7 @@ log = logging.getLogger("credit_guard")
 
 #: Takes the framework's request object (anything with ``.state``, ``.headers``, ``.scope``)
 #: and returns the id, or None when the request has none. May be sync or async.
-Resolver = Callable[[Any], "str | None | Awaitable[str | None]"]
+Resolver = Callable[[Any], "str | Awaitable[str | None] | None"]
 
 DATABASE_URL_ENV = "CREDIT_GUARD_DATABASE_URL"
 
@@ -313,7 +313,9 @@ class CreditGuard:
             return problems.unavailable(self.retry_after)
         if result.success:
             assert result.charge_id is not None and result.credits_deducted is not None
-            return Ticket(feature_key, organization_id, result.credits_deducted, result.remaining_credits, result.charge_id)
+            return Ticket(
+                feature_key, organization_id, result.credits_deducted, result.remaining_credits, result.charge_id
+            )
         if result.error_code == "insufficient_credits":
             assert result.required is not None and result.remaining_credits is not None
             return problems.insufficient_credits(feature_key, result.required, result.remaining_credits)

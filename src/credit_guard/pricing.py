@@ -26,7 +26,7 @@ Loader = Callable[[str], Awaitable[FeaturePricing | None]]
 
 
 class _Flight:
-    __slots__ = ("done", "result", "error")
+    __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
         self.done = anyio.Event()

@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, and_, delete, func, insert, literal, select, update
@@ -35,7 +35,7 @@ log = logging.getLogger("credit_guard")
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:
@@ -164,10 +164,12 @@ class SqlStore:
             from sqlalchemy.dialects.postgresql import insert as upsert
         else:
             from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-        stmt = upsert(accounts).values(organization_id=organization_id, balance=amount, created_at=now, updated_at=now)
-        stmt = stmt.on_conflict_do_update(
+        values = upsert(accounts).values(
+            organization_id=organization_id, balance=amount, created_at=now, updated_at=now
+        )
+        stmt = values.on_conflict_do_update(
             index_elements=[accounts.c.organization_id],
-            set_={"balance": accounts.c.balance + stmt.excluded.balance, "updated_at": now},
+            set_={"balance": accounts.c.balance + values.excluded.balance, "updated_at": now},
         ).returning(accounts.c.balance)
         async with self._tx() as conn:
             balance = int((await conn.execute(stmt)).scalar_one())
@@ -350,4 +352,3 @@ class SqlStore:
 
     async def close(self) -> None:
         await self.engine.dispose()
-

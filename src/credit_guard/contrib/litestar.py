@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import anyio
 from litestar import Request, Response
+from litestar.handlers import HTTPRouteHandler
 
 from ..decorator import find_guard
 from ..guard import CreditGuard
@@ -65,9 +66,9 @@ def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> C
                     await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
                 raise
             if not isinstance(result, Response):
-                handler = request.scope["route_handler"]
+                handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]
                 result = Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
-            status = result.status_code
+            status = result.status_code or 200
             await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}")
             for name, value in outcome.headers():
                 result.headers[name] = value

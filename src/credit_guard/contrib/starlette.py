@@ -1,0 +1,24 @@
+"""``requires_credits`` for Starlette and FastAPI handlers, without framework detection.
+
+Use it where a module imports both Litestar and Starlette/FastAPI and the top-level
+``credit_guard.requires_credits`` cannot tell which one a handler belongs to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..decorator import decorate_starlette
+from ..guard import CreditGuard
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> Callable[[F], F]:
+    """Charge ``feature_key``'s price before a Starlette/FastAPI handler runs; refund if it fails."""
+
+    def decorate(fn: F) -> F:
+        return decorate_starlette(fn, feature_key, guard)
+
+    return decorate

@@ -1,0 +1,113 @@
+"""Fixtures shared by every test: each storage test runs on SQLite and on PostgreSQL.
+
+PostgreSQL comes from $CREDIT_GUARD_TEST_POSTGRES_URL (default: the local server at
+127.0.0.1:5432, database ``test``). When it cannot be reached the PostgreSQL half is
+skipped with the reason, unless $CREDIT_GUARD_REQUIRE_POSTGRES is set (CI sets it), in
+which case the whole run fails: a green CI must never hide untested PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from credit_guard import CreditGuard
+
+DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+PG_URL = os.environ.get("CREDIT_GUARD_TEST_POSTGRES_URL", DEFAULT_PG_URL)
+REQUIRE_PG = os.environ.get("CREDIT_GUARD_REQUIRE_POSTGRES", "") not in ("", "0")
+
+PRICES = {
+    "seedream_text_to_image": ("SeeDream Text to Image", "Image Generation", 5, True),
+    "kling_image_to_video": ("Kling Image to Video", "Video Generation", 20, True),
+    "retired_feature": ("Retired Feature", "Advanced Tools", 3, False),
+}
+
+
+def _probe_postgres() -> str | None:
+    """None if PostgreSQL answers, else why not."""
+    import asyncpg
+
+    from credit_guard.pgcharge import asyncpg_dsn
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(PG_URL), timeout=3)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # any failure means "not usable", with its reason
+        return f"PostgreSQL at {PG_URL} unreachable ({type(exc).__name__}: {exc})"
+    return None
+
+
+_PG_PROBLEM: str | bool | None = False
+
+
+def pg_problem() -> str | None:
+    global _PG_PROBLEM
+    if _PG_PROBLEM is False:
+        _PG_PROBLEM = _probe_postgres()
+        if _PG_PROBLEM and REQUIRE_PG:
+            pytest.exit(f"CREDIT_GUARD_REQUIRE_POSTGRES is set but {_PG_PROBLEM}", returncode=3)
+    return _PG_PROBLEM  # type: ignore[return-value]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'credits.db'}"
+    problem = pg_problem()
+    if problem:
+        pytest.skip(problem)
+    return PG_URL
+
+
+async def reset_postgres(guard: CreditGuard) -> None:
+    async with guard.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing"
+                " RESTART IDENTITY CASCADE"
+            )
+        )
+
+
+async def seed_prices(guard: CreditGuard) -> None:
+    for key, (name, category, credits, active) in PRICES.items():
+        await guard.create_pricing(
+            feature_key=key, feature_name=name, category=category, credits=credits, is_active=active
+        )
+
+
+@pytest.fixture
+async def guard(db_url: str) -> AsyncIterator[CreditGuard]:
+    async with CreditGuard(db_url) as g:
+        await g.create_schema()
+        if g.engine.dialect.name == "postgresql":
+            await reset_postgres(g)
+        await seed_prices(g)
+        yield g
+
+
+async def ledger_rows(guard: CreditGuard, organization_id: str | None = None) -> list[dict[str, object]]:
+    """The ledger as plain dicts, oldest first: what tests compare before and after."""
+    from sqlalchemy import select
+
+    from credit_guard.schema import ledger
+
+    query = select(ledger).order_by(ledger.c.id)
+    if organization_id is not None:
+        query = query.where(ledger.c.organization_id == organization_id)
+    async with guard.engine.connect() as conn:
+        return [dict(row._mapping) for row in await conn.execute(query)]

@@ -1,0 +1,288 @@
+"""CreditGuardMiddleware in front of a plain Starlette app, on both databases."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from credit_guard import CreditGuard, CreditGuardMiddleware
+
+from .conftest import ledger_rows
+
+pytestmark = pytest.mark.anyio
+
+
+class DemoAuth:
+    """What an app's auth layer does: put the organization on request state."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            if b"x-org" in headers:
+                scope.setdefault("state", {})["organization_id"] = headers[b"x-org"].decode()
+                scope["state"]["user_id"] = "user_9"
+        await self.app(scope, receive, send)
+
+
+calls: list[str] = []
+
+
+async def images(request: Request) -> JSONResponse:
+    calls.append("images")
+    return JSONResponse({"url": "https://cdn.example/1.png"})
+
+
+async def extend(request: Request) -> JSONResponse:
+    calls.append(f"extend {request.path_params['id']}")
+    return JSONResponse({"id": request.path_params["id"]})
+
+
+async def crash(request: Request) -> JSONResponse:
+    calls.append("crash")
+    raise RuntimeError("model server exploded")
+
+
+async def upstream_down(request: Request) -> JSONResponse:
+    calls.append("upstream_down")
+    return JSONResponse({"error": "upstream"}, status_code=502)
+
+
+async def free(request: Request) -> PlainTextResponse:
+    calls.append("free")
+    return PlainTextResponse("free")
+
+
+async def broken_stream(request: Request) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"frame-1\n"
+        raise RuntimeError("encoder died mid-stream")
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+RULES = {
+    "POST /v1/images": "seedream_text_to_image",
+    "POST /v1/videos/{id}/extend": "kling_image_to_video",
+    "POST /v1/crash": "seedream_text_to_image",
+    "POST /v1/upstream": "seedream_text_to_image",
+    "POST /v1/stream": "seedream_text_to_image",
+    "POST /v1/unpriced": "no_such_feature",
+    "POST /v1/retired": "retired_feature",
+}
+
+
+def build_app(guard: CreditGuard) -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/v1/images", images, methods=["POST", "GET"]),
+            Route("/v1/videos/{id}/extend", extend, methods=["POST"]),
+            Route("/v1/crash", crash, methods=["POST"]),
+            Route("/v1/upstream", upstream_down, methods=["POST"]),
+            Route("/v1/stream", broken_stream, methods=["POST"]),
+            Route("/v1/unpriced", free, methods=["POST"]),
+            Route("/v1/retired", free, methods=["POST"]),
+            Route("/v1/free", free, methods=["POST"]),
+        ]
+    )
+    app.add_middleware(CreditGuardMiddleware, guard=guard, rules=RULES)
+    app.add_middleware(DemoAuth)  # added last = outermost: auth runs before the guard
+    return app
+
+
+def client(app: ASGIApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls() -> None:
+    calls.clear()
+
+
+ORG = {"x-org": "org_1"}
+
+
+async def test_matching_rule_charges_and_sets_headers(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(build_app(guard)) as c:
+        r = await c.post("/v1/images", headers=ORG)
+    assert r.status_code == 200
+    assert (r.headers["x-credits-charged"], r.headers["x-credits-remaining"]) == ("5", "7")
+    assert calls == ["images"]
+    [_, charge] = await ledger_rows(guard, "org_1")
+    assert (charge["kind"], charge["amount"], charge["request_method"], charge["request_path"], charge["user_id"]) == (
+        "charge",
+        -5,
+        "POST",
+        "/v1/images",
+        "user_9",
+    )
+
+
+async def test_unmatched_route_and_method_pass_untouched(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(build_app(guard)) as c:
+        free_r = await c.post("/v1/free", headers=ORG)
+        get_r = await c.get("/v1/images", headers=ORG)  # the rule is for POST only
+        anonymous = await c.post("/v1/free")
+    for r in (free_r, get_r, anonymous):
+        assert r.status_code == 200
+        assert "x-credits-remaining" not in r.headers
+    assert await guard.get_balance("org_1") == 12
+    assert len(await ledger_rows(guard)) == 1
+
+
+async def test_path_template_rule_matches_any_id(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 45)
+    async with client(build_app(guard)) as c:
+        a = await c.post("/v1/videos/abc/extend", headers=ORG)
+        b = await c.post("/v1/videos/42/extend", headers=ORG)
+        miss = await c.post("/v1/videos/42/extend/more", headers=ORG)
+    assert (a.status_code, a.headers["x-credits-remaining"]) == (200, "25")
+    assert (b.status_code, b.headers["x-credits-remaining"]) == (200, "5")
+    assert miss.status_code == 404 and "x-credits-remaining" not in miss.headers
+    assert calls == ["extend abc", "extend 42"]
+
+
+async def test_short_balance_gets_402_problem_and_handler_never_runs(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 4)
+    async with client(build_app(guard)) as c:
+        r = await c.post("/v1/images", headers=ORG)
+    assert r.status_code == 402
+    assert r.headers["content-type"] == "application/problem+json"
+    assert (r.headers["x-credits-required"], r.headers["x-credits-remaining"]) == ("5", "4")
+    body = r.json()
+    assert body["status"] == 402 and body["type"].endswith("insufficient-credits")
+    assert (body["feature"], body["required"], body["available"]) == ("seedream_text_to_image", 5, 4)
+    assert "5" in body["detail"] and "4" in body["detail"]
+    assert calls == []
+    assert len(await ledger_rows(guard)) == 1
+
+
+async def test_exception_in_handler_refunds_once(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(build_app(guard)) as c:
+        r = await c.post("/v1/crash", headers=ORG)
+    assert r.status_code == 500
+    assert await guard.get_balance("org_1") == 12
+    kinds = [(row["kind"], row["amount"]) for row in await ledger_rows(guard, "org_1")]
+    assert kinds == [("grant", 12), ("charge", -5), ("refund", 5)]
+    assert await guard.audit() == []
+
+
+async def test_returned_5xx_refunds_and_says_so(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(build_app(guard)) as c:
+        r = await c.post("/v1/upstream", headers=ORG)
+    assert r.status_code == 502
+    assert (r.headers["x-credits-refunded"], r.headers["x-credits-remaining"]) == ("5", "12")
+    assert "x-credits-charged" not in r.headers
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
+
+
+async def test_stream_failing_after_headers_is_refunded(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(build_app(guard)) as c:
+        async with c.stream("POST", "/v1/stream", headers=ORG) as r:
+            assert r.headers["x-credits-charged"] == "5"  # it went out before the failure
+            assert await r.aread() == b"frame-1\n"  # the body was cut short
+    assert await guard.get_balance("org_1") == 12
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
+
+
+async def test_no_organization_gets_401_and_nothing_changes(guard: CreditGuard) -> None:
+    async with client(build_app(guard)) as c:
+        r = await c.post("/v1/images")
+    assert r.status_code == 401
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("no-organization")
+    assert calls == [] and await ledger_rows(guard) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "kind"), [("/v1/unpriced", 500, "feature-not-found"), ("/v1/retired", 403, "feature-inactive")]
+)
+async def test_unknown_or_inactive_feature_is_refused_and_logged(
+    guard: CreditGuard, path: str, status: int, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(build_app(guard)) as c:
+        r = await c.post(path, headers=ORG)
+    assert r.status_code == status
+    body = r.json()
+    assert body["type"].endswith(kind)
+    assert body["feature"] in body["detail"]
+    assert calls == []
+    assert len(await ledger_rows(guard)) == 1 and await guard.get_balance("org_1") == 12
+    assert any(body["feature"] in rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR")
+
+
+async def test_allow_unpriced_lets_such_routes_through_free(db_url: str) -> None:
+    from .conftest import reset_postgres, seed_prices
+
+    async with CreditGuard(db_url, allow_unpriced=True) as g:
+        await g.create_schema()
+        if g.engine.dialect.name == "postgresql":
+            await reset_postgres(g)
+        await seed_prices(g)
+        await g.grant_credits("org_1", 12)
+        async with client(build_app(g)) as c:
+            r1 = await c.post("/v1/unpriced", headers=ORG)
+            r2 = await c.post("/v1/retired", headers=ORG)
+        assert (r1.status_code, r2.status_code) == (200, 200)
+        assert r1.headers["x-credits-charged"] == "0"
+        assert calls == ["free", "free"]
+        assert await g.get_balance("org_1") == 12
+
+
+async def test_websocket_and_lifespan_scopes_pass_through(guard: CreditGuard) -> None:
+    seen: list[str] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope["type"])
+
+    mw = CreditGuardMiddleware(inner, guard=guard, rules={"GET /ws": "seedream_text_to_image"})
+
+    async def nothing() -> dict[str, object]:
+        return {}
+
+    async def ignore(message: object) -> None:
+        return None
+
+    await mw({"type": "websocket", "path": "/ws"}, nothing, ignore)
+    await mw({"type": "lifespan"}, nothing, ignore)
+    assert seen == ["websocket", "lifespan"]
+
+
+def test_bad_rule_is_rejected_at_startup() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    with pytest.raises(ValueError, match="POST /v1/images"):
+        CreditGuardMiddleware(app, guard=None, rules={"/v1/images": "x"})  # type: ignore[arg-type]
+
+
+async def test_concurrent_http_requests_never_overdraw(guard: CreditGuard) -> None:
+    import anyio
+
+    await guard.grant_credits("org_1", 10 * 5)
+    statuses: list[int] = []
+    async with client(build_app(guard)) as c:
+
+        async def one() -> None:
+            statuses.append((await c.post("/v1/images", headers=ORG)).status_code)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(one)
+    assert sorted(statuses) == [200] * 10 + [402] * 30
+    assert await guard.get_balance("org_1") == 0
+    assert await guard.audit() == []

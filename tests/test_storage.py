@@ -1,0 +1,239 @@
+"""The money engine on both databases: balances, ledger rows and the invariants under races."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from sqlalchemy import event, text, update
+
+from credit_guard import CreditGuard, DuplicateFeature, InvalidPricing, PricingNotFound
+from credit_guard.schema import accounts
+
+from .conftest import ledger_rows
+
+pytestmark = pytest.mark.anyio
+
+IMAGE = "seedream_text_to_image"  # 5 credits
+
+
+async def test_grant_creates_account_and_ledger_row(guard: CreditGuard) -> None:
+    assert await guard.get_balance("org_new") == 0
+    assert await guard.grant_credits("org_new", 100, reason="signup bonus") == 100
+    assert await guard.grant_credits("org_new", 20) == 120
+    rows = await ledger_rows(guard, "org_new")
+    assert [(r["kind"], r["amount"], r["balance_after"], r["reason"]) for r in rows] == [
+        ("grant", 100, 100, "signup bonus"),
+        ("grant", 20, 120, None),
+    ]
+    assert await guard.audit() == []
+
+
+@pytest.mark.parametrize("amount", [0, -5, 1.5, True])
+async def test_grant_rejects_non_positive_amounts_and_writes_nothing(guard: CreditGuard, amount: object) -> None:
+    with pytest.raises(ValueError, match="positive integer"):
+        await guard.grant_credits("org_1", amount)  # type: ignore[arg-type]
+    assert await ledger_rows(guard) == []
+
+
+async def test_deduct_charges_price_and_records_request(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    r = await guard.deduct_credits("org_1", IMAGE, "user_9", request_method="POST", request_path="/v1/images")
+    assert (r.success, r.credits_deducted, r.remaining_credits, r.error) == (True, 5, 7, None)
+    charge = (await ledger_rows(guard, "org_1"))[-1]
+    assert charge["id"] == r.charge_id
+    assert (charge["kind"], charge["amount"], charge["balance_after"]) == ("charge", -5, 7)
+    assert (charge["feature_key"], charge["user_id"], charge["request_method"], charge["request_path"]) == (
+        IMAGE,
+        "user_9",
+        "POST",
+        "/v1/images",
+    )
+
+
+async def test_short_balance_is_refused_without_a_ledger_row(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 4)
+    before = await ledger_rows(guard)
+    r = await guard.deduct_credits("org_1", IMAGE)
+    assert (r.success, r.error_code, r.required, r.remaining_credits) == (False, "insufficient_credits", 5, 4)
+    assert "Required: 5, Available: 4" in (r.error or "")
+    assert await ledger_rows(guard) == before
+    assert await guard.get_balance("org_1") == 4
+
+
+async def test_org_without_account_has_zero_available(guard: CreditGuard) -> None:
+    r = await guard.deduct_credits("org_ghost", IMAGE)
+    assert (r.success, r.remaining_credits) == (False, 0)
+    assert await ledger_rows(guard) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "code"), [("no_such_feature", "feature_not_found"), ("retired_feature", "feature_inactive")]
+)
+async def test_unknown_or_inactive_feature_charges_nothing(guard: CreditGuard, key: str, code: str) -> None:
+    await guard.grant_credits("org_1", 50)
+    before = await ledger_rows(guard)
+    r = await guard.deduct_credits("org_1", key)
+    assert (r.success, r.error_code) == (False, code)
+    assert key in (r.error or "")
+    assert await ledger_rows(guard) == before
+    assert await guard.get_balance("org_1") == 50
+
+
+async def test_concurrent_charges_never_overdraw(guard: CreditGuard) -> None:
+    """200 racing deductions on an account funded for exactly 50: 50 win, balance 0."""
+    await guard.grant_credits("org_race", 50 * 5)
+    results = []
+
+    async def one() -> None:
+        results.append(await guard.deduct_credits("org_race", IMAGE))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(one)
+    assert sum(r.success for r in results) == 50
+    assert all(r.error_code == "insufficient_credits" for r in results if not r.success)
+    assert await guard.get_balance("org_race") == 0
+    rows = await ledger_rows(guard, "org_race")
+    assert sum(1 for r in rows if r["kind"] == "charge") == 50
+    assert sorted(r["balance_after"] for r in rows if r["kind"] == "charge") == list(range(0, 250, 5))
+    assert await guard.audit() == []
+
+
+async def test_concurrent_refunds_of_one_charge_refund_once(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 10)
+    charge = await guard.deduct_credits("org_1", IMAGE)
+    assert charge.charge_id is not None
+    results = []
+
+    async def one() -> None:
+        results.append(await guard.refund_credits(charge.charge_id))  # type: ignore[arg-type]
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(one)
+    assert sum(r.refunded for r in results) == 1
+    assert {r.error for r in results if not r.refunded} == {"already refunded"}
+    assert await guard.get_balance("org_1") == 10
+    refunds = [r for r in await ledger_rows(guard, "org_1") if r["kind"] == "refund"]
+    assert [(r["amount"], r["refund_of"], r["balance_after"]) for r in refunds] == [(5, charge.charge_id, 10)]
+    assert await guard.audit() == []
+
+
+async def test_refund_of_unknown_or_non_charge_entry_is_refused(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 10)
+    grant_id = (await ledger_rows(guard))[0]["id"]
+    assert (await guard.refund_credits(999_999)).error == "charge not found"
+    assert (await guard.refund_credits(grant_id)).error == "charge not found"  # type: ignore[arg-type]
+    assert await guard.get_balance("org_1") == 10
+
+
+async def test_database_refuses_a_second_refund_row(guard: CreditGuard) -> None:
+    """The UNIQUE refund_of constraint, not Python, is what makes a double refund impossible."""
+    await guard.grant_credits("org_1", 10)
+    charge = await guard.deduct_credits("org_1", IMAGE)
+    await guard.refund_credits(charge.charge_id)  # type: ignore[arg-type]
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError):
+        async with guard.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO credit_guard_ledger (organization_id, kind, amount, balance_after, refund_of, created_at)"
+                    " VALUES ('org_1', 'refund', 5, 15, :id, CURRENT_TIMESTAMP)"
+                ),
+                {"id": charge.charge_id},
+            )
+
+
+async def test_audit_reports_a_tampered_balance(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 10)
+    assert await guard.audit() == []
+    async with guard.engine.begin() as conn:
+        await conn.execute(update(accounts).where(accounts.c.organization_id == "org_1").values(balance=11))
+    [issue] = await guard.audit()
+    assert (issue.organization_id, issue.balance, issue.ledger_sum) == ("org_1", 11, 10)
+
+
+async def test_check_credits_reports_required_and_available(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 7)
+    c = await guard.check_credits("org_1", IMAGE)
+    assert (c.has_enough, c.required, c.available, c.error) == (True, 5, 7, None)
+    c = await guard.check_credits("org_1", "kling_image_to_video")
+    assert (c.has_enough, c.required, c.available) == (False, 20, 7)
+    c = await guard.check_credits("org_1", "no_such_feature")
+    assert not c.has_enough and "no_such_feature" in (c.error or "")
+
+
+# -- pricing ---------------------------------------------------------------------------------
+
+
+async def test_pricing_crud_round_trip(guard: CreditGuard) -> None:
+    created = await guard.create_pricing(
+        feature_key="face_swap", feature_name="Face Swap", category="Advanced Tools", credits=8, description="swap"
+    )
+    assert (await guard.get_pricing(created.id)) == created
+    assert [p.feature_key for p in await guard.list_pricing(category="Advanced Tools")] == [
+        "face_swap",
+        "retired_feature",
+    ]
+    assert "retired_feature" not in {p.feature_key for p in await guard.list_pricing(is_active=True)}
+    updated = await guard.update_pricing(created.id, credits=9, is_active=False)
+    assert (updated.credits, updated.is_active, updated.feature_name) == (9, False, "Face Swap")
+    deleted = await guard.delete_pricing(created.id)
+    assert deleted.id == created.id
+    assert await guard.get_pricing(created.id) is None
+    with pytest.raises(PricingNotFound):
+        await guard.delete_pricing(created.id)
+    with pytest.raises(PricingNotFound):
+        await guard.update_pricing(created.id, credits=1)
+
+
+async def test_invalid_pricing_names_every_bad_field_and_writes_nothing(guard: CreditGuard) -> None:
+    before = await guard.list_pricing()
+    with pytest.raises(InvalidPricing) as info:
+        await guard.create_pricing(feature_key="Bad Key", feature_name=" ", category="x", credits=-1)
+    assert set(info.value.errors) == {"feature_key", "feature_name", "credits"}
+    with pytest.raises(InvalidPricing) as info:
+        await guard.update_pricing(before[0].id, credits=True, colour="red")
+    assert set(info.value.errors) == {"credits", "colour"}
+    with pytest.raises(DuplicateFeature):
+        await guard.create_pricing(feature_key=IMAGE, feature_name="Again", category="Image Generation", credits=1)
+    assert await guard.list_pricing() == before
+
+
+async def test_pricing_writes_invalidate_the_cache_at_once(guard: CreditGuard) -> None:
+    first = await guard.get_feature_pricing(IMAGE)
+    assert first is not None and first.credits == 5
+    await guard.update_pricing(first.id, credits=6)
+    assert (await guard.get_feature_pricing(IMAGE)).credits == 6  # type: ignore[union-attr]
+    await guard.update_pricing(first.id, is_active=False)
+    assert await guard.get_feature_pricing(IMAGE) is None
+    # a key first seen as missing is found as soon as it is created (the negative entry goes too)
+    assert await guard.get_feature_pricing("ai_voice_generation") is None
+    await guard.create_pricing(feature_key="ai_voice_generation", feature_name="Voice", category="AI Voice", credits=2)
+    assert (await guard.get_feature_pricing("ai_voice_generation")).credits == 2  # type: ignore[union-attr]
+
+
+async def test_concurrent_cache_misses_make_one_query(guard: CreditGuard) -> None:
+    guard.pricing_cache.clear()
+    statements: list[str] = []
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if "credit_guard_feature_pricing" in statement:
+            statements.append(statement)
+
+    event.listen(guard.engine.sync_engine, "before_cursor_execute", count)
+    try:
+        results = []
+
+        async def one() -> None:
+            results.append(await guard.get_feature_pricing(IMAGE))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(one)
+        await guard.get_feature_pricing(IMAGE)
+    finally:
+        event.remove(guard.engine.sync_engine, "before_cursor_execute", count)
+    assert len(statements) == 1
+    assert {r.credits for r in results if r} == {5} and len(results) == 50
