@@ -4,10 +4,11 @@ the top-level ``credit_guard.requires_credits`` recognises these handlers as Lit
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, post
 from litestar.middleware import ASGIMiddleware
+from litestar.params import Body
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, requires_credits
@@ -30,7 +31,7 @@ class Prompt:
 
 @post("/image")
 @requires_credits("seedream_text_to_image")
-async def image(data: Prompt) -> dict[str, str]:
+async def image(data: Annotated[Prompt, Body()]) -> dict[str, str]:
     ran.append(f"image {data.prompt}")
     return {"prompt": data.prompt}
 

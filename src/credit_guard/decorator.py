@@ -63,6 +63,18 @@ def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
     return found
 
 
+def attach_credit_headers(exc: BaseException, ticket: Ticket) -> None:
+    """Put the refund headers on an HTTP exception (Starlette, FastAPI and Litestar ones
+    carry ``status_code`` and ``headers``) so the error response the framework builds
+    from it says ``X-Credits-Refunded``. Other exceptions become the server's bare 500;
+    their refund shows in the ledger and the next response's ``X-Credits-Remaining``."""
+    if hasattr(exc, "status_code") and hasattr(exc, "headers"):
+        try:
+            exc.headers = {**(exc.headers or {}), **dict(ticket.headers())}
+        except (TypeError, AttributeError):  # an exotic headers type: leave it be
+            pass
+
+
 def problem_response(problem: Problem) -> Response:
     return Response(
         content=problem.body_bytes(),
@@ -140,6 +152,7 @@ def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
+            attach_credit_headers(exc, outcome)
             raise
         if isinstance(result, Response):
             return _ChargedResponse(active, outcome, result)

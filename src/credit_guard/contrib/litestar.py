@@ -21,7 +21,7 @@ import anyio
 from litestar import Request, Response
 from litestar.handlers import HTTPRouteHandler
 
-from ..decorator import find_guard
+from ..decorator import attach_credit_headers, find_guard
 from ..guard import CreditGuard
 from ..problems import PROBLEM_CONTENT_TYPE, Problem
 
@@ -64,6 +64,7 @@ def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> C
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
                     await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
+                attach_credit_headers(exc, outcome)
                 raise
             if not isinstance(result, Response):
                 handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]

@@ -1,0 +1,55 @@
+"""Demo data shared by the example apps: prices, API keys and the funded demo organization.
+
+DEMO ONLY: the API keys below are public. A real app resolves the organization from its
+own authentication (a session, a JWT, an API-key table) and puts it on request state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from credit_guard import CreditGuard, DuplicateFeature
+
+log = logging.getLogger("credit_guard.demo")
+
+API_KEY_HEADER = "x-api-key"
+#: demo key -> (organization, user). Public on purpose; never do this in production.
+API_KEYS = {
+    "demo-key-rich": ("org_demo", "user_alice"),
+    "demo-key-poor": ("org_poor", "user_bob"),
+}
+DEMO_GRANTS = {"org_demo": 100, "org_poor": 3}
+
+PRICING = [
+    ("seedream_text_to_image", "SeeDream Text to Image", "Image Generation", 5, "One 1024x1024 image."),
+    ("kling_image_to_video", "Kling Image to Video", "Video Generation", 20, "Five seconds of video from an image."),
+    ("ai_voice_generation", "AI Voice Generation", "AI Voice", 2, "Up to 500 characters of speech."),
+]
+
+
+async def seed(guard: CreditGuard) -> None:
+    """Create the tables, the demo prices and fund the demo orgs once (idempotent)."""
+    await guard.create_schema()
+    for key, name, category, credits, description in PRICING:
+        try:
+            await guard.create_pricing(
+                feature_key=key, feature_name=name, category=category, credits=credits, description=description
+            )
+        except DuplicateFeature:
+            pass
+    for org, amount in DEMO_GRANTS.items():
+        if await guard.get_balance(org) == 0 and not await _has_history(guard, org):
+            await guard.grant_credits(org, amount, reason="demo funding")
+
+
+async def _has_history(guard: CreditGuard, org: str) -> bool:
+    from sqlalchemy import select
+
+    from credit_guard.schema import ledger
+
+    async with guard.engine.connect() as conn:
+        return (await conn.scalar(select(ledger.c.id).where(ledger.c.organization_id == org).limit(1))) is not None
+
+
+def resolve_api_key(raw: bytes | None) -> tuple[str, str] | None:
+    return API_KEYS.get(raw.decode("latin-1")) if raw else None

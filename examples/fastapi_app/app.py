@@ -1,0 +1,87 @@
+"""A small AI-media API paid for in credits, on FastAPI.
+
+Run it:  uvicorn examples.fastapi_app.app:app   (SQLite file credit_guard_demo.db;
+set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, Field
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from credit_guard import EXPOSE_HEADERS, CreditGuard, requires_credits
+from examples.demo import API_KEY_HEADER, resolve_api_key, seed
+
+DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
+
+
+class DemoApiKeyAuth:
+    """DEMO auth: maps the X-API-Key header to an organization on request state."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            found = resolve_api_key(dict(scope["headers"]).get(API_KEY_HEADER.encode()))
+            if found is not None:
+                state = scope.setdefault("state", {})
+                state["organization_id"], state["user_id"] = found
+        await self.app(scope, receive, send)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with CreditGuard(DATABASE_URL) as guard:
+        await seed(guard)
+        app.state.credit_guard = guard
+        yield
+
+
+app = FastAPI(title="credit_guard demo: AI media API", lifespan=lifespan)
+app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=list(EXPOSE_HEADERS))
+app.add_middleware(DemoApiKeyAuth)
+
+
+class ImageRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=2000)
+    size: str = "1024x1024"
+
+
+class VideoRequest(BaseModel):
+    image_url: str
+    seconds: int = Field(default=5, ge=1, le=10)
+
+
+@app.post("/v1/images")
+@requires_credits("seedream_text_to_image")
+async def text_to_image(body: ImageRequest) -> dict[str, Any]:
+    return {"image_url": f"https://cdn.example/{abs(hash(body.prompt)) % 10**8}.png", "size": body.size}
+
+
+@app.post("/v1/videos", status_code=202)
+@requires_credits("kling_image_to_video")
+async def image_to_video(body: VideoRequest) -> dict[str, Any]:
+    return {"job_id": "vid_123", "status": "queued", "seconds": body.seconds}
+
+
+@app.post("/v1/voice/fail")
+@requires_credits("ai_voice_generation")
+async def voice_that_fails() -> dict[str, Any]:
+    """Fails on purpose, to show the automatic refund (X-Credits-Refunded)."""
+    raise HTTPException(status_code=502, detail="voice model is down (on purpose)")
+
+
+@app.get("/v1/balance")
+async def balance(request: Request) -> dict[str, Any]:
+    org = getattr(request.state, "organization_id", None)
+    if org is None:
+        raise HTTPException(status_code=401, detail="send X-API-Key")
+    return {"organization_id": org, "credits": await request.app.state.credit_guard.get_balance(org)}

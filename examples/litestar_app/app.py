@@ -1,0 +1,91 @@
+"""The same AI-media API on Litestar.
+
+Run it:  uvicorn examples.litestar_app.app:app   (SQLite file credit_guard_demo.db;
+set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from litestar import Litestar, Request, get, post
+from litestar.config.cors import CORSConfig
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.middleware import ASGIMiddleware
+from litestar.params import Body
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from credit_guard import EXPOSE_HEADERS, CreditGuard, requires_credits
+from examples.demo import API_KEY_HEADER, resolve_api_key, seed
+
+DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
+
+
+class DemoApiKeyAuth(ASGIMiddleware):
+    """DEMO auth: maps the X-API-Key header to an organization on request state."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        found = resolve_api_key(dict(scope.get("headers", [])).get(API_KEY_HEADER.encode()))
+        if found is not None:
+            state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[assignment, typeddict-item]
+            state["organization_id"], state["user_id"] = found
+        await next_app(scope, receive, send)
+
+
+@dataclass
+class ImageRequest:
+    prompt: str
+    size: str = "1024x1024"
+
+
+@dataclass
+class VideoRequest:
+    image_url: str
+    seconds: int = 5
+
+
+@post("/v1/images")
+@requires_credits("seedream_text_to_image")
+async def text_to_image(data: Annotated[ImageRequest, Body()]) -> dict[str, Any]:
+    return {"image_url": f"https://cdn.example/{abs(hash(data.prompt)) % 10**8}.png", "size": data.size}
+
+
+@post("/v1/videos", status_code=202)
+@requires_credits("kling_image_to_video")
+async def image_to_video(data: Annotated[VideoRequest, Body()]) -> dict[str, Any]:
+    return {"job_id": "vid_123", "status": "queued", "seconds": data.seconds}
+
+
+@post("/v1/voice/fail")
+@requires_credits("ai_voice_generation")
+async def voice_that_fails() -> dict[str, Any]:
+    """Fails on purpose, to show the automatic refund (X-Credits-Refunded)."""
+    raise HTTPException(status_code=502, detail="voice model is down (on purpose)")
+
+
+@get("/v1/balance")
+async def balance(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    org = request.state.get("organization_id")
+    if org is None:
+        raise NotAuthorizedException("send X-API-Key")
+    return {"organization_id": org, "credits": await request.app.state.credit_guard.get_balance(org)}
+
+
+@asynccontextmanager
+async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    async with CreditGuard(DATABASE_URL) as guard:
+        await seed(guard)
+        app.state.credit_guard = guard
+        yield
+
+
+app = Litestar(
+    [text_to_image, image_to_video, voice_that_fails, balance],
+    middleware=[DemoApiKeyAuth()],
+    cors_config=CORSConfig(allow_origins=["*"], expose_headers=list(EXPOSE_HEADERS)),
+    lifespan=[lifespan],
+)

@@ -1,0 +1,64 @@
+"""The two example apps, as a newcomer runs them: lifespan seeding, demo keys, 200/402/refund."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from starlette.testclient import TestClient
+
+from credit_guard import CreditGuard
+
+from .conftest import reset_postgres
+
+RICH = {"X-API-Key": "demo-key-rich"}
+POOR = {"X-API-Key": "demo-key-poor"}
+
+
+async def _reset(db_url: str) -> None:
+    async with CreditGuard(db_url) as g:
+        await g.create_schema()
+        if g.engine.dialect.name == "postgresql":
+            await reset_postgres(g)
+
+
+@pytest.fixture(params=["fastapi_app", "litestar_app"])
+def example(request: pytest.FixtureRequest, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    anyio.run(_reset, db_url)
+    monkeypatch.setenv("CREDIT_GUARD_DATABASE_URL", db_url)
+    module: Any = importlib.reload(importlib.import_module(f"examples.{request.param}.app"))
+    with TestClient(module.app) as client:
+        yield client
+
+
+def test_example_charges_refuses_and_refunds(example: TestClient) -> None:
+    ok = example.post("/v1/images", json={"prompt": "a red fox"}, headers=RICH)
+    assert ok.status_code in (200, 201)
+    assert (ok.headers["x-credits-charged"], ok.headers["x-credits-remaining"]) == ("5", "95")
+
+    video = example.post("/v1/videos", json={"image_url": "https://example.com/cat.png"}, headers=RICH)
+    assert (video.status_code, video.headers["x-credits-remaining"]) == (202, "75")
+
+    short = example.post("/v1/images", json={"prompt": "a red fox"}, headers=POOR)
+    assert short.status_code == 402
+    assert short.headers["content-type"] == "application/problem+json"
+    assert (short.json()["required"], short.json()["available"]) == (5, 3)
+
+    failed = example.post("/v1/voice/fail", headers=RICH)
+    assert failed.status_code == 502
+    assert (failed.headers["x-credits-refunded"], failed.headers["x-credits-remaining"]) == ("2", "75")
+
+    assert example.get("/v1/balance", headers=RICH).json()["credits"] == 75
+    anonymous = example.post("/v1/images", json={"prompt": "a red fox"})
+    assert anonymous.status_code == 401
+
+
+def test_example_exposes_credit_headers_to_browsers(example: TestClient) -> None:
+    r = example.post(
+        "/v1/images", json={"prompt": "x"}, headers={**RICH, "Origin": "https://app.example"}
+    )
+    exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+    assert {"x-credits-remaining", "x-credits-charged", "x-credits-refunded", "x-credits-required"} <= exposed
