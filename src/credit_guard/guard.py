@@ -293,11 +293,11 @@ class CreditGuard:
         ``request`` is the framework's request object when the adapter has one; custom
         resolvers receive it (a Starlette HTTPConnection is built for them otherwise).
         """
-        organization_id = await self._resolve(self.organization_resolver, "organization_id", scope, request)
+        organization_id = await self.resolve_organization(scope, request)
         if not organization_id:
             log.info("credit_guard: %s %s refused: no organization", scope.get("method"), scope.get("path"))
             return problems.no_organization()
-        user_id = await self._resolve(self.user_resolver, "user_id", scope, request)
+        user_id = await self.resolve_user(scope, request)
         try:
             result = await self.deduct_credits(
                 organization_id,
@@ -364,6 +364,13 @@ class CreditGuard:
                     return
                 await anyio.sleep(delay)
                 delay *= 4
+
+    async def resolve_organization(self, scope: Mapping[str, Any], request: Any = None) -> str | None:
+        """The organization a request pays with (the same rule for every adapter and endpoint)."""
+        return await self._resolve(self.organization_resolver, "organization_id", scope, request)
+
+    async def resolve_user(self, scope: Mapping[str, Any], request: Any = None) -> str | None:
+        return await self._resolve(self.user_resolver, "user_id", scope, request)
 
     async def _resolve(self, resolver: Resolver | None, key: str, scope: Mapping[str, Any], request: Any) -> str | None:
         if resolver is None:
