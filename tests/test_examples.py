@@ -57,8 +57,6 @@ def test_example_charges_refuses_and_refunds(example: TestClient) -> None:
 
 
 def test_example_exposes_credit_headers_to_browsers(example: TestClient) -> None:
-    r = example.post(
-        "/v1/images", json={"prompt": "x"}, headers={**RICH, "Origin": "https://app.example"}
-    )
+    r = example.post("/v1/images", json={"prompt": "x"}, headers={**RICH, "Origin": "https://app.example"})
     exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
     assert {"x-credits-remaining", "x-credits-charged", "x-credits-refunded", "x-credits-required"} <= exposed

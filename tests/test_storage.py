@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import anyio
 import pytest
 from sqlalchemy import event, text, update
@@ -237,3 +239,27 @@ async def test_concurrent_cache_misses_make_one_query(guard: CreditGuard) -> Non
         event.remove(guard.engine.sync_engine, "before_cursor_execute", count)
     assert len(statements) == 1
     assert {r.credits for r in results if r} == {5} and len(results) == 50
+
+
+async def test_usage_report_groups_charges_and_refunds(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 100)
+    await guard.grant_credits("org_2", 100)
+    a = await guard.deduct_credits("org_1", IMAGE)
+    await guard.deduct_credits("org_1", IMAGE)
+    await guard.deduct_credits("org_1", "kling_image_to_video")
+    await guard.deduct_credits("org_2", IMAGE)
+    await guard.refund_credits(a.charge_id)  # type: ignore[arg-type]
+    by_feature = {r.key: r for r in await guard.usage_report(group_by="feature")}
+    assert (by_feature[IMAGE].charges, by_feature[IMAGE].credits_charged) == (3, 15)
+    assert (by_feature[IMAGE].refunds, by_feature[IMAGE].credits_refunded, by_feature[IMAGE].net_credits) == (1, 5, 10)
+    assert by_feature["kling_image_to_video"].credits_charged == 20
+    by_org = {r.key: r.net_credits for r in await guard.usage_report(group_by="org", feature_key=IMAGE)}
+    assert by_org == {"org_1": 5, "org_2": 5}
+    [today] = await guard.usage_report(group_by="day", organization_id="org_1")
+    assert (today.charges, today.credits_charged, today.credits_refunded) == (3, 30, 5)
+    from datetime import datetime, timedelta
+
+    future = datetime.now(UTC) + timedelta(days=1)
+    assert await guard.usage_report(since=future) == []
+    with pytest.raises(ValueError, match="group_by"):
+        await guard.usage_report(group_by="week")  # type: ignore[arg-type]

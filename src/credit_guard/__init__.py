@@ -11,7 +11,7 @@ from .asgi import CreditGuardMiddleware
 from .decorator import requires_credits
 from .errors import CreditGuardError, DuplicateFeature, InvalidPricing, PricingNotFound, StorageUnavailable
 from .guard import CreditGuard, Ticket
-from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult
+from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageRow
 from .problems import (
     EXPOSE_HEADERS,
     HEADER_CHARGED,
@@ -44,6 +44,7 @@ __all__ = [
     "RefundResult",
     "StorageUnavailable",
     "Ticket",
+    "UsageRow",
     "metadata",
     "requires_credits",
 ]

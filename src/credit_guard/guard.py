@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -31,6 +32,8 @@ from .models import (
     DeductionResult,
     FeaturePricing,
     RefundResult,
+    UsageGroup,
+    UsageRow,
     validate_pricing_fields,
 )
 from .pricing import PricingCache
@@ -280,6 +283,20 @@ class CreditGuard:
 
     async def get_balance(self, organization_id: str) -> int:
         return await self.store.balance(organization_id)
+
+    async def usage_report(
+        self,
+        *,
+        group_by: UsageGroup = "day",
+        organization_id: str | None = None,
+        feature_key: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
+        """Counts and credits charged and refunded, from the ledger; ``until`` is exclusive."""
+        return await self.store.usage(
+            group_by=group_by, organization_id=organization_id, feature_key=feature_key, since=since, until=until
+        )
 
     async def audit(self) -> list[AuditIssue]:
         """Every way the books fail to add up; [] when each balance is the sum of its ledger."""

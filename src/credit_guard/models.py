@@ -102,6 +102,27 @@ class AuditIssue:
     ledger_sum: int | None = None
 
 
+UsageGroup = Literal["day", "feature", "org"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One group of the usage report, read from the ledger (so it always matches the money)."""
+
+    key: str
+    charges: int
+    credits_charged: int
+    refunds: int
+    credits_refunded: int
+
+    @property
+    def net_credits(self) -> int:
+        return self.credits_charged - self.credits_refunded
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "net_credits": self.net_credits}
+
+
 _FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}
 _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 

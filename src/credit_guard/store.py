@@ -23,12 +23,13 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, literal, select, update
+from sqlalchemy import Date as SqlDate
+from sqlalchemy import Row, and_, case, cast, delete, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .errors import DuplicateFeature, PricingNotFound, StorageUnavailable
-from .models import AuditIssue, FeaturePricing, RefundResult
+from .models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
 from .schema import accounts, feature_pricing, ledger, metadata
 
 log = logging.getLogger("credit_guard")
@@ -349,6 +350,63 @@ class SqlStore:
                 for row in await conn.execute(bad_refunds)
             ]
         return issues
+
+    async def usage(
+        self,
+        *,
+        group_by: UsageGroup = "day",
+        organization_id: str | None = None,
+        feature_key: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]:
+        """Charges and refunds per day, feature or organization, newest day / biggest first."""
+        if group_by == "day":
+            key = cast(ledger.c.created_at, SqlDate) if self.dialect == "postgresql" else func.date(ledger.c.created_at)
+        elif group_by == "feature":
+            key = ledger.c.feature_key
+        elif group_by == "org":
+            key = ledger.c.organization_id
+        else:
+            raise ValueError(f"group_by must be day, feature or org, not {group_by!r}")
+        is_charge = ledger.c.kind == "charge"
+        is_refund = ledger.c.kind == "refund"
+        query = (
+            select(
+                key.label("key"),
+                func.sum(case((is_charge, 1), else_=0)).label("charges"),
+                func.sum(case((is_charge, -ledger.c.amount), else_=0)).label("credits_charged"),
+                func.sum(case((is_refund, 1), else_=0)).label("refunds"),
+                func.sum(case((is_refund, ledger.c.amount), else_=0)).label("credits_refunded"),
+            )
+            .where(ledger.c.kind.in_(("charge", "refund")))
+            .group_by(key)
+        )
+        if organization_id is not None:
+            query = query.where(ledger.c.organization_id == organization_id)
+        if feature_key is not None:
+            query = query.where(ledger.c.feature_key == feature_key)
+        if since is not None:
+            query = query.where(ledger.c.created_at >= since)
+        if until is not None:
+            query = query.where(ledger.c.created_at < until)
+        query = (
+            query.order_by(key.desc())
+            if group_by == "day"
+            else query.order_by(func.sum(case((is_charge, -ledger.c.amount), else_=0)).desc(), key)
+        )
+        async with self._tx() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            UsageRow(
+                key=str(row.key),
+                charges=int(row.charges or 0),
+                credits_charged=int(row.credits_charged or 0),
+                refunds=int(row.refunds or 0),
+                credits_refunded=int(row.credits_refunded or 0),
+            )
+            for row in rows
+        ]
 
     async def close(self) -> None:
         await self.engine.dispose()
