@@ -27,6 +27,7 @@ from sqlalchemy import Date as SqlDate
 from sqlalchemy import Row, and_, case, cast, delete, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import DuplicateFeature, PricingNotFound, StorageUnavailable
 from .models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
@@ -361,6 +362,7 @@ class SqlStore:
         until: datetime | None = None,
     ) -> list[UsageRow]:
         """Charges and refunds per day, feature or organization, newest day / biggest first."""
+        key: ColumnElement[Any]
         if group_by == "day":
             key = cast(ledger.c.created_at, SqlDate) if self.dialect == "postgresql" else func.date(ledger.c.created_at)
         elif group_by == "feature":
