@@ -263,3 +263,16 @@ async def test_usage_report_groups_charges_and_refunds(guard: CreditGuard) -> No
     assert await guard.usage_report(since=future) == []
     with pytest.raises(ValueError, match="group_by"):
         await guard.usage_report(group_by="week")  # type: ignore[arg-type]
+
+
+async def test_guard_on_a_shared_engine_leaves_it_open(db_url: str) -> None:
+    from credit_guard.engine import build_engine
+
+    engine = build_engine(db_url)
+    try:
+        async with CreditGuard(engine=engine) as g:
+            await g.create_schema()
+        async with engine.connect() as conn:  # still usable: the app owns it
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await engine.dispose()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import problems
 from .engine import DEFAULT_DATABASE_URL, build_engine
-from .errors import PricingNotFound, StorageUnavailable
+from .errors import InvalidPricing, PricingNotFound, StorageUnavailable
 from .models import (
     AuditIssue,
     CreditCheck,
@@ -35,6 +35,7 @@ from .models import (
     UsageGroup,
     UsageRow,
     validate_pricing_fields,
+    validate_pricing_rows,
 )
 from .pricing import PricingCache
 from .problems import Problem
@@ -113,6 +114,8 @@ class CreditGuard:
         pg_pool_size: int = 10,
         asyncpg_pool_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        # An engine handed in belongs to the app: close() must leave it open.
+        self._owns_engine = engine is None
         if engine is None:
             url = make_url(database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL)
             engine = build_engine(url, connect_timeout=timeout)
@@ -142,7 +145,8 @@ class CreditGuard:
     async def close(self) -> None:
         if self._charger is not self.store:
             await self._charger.close()
-        await self.store.close()
+        if self._owns_engine:
+            await self.store.close()
 
     async def __aenter__(self) -> CreditGuard:
         return self
@@ -210,6 +214,25 @@ class CreditGuard:
             raise PricingNotFound(pricing_id)
         self.pricing_cache.invalidate(pricing.feature_key)
         return pricing
+
+    async def import_pricing(
+        self, rows: Sequence[Mapping[str, Any]], *, update_existing: bool = False
+    ) -> tuple[list[FeaturePricing], list[FeaturePricing]]:
+        """Add many prices at once, all or nothing (seeding an environment); returns (created, updated).
+
+        Every row is validated before anything is written: InvalidPricing then names each
+        bad field as ``"row N: field"`` (rows count from 1). A key that already exists
+        raises DuplicateFeature unless ``update_existing``, which overwrites the fields the
+        row gives and leaves the others as they are.
+        """
+        clean, errors = validate_pricing_rows(rows)
+        if errors:
+            raise InvalidPricing(
+                {f"row {n}: {field}": message for n, fields in errors.items() for field, message in fields.items()}
+            )
+        created, updated = await self.store.import_pricing(clean, update_existing=update_existing)
+        self.pricing_cache.invalidate(*(pricing.feature_key for pricing in created + updated))
+        return created, updated
 
     # -- money ----------------------------------------------------------------------------
 
