@@ -1,0 +1,562 @@
+"""``credit-guard``: the operator's command line for schema, prices, grants, usage and audit.
+
+It is a thin shell over :class:`CreditGuard`, so every rule the library enforces (validation,
+atomic writes, the ledger) holds here too. The contract scripts can rely on:
+
+* exit 0: done; 1: understood but refused (unknown key, invalid pricing, database
+  unreachable, audit found issues) and nothing was written; 2: bad arguments (argparse).
+* results go to stdout, one record per line; errors go to stderr as
+  ``credit-guard: error: ...``, one line per problem.
+* ``--json`` on the listing commands prints the library's own ``to_dict()`` shapes.
+
+``main(argv)`` runs in-process (it starts its own event loop), which is how the tests call it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
+
+from .engine import DEFAULT_DATABASE_URL
+from .errors import DuplicateFeature, InvalidPricing, StorageUnavailable
+from .guard import DATABASE_URL_ENV, CreditGuard
+from .models import FeaturePricing, validate_pricing_rows
+from .schema import metadata
+
+PROG = "credit-guard"
+
+#: The columns of an import file (the seed's pricing fields) and the ones it may omit.
+IMPORT_FIELDS = ("feature_key", "feature_name", "category", "credits", "description", "is_active")
+IMPORT_REQUIRED = ("feature_key", "feature_name", "category", "credits")
+#: Columns ``pricing list --json`` exports that an import skips, so an export re-imports as is.
+IMPORT_IGNORED = ("id", "created_at", "updated_at")
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+_INT_RE = re.compile(r"[+-]?\d+")
+_EXTRA_CELLS = "\0extra"
+
+Handler = Callable[[CreditGuard, argparse.Namespace], Awaitable[int]]
+
+
+class CliError(Exception):
+    """A refusal reported as ``credit-guard: error: <message>`` with exit code 1."""
+
+
+# -- entry point ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help and usage errors; keep the in-process caller alive
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    usage_problem = getattr(args, "check", None)
+    if usage_problem is not None and (message := usage_problem(args)):
+        args.parser.print_usage(sys.stderr)
+        print(f"{args.parser.prog}: error: {message}", file=sys.stderr)
+        return 2
+    _route_library_logs(verbose=args.verbose)
+    result: int = anyio.run(_run, args)
+    return result
+
+
+async def _run(args: argparse.Namespace) -> int:
+    url = args.database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
+    try:
+        parsed = make_url(url)
+        guard = CreditGuard(parsed)
+    except (ArgumentError, NoSuchModuleError, InvalidRequestError, ImportError, ValueError) as exc:
+        _error(f"invalid database URL {url!r}: {exc}")
+        return 2
+    shown = parsed.render_as_string(hide_password=True)
+    handler: Handler = args.handler
+    sqlite_file = parsed.database if parsed.get_backend_name() == "sqlite" else None
+    if handler is not cmd_init and sqlite_file not in (None, "", ":memory:") and not sqlite_file.startswith("file:"):
+        # Opening a mistyped path would create an empty database file there; say so instead.
+        if not await anyio.Path(sqlite_file).exists():
+            await guard.close()
+            _error(f"no database file at {sqlite_file}; run `{PROG} init` to create one")
+            return 1
+    try:
+        async with guard:
+            return await handler(guard, args)
+    except CliError as exc:
+        _error(str(exc))
+    except InvalidPricing as exc:
+        _error(f"invalid pricing: {exc}")
+    except DuplicateFeature as exc:
+        _error(str(exc))
+    except StorageUnavailable as exc:
+        _error(_storage_message(str(exc), shown))
+    return 1
+
+
+def _storage_message(detail: str, url: str) -> str:
+    first_line = detail.strip().splitlines()[0] if detail.strip() else "no answer"
+    if "no such table" in first_line or ("relation" in first_line and "does not exist" in first_line):
+        return f"credit_guard's tables are missing in {url}; run `{PROG} init` first"
+    return f"database unavailable at {url}: {first_line}"
+
+
+def _route_library_logs(*, verbose: bool) -> None:
+    """Send the library's logs to stderr with -v; otherwise keep its error logs (which the
+    exit code and one-line message already cover) from printing tracebacks."""
+    logger = logging.getLogger("credit_guard")
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    elif not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+# -- the parser -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        metavar="URL",
+        help=f"SQLAlchemy async URL (default: ${DATABASE_URL_ENV} or {DEFAULT_DATABASE_URL})",
+    )
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show library logs")
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Operate credit_guard: schema, prices, credits, usage.")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help=f"SQLAlchemy async URL (default: ${DATABASE_URL_ENV} or {DEFAULT_DATABASE_URL})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(group: Any, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=help_text, description=help_text)
+        sub.set_defaults(handler=handler, parser=sub)
+        return sub
+
+    command(commands, "init", cmd_init, "create credit_guard's tables if missing (safe to repeat)")
+
+    pricing = commands.add_parser("pricing", help="list, add, update, remove or import feature prices")
+    pricing_commands = pricing.add_subparsers(dest="pricing_command", required=True, metavar="ACTION")
+
+    p = command(pricing_commands, "list", cmd_pricing_list, "list feature prices")
+    p.add_argument("--category", help="only this category")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--active", dest="is_active", action="store_const", const=True, help="only active prices")
+    state.add_argument("--inactive", dest="is_active", action="store_const", const=False, help="only inactive prices")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = command(pricing_commands, "add", cmd_pricing_add, "add a feature price")
+    p.add_argument("--key", required=True, help="feature_key, e.g. seedream_text_to_image")
+    p.add_argument("--name", required=True, help="feature_name shown to people")
+    p.add_argument("--category", required=True)
+    p.add_argument("--credits", required=True, type=int, help="credits charged per call")
+    p.add_argument("--description")
+    p.add_argument("--inactive", dest="is_active", action="store_false", help="add it switched off")
+
+    p = command(pricing_commands, "update", cmd_pricing_update, "change fields of a feature price")
+    p.add_argument("ref", metavar="KEY_OR_ID")
+    p.add_argument("--key", help="rename the feature_key")
+    p.add_argument("--name")
+    p.add_argument("--category")
+    p.add_argument("--credits", type=int)
+    p.add_argument("--description", help='new description ("" clears it)')
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--active", dest="is_active", action="store_const", const=True)
+    state.add_argument("--inactive", dest="is_active", action="store_const", const=False)
+    p.set_defaults(check=_check_update)
+
+    p = command(pricing_commands, "remove", cmd_pricing_remove, "delete a feature price (the ledger keeps its key)")
+    p.add_argument("ref", metavar="KEY_OR_ID")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    p = command(pricing_commands, "import", cmd_pricing_import, "add many prices from a JSON or CSV file, all or none")
+    p.add_argument("file", metavar="FILE", help="a .json array or a .csv with a header row; - reads stdin")
+    p.add_argument("--format", choices=("json", "csv"), help="default: from the file name, else sniffed")
+    p.add_argument("--update-existing", action="store_true", help="overwrite prices whose key exists (default: refuse)")
+    p.add_argument("--dry-run", action="store_true", help="validate and show the plan; write nothing")
+
+    p = command(commands, "grant", cmd_grant, "add credits to an organization (creating its account)")
+    p.add_argument("organization_id", metavar="ORG")
+    p.add_argument("amount", metavar="AMOUNT", type=_positive_int)
+    p.add_argument("--reason", help="recorded on the ledger row")
+
+    p = command(commands, "balance", cmd_balance, "print an organization's balance")
+    p.add_argument("organization_id", metavar="ORG")
+
+    p = command(commands, "usage", cmd_usage, "credits charged and refunded, from the ledger")
+    p.add_argument("--org", dest="organization_id", metavar="ORG")
+    p.add_argument("--feature", dest="feature_key", metavar="KEY")
+    p.add_argument("--since", type=_timestamp, metavar="WHEN", help="ISO date or datetime, inclusive (UTC if naive)")
+    p.add_argument("--until", type=_timestamp, metavar="WHEN", help="ISO date or datetime, exclusive (UTC if naive)")
+    p.add_argument("--group-by", choices=("day", "feature", "org"), default="day")
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+
+    p = command(commands, "audit", cmd_audit, "check every balance against its ledger; exit 1 on any issue")
+    p.add_argument("--json", action="store_true", help="print a JSON array of issues")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or datetime: {text!r}") from None
+    # The ledger stores UTC; SQLite compares wall-clock text, so convert rather than attach.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _check_update(args: argparse.Namespace) -> str | None:
+    if not _update_changes(args):
+        return "nothing to change: give at least one of --key --name --category --credits --description --active --inactive"
+    return None
+
+
+def _update_changes(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {
+        "feature_key": args.key,
+        "feature_name": args.name,
+        "category": args.category,
+        "credits": args.credits,
+        "description": args.description,
+        "is_active": args.is_active,
+    }
+    return {field: value for field, value in pairs.items() if value is not None}
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+async def cmd_init(guard: CreditGuard, args: argparse.Namespace) -> int:
+    await guard.create_schema()
+    shown = guard.engine.url.render_as_string(hide_password=True)
+    print(f"schema ready at {shown}: {', '.join(sorted(metadata.tables))}")
+    return 0
+
+
+async def cmd_pricing_list(guard: CreditGuard, args: argparse.Namespace) -> int:
+    rows = await guard.list_pricing(category=args.category, is_active=args.is_active)
+    if args.json:
+        _print_json([pricing.to_dict() for pricing in rows])
+        return 0
+    if not rows:
+        print("no pricing rows match", file=sys.stderr)
+        return 0
+    print(
+        _table(
+            ("FEATURE_KEY", "CREDITS", "ACTIVE", "CATEGORY", "NAME", "ID"),
+            [(p.feature_key, p.credits, _yes_no(p.is_active), p.category, p.feature_name, p.id) for p in rows],
+            right={1},
+        )
+    )
+    return 0
+
+
+async def cmd_pricing_add(guard: CreditGuard, args: argparse.Namespace) -> int:
+    pricing = await guard.create_pricing(
+        feature_key=args.key,
+        feature_name=args.name,
+        category=args.category,
+        credits=args.credits,
+        description=args.description,
+        is_active=args.is_active,
+    )
+    print(_describe("created", pricing))
+    return 0
+
+
+async def cmd_pricing_update(guard: CreditGuard, args: argparse.Namespace) -> int:
+    pricing = await _find_pricing(guard, args.ref)
+    print(_describe("updated", await guard.update_pricing(pricing.id, **_update_changes(args))))
+    return 0
+
+
+async def cmd_pricing_remove(guard: CreditGuard, args: argparse.Namespace) -> int:
+    pricing = await _find_pricing(guard, args.ref)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CliError(f"not removing {pricing.feature_key} without confirmation: pass --yes")
+        answer = await anyio.to_thread.run_sync(
+            input, f"remove {pricing.feature_key} ({pricing.credits} credits)? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            raise CliError(f"not removing {pricing.feature_key}: not confirmed")
+    print(_describe("removed", await guard.delete_pricing(pricing.id)))
+    return 0
+
+
+async def cmd_pricing_import(guard: CreditGuard, args: argparse.Namespace) -> int:
+    text = await _read_text(args.file)
+    fmt = args.format or _guess_format(args.file, text)
+    labels, rows, row_errors = _parse_json(args.file, text) if fmt == "json" else _parse_csv(args.file, text)
+    if not rows:
+        raise CliError(f"{args.file} has no rows; nothing imported")
+
+    clean, errors = validate_pricing_rows(rows)
+    valid = dict(zip((n for n in range(1, len(rows) + 1) if n not in errors), clean, strict=True))
+    for number, problems in row_errors.items():
+        # A JSON item that is not an object has only that problem, not "is required" for each field.
+        errors[number] = {**problems, **errors.get(number, {})} if rows[number - 1] else problems
+        valid.pop(number, None)
+    existing = {pricing.feature_key for pricing in await guard.list_pricing()}
+    if not args.update_existing:
+        for number, fields in valid.items():
+            if fields["feature_key"] in existing:
+                errors[number] = {
+                    "feature_key": f"{fields['feature_key']!r} already exists (pass --update-existing to overwrite)"
+                }
+    if errors:
+        for number in sorted(errors):
+            for field, message in errors[number].items():
+                _error(f"{labels[number - 1]}: {field + ': ' if field else ''}{message}")
+        _error(f"{len(errors)} of {len(rows)} rows in {args.file} are invalid; nothing imported")
+        return 1
+
+    if args.dry_run:
+        for fields in clean:
+            print(f"would {'update' if fields['feature_key'] in existing else 'create'} {fields['feature_key']}")
+        to_update = sum(fields["feature_key"] in existing for fields in clean)
+        print(
+            f"dry run: {len(clean)} rows valid, {len(clean) - to_update} to create, {to_update} to update; nothing written"
+        )
+        return 0
+    created, updated = await guard.import_pricing(clean, update_existing=args.update_existing)
+    for pricing in created:
+        print(_describe("created", pricing))
+    for pricing in updated:
+        print(_describe("updated", pricing))
+    print(f"imported {len(clean)} rows from {args.file}: {len(created)} created, {len(updated)} updated")
+    return 0
+
+
+async def cmd_grant(guard: CreditGuard, args: argparse.Namespace) -> int:
+    try:
+        balance = await guard.grant_credits(args.organization_id, args.amount, reason=args.reason)
+    except ValueError as exc:  # the guard's own argument check, e.g. an empty organization id
+        raise CliError(str(exc)) from None
+    print(f"granted {args.amount} to {args.organization_id}: balance {balance}")
+    return 0
+
+
+async def cmd_balance(guard: CreditGuard, args: argparse.Namespace) -> int:
+    print(await guard.get_balance(args.organization_id))
+    return 0
+
+
+async def cmd_usage(guard: CreditGuard, args: argparse.Namespace) -> int:
+    rows = await guard.usage_report(
+        group_by=args.group_by,
+        organization_id=args.organization_id,
+        feature_key=args.feature_key,
+        since=args.since,
+        until=args.until,
+    )
+    if args.json:
+        _print_json([row.to_dict() for row in rows])
+        return 0
+    if not rows:
+        print("no usage matches", file=sys.stderr)
+        return 0
+    numbers = [(row.charges, row.credits_charged, row.refunds, row.credits_refunded, row.net_credits) for row in rows]
+    body: list[Sequence[object]] = [(row.key, *values) for row, values in zip(rows, numbers, strict=True)]
+    body.append(("TOTAL", *(sum(column) for column in zip(*numbers, strict=True))))
+    print(
+        _table((args.group_by.upper(), "CHARGES", "CHARGED", "REFUNDS", "REFUNDED", "NET"), body, right={1, 2, 3, 4, 5})
+    )
+    return 0
+
+
+async def cmd_audit(guard: CreditGuard, args: argparse.Namespace) -> int:
+    issues = await guard.audit()
+    if args.json:
+        _print_json(
+            [
+                {
+                    "organization_id": i.organization_id,
+                    "problem": i.problem,
+                    "balance": i.balance,
+                    "ledger_sum": i.ledger_sum,
+                }
+                for i in issues
+            ]
+        )
+    else:
+        for issue in issues:
+            numbers = ""
+            if issue.balance is not None or issue.ledger_sum is not None:
+                numbers = f" (balance={issue.balance} ledger_sum={issue.ledger_sum})"
+            print(f"{issue.organization_id}: {issue.problem}{numbers}")
+    if issues:
+        _error(f"audit found {len(issues)} issue(s)")
+        return 1
+    if not args.json:
+        print("audit ok: every balance matches its ledger")
+    return 0
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+async def _find_pricing(guard: CreditGuard, ref: str) -> FeaturePricing:
+    """A pricing row by id or by feature_key (ids are UUIDs, keys cannot contain '-')."""
+    pricing = await guard.get_pricing(ref)
+    if pricing is None:
+        pricing = next((p for p in await guard.list_pricing() if p.feature_key == ref), None)
+    if pricing is None:
+        raise CliError(f"no pricing with key or id {ref!r}")
+    return pricing
+
+
+def _describe(verb: str, pricing: FeaturePricing) -> str:
+    return f"{verb} {pricing.feature_key} id={pricing.id} credits={pricing.credits} active={_yes_no(pricing.is_active)}"
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Collection[int] = ()) -> str:
+    cells = [list(headers), *[[str(value) for value in row] for row in rows]]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in cells
+    )
+
+
+# -- import files ---------------------------------------------------------------------------
+
+Parsed = tuple[list[str], list[dict[str, Any]], dict[int, dict[str, str]]]
+
+
+async def _read_text(path: str) -> str:
+    try:
+        if path == "-":
+            return await anyio.to_thread.run_sync(sys.stdin.read)
+        return await anyio.Path(path).read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CliError(f"cannot read {path}: not UTF-8 ({exc.reason})") from None
+
+
+def _guess_format(path: str, text: str) -> str:
+    lowered = path.lower()
+    if lowered.endswith(".json"):
+        return "json"
+    if lowered.endswith(".csv"):
+        return "csv"
+    return "json" if text.lstrip().startswith("[") else "csv"
+
+
+def _parse_json(path: str, text: str) -> Parsed:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise CliError(f"{path}: expected a JSON array of pricing objects")
+    labels: list[str] = []
+    rows: list[dict[str, Any]] = []
+    errors: dict[int, dict[str, str]] = {}
+    for number, item in enumerate(data, 1):
+        labels.append(f"row {number}")
+        if isinstance(item, dict):
+            rows.append({k: v for k, v in item.items() if k not in IMPORT_IGNORED})
+        else:
+            rows.append({})
+            errors[number] = {"": f"must be a JSON object, not {type(item).__name__}"}
+    return labels, rows, errors
+
+
+def _parse_csv(path: str, text: str) -> Parsed:
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA_CELLS)
+    header = [name.strip() for name in reader.fieldnames or []]
+    if not header:
+        raise CliError(f"{path}: empty file; expected a header row: {','.join(IMPORT_FIELDS)}")
+    reader.fieldnames = header
+    unknown = [name for name in header if name not in IMPORT_FIELDS and name not in IMPORT_IGNORED]
+    missing = [name for name in IMPORT_REQUIRED if name not in header]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    problems = []
+    if unknown:
+        problems.append(f"unknown column(s) {', '.join(unknown)}")
+    if missing:
+        problems.append(f"missing column(s) {', '.join(missing)}")
+    if repeated:
+        problems.append(f"repeated column(s) {', '.join(repeated)}")
+    if problems:
+        raise CliError(f"{path}: {'; '.join(problems)} (columns: {','.join(IMPORT_FIELDS)})")
+    labels: list[str] = []
+    rows: list[dict[str, Any]] = []
+    errors: dict[int, dict[str, str]] = {}
+    for number, record in enumerate(reader, 1):
+        labels.append(f"row {number} (line {reader.line_num})")
+        extra = record.pop(_EXTRA_CELLS, None)
+        if extra:
+            errors[number] = {"": f"{len(extra)} more cell(s) than the header has columns"}
+        row: dict[str, Any] = {}
+        for field in IMPORT_FIELDS:
+            if field in record:
+                value = _csv_value(field, record[field])
+                if value is not _ABSENT:
+                    row[field] = value
+        rows.append(row)
+    return labels, rows, errors
+
+
+_ABSENT = object()
+
+
+def _csv_value(field: str, raw: str | None) -> object:
+    """A CSV cell as the type validation expects; unparseable text is kept so validation names it."""
+    text = (raw or "").strip()
+    if field == "is_active":
+        if not text:
+            return _ABSENT  # new rows default to active; --update-existing leaves it as it is
+        lowered = text.lower()
+        return True if lowered in _TRUE else False if lowered in _FALSE else text
+    if not text:
+        return None
+    if field == "credits":
+        return int(text) if _INT_RE.fullmatch(text) else text
+    return text

@@ -1,0 +1,176 @@
+"""credit_guard's tables inside an application's own Alembic environment, on both databases.
+
+Autogenerate compares ``target_metadata`` with the live database, so these tests prove
+two things docs/alembic.md promises: the public ``metadata`` describes exactly the tables
+``create_schema()`` builds (no drift either way), and the recipe in the docs (a list of
+metadatas, or an ``include_name`` filter) generates, applies and leaves alone what it says.
+Each PostgreSQL test gets a throwaway database so an empty schema really is empty.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, text
+from sqlalchemy.engine import make_url
+
+from credit_guard import CreditGuard
+from credit_guard.schema import TABLE_PREFIX
+from credit_guard.schema import metadata as credit_guard_metadata
+
+from .conftest import PG_URL, pg_problem
+
+TABLES = {"credit_guard_accounts", "credit_guard_feature_pricing", "credit_guard_ledger"}
+INDEXES = {"ix_credit_guard_ledger_org_created", "ix_credit_guard_ledger_feature_created"}
+
+APP_MODELS = """
+from sqlalchemy import Column, Integer, MetaData, String, Table
+
+metadata = MetaData()
+widgets = Table("widgets", metadata, Column("id", Integer, primary_key=True), Column("name", String(50)))
+"""
+
+# The env.py of docs/alembic.md, trimmed to the online mode a test runs.
+ENV_PY = """
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+from app_models import metadata as app_metadata
+from credit_guard.schema import metadata as credit_guard_metadata
+
+config = context.config
+target_metadata = [app_metadata, credit_guard_metadata]
+
+connectable = engine_from_config(
+    config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+)
+with connectable.connect() as connection:
+    context.configure(connection=connection, target_metadata=target_metadata)
+    with context.begin_transaction():
+        context.run_migrations()
+"""
+
+
+class Db:
+    """One empty database seen through a sync driver (Alembic) and the library's async one."""
+
+    def __init__(self, sync_url: str, async_url: str) -> None:
+        self.sync_url = sync_url
+        self.async_url = async_url
+
+    def diffs(self, target: Any, **opts: Any) -> list[Any]:
+        engine = create_engine(self.sync_url)
+        try:
+            with engine.connect() as conn:
+                return list(compare_metadata(MigrationContext.configure(conn, opts=opts), target))
+        finally:
+            engine.dispose()
+
+    def create_schema(self) -> None:
+        async def go() -> None:
+            async with CreditGuard(self.async_url) as guard:
+                await guard.create_schema()
+
+        anyio.run(go)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    if request.param == "sqlite":
+        yield Db(f"sqlite:///{tmp_path / 'app.db'}", f"sqlite+aiosqlite:///{tmp_path / 'app.db'}")
+        return
+    problem = pg_problem()
+    if problem:
+        pytest.skip(problem)
+    base = make_url(PG_URL)
+    name = f"{base.database}_alembic"
+    admin = create_engine(base.set(drivername="postgresql+psycopg", database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield Db(
+            base.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False),
+            base.set(database=name).render_as_string(hide_password=False),
+        )
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def ops(diffs: list[Any]) -> set[tuple[str, str]]:
+    return {(diff[0], diff[1].name) for diff in diffs}
+
+
+def test_autogenerate_on_an_empty_database_adds_the_three_tables(db: Db) -> None:
+    assert ops(db.diffs(credit_guard_metadata)) == {("add_table", t) for t in TABLES} | {
+        ("add_index", i) for i in INDEXES
+    }
+
+
+def test_after_create_schema_autogenerate_finds_no_difference(db: Db) -> None:
+    db.create_schema()
+    assert db.diffs(credit_guard_metadata) == []
+
+
+def test_an_app_that_leaves_the_tables_out_must_filter_them_or_alembic_drops_them(db: Db) -> None:
+    """The ``credit-guard init`` path: without the docs' include_name filter, the app's
+    next autogenerate would emit DROP TABLE for the credit tables."""
+    db.create_schema()
+    app = MetaData()
+    Table("widgets", app, Column("id", Integer, primary_key=True), Column("name", String(50)))
+    assert {("remove_table", t) for t in TABLES} <= ops(db.diffs(app))
+
+    def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+        return not (type_ == "table" and (name or "").startswith(TABLE_PREFIX))
+
+    assert ops(db.diffs(app, include_name=include_name)) == {("add_table", "widgets")}
+
+
+def test_documented_env_generates_and_applies_a_migration_the_library_can_use(
+    db: Db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    (tmp_path / "app_models.py").write_text(APP_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    request.addfinalizer(lambda: sys.modules.pop("app_models", None))
+    config = Config(str(tmp_path / "alembic.ini"))
+    command.init(config, str(tmp_path / "migrations"))
+    (tmp_path / "migrations" / "env.py").write_text(textwrap.dedent(ENV_PY))
+    config.set_main_option("script_location", str(tmp_path / "migrations"))
+    config.set_main_option("sqlalchemy.url", db.sync_url.replace("%", "%%"))
+
+    command.revision(config, message="initial", autogenerate=True)
+    [migration] = (tmp_path / "migrations" / "versions").glob("*.py")
+    source = migration.read_text()
+    for table in (*TABLES, "widgets"):
+        assert f"op.create_table('{table}'" in source or f'op.create_table("{table}"' in source
+
+    command.upgrade(config, "head")
+    app_metadata = importlib.import_module("app_models").metadata
+    assert db.diffs([app_metadata, credit_guard_metadata]) == []
+
+    async def use_the_tables() -> tuple[int, int, list[Any]]:
+        async with CreditGuard(db.async_url) as guard:
+            await guard.create_schema()  # a no-op on tables Alembic made
+            await guard.create_pricing(feature_key="ping", feature_name="Ping", category="c", credits=3)
+            await guard.grant_credits("org_1", 10)
+            result = await guard.deduct_credits("org_1", "ping")
+            assert result.charge_id is not None
+            refund = await guard.refund_credits(result.charge_id)
+            assert refund.refunded
+            again = await guard.refund_credits(result.charge_id)
+            return await guard.get_balance("org_1"), int(again.refunded), await guard.audit()
+
+    assert anyio.run(use_the_tables) == (10, 0, [])
