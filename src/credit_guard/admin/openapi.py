@@ -1,0 +1,348 @@
+"""The OpenAPI 3.1 document of the admin app, written by hand from the same constants
+the code validates with, so the limits a client reads are the limits it meets.
+
+Hand-written rather than generated: the app is plain Starlette (no pydantic models to
+introspect), and the document is small enough to read and review as data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from .. import problems
+from ..models import (
+    CATEGORY_MAX,
+    CREDITS_MAX,
+    DESCRIPTION_MAX,
+    FEATURE_KEY_MAX,
+    FEATURE_KEY_RE,
+    FEATURE_NAME_MAX,
+    UsageGroup,
+)
+
+_REF = "#/components/schemas/"
+#: Not blank, and no NUL (PostgreSQL cannot store it).
+_TEXT = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+_NO_NUL = r"^[^\u0000]*$"
+_WHEN = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}]}
+
+
+def _fields() -> dict[str, dict[str, Any]]:
+    return {
+        "feature_key": {
+            "type": "string",
+            "maxLength": FEATURE_KEY_MAX,
+            "pattern": FEATURE_KEY_RE.pattern,
+            "description": "Unique key the code charges by: lowercase letters and digits joined by underscores.",
+            "examples": ["seedream_text_to_image"],
+        },
+        "feature_name": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": FEATURE_NAME_MAX,
+            "pattern": _TEXT,
+            "description": "Display name (surrounding whitespace is trimmed).",
+        },
+        "category": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": CATEGORY_MAX,
+            "pattern": _TEXT,
+            "description": "Group shown on pricing pages, e.g. Image Generation.",
+        },
+        "credits": {"type": "integer", "minimum": 0, "maximum": CREDITS_MAX, "description": "Cost of one use."},
+        "description": {"type": ["string", "null"], "maxLength": DESCRIPTION_MAX, "pattern": _NO_NUL},
+        "is_active": {"type": "boolean", "description": "Inactive features cannot be charged for or seen publicly."},
+    }
+
+
+def _problem_response(description: str, *, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {problems.PROBLEM_CONTENT_TYPE: {"schema": {"$ref": _REF + "Problem"}}},
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+        }
+    return response
+
+
+def _json(schema_name: str, description: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": _REF + schema_name}}},
+        **extra,
+    }
+
+
+def _errors(*statuses: str) -> dict[str, Any]:
+    return {status: {"$ref": f"#/components/responses/{status}"} for status in statuses}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dict[str, Any]:
+    """The document; ``server_url`` is where the admin app is mounted (``/acme``)."""
+    fields = _fields()
+    pricing_properties = {
+        "id": {"type": "string"},
+        **fields,
+        # ISO 8601 in UTC; not "format: date-time", since SQLite hands timestamps back without an offset.
+        "created_at": {"type": ["string", "null"], "description": "ISO 8601, UTC."},
+        "updated_at": {"type": ["string", "null"], "description": "ISO 8601, UTC."},
+    }
+    public_fields = ("feature_key", "feature_name", "category", "credits", "description")
+    schemas: dict[str, Any] = {
+        "FeaturePricing": {
+            "type": "object",
+            "properties": pricing_properties,
+            "required": list(pricing_properties),
+        },
+        "FeaturePricingCreate": {
+            "type": "object",
+            "properties": fields,
+            "required": ["feature_key", "feature_name", "category", "credits"],
+            "additionalProperties": False,
+        },
+        "FeaturePricingUpdate": {
+            "type": "object",
+            "description": "Only the fields given change; the rest stay as they are.",
+            "properties": fields,
+            "additionalProperties": False,
+        },
+        "PublicFeaturePricing": {
+            "type": "object",
+            "properties": {name: fields[name] for name in public_fields},
+            "required": list(public_fields),
+        },
+        "PublicPricingCatalog": {
+            "type": "object",
+            "properties": {
+                "categories": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "category": {"type": "string"},
+                            "features": {"type": "array", "items": {"$ref": _REF + "PublicFeaturePricing"}},
+                        },
+                        "required": ["category", "features"],
+                    },
+                }
+            },
+            "required": ["categories"],
+        },
+        "UsageRow": {
+            "type": "object",
+            "description": "One group of the usage report, read from the ledger.",
+            "properties": {
+                "key": {"type": "string", "description": "The day (YYYY-MM-DD), feature key or organization id."},
+                "charges": {"type": "integer", "minimum": 0},
+                "credits_charged": {"type": "integer", "minimum": 0},
+                "refunds": {"type": "integer", "minimum": 0},
+                "credits_refunded": {"type": "integer", "minimum": 0},
+                "net_credits": {"type": "integer"},
+            },
+            "required": ["key", "charges", "credits_charged", "refunds", "credits_refunded", "net_credits"],
+        },
+        "UsageReport": {
+            "type": "object",
+            "properties": {
+                "group_by": {"type": "string", "enum": list(get_args(UsageGroup))},
+                "rows": {"type": "array", "items": {"$ref": _REF + "UsageRow"}},
+            },
+            "required": ["group_by", "rows"],
+        },
+        "Problem": {
+            "type": "object",
+            "description": "RFC 9457 problem details.",
+            "properties": {
+                "type": {"type": "string", "format": "uri-reference"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "errors": {
+                    "type": "object",
+                    "description": "Each bad field or parameter, and what is wrong with it.",
+                    "additionalProperties": {"type": "string"},
+                },
+            },
+            "required": ["type", "title", "status", "detail"],
+        },
+    }
+    responses = {
+        "400": _problem_response("The body is not a JSON object."),
+        "401": _problem_response("Nobody is signed in."),
+        "403": _problem_response("The signed-in user is not an administrator."),
+        "404": _problem_response("No such pricing."),
+        "409": _problem_response("Another pricing already has this feature_key; nothing was changed."),
+        "415": _problem_response("The body is not sent as application/json."),
+        "422": _problem_response("Invalid fields or parameters; `errors` names each one. Nothing was changed."),
+        "503": _problem_response("The database cannot be reached; nothing was changed.", retry_after=True),
+    }
+    pricing_id = {
+        "name": "pricing_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": _NO_NUL},
+    }
+    admin = ["admin"]
+    paths: dict[str, Any] = {
+        "/api/admin/feature-pricing": {
+            "get": {
+                "operationId": "listFeaturePricing",
+                "summary": "List pricing, active or not",
+                "tags": admin,
+                "parameters": [
+                    _query("category", "Only this category.", {"type": "string", "minLength": 1, "pattern": _TEXT}),
+                    _query(
+                        "active",
+                        "Only active (true) or inactive (false) pricing.",
+                        {"type": "string", "enum": ["true", "false"]},
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The pricing, by category then name.",
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "array", "items": {"$ref": _REF + "FeaturePricing"}}
+                            }
+                        },
+                    },
+                    **_errors("401", "403", "422", "503"),
+                },
+            },
+            "post": {
+                "operationId": "createFeaturePricing",
+                "summary": "Add a feature's price",
+                "tags": admin,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "FeaturePricingCreate"}}},
+                },
+                "responses": {
+                    "201": _json(
+                        "FeaturePricing",
+                        "Created.",
+                        headers={"Location": {"description": "URL of the new pricing.", "schema": {"type": "string"}}},
+                    ),
+                    **_errors("400", "401", "403", "409", "415", "422", "503"),
+                },
+            },
+        },
+        "/api/admin/feature-pricing/{pricing_id}": {
+            "parameters": [pricing_id],
+            "get": {
+                "operationId": "getFeaturePricing",
+                "summary": "One pricing, active or not",
+                "tags": admin,
+                "responses": {
+                    "200": _json("FeaturePricing", "The pricing."),
+                    **_errors("401", "403", "404", "422", "503"),
+                },
+            },
+            "patch": {
+                "operationId": "updateFeaturePricing",
+                "summary": "Change some fields of a pricing",
+                "tags": admin,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "FeaturePricingUpdate"}}},
+                },
+                "responses": {
+                    "200": _json("FeaturePricing", "The pricing as it is now."),
+                    **_errors("400", "401", "403", "404", "409", "415", "422", "503"),
+                },
+            },
+            "delete": {
+                "operationId": "deleteFeaturePricing",
+                "summary": "Delete a pricing (past ledger rows keep their feature key)",
+                "tags": admin,
+                "responses": {"204": {"description": "Deleted."}, **_errors("401", "403", "404", "422", "503")},
+            },
+        },
+        "/api/admin/usage": {
+            "get": {
+                "operationId": "usageReport",
+                "summary": "Charges and refunds from the ledger, grouped",
+                "tags": admin,
+                "parameters": [
+                    _query("org", "Only this organization.", {"type": "string", "pattern": _NO_NUL}),
+                    _query("feature", "Only this feature key.", {"type": "string", "pattern": _NO_NUL}),
+                    _query("since", "From (inclusive); UTC unless it has an offset.", _WHEN),
+                    _query("until", "Until (exclusive); UTC unless it has an offset.", _WHEN),
+                    _query(
+                        "group_by",
+                        "How to group (default day).",
+                        {"type": "string", "enum": list(get_args(UsageGroup))},
+                    ),
+                ],
+                "responses": {"200": _json("UsageReport", "The report."), **_errors("401", "403", "422", "503")},
+            },
+        },
+        "/api/features/pricing": {
+            "get": {
+                "operationId": "publicPricing",
+                "summary": "Active prices, for anyone (one feature with ?key=, else all by category)",
+                "tags": ["public"],
+                "parameters": [
+                    _query("key", "One feature's key.", {"type": "string", "minLength": 1, "pattern": _NO_NUL})
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The feature (with key), or every active feature grouped by category.",
+                        "headers": {"Cache-Control": {"schema": {"type": "string"}}},
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": _REF + "PublicFeaturePricing"},
+                                        {"$ref": _REF + "PublicPricingCatalog"},
+                                    ]
+                                }
+                            }
+                        },
+                    },
+                    "404": _problem_response("No active pricing has this key."),
+                    **_errors("422", "503"),
+                },
+            },
+        },
+    }
+    if include_page:
+        paths["/admin/feature-pricing"] = {
+            "get": {
+                "operationId": "featurePricingPage",
+                "summary": "The pricing admin page (HTML)",
+                "tags": admin,
+                "responses": {
+                    "200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    **_errors("401", "403"),
+                },
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "credit_guard pricing administration",
+            "version": "1",
+            "description": (
+                "Manage feature pricing and read usage (admin routes: the host app decides who is an "
+                "administrator), and show active prices to anyone. Errors are RFC 9457 problem+json."
+            ),
+        },
+        "servers": [{"url": server_url}],
+        "tags": [
+            {"name": "admin", "description": "Administrators only (401 without a user, 403 for others)."},
+            {"name": "public", "description": "No sign-in needed."},
+        ],
+        "paths": paths,
+        "components": {"schemas": schemas, "responses": responses},
+    }
+
+
+__all__ = ["openapi_document"]

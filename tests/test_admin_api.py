@@ -1,0 +1,481 @@
+"""The pricing admin API, the public pricing endpoint and the OpenAPI document, on both databases."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import AsyncIterator, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.routing import Mount
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from credit_guard import CreditGuard
+from credit_guard.admin import admin_app, openapi_document
+from credit_guard.models import CREDITS_MAX
+
+from .conftest import PRICES, ledger_rows, reset_postgres
+
+pytestmark = pytest.mark.anyio
+
+PRICING = "/api/admin/feature-pricing"
+ADMIN = {"x-user": "admin"}
+MEMBER = {"x-user": "member"}
+HAS_PAGE = importlib.util.find_spec("credit_guard.admin.page") is not None
+NEW = {"feature_key": "face_swap", "feature_name": "Face Swap", "category": "Advanced Tools", "credits": 8}
+
+
+class FakeAuth:
+    """What the host app's auth does: put the signed-in user on request state."""
+
+    users: dict[str, Any] = {
+        "admin": {"is_admin": True},
+        "member": {"is_admin": False},
+        "object-admin": SimpleNamespace(is_admin=True),
+        "truthy-string": {"is_admin": "yes"},
+    }
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            who = dict(scope["headers"]).get(b"x-user")
+            if who is not None:
+                scope.setdefault("state", {})["user"] = self.users[who.decode()]
+        await self.app(scope, receive, send)
+
+
+def client_for(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=FakeAuth(app)), base_url="http://test")
+
+
+@pytest.fixture
+async def client(guard: CreditGuard) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(admin_app(guard)) as c:
+        yield c
+
+
+async def snapshot(guard: CreditGuard) -> list[dict[str, Any]]:
+    return [p.to_dict() for p in await guard.list_pricing()]
+
+
+async def id_of(guard: CreditGuard, key: str) -> str:
+    return next(p.id for p in await guard.list_pricing() if p.feature_key == key)
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["type"].startswith("urn:credit-guard:problem:")
+    return body
+
+
+# -- CRUD ----------------------------------------------------------------------------------
+
+
+async def test_pricing_crud_round_trip(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    created = await client.post(PRICING, json={**NEW, "description": "Swap a face.", "is_active": False}, headers=ADMIN)
+    assert created.status_code == 201
+    body = created.json()
+    assert {k: body[k] for k in NEW} == NEW and body["description"] == "Swap a face." and body["is_active"] is False
+    assert created.headers["location"] == f"{PRICING}/{body['id']}"
+
+    fetched = await client.get(created.headers["location"], headers=ADMIN)
+    assert fetched.json() == body
+
+    patched = await client.patch(
+        f"{PRICING}/{body['id']}", json={"credits": 9, "is_active": True, "description": None}, headers=ADMIN
+    )
+    assert patched.status_code == 200
+    assert (patched.json()["credits"], patched.json()["is_active"], patched.json()["description"]) == (9, True, None)
+    # The write reached the guard's (cached) money path at once.
+    assert (await guard.get_feature_pricing("face_swap")).credits == 9  # type: ignore[union-attr]
+
+    listed = (await client.get(PRICING, headers=ADMIN)).json()
+    assert {p["feature_key"] for p in listed} == {*PRICES, "face_swap"}
+
+    deleted = await client.delete(f"{PRICING}/{body['id']}", headers=ADMIN)
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert_problem(await client.get(f"{PRICING}/{body['id']}", headers=ADMIN), 404)
+    assert await guard.get_feature_pricing("face_swap") is None
+
+
+async def test_list_filters_by_category_and_active(client: httpx.AsyncClient) -> None:
+    async def keys(**params: str) -> set[str]:
+        response = await client.get(PRICING, params=params, headers=ADMIN)
+        assert response.status_code == 200
+        return {p["feature_key"] for p in response.json()}
+
+    assert await keys(active="true") == {"seedream_text_to_image", "kling_image_to_video"}
+    assert await keys(active="false") == {"retired_feature"}
+    assert await keys(category="Video Generation") == {"kling_image_to_video"}
+    assert await keys(category="Advanced Tools", active="true") == set()
+
+
+async def test_bad_filters_are_422_naming_the_parameter(client: httpx.AsyncClient) -> None:
+    body = assert_problem(await client.get(PRICING, params={"active": "yes", "category": " "}, headers=ADMIN), 422)
+    assert set(body["errors"]) == {"active", "category"}
+
+
+# -- public pricing --------------------------------------------------------------------------
+
+
+async def test_public_pricing_by_key_shows_public_fields_only(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/features/pricing", params={"key": "seedream_text_to_image"})  # no user at all
+    assert response.status_code == 200
+    assert response.json() == {
+        "feature_key": "seedream_text_to_image",
+        "feature_name": "SeeDream Text to Image",
+        "category": "Image Generation",
+        "credits": 5,
+        "description": None,
+    }
+    assert "max-age" in response.headers["cache-control"]
+
+
+@pytest.mark.parametrize("key", ["retired_feature", "no_such_feature", "NOT A KEY", "x" * 500])
+async def test_public_pricing_is_404_for_inactive_unknown_and_malformed_keys(
+    client: httpx.AsyncClient, key: str
+) -> None:
+    body = assert_problem(await client.get("/api/features/pricing", params={"key": key}), 404)
+    assert body["feature"] == key
+
+
+async def test_public_pricing_groups_active_features_by_category(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/features/pricing")
+    assert response.status_code == 200 and "max-age" in response.headers["cache-control"]
+    grouped = {g["category"]: [f["feature_key"] for f in g["features"]] for g in response.json()["categories"]}
+    assert grouped == {"Image Generation": ["seedream_text_to_image"], "Video Generation": ["kling_image_to_video"]}
+    assert all(set(f) == {"feature_key", "feature_name", "category", "credits", "description"}
+               for g in response.json()["categories"] for f in g["features"])  # fmt: skip
+
+
+async def test_public_pricing_empty_key_is_422(client: httpx.AsyncClient) -> None:
+    assert "key" in assert_problem(await client.get("/api/features/pricing?key="), 422)["errors"]
+
+
+async def test_parameters_the_database_cannot_store_are_422_not_an_outage(client: httpx.AsyncClient) -> None:
+    nul = "%00"
+    assert "category" in assert_problem(await client.get(f"{PRICING}?category=a{nul}", headers=ADMIN), 422)["errors"]
+    assert "org" in assert_problem(await client.get(f"/api/admin/usage?org=a{nul}", headers=ADMIN), 422)["errors"]
+    item = assert_problem(await client.delete(f"{PRICING}/a{nul}", headers=ADMIN), 422)
+    assert "pricing_id" in item["errors"]
+
+
+# -- usage -----------------------------------------------------------------------------------
+
+
+async def test_usage_report_matches_the_ledger(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    await guard.grant_credits("org_a", 100)
+    await guard.grant_credits("org_b", 100)
+    first = await guard.deduct_credits("org_a", "seedream_text_to_image")
+    await guard.deduct_credits("org_a", "seedream_text_to_image")
+    await guard.deduct_credits("org_a", "kling_image_to_video")
+    await guard.deduct_credits("org_b", "seedream_text_to_image")
+    await guard.refund_credits(first.charge_id)  # type: ignore[arg-type]
+
+    expected: dict[str, dict[str, int]] = {}
+    for row in await ledger_rows(guard):
+        if row["kind"] == "grant":
+            continue
+        totals = expected.setdefault(str(row["feature_key"]), dict.fromkeys(("charged", "refunded", "net"), 0))
+        amount = int(row["amount"])  # type: ignore[call-overload]
+        totals["charged" if row["kind"] == "charge" else "refunded"] += abs(amount)
+        totals["net"] -= amount
+    response = await client.get("/api/admin/usage", params={"group_by": "feature"}, headers=ADMIN)
+    assert response.status_code == 200 and response.json()["group_by"] == "feature"
+    got = {
+        r["key"]: {"charged": r["credits_charged"], "refunded": r["credits_refunded"], "net": r["net_credits"]}
+        for r in response.json()["rows"]
+    }
+    assert (
+        got
+        == expected
+        == {
+            "seedream_text_to_image": {"charged": 15, "refunded": 5, "net": 10},
+            "kling_image_to_video": {"charged": 20, "refunded": 0, "net": 20},
+        }
+    )
+
+    by_org = await client.get(
+        "/api/admin/usage", params={"group_by": "org", "feature": "seedream_text_to_image"}, headers=ADMIN
+    )
+    assert {r["key"]: r["net_credits"] for r in by_org.json()["rows"]} == {"org_a": 5, "org_b": 5}
+    [day] = (
+        await client.get("/api/admin/usage", params={"org": "org_a", "since": "2000-01-01"}, headers=ADMIN)
+    ).json()["rows"]
+    assert (day["charges"], day["credits_charged"], day["refunds"]) == (3, 30, 1)
+    future = await client.get("/api/admin/usage", params={"since": "2999-01-01T00:00:00Z"}, headers=ADMIN)
+    assert future.json()["rows"] == []
+    past = await client.get("/api/admin/usage", params={"until": "2000-01-01T00:00:00+02:00"}, headers=ADMIN)
+    assert past.json()["rows"] == []
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"since": "yesterday"}, "since"),
+        ({"until": "2025-13-45"}, "until"),
+        ({"group_by": "week"}, "group_by"),
+        ({"since": ""}, "since"),
+    ],
+)
+async def test_usage_rejects_bad_parameters_naming_them(
+    client: httpx.AsyncClient, params: dict[str, str], field: str
+) -> None:
+    body = assert_problem(await client.get("/api/admin/usage", params=params, headers=ADMIN), 422)
+    assert list(body["errors"]) == [field]
+
+
+# -- who may -----------------------------------------------------------------------------------
+
+
+ADMIN_ROUTES = [
+    ("GET", PRICING),
+    ("POST", PRICING),
+    ("GET", f"{PRICING}/some-id"),
+    ("PATCH", f"{PRICING}/some-id"),
+    ("DELETE", f"{PRICING}/some-id"),
+    ("GET", "/api/admin/usage"),
+    *([("GET", "/admin/feature-pricing")] if HAS_PAGE else []),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_ROUTES)
+async def test_admin_routes_refuse_anonymous_401_and_non_admins_403(
+    client: httpx.AsyncClient, guard: CreditGuard, method: str, path: str
+) -> None:
+    before = await snapshot(guard)
+    kwargs: dict[str, Any] = {"json": NEW} if method in ("POST", "PATCH") else {}
+    assert_problem(await client.request(method, path, **kwargs), 401)
+    assert_problem(await client.request(method, path, headers=MEMBER, **kwargs), 403)
+    # Only exactly True counts: a truthy string is not an admin flag.
+    assert_problem(await client.request(method, path, headers={"x-user": "truthy-string"}, **kwargs), 403)
+    assert await snapshot(guard) == before
+
+
+async def test_user_may_be_an_object_and_is_admin_may_be_async(guard: CreditGuard) -> None:
+    async with client_for(admin_app(guard)) as c:
+        assert (await c.get(PRICING, headers={"x-user": "object-admin"})).status_code == 200
+
+    async def only_bearer(request: Request) -> bool | None:
+        token = request.headers.get("authorization")
+        return None if token is None else token == "Bearer root"
+
+    async with client_for(admin_app(guard, is_admin=only_bearer)) as c:
+        assert (await c.get(PRICING, headers={"authorization": "Bearer root"})).status_code == 200
+        assert_problem(await c.get(PRICING, headers={"authorization": "Bearer guest"}), 403)
+        assert_problem(await c.get(PRICING, headers=ADMIN), 401)  # the default rule is replaced, not added to
+
+
+# -- validation, and nothing written on a refusal --------------------------------------------
+
+
+async def test_bodies_that_are_not_json_objects_are_400_or_415(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    before = await snapshot(guard)
+    target = f"{PRICING}/{await id_of(guard, 'seedream_text_to_image')}"
+    for method, path in (("POST", PRICING), ("PATCH", target)):
+        json_header = {**ADMIN, "content-type": "application/json"}
+        malformed = assert_problem(await client.request(method, path, content=b"{not json", headers=json_header), 400)
+        assert "body" in malformed["errors"]
+        array = assert_problem(await client.request(method, path, content=b"[1, 2]", headers=json_header), 400)
+        assert array["errors"] == {"body": "must be a JSON object"}
+        form = await client.request(method, path, data={"credits": "1"}, headers=ADMIN)
+        assert "content-type" in assert_problem(form, 415)["errors"]
+    assert await snapshot(guard) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, {"feature_key", "feature_name", "category", "credits"}),
+        ({**NEW, "feature_key": "Face Swap!", "credits": -1}, {"feature_key", "credits"}),
+        ({**NEW, "credits": CREDITS_MAX + 1, "feature_name": "   "}, {"credits", "feature_name"}),
+        ({**NEW, "credits": "8"}, {"credits"}),
+        ({**NEW, "credits": True}, {"credits"}),
+        ({**NEW, "price": 8, "category": "x" * 101}, {"price", "category"}),
+        ({**NEW, "description": "x" * 2001, "is_active": "yes"}, {"description", "is_active"}),
+        # Text PostgreSQL cannot store must be a 422, not an "outage" 503.
+        ({**NEW, "feature_name": "a\x00b", "description": "\ud800"}, {"feature_name", "description"}),
+    ],
+)
+async def test_invalid_create_is_422_naming_each_field_and_writes_nothing(
+    client: httpx.AsyncClient, guard: CreditGuard, body: dict[str, Any], fields: set[str]
+) -> None:
+    before = await snapshot(guard)
+    raw = json.dumps(body).encode()  # by hand: httpx cannot encode a lone surrogate, JSON's "\\ud800" can
+    sent = await client.post(PRICING, content=raw, headers={**ADMIN, "content-type": "application/json"})
+    problem = assert_problem(sent, 422)
+    assert set(problem["errors"]) == fields
+    assert await snapshot(guard) == before
+
+
+async def test_invalid_update_is_422_and_changes_no_field(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    before = await snapshot(guard)
+    target = f"{PRICING}/{await id_of(guard, 'seedream_text_to_image')}"
+    # One good field next to bad ones: the good one must not land either.
+    problem = assert_problem(
+        await client.patch(target, json={"credits": 50, "feature_key": None, "pricing_id": "x"}, headers=ADMIN), 422
+    )
+    assert set(problem["errors"]) == {"feature_key", "pricing_id"}
+    assert await snapshot(guard) == before
+    assert (await guard.get_feature_pricing("seedream_text_to_image")).credits == 5  # type: ignore[union-attr]
+
+
+async def test_duplicate_key_is_409_on_create_and_on_rename(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    before = await snapshot(guard)
+    dup = {**NEW, "feature_key": "kling_image_to_video"}
+    assert assert_problem(await client.post(PRICING, json=dup, headers=ADMIN), 409)["feature"] == "kling_image_to_video"
+    target = f"{PRICING}/{await id_of(guard, 'seedream_text_to_image')}"
+    rename = await client.patch(target, json={"feature_key": "kling_image_to_video", "credits": 1}, headers=ADMIN)
+    assert "feature_key" in assert_problem(rename, 409)["errors"]
+    assert await snapshot(guard) == before
+
+
+async def test_unknown_id_is_404_everywhere(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    before = await snapshot(guard)
+    missing = f"{PRICING}/00000000-0000-0000-0000-000000000000"
+    for response in (
+        await client.get(missing, headers=ADMIN),
+        await client.patch(missing, json={"credits": 1}, headers=ADMIN),
+        await client.delete(missing, headers=ADMIN),
+    ):
+        assert assert_problem(response, 404)["id"] == "00000000-0000-0000-0000-000000000000"
+    assert await snapshot(guard) == before
+
+
+async def test_storage_down_is_503_with_retry_after(db_url: str, tmp_path: Any) -> None:
+    down = (
+        f"sqlite+aiosqlite:///{tmp_path}/missing-dir/credits.db"
+        if db_url.startswith("sqlite")
+        else "postgresql+asyncpg://postgres@127.0.0.1:9/nowhere"
+    )
+    async with CreditGuard(down, timeout=2, retry_after=7) as broken, client_for(admin_app(broken)) as c:
+        for response in (
+            await c.get(PRICING, headers=ADMIN),
+            await c.post(PRICING, json=NEW, headers=ADMIN),
+            await c.get("/api/features/pricing", params={"key": "seedream_text_to_image"}),
+        ):
+            assert assert_problem(response, 503)
+            assert response.headers["retry-after"] == "7"
+
+
+# -- mounting ----------------------------------------------------------------------------------
+
+
+async def test_mounted_under_a_tenant_prefix_with_the_host_apps_guard(guard: CreditGuard) -> None:
+    host = Starlette(routes=[Mount("/{tenant}", admin_app())])
+    host.state.credit_guard = guard
+    async with client_for(host) as c:
+        created = await c.post(f"/acme{PRICING}", json=NEW, headers=ADMIN)
+        assert created.status_code == 201
+        assert created.headers["location"].startswith(f"/acme{PRICING}/")
+        assert (await c.get(created.headers["location"], headers=ADMIN)).json()["feature_key"] == "face_swap"
+        assert (await c.get("/acme/api/features/pricing", params={"key": "face_swap"})).json()["credits"] == 8
+        assert (await c.get("/acme/openapi.json")).json()["servers"] == [{"url": "/acme"}]
+        if HAS_PAGE:
+            assert (await c.get("/acme/admin/feature-pricing", headers=ADMIN)).status_code == 200
+
+
+async def test_mounted_in_fastapi_next_to_its_routes(guard: CreditGuard) -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/items/{item_id}")
+    async def item(item_id: int) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    app.mount("/", admin_app(openapi_path="/api/admin/openapi.json"))
+    app.state.credit_guard = guard
+    async with client_for(app) as c:
+        assert (await c.get("/v1/items/3")).json() == {"item_id": 3}
+        assert (await c.post(PRICING, json=NEW, headers=ADMIN)).status_code == 201
+        assert len((await c.get(PRICING, headers=ADMIN)).json()) == len(PRICES) + 1
+        assert_problem(await c.get(PRICING, headers=MEMBER), 403)
+        assert (await c.get("/api/admin/openapi.json")).json()["info"]["title"].startswith("credit_guard")
+        assert "/v1/items/{item_id}" in (await c.get("/openapi.json")).json()["paths"]  # FastAPI's own, untouched
+
+
+async def test_mounted_in_litestar_under_a_router_prefix(guard: CreditGuard) -> None:
+    from typing import Annotated
+
+    from litestar import Litestar, Router, get
+    from litestar.params import Parameter
+
+    from credit_guard.admin.litestar import admin_handlers
+
+    @get("/v1/items/{item_id:int}")
+    async def item(item_id: Annotated[int, Parameter()]) -> dict[str, int]:
+        return {"item_id": item_id}
+
+    app = Litestar([item, Router("/acme", route_handlers=admin_handlers())])
+    app.state.credit_guard = guard
+    async with client_for(app) as c:
+        assert (await c.get("/v1/items/3")).json() == {"item_id": 3}
+        created = await c.post(f"/acme{PRICING}", json=NEW, headers=ADMIN)
+        assert created.status_code == 201 and created.headers["location"].startswith(f"/acme{PRICING}/")
+        assert (await c.patch(created.headers["location"], json={"credits": 2}, headers=ADMIN)).json()["credits"] == 2
+        assert (await c.get("/acme/api/features/pricing", params={"key": "face_swap"})).json()["credits"] == 2
+        assert_problem(await c.get(f"/acme{PRICING}"), 401)
+        assert (await c.get("/acme/openapi.json")).json()["servers"] == [{"url": "/acme"}]
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+
+async def test_openapi_document_is_valid_and_describes_every_route(client: httpx.AsyncClient) -> None:
+    from openapi_spec_validator import validate
+
+    served = (await client.get("/openapi.json")).json()
+    validate(served)
+    documented = {
+        (path, method.upper()) for path, item in served["paths"].items() for method in item if method != "parameters"
+    }
+    routed = {(path.replace("/some-id", "/{pricing_id}"), method) for method, path in ADMIN_ROUTES}
+    assert documented == routed | {("/api/features/pricing", "GET")}
+    create = served["components"]["schemas"]["FeaturePricingCreate"]
+    assert create["properties"]["credits"]["maximum"] == CREDITS_MAX and create["additionalProperties"] is False
+    validate(openapi_document(include_page=False))
+
+
+# -- the example apps --------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["fastapi_app", "litestar_app"])
+def example(request: pytest.FixtureRequest, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    async def reset() -> None:
+        async with CreditGuard(db_url) as g:
+            await g.create_schema()
+            if g.engine.dialect.name == "postgresql":
+                await reset_postgres(g)
+
+    anyio.run(reset)
+    monkeypatch.setenv("CREDIT_GUARD_DATABASE_URL", db_url)
+    module: Any = importlib.reload(importlib.import_module(f"examples.{request.param}.app"))
+    with TestClient(module.app) as c:
+        yield c
+
+
+def test_example_apps_serve_the_admin_api_to_the_demo_admin(example: TestClient) -> None:
+    listed = example.get(PRICING, headers={"X-API-Key": "demo-key-admin"})
+    assert listed.status_code == 200 and "seedream_text_to_image" in {p["feature_key"] for p in listed.json()}
+    assert example.get(PRICING, headers={"X-API-Key": "demo-key-rich"}).status_code == 403
+    assert example.get(PRICING).status_code == 401
+    public = example.get("/api/features/pricing", params={"key": "seedream_text_to_image"})
+    assert public.json()["credits"] == 5
+    # The guarded API next to it still works.
+    assert example.post("/v1/images", json={"prompt": "x"}, headers={"X-API-Key": "demo-key-rich"}).status_code in (
+        200,
+        201,
+    )
