@@ -13,6 +13,7 @@ re-checks ``balance >= cost`` against the committed row, so no interleaving over
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -57,6 +58,13 @@ def asyncpg_dsn(url: str | URL) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Used as the pool's ``reset``: asyncpg's default sends ``RESET ALL; UNLISTEN *; ...``
+    on every release, a second round trip per deduction (measured: 2.00 -> 1.00 per
+    request). The pool's connections run only this module's statements, which leave no
+    session state behind; asyncpg still rolls back an open transaction before calling this."""
+
+
 class PgCharger:
     """Owns the asyncpg pool; the pool is opened on first use so constructors stay sync."""
 
@@ -65,7 +73,13 @@ class PgCharger:
         self._pool: asyncpg.Pool | None = None
         self._lock = anyio.Lock()
         self._timeout = timeout
-        self._pool_kwargs = {"min_size": 1, "max_size": pool_size, "command_timeout": timeout, **pool_kwargs}
+        self._pool_kwargs = {
+            "min_size": 1,
+            "max_size": pool_size,
+            "command_timeout": timeout,
+            "reset": _keep_session,
+            **pool_kwargs,
+        }
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is not None:
@@ -88,8 +102,12 @@ class PgCharger:
     ) -> tuple[int | None, int]:
         """Same contract as ``SqlStore.deduct``: (charge_id, balance_after) or (None, available)."""
         try:
-            pool = await self._get_pool()
-            async with pool.acquire(timeout=self._timeout) as conn:
+            pool = self._pool if self._pool is not None else await self._get_pool()
+            # asyncio.timeout rather than acquire(timeout=): before Python 3.12 asyncpg
+            # implements the latter with asyncio.wait_for, which creates a Task per call.
+            async with asyncio.timeout(self._timeout):
+                conn = await pool.acquire()
+            try:
                 row = await conn.fetchrow(
                     _DEDUCT, organization_id, credits, feature_key, user_id, request_method, request_path
                 )
@@ -103,6 +121,8 @@ class PgCharger:
                     # a racing charge; read the committed balance so a 402 never says "enough".
                     available = int(await conn.fetchval(_BALANCE, organization_id) or 0)
                 return None, available
+            finally:
+                await pool.release(conn)
         except _UNAVAILABLE as exc:
             log.error("credit_guard: PostgreSQL deduction failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc

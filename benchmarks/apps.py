@@ -1,0 +1,253 @@
+"""The benchmark's variant apps: the same trivial handler, with and without credit logic.
+
+``run.py`` starts each one as ``uvicorn benchmarks.apps:create_app --factory`` with
+``BENCH_APP`` naming the variant. Every app has the same two routes (``POST /work`` and
+``POST /free``, the same handler), the same org-from-header middleware, and is plain
+Starlette, so the only thing that differs between variants is the credit logic:
+
+* ``plain``       no credit logic at all;
+* ``limit``       one hand-written asyncpg statement on its own pool: the floor any library pays;
+* ``naive``       the seed's pattern ported to SQLAlchemy: read price, read balance, update, insert;
+* ``decorator``   ``@requires_credits`` on PostgreSQL;
+* ``middleware``  ``CreditGuardMiddleware`` on PostgreSQL (``/free`` is its unguarded route);
+* ``sqlite``      ``@requires_credits`` on SQLite.
+
+``BENCH_COUNT=1`` adds ``GET /_bench/stats`` with the statements SQLAlchemy ran, for the
+SQLite round-trip count (PostgreSQL's are counted on the wire by ``run.py``'s proxy).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from sqlalchemy import and_, event, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from credit_guard import HEADER_CHARGED, HEADER_REMAINING, CreditGuard, CreditGuardMiddleware, requires_credits
+from credit_guard.pgcharge import asyncpg_dsn
+from credit_guard.schema import accounts, feature_pricing, ledger
+
+FEATURE = "bench_feature"
+ORG_HEADER = b"x-org"
+POOL_SIZE = 10  # the same for every variant that has a pool (CreditGuard's pg_pool_size default)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class OrgFromHeader:
+    """Puts the ``X-Org`` header on request state, as an app's auth middleware would.
+
+    Every variant has it (even ``plain``), so its cost is in every number alike.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == ORG_HEADER:
+                    scope.setdefault("state", {})["organization_id"] = value.decode()
+                    break
+        await self.app(scope, receive, send)
+
+
+async def work(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def health(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+def _app(handler: Handler, *, lifespan: Any = None, extra: list[Route] | None = None) -> Starlette:
+    routes = [
+        Route("/work", handler, methods=["POST"]),
+        Route("/free", work, methods=["POST"]),
+        Route("/health", health),
+        *(extra or []),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _org(request: Request) -> str | None:
+    org = request.scope.get("state", {}).get("organization_id")
+    return str(org) if org else None
+
+
+def _payment_required(available: int) -> Response:
+    return JSONResponse({"detail": "insufficient credits", "available": available}, status_code=402)
+
+
+# -- 2. the limit: one statement, own pool --------------------------------------------------
+
+LIMIT_SQL = f"""
+WITH debit AS (
+    UPDATE {accounts.name} SET balance = balance - $2::bigint, updated_at = now()
+     WHERE organization_id = $1 AND balance >= $2::bigint
+ RETURNING balance
+)
+INSERT INTO {ledger.name}
+       (organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
+SELECT $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6 FROM debit
+RETURNING id, balance_after
+"""
+LIMIT_PRICE = 1  # a perfect library knows the price without asking (a warm cache)
+
+
+async def _no_reset(conn: Any) -> None:
+    """The statement leaves no session state behind, so the pool's reset query
+    (``RESET ALL; UNLISTEN *; ...``, one more round trip per release) is not needed."""
+
+
+def limit_app(pg_url: str) -> ASGIApp:
+    pool: dict[str, asyncpg.Pool] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool["pg"] = await asyncpg.create_pool(asyncpg_dsn(pg_url), min_size=1, max_size=POOL_SIZE, reset=_no_reset)
+        yield
+        await pool["pg"].close()
+
+    async def charged(request: Request) -> Response:
+        org = _org(request)
+        if org is None:
+            return PlainTextResponse("no organization", status_code=401)
+        async with pool["pg"].acquire() as conn:
+            row = await conn.fetchrow(LIMIT_SQL, org, LIMIT_PRICE, FEATURE, None, request.method, request.url.path)
+        if row is None:
+            return _payment_required(0)
+        return PlainTextResponse(
+            "ok", headers={HEADER_CHARGED: str(LIMIT_PRICE), HEADER_REMAINING: str(row["balance_after"])}
+        )
+
+    return OrgFromHeader(_app(charged, lifespan=lifespan))
+
+
+# -- 3. the naive port: the seed's deductCredits in SQLAlchemy, no cache ---------------------
+
+
+def naive_app(pg_url: str) -> ASGIApp:
+    engine: AsyncEngine = create_async_engine(pg_url, pool_size=POOL_SIZE, max_overflow=0)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    async def charged(request: Request) -> Response:
+        org = _org(request)
+        if org is None:
+            return PlainTextResponse("no organization", status_code=401)
+        async with engine.begin() as conn:
+            price = await conn.scalar(
+                select(feature_pricing.c.credits).where(
+                    and_(feature_pricing.c.feature_key == FEATURE, feature_pricing.c.is_active.is_(True))
+                )
+            )
+            if price is None:
+                return PlainTextResponse("feature not found", status_code=404)
+            balance = await conn.scalar(select(accounts.c.balance).where(accounts.c.organization_id == org))
+            if balance is None or balance < price:
+                return _payment_required(int(balance or 0))
+            remaining = await conn.scalar(
+                update(accounts)
+                .where(accounts.c.organization_id == org)
+                .values(balance=accounts.c.balance - price)
+                .returning(accounts.c.balance)
+            )
+            await conn.execute(
+                insert(ledger).values(
+                    organization_id=org,
+                    kind="charge",
+                    amount=-price,
+                    balance_after=remaining,
+                    feature_key=FEATURE,
+                    request_method=request.method,
+                    request_path=request.url.path,
+                )
+            )
+        return PlainTextResponse("ok", headers={HEADER_CHARGED: str(price), HEADER_REMAINING: str(remaining)})
+
+    return OrgFromHeader(_app(charged, lifespan=lifespan))
+
+
+# -- 4, 5, 6. credit_guard ----------------------------------------------------------------
+
+
+def _guard_lifespan(guard: CreditGuard) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.credit_guard = guard
+        yield
+        await guard.close()
+
+    return lifespan
+
+
+def _statement_counter(guard: CreditGuard) -> Route:
+    """Counts what SQLAlchemy sends (statements, commits, rollbacks): SQLite has no wire."""
+    counts = {"statements": 0}
+
+    def count(*_: Any, **__: Any) -> None:
+        counts["statements"] += 1
+
+    sync_engine = guard.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", count)
+    event.listen(sync_engine, "commit", count)
+    event.listen(sync_engine, "rollback", count)
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(counts)
+
+    return Route("/_bench/stats", stats)
+
+
+def decorator_app(database_url: str, *, count: bool = False) -> ASGIApp:
+    guard = CreditGuard(database_url, pg_pool_size=POOL_SIZE)
+
+    @requires_credits(FEATURE, guard=guard)
+    async def charged(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    extra = [_statement_counter(guard)] if count else []
+    return OrgFromHeader(_app(charged, lifespan=_guard_lifespan(guard), extra=extra))
+
+
+def middleware_app(database_url: str) -> ASGIApp:
+    guard = CreditGuard(database_url, pg_pool_size=POOL_SIZE)
+    inner = _app(work, lifespan=_guard_lifespan(guard))
+    return OrgFromHeader(CreditGuardMiddleware(inner, guard=guard, rules={"POST /work": FEATURE}))
+
+
+def plain_app() -> ASGIApp:
+    return OrgFromHeader(_app(work))
+
+
+def create_app() -> ASGIApp:
+    """The uvicorn factory: ``BENCH_APP`` names the variant, ``BENCH_PG_URL`` /
+    ``BENCH_SQLITE_URL`` the databases ``run.py`` prepared."""
+    name = os.environ["BENCH_APP"]
+    pg_url = os.environ.get("BENCH_PG_URL", "")
+    if name == "plain":
+        return plain_app()
+    if name == "limit":
+        return limit_app(pg_url)
+    if name == "naive":
+        return naive_app(pg_url)
+    if name == "decorator":
+        return decorator_app(pg_url)
+    if name == "middleware":
+        return middleware_app(pg_url)
+    if name == "sqlite":
+        return decorator_app(os.environ["BENCH_SQLITE_URL"], count=os.environ.get("BENCH_COUNT") == "1")
+    raise SystemExit(f"unknown BENCH_APP {name!r}")

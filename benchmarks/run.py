@@ -1,0 +1,660 @@
+"""Benchmark credit_guard against no credit logic, the physical limit and a naive port, in one run.
+
+    .venv/bin/python benchmarks/run.py                 # the full run (about 4 minutes on 2 cores)
+    .venv/bin/python benchmarks/run.py --quick         # CI: everything runs once, a second per variant
+    .venv/bin/python benchmarks/run.py --memory        # RSS after 20,000 and 200,000 guarded requests
+
+Each variant app (``benchmarks/apps.py``) runs under uvicorn, one worker, on loopback; wrk
+drives it from its own process with ``orgs.lua`` (1,000 funded accounts, org per request
+in a header). Variants are measured in alternating rounds and each number is the median
+of its rounds, so every ratio comes from the same run on the same (shared, noisy) machine.
+
+Round trips are counted on the wire: the PostgreSQL-backed apps are started a second time
+behind a proxy that reads the PostgreSQL protocol and counts every Sync and simple Query
+(each one is a wait for the server), and which statements touched the pricing table.
+
+THE DATABASE IS WIPED: point ``--pg-url`` (or $CREDIT_GUARD_BENCH_POSTGRES_URL) at a
+database of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "src")]
+
+import httpx  # noqa: E402
+from sqlalchemy import func, insert, select, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from benchmarks.apps import FEATURE, ORG_HEADER  # noqa: E402
+from credit_guard import CreditGuard  # noqa: E402
+from credit_guard.schema import accounts, ledger  # noqa: E402
+
+LUA = Path(__file__).resolve().parent / "orgs.lua"
+ACCOUNTS = 1000
+FUNDING = 10**12  # no 402 can happen during the run
+HOT_ORG = "hot"
+DRAIN_ORG = "drain"
+DRAIN_BUDGET = 500  # credits (= charges at price 1) the drain test may take, and not one more
+DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/credit_guard_bench"
+
+
+@dataclass(frozen=True)
+class Variant:
+    number: int
+    name: str
+    app: str  # which app in apps.py serves it
+    path: str = "/work"
+    hot: bool = False  # every request pays with the one org HOT_ORG
+    guarded: bool = True
+
+
+VARIANTS = [
+    Variant(1, "no credit logic", "plain", guarded=False),
+    Variant(2, "limit: 1 hand-written asyncpg stmt", "limit"),
+    Variant(3, "naive SQLAlchemy port (seed pattern)", "naive"),
+    Variant(4, "credit_guard decorator, PostgreSQL", "decorator"),
+    Variant(5, "credit_guard middleware, PostgreSQL", "middleware"),
+    Variant(6, "credit_guard decorator, SQLite", "sqlite"),
+    Variant(7, "unguarded route under the middleware", "middleware", path="/free", guarded=False),
+    Variant(8, "hot row: one account, middleware, PG", "middleware", hot=True),
+]
+
+# (numerator, denominator, minimum, what it says)
+TARGETS = [
+    (4, 2, 0.85, "decorator vs the limit"),
+    (5, 2, 0.85, "middleware vs the limit"),
+    (4, 3, 3.0, "decorator vs the naive port"),
+    (7, 1, 0.95, "pass-through vs no middleware"),
+]
+
+
+@dataclass
+class Settings:
+    pg_url: str
+    duration: int
+    warmup: int
+    rounds: int
+    connections: int
+    hot_connections: int
+    count_requests: int
+    quick: bool
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int
+    socket_errors: int
+
+
+@dataclass
+class Row:
+    variant: Variant
+    samples: list[Sample] = field(default_factory=list)
+    round_trips: str = "-"
+    pricing_reads: str = "-"
+
+    def median(self, attr: str) -> float:
+        return float(statistics.median(getattr(s, attr) for s in self.samples))
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class App:
+    """One uvicorn process serving one variant app (one worker, loopback)."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "benchmarks.apps:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}", "BENCH_APP": name, **env},
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app {self.name} exited with {self.proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"app {self.name} did not start within {timeout}s")
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_apps(apps: dict[str, dict[str, str]]) -> dict[str, App]:
+    started: dict[str, App] = {}
+    try:
+        for name, env in apps.items():
+            started[name] = App(name, env)
+        for app in started.values():
+            app.wait_ready()
+    except BaseException:
+        stop_apps(started)
+        raise
+    return started
+
+
+def stop_apps(started: dict[str, App]) -> None:
+    for app in started.values():
+        app.stop()
+
+
+@contextlib.contextmanager
+def running(apps: dict[str, dict[str, str]]) -> Iterator[dict[str, App]]:
+    started = start_apps(apps)
+    try:
+        yield started
+    finally:
+        stop_apps(started)
+
+
+def ensure_wrk() -> str:
+    """wrk's path, installing Debian's package first if it is missing (needs root)."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        print("wrk not found: installing it with apt-get", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False)
+        found = shutil.which("wrk")
+    if not found:
+        print("wrk is not installed and could not be installed: apt-get install -y wrk", file=sys.stderr)
+        raise SystemExit(3)
+    return found
+
+
+def run_wrk(url: str, *, connections: int, seconds: int, org_args: Sequence[str]) -> Sample:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA), url, "--", *org_args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    return Sample(
+        rps=data["requests"] / (data["duration_us"] / 1e6),
+        p50_ms=data["p50_us"] / 1000,
+        p99_ms=data["p99_us"] / 1000,
+        requests=data["requests"],
+        non2xx=data["non2xx"],
+        socket_errors=data["socket_errors"],
+    )
+
+
+def org_args(variant: Variant) -> list[str]:
+    return ["fixed", HOT_ORG] if variant.hot else ["rotate", str(ACCOUNTS)]
+
+
+# -- database -------------------------------------------------------------------------------
+
+
+async def prepare(url: str) -> None:
+    """Empty credit_guard's tables, price the feature at 1 credit, fund the accounts."""
+    async with CreditGuard(url) as guard:
+        await guard.create_schema()
+        async with guard.engine.begin() as conn:
+            if guard.engine.dialect.name == "postgresql":
+                await conn.execute(
+                    text("TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing")
+                )
+            else:
+                for table in ("credit_guard_ledger", "credit_guard_accounts", "credit_guard_feature_pricing"):
+                    await conn.execute(text(f"DELETE FROM {table}"))
+        await guard.create_pricing(feature_key=FEATURE, feature_name="Benchmark", category="Benchmark", credits=1)
+        orgs = [f"org-{i}" for i in range(ACCOUNTS)] + [HOT_ORG]
+        async with guard.engine.begin() as conn:
+            await conn.execute(insert(accounts), [{"organization_id": org, "balance": FUNDING} for org in orgs])
+            await conn.execute(
+                insert(ledger),
+                [
+                    {"organization_id": org, "kind": "grant", "amount": FUNDING, "balance_after": FUNDING}
+                    for org in orgs
+                ],
+            )
+        if guard.engine.dialect.name == "postgresql":
+            async with guard.engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text("VACUUM ANALYZE credit_guard_accounts"))
+
+
+@dataclass
+class Books:
+    balance: int
+    grants: int
+    charges: int
+    refunds: int
+    audit_issues: int
+
+    @property
+    def consistent(self) -> bool:
+        return (
+            self.balance >= 0 and self.audit_issues == 0 and self.balance == self.grants - self.charges + self.refunds
+        )
+
+
+async def books(url: str, org: str) -> Books:
+    async with CreditGuard(url) as guard:
+        balance = await guard.get_balance(org)
+        async with guard.engine.connect() as conn:
+            sums = dict(
+                (
+                    await conn.execute(
+                        select(ledger.c.kind, func.coalesce(func.sum(ledger.c.amount), 0))
+                        .where(ledger.c.organization_id == org)
+                        .group_by(ledger.c.kind)
+                    )
+                ).all()
+            )
+        issues = await guard.audit()
+    return Books(
+        balance, int(sums.get("grant", 0)), -int(sums.get("charge", 0)), int(sums.get("refund", 0)), len(issues)
+    )
+
+
+async def server_version(url: str) -> str:
+    async with CreditGuard(url) as guard, guard.engine.connect() as conn:
+        return str(await conn.scalar(text("SHOW server_version")))
+
+
+# -- round trips, counted on the wire --------------------------------------------------------
+
+
+class CountingProxy:
+    """A PostgreSQL proxy that counts what clients send.
+
+    A round trip is a Sync (end of an extended-protocol exchange) or a simple Query: the
+    client waits for ReadyForQuery after each. Statements are told apart by their text,
+    which the proxy remembers from each Parse for the Binds that reuse it by name.
+    """
+
+    SSL_REQUEST, GSS_REQUEST = 80877103, 80877104
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.round_trips = 0
+        self.pricing_reads = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> CountingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    def _statement(self, sql: str) -> None:
+        if "feature_pricing" in sql:
+            self.pricing_reads += 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def downstream() -> None:
+            with contextlib.suppress(Exception):
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        task = asyncio.create_task(downstream())
+        prepared: dict[bytes, str] = {}
+        current = ""
+        try:
+            while True:  # startup: untyped messages; refuse SSL/GSS so the rest is readable
+                head = await reader.readexactly(8)
+                length, code = struct.unpack("!ii", head)
+                body = await reader.readexactly(length - 8)
+                if code in (self.SSL_REQUEST, self.GSS_REQUEST):
+                    writer.write(b"N")
+                    await writer.drain()
+                    continue
+                up_writer.write(head + body)
+                break
+            while True:
+                kind = await reader.readexactly(1)
+                size = await reader.readexactly(4)
+                body = await reader.readexactly(struct.unpack("!i", size)[0] - 4)
+                if kind == b"P":
+                    name, _, rest = body.partition(b"\0")
+                    prepared[name] = rest.partition(b"\0")[0].decode()
+                elif kind == b"B":
+                    statement = body.partition(b"\0")[2].partition(b"\0")[0]
+                    current = prepared.get(statement, "")
+                elif kind == b"E":
+                    self._statement(current)
+                elif kind == b"S":
+                    self.round_trips += 1
+                elif kind == b"Q":
+                    self.round_trips += 1
+                    self._statement(body.decode(errors="replace"))
+                up_writer.write(kind + size + body)
+                await up_writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            up_writer.close()
+            await task
+
+
+async def drive(base: str, path: str, n: int, *, org: str | None = None, concurrency: int = 8) -> dict[int, int]:
+    """Send n requests (orgs rotating unless one is given); returns the count per status."""
+    statuses: dict[int, int] = {}
+    queue = iter(range(n))
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+
+        async def worker() -> None:
+            for i in queue:
+                response = await client.post(path, headers={ORG_HEADER.decode(): org or f"org-{i % ACCOUNTS}"})
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+async def count_round_trips(settings: Settings, sqlite_url: str, rows: dict[int, Row]) -> None:
+    n, warm = settings.count_requests, max(20, settings.count_requests // 5)
+    pg = make_url(settings.pg_url)
+    rows[1].round_trips, rows[1].pricing_reads = "0", "0"
+    async with CountingProxy(pg.host or "127.0.0.1", pg.port or 5432) as proxy:
+        proxied = pg.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        apps = {name: {"BENCH_PG_URL": proxied} for name in ("limit", "naive", "decorator", "middleware")}
+        apps["sqlite"] = {"BENCH_SQLITE_URL": sqlite_url, "BENCH_COUNT": "1"}
+        # Started from a thread: the proxy serving their connections runs on this loop.
+        started = await asyncio.to_thread(start_apps, apps)
+        try:
+            for variant in VARIANTS:
+                if variant.app == "plain":
+                    continue
+                app = started[variant.app]
+                org = HOT_ORG if variant.hot else None
+                await drive(app.base, variant.path, warm, org=org)  # pools filled, statements prepared, cache warm
+                if variant.app == "sqlite":
+                    async with httpx.AsyncClient() as client:
+                        before = (await client.get(f"{app.base}/_bench/stats")).json()["statements"]
+                        await drive(app.base, variant.path, n, org=org)
+                        after = (await client.get(f"{app.base}/_bench/stats")).json()["statements"]
+                    rows[variant.number].round_trips = f"{(after - before) / n:.2f} (stmts)"
+                    rows[variant.number].pricing_reads = "-"
+                    continue
+                trips, reads = proxy.round_trips, proxy.pricing_reads
+                await drive(app.base, variant.path, n, org=org)
+                rows[variant.number].round_trips = f"{(proxy.round_trips - trips) / n:.2f}"
+                rows[variant.number].pricing_reads = f"{(proxy.pricing_reads - reads) / n:.2f}"
+        finally:
+            await asyncio.to_thread(stop_apps, started)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln),
+        platform.processor() or "?",
+    )
+    mem = next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal"))
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    import uvicorn
+
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores, {int(mem) // 1024} MiB RAM",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "server": f"uvicorn {uvicorn.__version__} (1 worker, loop={loop}, http={http})",
+        "load generator": f"{wrk_version.strip()} (1 thread)",
+    }
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+# Pairs whose ratio is a target run back to back, so the shared machine's load drifts little between them.
+MEASURE_ORDER = [1, 7, 2, 4, 5, 3, 6, 8]
+
+
+def measure(settings: Settings, sqlite_url: str, rows: dict[int, Row]) -> None:
+    env = {"BENCH_PG_URL": settings.pg_url, "BENCH_SQLITE_URL": sqlite_url}
+    names = sorted({v.app for v in VARIANTS})
+    by_number = {v.number: v for v in VARIANTS}
+    with running(dict.fromkeys(names, env)) as apps:
+        for rnd in range(settings.rounds):
+            # Reverse the order every other round so no variant always runs first or last.
+            order = MEASURE_ORDER if rnd % 2 == 0 else MEASURE_ORDER[::-1]
+            for number in order:
+                variant = by_number[number]
+                url = apps[variant.app].base + variant.path
+                conns = settings.hot_connections if variant.hot else settings.connections
+                if rnd == 0:  # warm-up, not measured: pools filled, statements prepared, pricing cached
+                    run_wrk(url, connections=conns, seconds=settings.warmup, org_args=org_args(variant))
+                sample = run_wrk(url, connections=conns, seconds=settings.duration, org_args=org_args(variant))
+                rows[variant.number].samples.append(sample)
+                print(
+                    f"  round {rnd + 1}/{settings.rounds}  {variant.number}. {variant.name:<40} "
+                    f"{sample.rps:>8.0f} req/s  p99 {sample.p99_ms:6.1f} ms",
+                    flush=True,
+                )
+
+
+def drain_test(settings: Settings) -> tuple[Books, Sample]:
+    """64 connections on one account funded for DRAIN_BUDGET charges: exactly that many may pass."""
+
+    async def fund() -> None:
+        async with CreditGuard(settings.pg_url) as guard:
+            await guard.grant_credits(DRAIN_ORG, DRAIN_BUDGET, reason="benchmark drain test")
+
+    asyncio.run(fund())
+    with running({"middleware": {"BENCH_PG_URL": settings.pg_url}}) as apps:
+        sample = run_wrk(
+            apps["middleware"].base + "/work",
+            connections=settings.hot_connections,
+            seconds=2,
+            org_args=["fixed", DRAIN_ORG],
+        )
+    return asyncio.run(books(settings.pg_url, DRAIN_ORG)), sample
+
+
+def ratios(rows: dict[int, Row], a: int, b: int) -> list[float]:
+    return [x.rps / y.rps for x, y in zip(rows[a].samples, rows[b].samples, strict=True)]
+
+
+def ratio(rows: dict[int, Row], a: int, b: int) -> float:
+    """The median of the per-round ratios: each round's pair ran seconds apart, under the same load."""
+    return statistics.median(ratios(rows, a, b))
+
+
+def spread(rows: dict[int, Row], a: int, b: int) -> str:
+    values = ratios(rows, a, b)
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+def report(settings: Settings, rows: dict[int, Row], info: dict[str, str], hot: Books, drain: Books) -> bool:
+    print()
+    for key, fact in info.items():
+        print(f"- {key}: {fact}")
+    print()
+    print("| # | variant | req/s | p50 ms | p99 ms | DB round trips / req | pricing reads / req | non-2xx |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows.values():
+        v = row.variant
+        conns = settings.hot_connections if v.hot else settings.connections
+        non2xx = sum(s.non2xx + s.socket_errors for s in row.samples)
+        print(
+            f"| {v.number} | {v.name} ({conns} conns) | {row.median('rps'):,.0f} | {row.median('p50_ms'):.2f} | "
+            f"{row.median('p99_ms'):.2f} | {row.round_trips} | {row.pricing_reads} | {non2xx} |"
+        )
+    print()
+    print("| ratio (median of per-round ratios) | value | rounds' range | target | |")
+    print("|---|---:|---:|---:|---|")
+    for a, b, minimum, label in TARGETS:
+        value = ratio(rows, a, b)
+        verdict = "met" if value >= minimum else "MISSED"
+        print(f"| {a}/{b} {label} | {value:.2f} | {spread(rows, a, b)} | >= {minimum} | {verdict} |")
+    for a, b, label in ((8, 5, "hot row vs 1,000 accounts"), (6, 4, "SQLite vs PostgreSQL")):
+        print(f"| {a}/{b} {label} | {ratio(rows, a, b):.2f} | {spread(rows, a, b)} | - | |")
+    print()
+    ok = True
+    for name, acct in (("hot row (8)", hot), ("drain: 64 conns on one account", drain)):
+        books_ok = "no overdraft" if acct.consistent else "OVERDRAFT OR BOOKS DO NOT BALANCE"
+        ok = ok and acct.consistent
+        print(
+            f"{name}: balance {acct.balance:,} = grants {acct.grants:,} - charges {acct.charges:,} "
+            f"+ refunds {acct.refunds:,}; audit issues {acct.audit_issues}: {books_ok}"
+        )
+    if drain.charges != DRAIN_BUDGET or drain.balance != 0:
+        ok = False
+        print(f"drain: expected exactly {DRAIN_BUDGET} charges and balance 0: OVERDRAFT CHECK FAILED")
+    print("VARIANT 8 NO OVERDRAFT: " + ("yes" if ok else "NO"))
+    return ok
+
+
+def memory_mode(settings: Settings) -> None:
+    """RSS of the uvicorn process after 20,000 and after 200,000 guarded requests."""
+    checkpoints = (20_000, 200_000)
+    for name in ("middleware", "decorator"):
+        asyncio.run(prepare(settings.pg_url))
+        with running({name: {"BENCH_PG_URL": settings.pg_url}}) as apps:
+            app, done, seen = apps[name], 0, {}
+            while done < checkpoints[-1]:
+                sample = run_wrk(
+                    app.base + "/work", connections=settings.connections, seconds=5, org_args=org_args(VARIANTS[0])
+                )
+                done += sample.requests
+                for mark in checkpoints:
+                    if done >= mark and mark not in seen:
+                        seen[mark] = (done, app.rss_kib())
+            (n1, rss1), (n2, rss2) = seen[checkpoints[0]], seen[checkpoints[1]]
+            growth = (rss2 - rss1) / rss1
+            print(
+                f"{name}: RSS {rss1 / 1024:.1f} MiB after {n1:,} requests, {rss2 / 1024:.1f} MiB after {n2:,} "
+                f"({growth:+.1%}; target within 10%: {'met' if abs(growth) <= 0.10 else 'MISSED'})",
+                flush=True,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CI: one short round, only checks that all runs")
+    parser.add_argument("--memory", action="store_true", help="RSS after 20,000 and 200,000 guarded requests")
+    parser.add_argument(
+        "--pg-url",
+        default=os.environ.get("CREDIT_GUARD_BENCH_POSTGRES_URL", DEFAULT_PG_URL),
+        help="PostgreSQL (postgresql+asyncpg://...) the run may WIPE",
+    )
+    parser.add_argument("--duration", type=int, help="seconds measured per variant and round (default 3)")
+    parser.add_argument("--rounds", type=int, help="rounds per variant, alternating (default 5)")
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args(argv)
+    ensure_wrk()
+    settings = Settings(
+        pg_url=args.pg_url,
+        duration=args.duration or (1 if args.quick else 3),
+        warmup=1 if args.quick else 2,
+        rounds=args.rounds or (1 if args.quick else 5),
+        connections=args.connections,
+        hot_connections=64,
+        count_requests=100 if args.quick else 1000,
+        quick=args.quick,
+    )
+    started = time.monotonic()
+    if args.memory:
+        memory_mode(settings)
+        return 0
+    info = machine()
+    info["database"] = f"PostgreSQL {asyncio.run(server_version(settings.pg_url))} on loopback; SQLite (WAL) file"
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        sqlite_url = f"sqlite+aiosqlite:///{tmp}/bench.db"
+        print("preparing databases: 1,000 funded accounts + the hot one", flush=True)
+        asyncio.run(prepare(settings.pg_url))
+        asyncio.run(prepare(sqlite_url))
+        rows = {v.number: Row(v) for v in VARIANTS}
+        print(
+            f"measuring: {settings.rounds} round(s) x {settings.duration}s per variant "
+            f"(+{settings.warmup}s warm-up each, excluded)",
+            flush=True,
+        )
+        measure(settings, sqlite_url, rows)
+        hot = asyncio.run(books(settings.pg_url, HOT_ORG))
+        print("counting round trips on the wire", flush=True)
+        asyncio.run(count_round_trips(settings, sqlite_url, rows))
+    print("drain test: 64 connections on one account", flush=True)
+    drain, _ = drain_test(settings)
+    load_after = os.getloadavg()
+    info["load average (1 min) before / after"] = f"{load_before[0]:.2f} / {load_after[0]:.2f}"
+    info["command"] = "benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    ok = report(settings, rows, info, hot, drain)
+    print(f"\ntotal time {time.monotonic() - started:.0f}s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
