@@ -17,7 +17,10 @@ API_KEY_HEADER = "x-api-key"
 API_KEYS = {
     "demo-key-rich": ("org_demo", "user_alice"),
     "demo-key-poor": ("org_poor", "user_bob"),
+    "demo-key-admin": ("org_demo", "user_admin"),  # DEMO: may use the pricing admin API and page
 }
+#: DEMO ONLY: keys whose user is an administrator (``request.state.user["is_admin"]``).
+ADMIN_API_KEYS = frozenset({"demo-key-admin"})
 DEMO_GRANTS = {"org_demo": 100, "org_poor": 3}
 
 PRICING = [
@@ -53,3 +56,11 @@ async def _has_history(guard: CreditGuard, org: str) -> bool:
 
 def resolve_api_key(raw: bytes | None) -> tuple[str, str] | None:
     return API_KEYS.get(raw.decode("latin-1")) if raw else None
+
+
+def demo_user(raw: bytes | None) -> dict[str, object] | None:
+    """DEMO: the user object the admin app's default ``is_admin`` check reads from request state."""
+    found = resolve_api_key(raw)
+    if found is None or raw is None:
+        return None
+    return {"id": found[1], "is_admin": raw.decode("latin-1") in ADMIN_API_KEYS}

@@ -51,7 +51,9 @@ def test_example_charges_refuses_and_refunds(example: TestClient) -> None:
     assert failed.status_code == 502
     assert (failed.headers["x-credits-refunded"], failed.headers["x-credits-remaining"]) == ("2", "75")
 
-    assert example.get("/v1/balance", headers=RICH).json()["credits"] == 75
+    assert example.get("/api/credits/balance", headers=RICH).json() == {"organization_id": "org_demo", "credits": 75}
+    check = example.get("/api/credits/check", params={"feature": "kling_image_to_video"}, headers=POOR)
+    assert check.json() == {"feature": "kling_image_to_video", "has_enough": False, "required": 20, "available": 3}
     anonymous = example.post("/v1/images", json={"prompt": "a red fox"})
     assert anonymous.status_code == 401
 

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import EXPOSE_HEADERS, CreditGuard, requires_credits
-from examples.demo import API_KEY_HEADER, resolve_api_key, seed
+from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
+from credit_guard.admin import admin_app
+from examples.demo import API_KEY_HEADER, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
 
@@ -30,10 +31,12 @@ class DemoApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            found = resolve_api_key(dict(scope["headers"]).get(API_KEY_HEADER.encode()))
+            raw_key = dict(scope["headers"]).get(API_KEY_HEADER.encode())
+            found = resolve_api_key(raw_key)
             if found is not None:
                 state = scope.setdefault("state", {})
                 state["organization_id"], state["user_id"] = found
+                state["user"] = demo_user(raw_key)
         await self.app(scope, receive, send)
 
 
@@ -46,7 +49,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="credit_guard demo: AI media API", lifespan=lifespan)
-app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=list(EXPOSE_HEADERS))
+app.add_middleware(
+    CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=list(EXPOSE_HEADERS)
+)
 app.add_middleware(DemoApiKeyAuth)
 
 
@@ -79,9 +84,11 @@ async def voice_that_fails() -> dict[str, Any]:
     raise HTTPException(status_code=502, detail="voice model is down (on purpose)")
 
 
-@app.get("/v1/balance")
-async def balance(request: Request) -> dict[str, Any]:
-    org = getattr(request.state, "organization_id", None)
-    if org is None:
-        raise HTTPException(status_code=401, detail="send X-API-Key")
-    return {"organization_id": org, "credits": await request.app.state.credit_guard.get_balance(org)}
+# GET /api/credits/balance and /api/credits/check?feature=KEY for the signed-in organization.
+app.mount("/api/credits", credit_endpoints())
+
+# Pricing admin API (/api/admin/...), public prices (/api/features/pricing) and the admin
+# page (/admin/feature-pricing), for users whose request.state.user has is_admin=True.
+# Mounted last, so FastAPI's own routes match first; its OpenAPI document moves aside
+# because FastAPI already serves /openapi.json.
+app.mount("/", admin_app(openapi_path="/api/admin/openapi.json"))

@@ -12,15 +12,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Litestar, Request, get, post
+from litestar import Litestar, asgi, post
 from litestar.config.cors import CORSConfig
-from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.exceptions import HTTPException
 from litestar.middleware import ASGIMiddleware
 from litestar.params import Body
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import EXPOSE_HEADERS, CreditGuard, requires_credits
-from examples.demo import API_KEY_HEADER, resolve_api_key, seed
+from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
+from credit_guard.admin.litestar import admin_handlers
+from examples.demo import API_KEY_HEADER, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
 
@@ -29,10 +30,12 @@ class DemoApiKeyAuth(ASGIMiddleware):
     """DEMO auth: maps the X-API-Key header to an organization on request state."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        found = resolve_api_key(dict(scope.get("headers", [])).get(API_KEY_HEADER.encode()))
+        raw_key = dict(scope.get("headers", [])).get(API_KEY_HEADER.encode())
+        found = resolve_api_key(raw_key)
         if found is not None:
-            state: dict[str, Any] = scope.setdefault("state", {})  # type: ignore[assignment, typeddict-item]
+            state: dict[str, Any] = scope.setdefault("state", {})
             state["organization_id"], state["user_id"] = found
+            state["user"] = demo_user(raw_key)
         await next_app(scope, receive, send)
 
 
@@ -67,12 +70,13 @@ async def voice_that_fails() -> dict[str, Any]:
     raise HTTPException(status_code=502, detail="voice model is down (on purpose)")
 
 
-@get("/v1/balance")
-async def balance(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    org = request.state.get("organization_id")
-    if org is None:
-        raise NotAuthorizedException("send X-API-Key")
-    return {"organization_id": org, "credits": await request.app.state.credit_guard.get_balance(org)}
+#: GET /api/credits/balance and /api/credits/check?feature=KEY for the signed-in organization.
+credits_api = credit_endpoints()
+
+
+@asgi("/api/credits", is_mount=True, copy_scope=True)
+async def credits(scope: Scope, receive: Receive, send: Send) -> None:
+    await credits_api(scope, receive, send)  # type: ignore[arg-type]  # Litestar's ASGI types are narrower
 
 
 @asynccontextmanager
@@ -84,7 +88,8 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 
 
 app = Litestar(
-    [text_to_image, image_to_video, voice_that_fails, balance],
+    # admin_handlers(): the pricing admin API, public prices, OpenAPI document and admin page.
+    [text_to_image, image_to_video, voice_that_fails, credits, *admin_handlers()],
     middleware=[DemoApiKeyAuth()],
     cors_config=CORSConfig(allow_origins=["*"], expose_headers=list(EXPOSE_HEADERS)),
     lifespan=[lifespan],

@@ -9,6 +9,7 @@ async def generate(...): ...
 
 from .asgi import CreditGuardMiddleware
 from .decorator import requires_credits
+from .endpoints import credit_endpoints
 from .errors import CreditGuardError, DuplicateFeature, InvalidPricing, PricingNotFound, StorageUnavailable
 from .guard import CreditGuard, Ticket
 from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageRow
@@ -45,6 +46,7 @@ __all__ = [
     "StorageUnavailable",
     "Ticket",
     "UsageRow",
+    "credit_endpoints",
     "metadata",
     "requires_credits",
 ]

@@ -37,6 +37,7 @@ from .models import (
     validate_pricing_fields,
     validate_pricing_rows,
 )
+from .notify import PricingNotifier
 from .pricing import PricingCache
 from .problems import Problem
 from .store import SqlStore
@@ -86,7 +87,8 @@ class CreditGuard:
             by default ``request.state.organization_id`` / ``request.state.user_id``.
             Never a client-chosen header unless you write that resolver yourself.
         pricing_ttl / pricing_cache_size: the pricing cache. Writes through this guard
-            invalidate it at once; other processes see a change within ``pricing_ttl``.
+            invalidate it at once; other processes see a change at once on PostgreSQL
+            (``pricing_notify``) and within ``pricing_ttl`` on SQLite.
         allow_unpriced: let routes whose feature is unknown or inactive run free (logged)
             instead of refusing them.
         fail_open: when the database is unreachable, run handlers free (logged) instead of
@@ -95,6 +97,9 @@ class CreditGuard:
         timeout: seconds to wait for the database before failing closed.
         pg_pool_size / asyncpg_pool_kwargs: the asyncpg pool that carries deductions on
             PostgreSQL (behind PgBouncer pass ``{"statement_cache_size": 0}``).
+        pricing_notify: on PostgreSQL, tell every other process sharing the database about
+            each pricing write (LISTEN/NOTIFY, see ``notify.py``) so none waits for its TTL.
+            Turn off behind PgBouncer's transaction pooling, which cannot carry LISTEN.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class CreditGuard:
         refund_attempts: int = 3,
         pg_pool_size: int = 10,
         asyncpg_pool_kwargs: Mapping[str, Any] | None = None,
+        pricing_notify: bool = True,
     ) -> None:
         # An engine handed in belongs to the app: close() must leave it open.
         self._owns_engine = engine is None
@@ -128,7 +134,11 @@ class CreditGuard:
             from .pgcharge import PgCharger
 
             self._charger = PgCharger(url, pool_size=pg_pool_size, timeout=timeout, **dict(asyncpg_pool_kwargs or {}))
-        self.pricing_cache = PricingCache(self.store.pricing_by_key, ttl=pricing_ttl, maxsize=pricing_cache_size)
+        self.pricing_cache = PricingCache(self._load_pricing, ttl=pricing_ttl, maxsize=pricing_cache_size)
+        #: The cross-process invalidation of the pricing cache; None where there is none (SQLite).
+        self.notifier: PricingNotifier | None = None
+        if pricing_notify and url.get_backend_name() == "postgresql":
+            self.notifier = PricingNotifier(url, self.pricing_cache, engine=engine, timeout=timeout)
         self.organization_resolver = organization_resolver
         self.user_resolver = user_resolver
         self.allow_unpriced = allow_unpriced
@@ -142,7 +152,15 @@ class CreditGuard:
         """Create credit_guard's tables if they are missing; safe to call on every start."""
         await self.store.create_schema()
 
+    async def start(self) -> None:
+        """Listen for other processes' pricing changes now rather than on the first price
+        lookup (PostgreSQL; a no-op elsewhere). Optional, and never fails the startup."""
+        if self.notifier is not None:
+            await self.notifier.start()
+
     async def close(self) -> None:
+        if self.notifier is not None:
+            await self.notifier.close()
         if self._charger is not self.store:
             await self._charger.close()
         if self._owns_engine:
@@ -185,8 +203,22 @@ class CreditGuard:
             }
         )
         pricing = await self.store.create_pricing(fields)
-        self.pricing_cache.invalidate(pricing.feature_key)
+        await self.pricing_changed(pricing.feature_key)
         return pricing
+
+    async def pricing_changed(self, *feature_keys: str) -> None:
+        """Forget these keys' cached prices here and, on PostgreSQL, in every process that
+        shares the database. Every pricing write calls it; call it after writing the
+        pricing table some other way (a migration, raw SQL)."""
+        self.pricing_cache.invalidate(*feature_keys)
+        if self.notifier is not None and feature_keys:
+            await self.notifier.notify(*feature_keys)
+
+    async def _load_pricing(self, feature_key: str) -> FeaturePricing | None:
+        # The first miss is the moment the cache starts to hold something worth invalidating.
+        if self.notifier is not None:
+            await self.notifier.ready()
+        return await self.store.pricing_by_key(feature_key)
 
     async def list_pricing(self, *, category: str | None = None, is_active: bool | None = None) -> list[FeaturePricing]:
         return await self.store.list_pricing(category=category, is_active=is_active)
@@ -204,7 +236,7 @@ class CreditGuard:
                 raise PricingNotFound(pricing_id)
             return pricing
         pricing, old_key = await self.store.update_pricing(pricing_id, fields)
-        self.pricing_cache.invalidate(old_key, pricing.feature_key)
+        await self.pricing_changed(old_key, pricing.feature_key)
         return pricing
 
     async def delete_pricing(self, pricing_id: str) -> FeaturePricing:
@@ -212,7 +244,7 @@ class CreditGuard:
         pricing = await self.store.delete_pricing(pricing_id)
         if pricing is None:
             raise PricingNotFound(pricing_id)
-        self.pricing_cache.invalidate(pricing.feature_key)
+        await self.pricing_changed(pricing.feature_key)
         return pricing
 
     async def import_pricing(
@@ -231,7 +263,7 @@ class CreditGuard:
                 {f"row {n}: {field}": message for n, fields in errors.items() for field, message in fields.items()}
             )
         created, updated = await self.store.import_pricing(clean, update_existing=update_existing)
-        self.pricing_cache.invalidate(*(pricing.feature_key for pricing in created + updated))
+        await self.pricing_changed(*(pricing.feature_key for pricing in created + updated))
         return created, updated
 
     # -- money ----------------------------------------------------------------------------

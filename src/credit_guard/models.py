@@ -7,7 +7,7 @@ and serialised without a session hanging off them.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -127,6 +127,21 @@ _FIELDS = {"feature_key", "feature_name", "category", "credits", "description", 
 _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 
 
+UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
+
+
+def is_storable_text(value: str) -> bool:
+    """False for text PostgreSQL cannot store (NUL, or invalid UTF-8 such as a lone surrogate
+    from JSON's ``"\\ud800"``): left to the database, it would fail as an outage (503)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -> dict[str, Any]:
     """Check pricing fields and return them cleaned; raise InvalidPricing naming every bad field.
 
@@ -162,6 +177,8 @@ def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -
                 errors[name] = "must be a non-empty string"
             elif len(value.strip()) > limit:
                 errors[name] = f"must be at most {limit} characters"
+            elif not is_storable_text(value):
+                errors[name] = UNSTORABLE_TEXT
             else:
                 clean[name] = value.strip()
     if "credits" in data and "credits" not in errors:
@@ -179,6 +196,8 @@ def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -
             errors["description"] = "must be a string or null"
         elif description is not None and len(description) > DESCRIPTION_MAX:
             errors["description"] = f"must be at most {DESCRIPTION_MAX} characters"
+        elif description is not None and not is_storable_text(description):
+            errors["description"] = UNSTORABLE_TEXT
         else:
             clean["description"] = description or None
     if "is_active" in data:
@@ -190,3 +209,30 @@ def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -
     if errors:
         raise InvalidPricing(errors)
     return clean
+
+
+def validate_pricing_rows(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, str]]]:
+    """Check many pricing rows at once: ``(clean rows, {row number: {field: message}})``.
+
+    Row numbers count from 1. Every row is checked (not just up to the first bad one) so a
+    seed file can be fixed in one pass; a key that appears twice is an error on the later
+    row, because importing both would silently keep only one of them.
+    """
+    clean: list[dict[str, Any]] = []
+    errors: dict[int, dict[str, str]] = {}
+    first_row: dict[str, int] = {}
+    for number, row in enumerate(rows, 1):
+        try:
+            fields = validate_pricing_fields(row)
+        except InvalidPricing as exc:
+            errors[number] = exc.errors
+            continue
+        key = fields["feature_key"]
+        if key in first_row:
+            errors[number] = {"feature_key": f"{key!r} duplicates row {first_row[key]}"}
+            continue
+        first_row[key] = number
+        clean.append(fields)
+    return clean, errors

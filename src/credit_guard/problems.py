@@ -24,6 +24,11 @@ TYPE_NO_ORGANIZATION = _TYPE_BASE + "no-organization"
 TYPE_FEATURE_NOT_FOUND = _TYPE_BASE + "feature-not-found"
 TYPE_FEATURE_INACTIVE = _TYPE_BASE + "feature-inactive"
 TYPE_UNAVAILABLE = _TYPE_BASE + "credits-unavailable"
+TYPE_INVALID_REQUEST = _TYPE_BASE + "invalid-request"
+TYPE_NOT_AUTHENTICATED = _TYPE_BASE + "not-authenticated"
+TYPE_ADMIN_REQUIRED = _TYPE_BASE + "admin-required"
+TYPE_PRICING_NOT_FOUND = _TYPE_BASE + "pricing-not-found"
+TYPE_DUPLICATE_FEATURE = _TYPE_BASE + "duplicate-feature"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,5 +105,77 @@ def unavailable(retry_after: int) -> Problem:
         type=TYPE_UNAVAILABLE,
         title="Credits unavailable",
         detail="The credit ledger cannot be reached right now; nothing was charged. Retry later.",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def invalid_request(errors: dict[str, str], *, status: int = 400) -> Problem:
+    """A request credit_guard's own endpoints cannot answer; ``errors`` maps each bad parameter to why."""
+    return Problem(
+        status=status,
+        type=TYPE_INVALID_REQUEST,
+        title="Invalid request",
+        detail="; ".join(f"{name}: {reason}" for name, reason in errors.items()),
+        extra={"errors": dict(errors)},
+    )
+
+
+def unknown_feature(feature_key: str) -> Problem:
+    """A client asked about a feature that has no active price (404: the key is the client's choice)."""
+    return Problem(
+        status=404,
+        type=TYPE_FEATURE_NOT_FOUND,
+        title="Feature not found",
+        detail=f"No active pricing exists for feature {feature_key!r}.",
+        extra={"feature": feature_key},
+    )
+
+
+def not_authenticated() -> Problem:
+    """An admin route was asked for by a request that carries no signed-in user."""
+    return Problem(
+        status=401,
+        type=TYPE_NOT_AUTHENTICATED,
+        title="Not authenticated",
+        detail="This route is for administrators, and the request is not signed in.",
+    )
+
+
+def admin_required() -> Problem:
+    return Problem(
+        status=403,
+        type=TYPE_ADMIN_REQUIRED,
+        title="Administrator required",
+        detail="This route is for administrators, and the signed-in user is not one.",
+    )
+
+
+def pricing_not_found(pricing_id: str) -> Problem:
+    return Problem(
+        status=404,
+        type=TYPE_PRICING_NOT_FOUND,
+        title="Pricing not found",
+        detail=f"No pricing exists with id {pricing_id!r}.",
+        extra={"id": pricing_id},
+    )
+
+
+def duplicate_feature(feature_key: str) -> Problem:
+    return Problem(
+        status=409,
+        type=TYPE_DUPLICATE_FEATURE,
+        title="Duplicate feature",
+        detail=f"A pricing with feature_key {feature_key!r} already exists; nothing was changed.",
+        extra={"errors": {"feature_key": "already exists"}, "feature": feature_key},
+    )
+
+
+def storage_unavailable(retry_after: int) -> Problem:
+    """The admin side's 503: the same outage as :func:`unavailable`, but nothing was *changed*."""
+    return Problem(
+        status=503,
+        type=TYPE_UNAVAILABLE,
+        title="Credits unavailable",
+        detail="The credit database cannot be reached right now; nothing was changed. Retry later.",
         headers={"Retry-After": str(retry_after)},
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -156,6 +156,56 @@ class SqlStore:
                 )
             ).first()
         return pricing_from_row(row) if row is not None else None
+
+    async def import_pricing(
+        self, rows: Sequence[Mapping[str, Any]], *, update_existing: bool = False
+    ) -> tuple[list[FeaturePricing], list[FeaturePricing]]:
+        """Create many validated pricing rows in ONE transaction; returns (created, updated).
+
+        Seeding an environment must land whole or not at all: an existing key (unless
+        ``update_existing``, which overwrites the fields each row gives), a twin inserted
+        concurrently, or a connection lost halfway rolls back every row.
+        """
+        now = utcnow()
+        created: list[FeaturePricing] = []
+        updated: list[FeaturePricing] = []
+        keys = [str(row["feature_key"]) for row in rows]
+        try:
+            async with self._tx() as conn:
+                existing: dict[str, str] = {
+                    key: pricing_id
+                    for key, pricing_id in await conn.execute(
+                        select(feature_pricing.c.feature_key, feature_pricing.c.id).where(
+                            feature_pricing.c.feature_key.in_(keys)
+                        )
+                    )
+                }
+                for fields in rows:
+                    pricing_id = existing.get(str(fields["feature_key"]))
+                    if pricing_id is not None and not update_existing:
+                        raise DuplicateFeature(str(fields["feature_key"]))
+                    if pricing_id is not None:
+                        stmt = (
+                            update(feature_pricing)
+                            .where(feature_pricing.c.id == pricing_id)
+                            .values(**fields, updated_at=now)
+                            .returning(feature_pricing)
+                        )
+                        updated.append(pricing_from_row((await conn.execute(stmt)).one()))
+                    else:
+                        values = {
+                            "id": str(uuid.uuid4()),
+                            "description": None,
+                            "is_active": True,
+                            **fields,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
+                        stmt_insert = insert(feature_pricing).values(**values).returning(feature_pricing)
+                        created.append(pricing_from_row((await conn.execute(stmt_insert)).one()))
+        except IntegrityError as exc:
+            raise DuplicateFeature(", ".join(keys)) from exc
+        return created, updated
 
     # -- money ----------------------------------------------------------------------------
 
