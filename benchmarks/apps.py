@@ -246,7 +246,7 @@ def create_app() -> ASGIApp:
         return naive_app(pg_url)
     if name == "decorator":
         return decorator_app(pg_url)
-    if name == "middleware":
+    if name in ("middleware", "passthrough"):
         return middleware_app(pg_url)
     if name == "sqlite":
         return decorator_app(os.environ["BENCH_SQLITE_URL"], count=os.environ.get("BENCH_COUNT") == "1")

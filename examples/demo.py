@@ -54,6 +54,26 @@ async def _has_history(guard: CreditGuard, org: str) -> bool:
         return (await conn.scalar(select(ledger.c.id).where(ledger.c.organization_id == org).limit(1))) is not None
 
 
+#: DEMO: browsers cannot send X-API-Key when opening a page, so /demo/admin puts the admin
+#: key in this cookie and the demo auth reads it too.
+DEMO_COOKIE = "credit_guard_demo_key"
+
+
+def api_key_from(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The demo key of a request: the X-API-Key header, else the demo cookie."""
+    cookie_header = b""
+    for name, value in headers:
+        if name == API_KEY_HEADER.encode():
+            return value
+        if name == b"cookie":
+            cookie_header = value
+    for part in cookie_header.split(b";"):
+        name, _, value = part.strip().partition(b"=")
+        if name == DEMO_COOKIE.encode() and value:
+            return value
+    return None
+
+
 def resolve_api_key(raw: bytes | None) -> tuple[str, str] | None:
     return API_KEYS.get(raw.decode("latin-1")) if raw else None
 

@@ -62,3 +62,13 @@ def test_example_exposes_credit_headers_to_browsers(example: TestClient) -> None
     r = example.post("/v1/images", json={"prompt": "x"}, headers={**RICH, "Origin": "https://app.example"})
     exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
     assert {"x-credits-remaining", "x-credits-charged", "x-credits-refunded", "x-credits-required"} <= exposed
+
+
+def test_demo_admin_login_opens_the_admin_page_in_a_browser(example: TestClient) -> None:
+    page = example.get("/demo/admin")  # follows the redirect with the demo cookie set
+    assert page.status_code == 200
+    assert page.url.path == "/admin/feature-pricing"
+    assert "text/html" in page.headers["content-type"]
+    assert "seedream_text_to_image" in page.text
+    listed = example.get("/api/admin/feature-pricing")  # the cookie signs the API calls too
+    assert listed.status_code == 200 and len(listed.json()) == 3

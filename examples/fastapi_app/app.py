@@ -12,13 +12,14 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
+from fastapi.responses import RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
 from credit_guard.admin import admin_app
-from examples.demo import API_KEY_HEADER, demo_user, resolve_api_key, seed
+from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
 
@@ -31,7 +32,7 @@ class DemoApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            raw_key = dict(scope["headers"]).get(API_KEY_HEADER.encode())
+            raw_key = api_key_from(scope["headers"])
             found = resolve_api_key(raw_key)
             if found is not None:
                 state = scope.setdefault("state", {})
@@ -86,6 +87,15 @@ async def voice_that_fails() -> dict[str, Any]:
 
 # GET /api/credits/balance and /api/credits/check?feature=KEY for the signed-in organization.
 app.mount("/api/credits", credit_endpoints())
+
+
+@app.get("/demo/admin", include_in_schema=False)
+async def demo_admin_login() -> RedirectResponse:
+    """DEMO ONLY: sign this browser in as the demo administrator and open the admin page."""
+    response = RedirectResponse("/admin/feature-pricing", status_code=303)
+    response.set_cookie(DEMO_COOKIE, "demo-key-admin", httponly=True, samesite="strict")
+    return response
+
 
 # Pricing admin API (/api/admin/...), public prices (/api/features/pricing) and the admin
 # page (/admin/feature-pricing), for users whose request.state.user has is_admin=True.

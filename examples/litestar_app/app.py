@@ -12,7 +12,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Litestar, asgi, post
+from litestar import Litestar, asgi, get, post
+from litestar.datastructures import Cookie
+from litestar.response import Redirect
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException
 from litestar.middleware import ASGIMiddleware
@@ -21,7 +23,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
 from credit_guard.admin.litestar import admin_handlers
-from examples.demo import API_KEY_HEADER, demo_user, resolve_api_key, seed
+from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
 
@@ -30,7 +32,7 @@ class DemoApiKeyAuth(ASGIMiddleware):
     """DEMO auth: maps the X-API-Key header to an organization on request state."""
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        raw_key = dict(scope.get("headers", [])).get(API_KEY_HEADER.encode())
+        raw_key = api_key_from(scope.get("headers", []))
         found = resolve_api_key(raw_key)
         if found is not None:
             state: dict[str, Any] = scope.setdefault("state", {})
@@ -79,6 +81,13 @@ async def credits(scope: Scope, receive: Receive, send: Send) -> None:
     await credits_api(scope, receive, send)  # type: ignore[arg-type]  # Litestar's ASGI types are narrower
 
 
+@get("/demo/admin", include_in_schema=False)
+async def demo_admin_login() -> Redirect:
+    """DEMO ONLY: sign this browser in as the demo administrator and open the admin page."""
+    cookie = Cookie(key=DEMO_COOKIE, value="demo-key-admin", httponly=True, samesite="strict")
+    return Redirect("/admin/feature-pricing", status_code=303, cookies=[cookie])
+
+
 @asynccontextmanager
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
     async with CreditGuard(DATABASE_URL) as guard:
@@ -89,7 +98,7 @@ async def lifespan(app: Litestar) -> AsyncIterator[None]:
 
 app = Litestar(
     # admin_handlers(): the pricing admin API, public prices, OpenAPI document and admin page.
-    [text_to_image, image_to_video, voice_that_fails, credits, *admin_handlers()],
+    [text_to_image, image_to_video, voice_that_fails, credits, demo_admin_login, *admin_handlers()],
     middleware=[DemoApiKeyAuth()],
     cors_config=CORSConfig(allow_origins=["*"], expose_headers=list(EXPOSE_HEADERS)),
     lifespan=[lifespan],

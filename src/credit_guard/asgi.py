@@ -81,7 +81,8 @@ class CreditGuardMiddleware:
     def __init__(self, app: ASGIApp, *, guard: CreditGuard, rules: Mapping[str, str]) -> None:
         self.app = app
         self.guard = guard
-        self._static: dict[tuple[str, str], str] = {}
+        # path -> method -> feature: the pass-through path is two dict lookups, no allocation.
+        self._static: dict[str, dict[str, str]] = {}
         self._templated: dict[str, list[tuple[re.Pattern[str], str]]] = {}
         for rule, feature_key in rules.items():
             method, _, path = rule.strip().partition(" ")
@@ -93,39 +94,37 @@ class CreditGuardMiddleware:
                 regex, _, _ = compile_path(path)
                 self._templated.setdefault(method, []).append((regex, feature_key))
             else:
-                self._static[(method, path)] = feature_key
+                self._static.setdefault(path, {})[method] = feature_key
 
     def match(self, method: str, path: str) -> str | None:
         """The feature key a request pays for, or None."""
-        feature_key = self._static.get((method, path))
-        if feature_key is not None:
-            return feature_key
-        for regex, key in self._templated.get(method, ()):
-            if regex.match(path):
-                return key
+        by_method = self._static.get(path)
+        if by_method is not None:
+            feature_key = by_method.get(method)
+            if feature_key is not None:
+                return feature_key
+        templated = self._templated.get(method)
+        if templated:
+            for regex, key in templated:
+                if regex.match(path):
+                    return key
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        feature_key = self.match(scope["method"], _route_path(scope))
-        if feature_key is None:
-            await self.app(scope, receive, send)
-            return
-        outcome = await self.guard.open_charge(feature_key, scope)
-        if isinstance(outcome, Problem):
-            await send_problem(outcome, send)
-            return
-        await run_charged(self.guard, outcome, self.app, scope, receive, send)
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root_path: str = scope.get("root_path", "")
-    if root_path and path.startswith(root_path):
-        return path[len(root_path) :] or "/"
-    return path
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            root_path: str | None = scope.get("root_path")
+            if root_path and path.startswith(root_path):
+                path = path[len(root_path) :] or "/"
+            feature_key = self.match(scope["method"], path)
+            if feature_key is not None:
+                outcome = await self.guard.open_charge(feature_key, scope)
+                if isinstance(outcome, Problem):
+                    await send_problem(outcome, send)
+                else:
+                    await run_charged(self.guard, outcome, self.app, scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 __all__ = ["CreditGuardMiddleware", "run_charged", "send_problem"]
