@@ -7,6 +7,7 @@ own authentication (a session, a JWT, an API-key table) and puts it on request s
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from credit_guard import CreditGuard, DuplicateFeature
 
@@ -59,7 +60,7 @@ async def _has_history(guard: CreditGuard, org: str) -> bool:
 DEMO_COOKIE = "credit_guard_demo_key"
 
 
-def api_key_from(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+def api_key_from(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
     """The demo key of a request: the X-API-Key header, else the demo cookie."""
     cookie_header = b""
     for name, value in headers:

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Litestar, asgi, get, post
-from litestar.datastructures import Cookie
-from litestar.response import Redirect
 from litestar.config.cors import CORSConfig
+from litestar.datastructures import Cookie
 from litestar.exceptions import HTTPException
 from litestar.middleware import ASGIMiddleware
 from litestar.params import Body
+from litestar.response import Redirect
 from litestar.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
