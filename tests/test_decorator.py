@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -12,7 +12,7 @@ from fastapi import Request as FastAPIRequest
 from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
@@ -58,6 +58,16 @@ async def st_500(request):  # type: ignore[no-untyped-def]  # an unannotated Sta
     return JSONResponse({"error": "model failed"}, status_code=500)
 
 
+@requires_credits("seedream_text_to_image")
+async def st_stream(request: Request) -> StreamingResponse:
+    async def frames() -> AsyncIterator[bytes]:
+        yield b"frame-1\n"
+        raise RuntimeError("encoder died mid-stream")
+
+    ran.append("stream")
+    return StreamingResponse(frames(), media_type="text/plain")
+
+
 def starlette_app(guard: CreditGuard) -> Starlette:
     class Auth:
         def __init__(self, app: ASGIApp) -> None:
@@ -74,6 +84,7 @@ def starlette_app(guard: CreditGuard) -> Starlette:
             Route("/image", st_image, methods=["POST"]),
             Route("/crash", st_crash, methods=["POST"]),
             Route("/fail", st_500, methods=["POST"]),
+            Route("/stream", st_stream, methods=["POST"]),
         ]
     )
     app.state.credit_guard = guard
@@ -289,3 +300,12 @@ def test_ambiguous_module_is_refused_not_guessed() -> None:
             requires_credits("seedream_text_to_image")(handler)
     finally:
         del globals()["_LitestarMarker"]
+
+
+async def test_starlette_stream_failing_after_headers_is_refunded(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(starlette_app(guard)) as c, c.stream("POST", "/stream", headers=ORG) as r:
+        assert r.headers["x-credits-charged"] == "5"  # sent before the body broke
+        assert await r.aread() == b"frame-1\n"
+    assert await guard.get_balance("org_1") == 12
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]

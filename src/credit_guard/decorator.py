@@ -57,9 +57,7 @@ def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
         return explicit
     found = getattr(getattr(app, "state", None), "credit_guard", None)
     if not isinstance(found, CreditGuard):
-        raise RuntimeError(
-            "requires_credits found no CreditGuard: pass guard=... or set app.state.credit_guard at startup"
-        )
+        raise RuntimeError("credit_guard found no CreditGuard: pass guard=... or set app.state.credit_guard at startup")
     return found
 
 

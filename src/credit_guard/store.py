@@ -55,6 +55,18 @@ def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:
     )
 
 
+def _new_pricing_row(fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """A pricing row to insert: validated fields plus the id and stamps the store owns."""
+    return {
+        "id": str(uuid.uuid4()),
+        "description": None,
+        "is_active": True,
+        **fields,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
 class SqlStore:
     """All reads and writes of credit_guard's tables through one SQLAlchemy async engine."""
 
@@ -111,15 +123,7 @@ class SqlStore:
         return [pricing_from_row(row) for row in rows]
 
     async def create_pricing(self, fields: Mapping[str, Any]) -> FeaturePricing:
-        now = utcnow()
-        values = {
-            "id": str(uuid.uuid4()),
-            "description": None,
-            "is_active": True,
-            **fields,
-            "created_at": now,
-            "updated_at": now,
-        }
+        values = _new_pricing_row(fields, utcnow())
         try:
             async with self._tx() as conn:
                 row = (await conn.execute(insert(feature_pricing).values(**values).returning(feature_pricing))).one()
@@ -193,14 +197,7 @@ class SqlStore:
                         )
                         updated.append(pricing_from_row((await conn.execute(stmt)).one()))
                     else:
-                        values = {
-                            "id": str(uuid.uuid4()),
-                            "description": None,
-                            "is_active": True,
-                            **fields,
-                            "created_at": now,
-                            "updated_at": now,
-                        }
+                        values = _new_pricing_row(fields, now)
                         stmt_insert = insert(feature_pricing).values(**values).returning(feature_pricing)
                         created.append(pricing_from_row((await conn.execute(stmt_insert)).one()))
         except IntegrityError as exc:
