@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from litestar import Litestar, Request, Response, post
+from litestar.dto import DataclassDTO, DTOConfig
 from litestar.middleware import ASGIMiddleware
 from litestar.params import Body
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -43,6 +44,23 @@ async def image_with_request(request: Request[Any, Any, Any]) -> Response[dict[s
     return Response({"path": request.url.path}, status_code=200)
 
 
+@dataclass
+class Account:
+    name: str
+    api_secret: str
+
+
+class AccountDTO(DataclassDTO[Account]):
+    config = DTOConfig(exclude={"api_secret"})
+
+
+@post("/account", return_dto=AccountDTO)
+@requires_credits("seedream_text_to_image")
+async def account() -> Account:
+    ran.append("account")
+    return Account("ann", "never-shown")
+
+
 @post("/crash")
 @requires_credits("seedream_text_to_image")
 async def crash() -> dict[str, str]:
@@ -58,6 +76,6 @@ async def fail() -> Response[dict[str, str]]:
 
 
 def build(guard: CreditGuard) -> Litestar:
-    app = Litestar([image, image_with_request, crash, fail], middleware=[DemoAuth()])
+    app = Litestar([image, image_with_request, account, crash, fail], middleware=[DemoAuth()])
     app.state.credit_guard = guard
     return app

@@ -27,6 +27,7 @@ from .conftest import PRICES, ledger_rows, reset_postgres
 pytestmark = pytest.mark.anyio
 
 PRICING = "/api/admin/feature-pricing"
+USAGE = "/api/admin/usage"
 ADMIN = {"x-user": "admin"}
 MEMBER = {"x-user": "member"}
 HAS_PAGE = importlib.util.find_spec("credit_guard.admin.page") is not None
@@ -479,3 +480,15 @@ def test_example_apps_serve_the_admin_api_to_the_demo_admin(example: TestClient)
         200,
         201,
     )
+
+
+async def test_hostile_edge_inputs_get_4xx_not_500(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    before = await snapshot(guard)
+    trailing_newline = await client.post(PRICING, json={**NEW, "feature_key": "face_swap\n"}, headers=ADMIN)
+    assert "feature_key" in assert_problem(trailing_newline, 422)["errors"]
+    nested = await client.post(PRICING, content=b"[" * 100_000, headers={**ADMIN, "content-type": "application/json"})
+    assert_problem(nested, 400)
+    for bound in ("9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+05:00"):
+        r = await client.get(USAGE, params={"since": bound}, headers=ADMIN)
+        assert "since" in assert_problem(r, 422)["errors"]
+    assert await snapshot(guard) == before

@@ -445,3 +445,21 @@ def test_guard_import_pricing_names_bad_rows_and_writes_nothing(cli: Cli) -> Non
         "row 2: credits": "must be between 0 and 1000000",
     }
     assert prices(cli.url) == {}
+
+
+def test_plausible_bad_input_gets_one_line_not_a_traceback(cli: Cli, tmp_path: Path) -> None:
+    code, _, err = cli("grant", "org_1", "9" * 30)
+    assert code == 2 and "positive integer up to" in err
+    code, _, err = cli("usage", "--since", "9999-12-31T23:00:00-05:00")
+    assert code == 2 and "range" in err
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000)
+    code, _, err = cli("pricing", "import", str(nested))
+    assert code == 1 and "nested too deeply" in err and "Traceback" not in err
+    huge = tmp_path / "huge.csv"
+    huge.write_text("feature_key,feature_name,category,credits,description\n" + f'a_b,A,C,1,"{"x" * 200_000}"\n')
+    code, _, err = cli("pricing", "import", str(huge))
+    assert code == 1 and "invalid CSV" in err and "Traceback" not in err
+    assert prices(cli.url) == {}
+    code, _, err = cli("pricing", "add", "--key", "k\n", "--name", "K", "--category", "C", "--credits", "1")
+    assert code == 1 and "feature_key" in err

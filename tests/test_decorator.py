@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
 from fastapi import Request as FastAPIRequest
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -142,6 +142,12 @@ def fastapi_app(guard: CreditGuard) -> FastAPI:
         ran.append("fail")
         response.status_code = 503
         return {"error": "upstream busy"}
+
+    @app.post("/not-found")
+    @requires_credits("seedream_text_to_image")
+    async def not_found(org: str = Depends(current_org)) -> dict[str, Any]:
+        ran.append("not-found")
+        raise HTTPException(status_code=404, detail="no such job")
 
     @app.post("/fail-response")
     @requires_credits("seedream_text_to_image")
@@ -309,3 +315,21 @@ async def test_starlette_stream_failing_after_headers_is_refunded(guard: CreditG
         assert await r.aread() == b"frame-1\n"
     assert await guard.get_balance("org_1") == 12
     assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
+
+
+async def test_http_exception_below_500_is_charged_like_a_returned_4xx(guard: CreditGuard) -> None:
+    """The middleware sees such an exception only as the 4xx response it becomes, and charges
+    it; the decorator applies the same rule so one handler bills the same under both."""
+    await guard.grant_credits("org_1", 12)
+    async with client(fastapi_app(guard)) as c:
+        r = await c.post("/not-found", headers=ORG)
+    assert (r.status_code, r.headers["x-credits-charged"], r.headers["x-credits-remaining"]) == (404, "5", "7")
+    assert await guard.get_balance("org_1") == 7
+
+
+async def test_litestar_return_dto_still_applies(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 12)
+    async with client(litestar_app(guard)) as c:
+        r = await c.post("/account", headers=ORG)
+    assert (r.status_code, r.json(), r.headers["x-credits-charged"]) == (201, {"name": "ann"}, "5")
+    assert await guard.get_balance("org_1") == 7

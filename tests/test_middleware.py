@@ -286,3 +286,88 @@ async def test_concurrent_http_requests_never_overdraw(guard: CreditGuard) -> No
     assert sorted(statuses) == [200] * 10 + [402] * 30
     assert await guard.get_balance("org_1") == 0
     assert await guard.audit() == []
+
+
+async def test_head_on_a_guarded_get_route_is_charged_too(guard: CreditGuard) -> None:
+    """Starlette answers HEAD with the GET handler: it must not be a free way in."""
+
+    async def report(request: Request) -> PlainTextResponse:
+        calls.append("report")
+        return PlainTextResponse("report")
+
+    app = Starlette(routes=[Route("/report", report, methods=["GET"])])
+    app.add_middleware(CreditGuardMiddleware, guard=guard, rules={"GET /report": "seedream_text_to_image"})
+    app.add_middleware(DemoAuth)
+    await guard.grant_credits("org_1", 12)
+    async with client(app) as c:
+        head = await c.head("/report", headers=ORG)
+    assert (head.status_code, head.headers["x-credits-charged"], head.headers["x-credits-remaining"]) == (200, "5", "7")
+    assert await guard.get_balance("org_1") == 7
+
+
+async def test_failing_background_task_after_delivery_keeps_the_charge(guard: CreditGuard) -> None:
+    from starlette.background import BackgroundTask
+
+    async def explode() -> None:
+        raise RuntimeError("e-mail server down")
+
+    async def with_task(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("done", background=BackgroundTask(explode))
+
+    app = Starlette(routes=[Route("/job", with_task, methods=["POST"])])
+    app.add_middleware(CreditGuardMiddleware, guard=guard, rules={"POST /job": "seedream_text_to_image"})
+    app.add_middleware(DemoAuth)
+    await guard.grant_credits("org_1", 12)
+    async with client(app) as c:
+        r = await c.post("/job", headers=ORG)
+    assert (r.text, r.headers["x-credits-charged"]) == ("done", "5")
+    assert await guard.get_balance("org_1") == 7  # delivered, so paid for: no refund
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge"]
+
+
+async def test_client_disconnect_mid_stream_is_refunded(guard: CreditGuard) -> None:
+    import anyio
+
+    async def endless(request: Request) -> StreamingResponse:
+        async def frames() -> AsyncIterator[bytes]:
+            while True:
+                yield b"frame\n"
+                await anyio.sleep(0.01)
+
+        return StreamingResponse(frames())
+
+    app = Starlette(routes=[Route("/live", endless, methods=["POST"])])
+    mw = CreditGuardMiddleware(app, guard=guard, rules={"POST /live": "seedream_text_to_image"})
+    await guard.grant_credits("org_1", 12)
+    sent: list[dict[str, object]] = []
+    gone = anyio.Event()
+
+    body_read = False
+
+    async def receive() -> dict[str, object]:
+        nonlocal body_read
+        if not body_read:
+            body_read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+        if len(sent) >= 3:  # the start and two frames: then the client hangs up
+            gone.set()
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/live",
+        "root_path": "",
+        "headers": [],
+        "query_string": b"",
+        "state": {"organization_id": "org_1"},
+    }
+    with anyio.fail_after(5):
+        await mw(scope, receive, send)  # type: ignore[arg-type]
+    assert sent[0]["type"] == "http.response.start"
+    assert await guard.get_balance("org_1") == 12
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]

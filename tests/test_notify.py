@@ -124,3 +124,25 @@ async def test_a_guard_built_without_notify_keeps_its_cache_for_the_ttl(
 
 async def _equals(value: Awaitable[int | None], expected: int | None) -> bool:
     return await value == expected
+
+
+async def test_a_bulk_change_too_big_for_one_notify_still_reaches_the_other_process(
+    two_processes: tuple[CreditGuard, CreditGuard],
+) -> None:
+    """PostgreSQL refuses NOTIFY payloads of 8000 bytes; 200 long keys need several."""
+    a, b = two_processes
+    await b.start()
+    assert await credits_seen_by(b) == 5
+    rows = [
+        {
+            "feature_key": f"bulk_feature_number_{i:04d}_" + "x" * 30,
+            "feature_name": "Bulk",
+            "category": "Bulk",
+            "credits": 1,
+        }
+        for i in range(200)
+    ]
+    rows.append({"feature_key": IMAGE, "feature_name": "SeeDream", "category": "Image Generation", "credits": 8})
+    await a.import_pricing(rows, update_existing=True)
+    assert await eventually(lambda: _equals(credits_seen_by(b), 8))
+    assert b.notifier is not None and b.notifier.connects == 1  # by notification, not by a reconnect

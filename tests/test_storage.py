@@ -276,3 +276,68 @@ async def test_guard_on_a_shared_engine_leaves_it_open(db_url: str) -> None:
             assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
     finally:
         await engine.dispose()
+
+
+async def test_free_feature_needs_no_account(guard: CreditGuard) -> None:
+    await guard.create_pricing(feature_key="free_preview", feature_name="Preview", category="Tools", credits=0)
+    r = await guard.deduct_credits("org_never_funded", "free_preview")
+    assert (r.success, r.credits_deducted, r.remaining_credits) == (True, 0, 0)
+    assert await guard.audit() == []
+
+
+async def test_long_request_path_and_user_are_clipped_not_refused(guard: CreditGuard) -> None:
+    await guard.grant_credits("org_1", 10)
+    r = await guard.deduct_credits("org_1", IMAGE, "u" * 400, request_path="/" + "x" * 5000)
+    assert r.success
+    charge = (await ledger_rows(guard, "org_1"))[-1]
+    assert (len(charge["request_path"]), len(charge["user_id"])) == (2048, 255)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("org", ["", "o" * 256])
+async def test_bad_organization_id_is_refused_before_any_write(guard: CreditGuard, org: str) -> None:
+    with pytest.raises(ValueError, match="organization_id"):
+        await guard.grant_credits(org, 5)
+    with pytest.raises(ValueError, match="organization_id"):
+        await guard.deduct_credits(org, IMAGE)
+    assert await ledger_rows(guard) == []
+
+
+async def test_absurd_grant_is_a_value_error_not_an_outage(guard: CreditGuard) -> None:
+    with pytest.raises(ValueError, match="positive integer"):
+        await guard.grant_credits("org_1", 10**30)
+    assert await ledger_rows(guard) == []
+
+
+async def test_cancelled_loader_does_not_cancel_its_waiters(guard: CreditGuard) -> None:
+    from credit_guard.pricing import PricingCache
+
+    started = anyio.Event()
+    calls = 0
+
+    async def slow_loader(key: str) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            started.set()
+            await anyio.sleep(10)  # cancelled below
+        return await guard.store.pricing_by_key(key)
+
+    cache = PricingCache(slow_loader, ttl=60)  # type: ignore[arg-type]
+    got: list[object] = []
+    async with anyio.create_task_group() as tg:
+        first = anyio.CancelScope()
+
+        async def loader_request() -> None:
+            with first:
+                await cache.get(IMAGE)
+
+        async def waiter_request() -> None:
+            got.append(await cache.get(IMAGE))
+
+        tg.start_soon(loader_request)
+        await started.wait()
+        tg.start_soon(waiter_request)
+        await anyio.sleep(0.05)
+        first.cancel()
+    assert [p.credits for p in got] == [5]  # type: ignore[attr-defined]
+    assert calls == 2

@@ -33,16 +33,19 @@ async def send_problem(problem: Problem, send: Send) -> None:
 async def run_charged(
     guard: CreditGuard, ticket: Ticket, app: ASGIApp, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    """Run ``app`` for a paid request: refund on an exception or a 5xx, add the headers.
+    """Run ``app`` for a paid request: refund if it is not delivered, add the headers.
 
-    The refund for a 5xx happens before its ``http.response.start`` is forwarded, so the
-    failed response itself can say ``X-Credits-Refunded``.
+    Not delivered means: a 5xx status (refunded before its ``http.response.start`` goes
+    out, so the response itself says ``X-Credits-Refunded``), an exception before the
+    last body chunk, or the client disconnecting before it. Once the last chunk is sent
+    the request is paid for: a background task failing afterwards refunds nothing.
     """
-    started = False
+    started = delivered = disconnected = False
 
     async def send_with_credits(message: Message) -> None:
-        nonlocal started
-        if message["type"] == "http.response.start" and not started:
+        nonlocal started, delivered
+        kind = message["type"]
+        if kind == "http.response.start" and not started:
             started = True
             status = message["status"]
             if status >= 500:
@@ -54,19 +57,29 @@ async def run_charged(
                 headers[name] = value
             message = {**message, "headers": headers.raw}
         await send(message)
+        if kind == "http.response.body" and not message.get("more_body", False):
+            delivered = True
+
+    async def receive_watching() -> Message:
+        nonlocal disconnected
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnected = True
+        return message
 
     try:
-        await app(scope, receive, send_with_credits)
+        await app(scope, receive_watching, send_with_credits)
     except BaseException as exc:
-        # Before the start, the app's error handler will answer 500; after it, the body
-        # broke mid-stream (or the client went away). Either way the client did not get
-        # what it paid for. Shielded: a cancelled request must still get its refund.
-        with anyio.CancelScope(shield=True):
-            await guard.settle(ticket, failed=True, reason=f"handler raised {type(exc).__name__}")
+        if not delivered:
+            # Before the start, the app's error handler will answer 500; after it, the
+            # body broke mid-stream. Shielded: a cancelled request must still get its refund.
+            with anyio.CancelScope(shield=True):
+                await guard.settle(ticket, failed=True, reason=f"handler raised {type(exc).__name__}")
         raise
-    if not started:
-        # The app returned without answering; nothing was delivered.
-        await guard.settle(ticket, failed=True, reason="no response sent")
+    if not delivered:
+        # No answer at all, or a stream the client hung up on (Starlette stops it quietly).
+        reason = "client disconnected" if disconnected else "no response sent"
+        await guard.settle(ticket, failed=True, reason=reason)
 
 
 class CreditGuardMiddleware:
@@ -95,6 +108,12 @@ class CreditGuardMiddleware:
                 self._templated.setdefault(method, []).append((regex, feature_key))
             else:
                 self._static.setdefault(path, {})[method] = feature_key
+        # Starlette (and most routers) answer HEAD with the GET handler: it must not run free.
+        for methods in self._static.values():
+            if "GET" in methods:
+                methods.setdefault("HEAD", methods["GET"])
+        if "GET" in self._templated and "HEAD" not in self._templated:
+            self._templated["HEAD"] = self._templated["GET"]
 
     def match(self, method: str, path: str) -> str | None:
         """The feature key a request pays for, or None."""

@@ -32,7 +32,7 @@ from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 
 from .engine import DEFAULT_DATABASE_URL
 from .errors import DuplicateFeature, InvalidPricing, StorageUnavailable
-from .guard import DATABASE_URL_ENV, CreditGuard
+from .guard import DATABASE_URL_ENV, MAX_GRANT, CreditGuard
 from .models import FeaturePricing, validate_pricing_rows
 from .schema import metadata
 
@@ -219,13 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_AMOUNT = MAX_GRANT  # the guard refuses more; say so as a usage error, before any I/O
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    if not 0 < value <= MAX_AMOUNT:
+        raise argparse.ArgumentTypeError(f"must be a positive integer up to {MAX_AMOUNT}, got {value}")
     return value
 
 
@@ -235,7 +238,10 @@ def _timestamp(text: str) -> datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO date or datetime: {text!r}") from None
     # The ledger stores UTC; SQLite compares wall-clock text, so convert rather than attach.
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"out of the representable range of dates: {text!r}") from None
 
 
 def _check_update(args: argparse.Namespace) -> str | None:
@@ -320,7 +326,10 @@ async def cmd_pricing_remove(guard: CreditGuard, args: argparse.Namespace) -> in
 async def cmd_pricing_import(guard: CreditGuard, args: argparse.Namespace) -> int:
     text = await _read_text(args.file)
     fmt = args.format or _guess_format(args.file, text)
-    labels, rows, row_errors = _parse_json(args.file, text) if fmt == "json" else _parse_csv(args.file, text)
+    try:
+        labels, rows, row_errors = _parse_json(args.file, text) if fmt == "json" else _parse_csv(args.file, text)
+    except csv.Error as exc:  # e.g. a cell over the csv module's size limit: a file problem, not a crash
+        raise CliError(f"{args.file}: invalid CSV: {exc}") from None
     if not rows:
         raise CliError(f"{args.file} has no rows; nothing imported")
 
@@ -493,6 +502,8 @@ def _parse_json(path: str, text: str) -> Parsed:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CliError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise CliError(f"{path}: invalid JSON: nested too deeply") from None
     if not isinstance(data, list):
         raise CliError(f"{path}: expected a JSON array of pricing objects")
     labels: list[str] = []

@@ -61,6 +61,18 @@ def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
     return found
 
 
+def is_failure(exc: BaseException) -> bool:
+    """Whether an exception from a handler means the client did not get what it paid for.
+
+    An HTTP exception below 500 (Starlette's, FastAPI's, Litestar's: they carry an int
+    ``status_code``) is an answer, charged like a returned 4xx: the same rule the
+    middleware applies, where the framework has already turned it into a response.
+    Everything else, 5xx included, is a failure and is refunded.
+    """
+    status = getattr(exc, "status_code", None)
+    return not (isinstance(status, int) and status < 500)
+
+
 def attach_credit_headers(exc: BaseException, ticket: Ticket) -> None:
     """Put the refund headers on an HTTP exception (Starlette, FastAPI and Litestar ones
     carry ``status_code`` and ``headers``) so the error response the framework builds
@@ -149,7 +161,7 @@ def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
                 result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
+                await active.settle(outcome, failed=is_failure(exc), reason=f"handler raised {type(exc).__name__}")
             attach_credit_headers(exc, outcome)
             raise
         if isinstance(result, Response):

@@ -48,7 +48,7 @@ async def _check(guard: CreditGuard, organization_id: str, request: Request) -> 
     feature_key = request.query_params.get(FEATURE_PARAM)
     if not feature_key:
         return problem_response(problems.invalid_request({FEATURE_PARAM: "required query parameter"}))
-    if len(feature_key) > FEATURE_KEY_MAX or not FEATURE_KEY_RE.match(feature_key):
+    if len(feature_key) > FEATURE_KEY_MAX or not FEATURE_KEY_RE.fullmatch(feature_key):
         return problem_response(problems.invalid_request({FEATURE_PARAM: "must be a feature key like 'text_to_image'"}))
     check = await guard.check_credits(organization_id, feature_key)
     if check.error is not None:  # no pricing, or inactive: both are "no such feature" to a client

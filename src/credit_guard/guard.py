@@ -49,6 +49,12 @@ log = logging.getLogger("credit_guard")
 Resolver = Callable[[Any], "str | Awaitable[str | None] | None"]
 
 DATABASE_URL_ENV = "CREDIT_GUARD_DATABASE_URL"
+#: Column widths of the ledger (schema.py); longer values are refused or clipped up front.
+ORGANIZATION_ID_MAX = 255
+USER_ID_MAX = 255
+REQUEST_PATH_MAX = 2048
+#: Far above any real top-up, far below BIGINT's limit: a typo, not a grant, beyond it.
+MAX_GRANT = 2**53
 
 
 @dataclass(slots=True)
@@ -271,8 +277,8 @@ class CreditGuard:
     async def grant_credits(self, organization_id: str, amount: int, *, reason: str | None = None) -> int:
         """Top an organization up (creating its account); returns the new balance."""
         _check_org(organization_id)
-        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
-            raise ValueError(f"amount must be a positive integer, got {amount!r}")
+        if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_GRANT:
+            raise ValueError(f"amount must be a positive integer up to {MAX_GRANT}, got {amount!r}")
         balance, _ = await self.store.grant(organization_id, amount, reason)
         return balance
 
@@ -304,10 +310,14 @@ class CreditGuard:
             organization_id,
             pricing.credits,
             feature_key=feature_key,
-            user_id=user_id,
+            # Clipped to their columns: a long URL must be charged, not mistaken for an outage.
+            user_id=user_id[:USER_ID_MAX] if user_id else user_id,
             request_method=request_method,
-            request_path=request_path,
+            request_path=request_path[:REQUEST_PATH_MAX] if request_path else request_path,
         )
+        if charge_id is None and pricing.credits == 0:
+            # A free feature for an organization that has no account yet: nothing to take.
+            return DeductionResult(success=True, remaining_credits=balance, credits_deducted=0, required=0)
         if charge_id is None:
             return DeductionResult(
                 success=False,
@@ -384,7 +394,7 @@ class CreditGuard:
                 return Ticket(feature_key, organization_id, 0, None, None)
             return problems.unavailable(self.retry_after)
         if result.success:
-            assert result.charge_id is not None and result.credits_deducted is not None
+            assert result.credits_deducted is not None
             return Ticket(
                 feature_key, organization_id, result.credits_deducted, result.remaining_credits, result.charge_id
             )
@@ -463,5 +473,8 @@ class CreditGuard:
 
 
 def _check_org(organization_id: object) -> None:
-    if not isinstance(organization_id, str) or not organization_id:
-        raise ValueError(f"organization_id must be a non-empty string, got {organization_id!r}")
+    if not isinstance(organization_id, str) or not organization_id or len(organization_id) > ORGANIZATION_ID_MAX:
+        raise ValueError(
+            f"organization_id must be a non-empty string of at most {ORGANIZATION_ID_MAX} characters,"
+            f" got {organization_id!r:.80}"
+        )

@@ -163,7 +163,7 @@ def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -
             errors["feature_key"] = "must be a string"
         elif len(key) > FEATURE_KEY_MAX:
             errors["feature_key"] = f"must be at most {FEATURE_KEY_MAX} characters"
-        elif not FEATURE_KEY_RE.match(key):
+        elif not FEATURE_KEY_RE.fullmatch(key):
             errors["feature_key"] = (
                 "must be lowercase letters and digits joined by single underscores, "
                 "starting with a letter (e.g. seedream_text_to_image)"

@@ -124,10 +124,12 @@ class PricingNotifier:
     async def notify(self, *feature_keys: str) -> None:
         """Tell every listening process to forget these keys. Never raises: the write it
         follows has committed, and failing the request now would misreport it."""
-        payload = json.dumps(sorted(set(feature_keys)))
+        payloads = _payloads(sorted(set(feature_keys)))
+        payload = ", ".join(payloads)
         try:
             async with asyncio.timeout(self._timeout), self._engine.begin() as conn:
-                await conn.execute(select(func.pg_notify(CHANNEL, payload)))
+                for chunk in payloads:  # one transaction: listeners get them together, or none
+                    await conn.execute(select(func.pg_notify(CHANNEL, chunk)))
         except Exception as exc:  # anything: the caller's write stands either way
             log.error(
                 "credit_guard: could not notify other processes of pricing change %s (%s); "
@@ -205,3 +207,20 @@ class PricingNotifier:
 
 
 __all__ = ["APPLICATION_NAME", "CHANNEL", "PricingNotifier"]
+
+
+#: PostgreSQL refuses a NOTIFY payload of 8000 bytes or more; stay well under it.
+MAX_PAYLOAD_BYTES = 7000
+
+
+def _payloads(keys: list[str]) -> list[str]:
+    """The keys as JSON lists that each fit in one NOTIFY (a bulk import can change hundreds)."""
+    chunks: list[str] = []
+    batch: list[str] = []
+    for key in keys:
+        if batch and len(json.dumps([*batch, key]).encode()) > MAX_PAYLOAD_BYTES:
+            chunks.append(json.dumps(batch))
+            batch = []
+        batch.append(key)
+    chunks.append(json.dumps(batch))
+    return chunks

@@ -52,9 +52,13 @@ class PricingCache:
         flight = self._flights.get(feature_key)
         if flight is not None:
             await flight.done.wait()
-            if flight.error is not None:
+            if flight.error is None:
+                return flight.result
+            if not isinstance(flight.error, anyio.get_cancelled_exc_class()):
                 raise flight.error
-            return flight.result
+            # The loader's own request was cancelled (a client gone, a timeout): that is not
+            # this waiter's failure, so load again rather than die with someone else's cancel.
+            return await self.get(feature_key)
         flight = self._flights[feature_key] = _Flight()
         generation = self._generation
         try:

@@ -191,7 +191,9 @@ async def public_pricing(request: Request, guard: CreditGuard) -> Response:
         _refuse_if({"key": "must not be empty"})
     # A key that cannot exist is answered without a lookup, so anonymous requests cannot
     # fill the pricing cache with misses and push real prices out of it.
-    found = await guard.get_feature_pricing(key) if len(key) <= FEATURE_KEY_MAX and FEATURE_KEY_RE.match(key) else None
+    found = (
+        await guard.get_feature_pricing(key) if len(key) <= FEATURE_KEY_MAX and FEATURE_KEY_RE.fullmatch(key) else None
+    )
     if found is None:
         raise _Refusal(problems.unknown_feature(key))
     return JSONResponse(_public(found), headers=_PUBLIC)
@@ -242,7 +244,11 @@ def _parse_when(raw: str | None, name: str, errors: dict[str, str]) -> datetime 
         return None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable UTC instant
+        errors[name] = "is out of the representable range of dates"
+        return None
 
 
 def _json_number(text: str) -> int | float:
@@ -260,6 +266,8 @@ async def _json_object(request: Request) -> dict[str, Any]:
         data = json.loads(raw, parse_float=_json_number)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _Refusal(problems.invalid_request({"body": f"is not valid JSON ({exc})"})) from exc
+    except RecursionError as exc:
+        raise _Refusal(problems.invalid_request({"body": "is nested too deeply"})) from exc
     if not isinstance(data, dict):
         raise _Refusal(problems.invalid_request({"body": "must be a JSON object"}))
     return data

@@ -21,7 +21,7 @@ import anyio
 from litestar import Request, Response
 from litestar.handlers import HTTPRouteHandler
 
-from ..decorator import attach_credit_headers, find_guard
+from ..decorator import attach_credit_headers, find_guard, is_failure
 from ..guard import CreditGuard
 from ..problems import PROBLEM_CONTENT_TYPE, Problem
 
@@ -32,6 +32,21 @@ def problem_response(problem: Problem) -> Response[Any]:
     return Response(
         content=problem.body(), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_CONTENT_TYPE
     )
+
+
+def _declared_return(fn: Callable[..., Any]) -> Any:
+    """The handler's declared return type, resolved, when it is a plain value type (not a
+    Response already, and resolvable now); None leaves the annotation as it is."""
+    try:
+        returns = typing.get_type_hints(fn).get("return")
+    except Exception:  # a forward reference that cannot be resolved yet: leave it to Litestar
+        return None
+    if returns is None or returns is type(None):
+        return None
+    origin = typing.get_origin(returns) or returns
+    if isinstance(origin, type) and issubclass(origin, Response):
+        return None
+    return returns
 
 
 def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> Callable[[F], F]:
@@ -63,7 +78,7 @@ def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> C
                     result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
-                    await active.settle(outcome, failed=True, reason=f"handler raised {type(exc).__name__}")
+                    await active.settle(outcome, failed=is_failure(exc), reason=f"handler raised {type(exc).__name__}")
                 attach_credit_headers(exc, outcome)
                 raise
             if not isinstance(result, Response):
@@ -75,9 +90,18 @@ def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> C
                 result.headers[name] = value
             return result
 
-        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        annotations = dict(getattr(fn, "__annotations__", {}))
         if not asks_for_request:
-            wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "request": Request}
+            annotations["request"] = Request
+        returns = _declared_return(fn)
+        if returns is not None:
+            # The wrapper always returns a Response (the credit headers ride on it), so say
+            # so: Litestar then applies a return DTO to its content, and OpenAPI still shows
+            # the handler's own model.
+            annotations["return"] = Response[returns]  # type: ignore[valid-type]
+            signature = signature.replace(return_annotation=annotations["return"])
+        wrapper.__annotations__ = annotations
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         return typing.cast(F, wrapper)
 
     return decorate
