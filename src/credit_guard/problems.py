@@ -99,12 +99,14 @@ def feature_inactive(feature_key: str) -> Problem:
     )
 
 
-def unavailable(retry_after: int) -> Problem:
+def unavailable(retry_after: int, *, nothing_was: str = "charged") -> Problem:
+    """The database did not answer: 503 with ``Retry-After``. ``nothing_was`` says what
+    the refused request did not do ("charged" for a paid route, "changed" for an admin write)."""
     return Problem(
         status=503,
         type=TYPE_UNAVAILABLE,
         title="Credits unavailable",
-        detail="The credit ledger cannot be reached right now; nothing was charged. Retry later.",
+        detail=f"The credit ledger cannot be reached right now; nothing was {nothing_was}. Retry later.",
         headers={"Retry-After": str(retry_after)},
     )
 
@@ -167,15 +169,4 @@ def duplicate_feature(feature_key: str) -> Problem:
         title="Duplicate feature",
         detail=f"A pricing with feature_key {feature_key!r} already exists; nothing was changed.",
         extra={"errors": {"feature_key": "already exists"}, "feature": feature_key},
-    )
-
-
-def storage_unavailable(retry_after: int) -> Problem:
-    """The admin side's 503: the same outage as :func:`unavailable`, but nothing was *changed*."""
-    return Problem(
-        status=503,
-        type=TYPE_UNAVAILABLE,
-        title="Credits unavailable",
-        detail="The credit database cannot be reached right now; nothing was changed. Retry later.",
-        headers={"Retry-After": str(retry_after)},
     )

@@ -303,7 +303,7 @@ def _endpoint(handler: Handler, *, is_admin: IsAdmin | None) -> Callable[[Reques
         except PricingNotFound as exc:
             problem = problems.pricing_not_found(exc.pricing_id)
         except StorageUnavailable:
-            problem = problems.storage_unavailable(guard.retry_after)
+            problem = problems.unavailable(guard.retry_after, nothing_was="changed")
         _log_refusal(request, problem)
         response = problem_response(problem)
         response.headers.setdefault("Cache-Control", "no-store")
