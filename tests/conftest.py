@@ -73,11 +73,25 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return PG_URL
 
 
+_PG_SCHEMA_FRESH = False
+
+
 async def reset_postgres(guard: CreditGuard) -> None:
+    """Empty credit_guard's tables; on the run's first call, rebuild them from the current
+    schema (a server kept between runs may hold tables an older version created)."""
+    global _PG_SCHEMA_FRESH
+    if not _PG_SCHEMA_FRESH:
+        from credit_guard.schema import metadata
+
+        async with guard.engine.begin() as conn:
+            await conn.run_sync(metadata.drop_all)
+            await conn.run_sync(metadata.create_all)
+        _PG_SCHEMA_FRESH = True
     async with guard.engine.begin() as conn:
         await conn.execute(
             text(
-                "TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing"
+                "TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing,"
+                " credit_guard_idempotency_keys"
                 " RESTART IDENTITY CASCADE"
             )
         )

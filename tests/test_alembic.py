@@ -31,8 +31,19 @@ from credit_guard.schema import metadata as credit_guard_metadata
 
 from .conftest import PG_URL, pg_problem
 
-TABLES = {"credit_guard_accounts", "credit_guard_feature_pricing", "credit_guard_ledger"}
-INDEXES = {"ix_credit_guard_ledger_org_created", "ix_credit_guard_ledger_feature_created"}
+TABLES = {
+    "credit_guard_accounts",
+    "credit_guard_feature_pricing",
+    "credit_guard_ledger",
+    "credit_guard_idempotency_keys",
+}
+INDEXES = {
+    "ix_credit_guard_ledger_org_created",
+    "ix_credit_guard_ledger_feature_created",
+    "ix_credit_guard_ledger_open_holds",
+    "ix_credit_guard_idempotency_keys_charge_id",
+    "ix_credit_guard_idempotency_keys_expires_at",
+}
 
 APP_MODELS = """
 from sqlalchemy import Column, Integer, MetaData, String, Table
@@ -114,7 +125,7 @@ def ops(diffs: list[Any]) -> set[tuple[str, str]]:
     return {(diff[0], diff[1].name) for diff in diffs}
 
 
-def test_autogenerate_on_an_empty_database_adds_the_three_tables(db: Db) -> None:
+def test_autogenerate_on_an_empty_database_adds_every_table(db: Db) -> None:
     assert ops(db.diffs(credit_guard_metadata)) == {("add_table", t) for t in TABLES} | {
         ("add_index", i) for i in INDEXES
     }

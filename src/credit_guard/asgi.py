@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import anyio
 from starlette.datastructures import MutableHeaders
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .guard import CreditGuard, Ticket
+from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
+from .idempotency import Replay
 from .problems import Problem
 
 
@@ -28,6 +30,43 @@ async def send_problem(problem: Problem, send: Send) -> None:
     body = problem.body_bytes()
     await send({"type": "http.response.start", "status": problem.status, "headers": problem.raw_headers(len(body))})
     await send({"type": "http.response.body", "body": body})
+
+
+async def send_replay(replay: Replay, send: Send) -> None:
+    await send({"type": "http.response.start", "status": replay.status, "headers": replay.headers})
+    await send({"type": "http.response.body", "body": replay.body})
+
+
+async def read_body(receive: Receive) -> tuple[bytes, Receive]:
+    """The whole request body, and a ``receive`` that hands it to the app again.
+
+    Needed only for requests with an Idempotency-Key: their fingerprint covers the body
+    and must be known before the charge, that is before the app reads it.
+    """
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            # The client left before sending its body: nothing to fingerprint or charge.
+            raise ClientDisconnected
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    body = b"".join(chunks)
+    replayed = False
+
+    async def receive_again() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, receive_again
+
+
+class ClientDisconnected(Exception):
+    """The client hung up while its request body was being read."""
 
 
 async def run_charged(
@@ -38,24 +77,32 @@ async def run_charged(
     Not delivered means: a 5xx status (refunded before its ``http.response.start`` goes
     out, so the response itself says ``X-Credits-Refunded``), an exception before the
     last body chunk, or the client disconnecting before it. Once the last chunk is sent
-    the request is paid for: a background task failing afterwards refunds nothing.
+    the request is paid for (its hold is settled): a background task failing afterwards
+    refunds nothing. The ticket is put in ``scope["state"]`` for ``current_ticket``.
     """
+    state = scope.setdefault("state", {})
+    if isinstance(state, dict):
+        state[TICKET_SCOPE_KEY] = ticket
+    recorder = ticket.recorder
     started = delivered = disconnected = False
+    status = 0
 
     async def send_with_credits(message: Message) -> None:
-        nonlocal started, delivered
+        nonlocal started, delivered, status
         kind = message["type"]
         if kind == "http.response.start" and not started:
             started = True
             status = message["status"]
             if status >= 500:
                 await guard.settle(ticket, failed=True, reason=f"handler answered {status}")
-            else:
-                await guard.settle(ticket, failed=False)
             headers = MutableHeaders(raw=list(message.get("headers", ())))
             for name, value in ticket.headers():
                 headers[name] = value
             message = {**message, "headers": headers.raw}
+            if recorder is not None:
+                recorder.start(status, headers.raw)
+        elif kind == "http.response.body" and recorder is not None:
+            recorder.body(message.get("body", b""))
         await send(message)
         if kind == "http.response.body" and not message.get("more_body", False):
             delivered = True
@@ -75,39 +122,59 @@ async def run_charged(
             # body broke mid-stream. Shielded: a cancelled request must still get its refund.
             with anyio.CancelScope(shield=True):
                 await guard.settle(ticket, failed=True, reason=f"handler raised {type(exc).__name__}")
+        elif status < 500:
+            await guard.settle(ticket, failed=False, status=status)
         raise
     if not delivered:
         # No answer at all, or a stream the client hung up on (Starlette stops it quietly).
         reason = "client disconnected" if disconnected else "no response sent"
         await guard.settle(ticket, failed=True, reason=reason)
+    elif status < 500:
+        await guard.settle(ticket, failed=False, status=status)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A paid route's options for ``CreditGuardMiddleware`` (a bare feature key means defaults).
+
+    ``units``: a callable of the request (Starlette ``Request``) whose number multiplies
+    the price (seconds of video...); ``idempotency``: True, "required" or False for this
+    route (None: the guard's default); ``max_overage``: see ``Ticket.report_usage``.
+    """
+
+    feature_key: str
+    units: UnitsOf | None = None
+    idempotency: IdempotencyMode | None = None
+    max_overage: float | None = None
 
 
 class CreditGuardMiddleware:
     """Charge for requests that match ``rules`` before the app runs them.
 
-    ``rules`` maps ``"METHOD /path/{param}"`` to a feature key. Templates use Starlette's
-    syntax (``{id}``, ``{id:int}``, ``{rest:path}``). Requests that match no rule, and
-    every non-HTTP scope, go straight to the app: the only cost is a dict lookup (and,
-    for methods that have templated rules, their regexes).
+    ``rules`` maps ``"METHOD /path/{param}"`` to a feature key or a ``Rule``. Templates
+    use Starlette's syntax (``{id}``, ``{id:int}``, ``{rest:path}``). Requests that match
+    no rule, and every non-HTTP scope, go straight to the app: the only cost is a dict
+    lookup (and, for methods that have templated rules, their regexes).
     """
 
-    def __init__(self, app: ASGIApp, *, guard: CreditGuard, rules: Mapping[str, str]) -> None:
+    def __init__(self, app: ASGIApp, *, guard: CreditGuard, rules: Mapping[str, str | Rule]) -> None:
         self.app = app
         self.guard = guard
-        # path -> method -> feature: the pass-through path is two dict lookups, no allocation.
-        self._static: dict[str, dict[str, str]] = {}
-        self._templated: dict[str, list[tuple[re.Pattern[str], str]]] = {}
-        for rule, feature_key in rules.items():
-            method, _, path = rule.strip().partition(" ")
+        # path -> method -> rule: the pass-through path is two dict lookups, no allocation.
+        self._static: dict[str, dict[str, Rule]] = {}
+        self._templated: dict[str, list[tuple[re.Pattern[str], Rule]]] = {}
+        for spec, target in rules.items():
+            rule = target if isinstance(target, Rule) else Rule(target)
+            method, _, path = spec.strip().partition(" ")
             path = path.strip()
             if not method or not path.startswith("/"):
-                raise ValueError(f"rule {rule!r} must look like 'POST /v1/images'")
+                raise ValueError(f"rule {spec!r} must look like 'POST /v1/images'")
             method = method.upper()
             if "{" in path:
                 regex, _, _ = compile_path(path)
-                self._templated.setdefault(method, []).append((regex, feature_key))
+                self._templated.setdefault(method, []).append((regex, rule))
             else:
-                self._static.setdefault(path, {})[method] = feature_key
+                self._static.setdefault(path, {})[method] = rule
         # Starlette (and most routers) answer HEAD with the GET handler: it must not run free.
         for methods in self._static.values():
             if "GET" in methods:
@@ -115,19 +182,23 @@ class CreditGuardMiddleware:
         if "GET" in self._templated and "HEAD" not in self._templated:
             self._templated["HEAD"] = self._templated["GET"]
 
-    def match(self, method: str, path: str) -> str | None:
-        """The feature key a request pays for, or None."""
+    def match_rule(self, method: str, path: str) -> Rule | None:
         by_method = self._static.get(path)
         if by_method is not None:
-            feature_key = by_method.get(method)
-            if feature_key is not None:
-                return feature_key
+            rule = by_method.get(method)
+            if rule is not None:
+                return rule
         templated = self._templated.get(method)
         if templated:
-            for regex, key in templated:
+            for regex, found in templated:
                 if regex.match(path):
-                    return key
+                    return found
         return None
+
+    def match(self, method: str, path: str) -> str | None:
+        """The feature key a request pays for, or None."""
+        rule = self.match_rule(method, path)
+        return rule.feature_key if rule is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -135,15 +206,30 @@ class CreditGuardMiddleware:
             root_path: str | None = scope.get("root_path")
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :] or "/"
-            feature_key = self.match(scope["method"], path)
-            if feature_key is not None:
-                outcome = await self.guard.open_charge(feature_key, scope)
+            rule = self.match_rule(scope["method"], path)
+            if rule is not None:
+                body = None
+                if self.guard.idempotency_key_of(scope, rule.idempotency) is not None:
+                    try:
+                        body, receive = await read_body(receive)
+                    except ClientDisconnected:
+                        return
+                outcome = await self.guard.open_charge(
+                    rule.feature_key,
+                    scope,
+                    units=rule.units,
+                    idempotency=rule.idempotency,
+                    body=body,
+                    max_overage=rule.max_overage,
+                )
                 if isinstance(outcome, Problem):
                     await send_problem(outcome, send)
+                elif isinstance(outcome, Replay):
+                    await send_replay(outcome, send)
                 else:
                     await run_charged(self.guard, outcome, self.app, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
-__all__ = ["CreditGuardMiddleware", "run_charged", "send_problem"]
+__all__ = ["CreditGuardMiddleware", "Rule", "read_body", "run_charged", "send_problem", "send_replay"]

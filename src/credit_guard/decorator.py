@@ -25,8 +25,9 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .asgi import run_charged
-from .guard import CreditGuard, Ticket
+from .asgi import Rule, run_charged
+from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
+from .idempotency import Replay
 from .problems import PROBLEM_CONTENT_TYPE, Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,21 +36,56 @@ _REQUEST_PARAM = "credit_guard_request"
 _RESPONSE_PARAM = "credit_guard_response"
 
 
-def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> Callable[[F], F]:
+def requires_credits(
+    feature_key: str,
+    *,
+    guard: CreditGuard | None = None,
+    units: UnitsOf | None = None,
+    idempotency: IdempotencyMode | None = None,
+    max_overage: float | None = None,
+) -> Callable[[F], F]:
     """Charge ``feature_key``'s price before the handler runs; refund if it fails.
 
     The guard is ``guard=`` or ``request.app.state.credit_guard``. Put the decorator
     *below* the framework's route decorator (``@app.post(...)`` / ``@post(...)``).
+
+    ``units``: a callable of the request returning how many units this call reserves
+    (seconds of video...): the price is multiplied by it, rounded up, and charged before
+    the handler runs; the handler may ``current_ticket(request).report_usage(n)``.
+    ``idempotency``: honour ``Idempotency-Key`` here (True / "required"; None follows
+    the guard). ``max_overage``: how far above the reserve reported usage may be charged.
     """
+    rule = Rule(feature_key, units=units, idempotency=idempotency, max_overage=max_overage)
 
     def decorate(fn: F) -> F:
         if _is_litestar(fn):
-            from .contrib.litestar import requires_credits as litestar_requires_credits
+            from .contrib.litestar import decorate_litestar
 
-            return litestar_requires_credits(feature_key, guard=guard)(fn)
-        return decorate_starlette(fn, feature_key, guard)
+            return decorate_litestar(fn, rule, guard)
+        return decorate_starlette(fn, rule, guard)
 
     return decorate
+
+
+async def open_for(active: CreditGuard, rule: Rule, request: Any) -> Ticket | Problem | Replay:
+    """``open_charge`` for a framework request object: reads the body only when an
+    Idempotency-Key needs it (Starlette, FastAPI and Litestar cache it for the handler)."""
+    scope = request.scope
+    body = await request.body() if active.idempotency_key_of(scope, rule.idempotency) is not None else None
+    outcome = await active.open_charge(
+        rule.feature_key,
+        scope,
+        request,
+        units=rule.units,
+        idempotency=rule.idempotency,
+        body=body,
+        max_overage=rule.max_overage,
+    )
+    if isinstance(outcome, Ticket):
+        state = scope.setdefault("state", {})
+        if isinstance(state, dict):
+            state[TICKET_SCOPE_KEY] = outcome
+    return outcome
 
 
 def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
@@ -122,7 +158,30 @@ class _ChargedResponse(Response):
         await run_charged(self._guard, self._ticket, self._inner, scope, receive, send)
 
 
-def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
+class _ReplayResponse(Response):
+    """An idempotent replay, sent byte for byte as it was stored."""
+
+    def __init__(self, replay: Replay) -> None:
+        self._replay = replay
+        self.status_code = replay.status
+        self.background = None
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._replay.headers
+
+    @raw_headers.setter
+    def raw_headers(self, value: list[tuple[bytes, bytes]]) -> None:
+        self._replay = Replay(self._replay.status, value, self._replay.body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from .asgi import send_replay
+
+        await send_replay(self._replay, send)
+
+
+def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
+    rule = rule if isinstance(rule, Rule) else Rule(rule)
     signature = inspect.signature(fn)
     hints = _hints(fn)
     request_name = _param_of_type(signature, hints, HTTPConnection) or (
@@ -151,9 +210,11 @@ def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
         if request is None:
             raise RuntimeError(f"requires_credits: {fn.__qualname__} was called without a request")
         active = find_guard(guard, request.app)
-        outcome = await active.open_charge(feature_key, request.scope, request)
+        outcome = await open_for(active, rule, request)
         if isinstance(outcome, Problem):
             return problem_response(outcome)
+        if isinstance(outcome, Replay):
+            return _ReplayResponse(outcome)
         try:
             if is_async:
                 result = await fn(*args, **kwargs)
@@ -161,7 +222,12 @@ def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
                 result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                await active.settle(outcome, failed=is_failure(exc), reason=f"handler raised {type(exc).__name__}")
+                await active.settle(
+                    outcome,
+                    failed=is_failure(exc),
+                    reason=f"handler raised {type(exc).__name__}",
+                    status=getattr(exc, "status_code", None),
+                )
             attach_credit_headers(exc, outcome)
             raise
         if isinstance(result, Response):
@@ -169,7 +235,7 @@ def decorate_starlette(fn: F, feature_key: str, guard: CreditGuard | None) -> F:
         # FastAPI serialises a returned value itself; its status and headers come from the
         # sub-response it handed us (status_code None there means the route's default).
         status = getattr(sub_response, "status_code", None) or 200
-        await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}")
+        await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
         if sub_response is not None:
             for name, value in outcome.headers():
                 sub_response.headers[name] = value

@@ -42,3 +42,15 @@ class PricingNotFound(CreditGuardError, LookupError):
     def __init__(self, pricing_id: str) -> None:
         self.pricing_id = pricing_id
         super().__init__(f"no pricing with id {pricing_id!r}")
+
+
+class IdempotencyKeyReused(CreditGuardError, ValueError):
+    """An idempotency key was used again for a different call (another feature or units).
+
+    Nothing was charged: a key names one operation, and a client that reuses it for
+    another has a bug that a silent replay would hide.
+    """
+
+    def __init__(self, idempotency_key: str) -> None:
+        self.idempotency_key = idempotency_key
+        super().__init__(f"idempotency key {idempotency_key!r} was already used for a different call")

@@ -11,11 +11,14 @@ around a handler. Nothing here imports a web framework.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import Any
 
@@ -25,7 +28,27 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import problems
 from .engine import DEFAULT_DATABASE_URL, build_engine
-from .errors import InvalidPricing, PricingNotFound, StorageUnavailable
+from .errors import IdempotencyKeyReused, InvalidPricing, PricingNotFound, StorageUnavailable
+from .events import (
+    ChargeEvent,
+    Event,
+    H,
+    HookDispatcher,
+    InsufficientCreditsEvent,
+    LowBalanceEvent,
+    RefundEvent,
+    crossed_below,
+)
+from .holds import HoldKeeper, utcnow
+from .idempotency import (
+    IDEMPOTENCY_HEADER,
+    Replay,
+    ResponseRecorder,
+    call_fingerprint,
+    key_from_headers,
+    request_fingerprint,
+    validate_key,
+)
 from .models import (
     AuditIssue,
     CreditCheck,
@@ -40,7 +63,7 @@ from .models import (
 from .notify import PricingNotifier
 from .pricing import PricingCache
 from .problems import Problem
-from .store import SqlStore
+from .store import IdempotentOutcome, SqlStore
 
 log = logging.getLogger("credit_guard")
 
@@ -55,6 +78,34 @@ USER_ID_MAX = 255
 REQUEST_PATH_MAX = 2048
 #: Far above any real top-up, far below BIGINT's limit: a typo, not a grant, beyond it.
 MAX_GRANT = 2**53
+#: Units a single request may reserve (seconds of video, images...): beyond it, a typo or an attack.
+MAX_UNITS = 1_000_000
+#: How a route computes its units from the framework's request (sync or async).
+UnitsOf = Callable[[Any], "int | float | Decimal | str | Awaitable[int | float | Decimal | str]"]
+#: Where a ticket lives in the ASGI scope, for ``current_ticket(request)``.
+TICKET_SCOPE_KEY = "credit_guard.ticket"
+IdempotencyMode = bool | str
+
+
+def units_value(value: object) -> Decimal:
+    """A request's units as an exact Decimal, or ValueError saying why not.
+
+    Decimal, not float: ``0.1 * 20`` must cost 2 credits, not 3.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
+        raise ValueError(f"units must be a number, got {type(value).__name__}")
+    try:
+        units = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"units must be a number, got {value!r:.40}") from None
+    if not units.is_finite() or units <= 0 or units > MAX_UNITS:
+        raise ValueError(f"units must be a number above 0 and at most {MAX_UNITS}, got {value!r:.40}")
+    return units
+
+
+def cost_of(unit_price: int, units: Decimal) -> int:
+    """Credits for ``units`` at ``unit_price``, rounded up: a fraction of a unit is paid for."""
+    return math.ceil(Decimal(unit_price) * units)
 
 
 @dataclass(slots=True)
@@ -68,6 +119,32 @@ class Ticket:
     charge_id: int | None
     refund: RefundResult | None = None
     settled: bool = False
+    #: Price of one unit; ``credits`` is ``unit_price * units`` rounded up.
+    unit_price: int = 0
+    units: Decimal = Decimal(1)
+    #: What the handler reported it really used (``report_usage``); None keeps the reserve.
+    used_units: Decimal | None = None
+    #: How far above the reserve, as a fraction of it, reported usage may still be charged.
+    max_overage: float = 0.0
+    idempotency_key: str | None = None
+    #: Records the response for replay (idempotent requests only).
+    recorder: ResponseRecorder | None = None
+    user_id: str | None = None
+    #: Extra credits taken or refunded when usage was settled.
+    adjustment: int = 0
+    _extra: dict[str, Any] = field(default_factory=dict)
+
+    def report_usage(self, units: int | float | Decimal | str) -> None:
+        """Say what the request really used (seconds of video rendered, images made...).
+
+        At settlement, unused credits of the reserve go back, and use beyond it is charged
+        up to ``max_overage`` of the reserve (and what the balance holds), exactly once.
+        Raises ValueError for anything but a number from 0 to MAX_UNITS.
+        """
+        if isinstance(units, int | float | Decimal) and not isinstance(units, bool) and units == 0:
+            self.used_units = Decimal(0)
+            return
+        self.used_units = units_value(units)
 
     def headers(self) -> list[tuple[str, str]]:
         """The credit headers the response carries, reflecting a refund if one happened."""
@@ -106,6 +183,22 @@ class CreditGuard:
         pricing_notify: on PostgreSQL, tell every other process sharing the database about
             each pricing write (LISTEN/NOTIFY, see ``notify.py``) so none waits for its TTL.
             Turn off behind PgBouncer's transaction pooling, which cannot carry LISTEN.
+        hold_timeout: seconds after which a charge whose process died is refunded by the
+            sweeper (``holds.py``). Live requests keep their holds alive, so this bounds
+            how long a crash keeps credits, not how long a request may run.
+        sweep_interval: seconds between two sweeps (default: a quarter of hold_timeout).
+            ``sweep=False`` leaves sweeping to another process or ``credit-guard sweep``.
+        settle_delay: how long settlements gather before one batched UPDATE writes them.
+        idempotency: honour ``Idempotency-Key`` on every paid route (True), require it
+            ("required"), or only where a route opts in (False, the default).
+        idempotency_ttl: seconds a key (and its stored response) is kept.
+        idempotency_max_body: bytes of response body stored for replay; a longer body is
+            replayed as status and headers with ``Idempotent-Body-Omitted: true``.
+        max_overage: default for routes: how far above its reserve (0.5 = 50%) a request's
+            reported usage may still be charged.
+        low_balance_threshold: fire ``on_low_balance`` hooks when a charge takes a balance
+            below this many credits.
+        hook_timeout: seconds a hook may run before it is abandoned (and logged).
     """
 
     def __init__(
@@ -125,7 +218,21 @@ class CreditGuard:
         pg_pool_size: int = 10,
         asyncpg_pool_kwargs: Mapping[str, Any] | None = None,
         pricing_notify: bool = True,
+        hold_timeout: float = 120.0,
+        sweep_interval: float | None = None,
+        sweep: bool = True,
+        settle_delay: float = 0.05,
+        idempotency: IdempotencyMode = False,
+        idempotency_ttl: float = 24 * 3600.0,
+        idempotency_max_body: int = 1024 * 1024,
+        max_overage: float = 0.0,
+        low_balance_threshold: int | None = None,
+        hook_timeout: float = 5.0,
     ) -> None:
+        if idempotency not in (True, False, "required"):
+            raise ValueError(f"idempotency must be True, False or 'required', got {idempotency!r}")
+        if hold_timeout <= 0 or max_overage < 0:
+            raise ValueError("hold_timeout must be positive and max_overage not negative")
         # An engine handed in belongs to the app: close() must leave it open.
         self._owns_engine = engine is None
         if engine is None:
@@ -151,6 +258,21 @@ class CreditGuard:
         self.fail_open = fail_open
         self.retry_after = retry_after
         self.refund_attempts = max(1, refund_attempts)
+        self.idempotency = idempotency
+        self.idempotency_ttl = idempotency_ttl
+        self.idempotency_max_body = idempotency_max_body
+        self.max_overage = max_overage
+        self.low_balance_threshold = low_balance_threshold
+        self.hooks = HookDispatcher(timeout=hook_timeout)
+        self.holds = HoldKeeper(
+            self.store,
+            hold_timeout=hold_timeout,
+            sweep_interval=sweep_interval if sweep_interval is not None else hold_timeout / 4,
+            settle_delay=settle_delay,
+            on_refund=self._refunded,
+            fast_settle=getattr(self._charger, "settle_holds", None) if self._charger is not self.store else None,
+        )
+        self.holds.sweeping = sweep
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -159,12 +281,17 @@ class CreditGuard:
         await self.store.create_schema()
 
     async def start(self) -> None:
-        """Listen for other processes' pricing changes now rather than on the first price
-        lookup (PostgreSQL; a no-op elsewhere). Optional, and never fails the startup."""
+        """Start the hold keeper (heartbeat, batched settlement, sweeper of expired holds)
+        and listen for other processes' pricing changes. Call it in the app's lifespan;
+        never fails the startup (the first paid request would start the keeper anyway)."""
+        await self.holds.start()
         if self.notifier is not None:
             await self.notifier.start()
 
     async def close(self) -> None:
+        """Settle what is queued, let pending hooks finish (bounded), close connections."""
+        await self.holds.close()
+        await self.hooks.close()
         if self.notifier is not None:
             await self.notifier.close()
         if self._charger is not self.store:
@@ -288,55 +415,230 @@ class CreditGuard:
         feature_key: str,
         user_id: str | None = None,
         *,
+        units: int | float | Decimal | str = 1,
+        idempotency_key: str | None = None,
+        hold: bool = False,
         request_method: str | None = None,
         request_path: str | None = None,
     ) -> DeductionResult:
-        """Charge a feature's price, atomically, or say why not.
+        """Charge a feature's price (times ``units``, rounded up), atomically, or say why not.
+
+        ``idempotency_key``: a retry with the same key charges nothing and returns the
+        first call's result with ``replayed=True``; the key is freed if that charge is
+        refunded. Reusing it for another feature or units raises IdempotencyKeyReused.
+        ``hold``: the charge is a hold: settle it with ``settle_charge`` (or refund it)
+        before ``hold_timeout``, or the sweeper gives it back (for work that may die).
 
         Raises StorageUnavailable when the database cannot be reached: a deduction whose
         outcome is unknown must not be mistaken for either answer.
         """
+        result, outcome = await self._deduct(
+            organization_id,
+            feature_key,
+            user_id,
+            units=units_value(units),
+            idempotency=(idempotency_key, call_fingerprint(feature_key, units_value(units)), True)
+            if idempotency_key is not None
+            else None,
+            hold=hold,
+            request_method=request_method,
+            request_path=request_path,
+        )
+        if outcome is None or outcome.kind in ("claimed", "insufficient"):
+            return result
+        assert idempotency_key is not None and outcome.stored is not None
+        if outcome.kind == "mismatch":
+            raise IdempotencyKeyReused(idempotency_key)
+        stored = json.loads(bytes(outcome.stored["response_body"] or b"{}")) if outcome.kind == "replay" else {}
+        return DeductionResult(
+            success=True,
+            remaining_credits=stored.get("remaining_credits"),
+            credits_deducted=stored.get("credits_deducted"),
+            charge_id=stored.get("charge_id") or outcome.stored["charge_id"],
+            required=stored.get("credits_deducted"),
+            replayed=True,
+        )
+
+    async def _deduct(
+        self,
+        organization_id: str,
+        feature_key: str,
+        user_id: str | None,
+        *,
+        units: Decimal,
+        idempotency: tuple[str, str, bool] | None,
+        hold: bool,
+        request_method: str | None,
+        request_path: str | None,
+    ) -> tuple[DeductionResult, IdempotentOutcome | None]:
+        """The one deduction every path takes; ``idempotency`` is (key, fingerprint, finish_now)."""
         _check_org(organization_id)
         pricing = await self.pricing_cache.get(feature_key)
         if pricing is None:
             return DeductionResult(
                 success=False, error=f"Feature pricing not found: {feature_key}", error_code="feature_not_found"
-            )
+            ), None
         if not pricing.is_active:
             return DeductionResult(
                 success=False, error=f"Feature is inactive: {feature_key}", error_code="feature_inactive"
+            ), None
+        credits = cost_of(pricing.credits, units)
+        # Clipped to their columns: a long URL must be charged, not mistaken for an outage.
+        user_id = user_id[:USER_ID_MAX] if user_id else user_id
+        request_path = request_path[:REQUEST_PATH_MAX] if request_path else request_path
+        hold_until = self.holds.hold_until() if hold else None
+        outcome: IdempotentOutcome | None = None
+        if idempotency is None:
+            charge_id, balance = await self._charger.deduct(
+                organization_id,
+                credits,
+                feature_key=feature_key,
+                user_id=user_id,
+                request_method=request_method,
+                request_path=request_path,
+                hold_until=hold_until,
             )
-        charge_id, balance = await self._charger.deduct(
-            organization_id,
-            pricing.credits,
-            feature_key=feature_key,
-            # Clipped to their columns: a long URL must be charged, not mistaken for an outage.
-            user_id=user_id[:USER_ID_MAX] if user_id else user_id,
-            request_method=request_method,
-            request_path=request_path[:REQUEST_PATH_MAX] if request_path else request_path,
-        )
-        if charge_id is None and pricing.credits == 0:
+        else:
+            key, fingerprint, finish_now = idempotency
+            now = utcnow()
+            outcome = await self.store.claim_and_deduct(
+                organization_id,
+                key,
+                fingerprint,
+                credits,
+                now=now,
+                locked_until=hold_until or self.holds.hold_until(),
+                expires_at=now + timedelta(seconds=self.idempotency_ttl),
+                feature_key=feature_key,
+                user_id=user_id,
+                request_method=request_method,
+                request_path=request_path,
+                hold_until=hold_until,
+                finish_now=finish_now,
+            )
+            if outcome.kind not in ("claimed", "insufficient"):
+                return DeductionResult(success=False, error=f"idempotency key {outcome.kind}"), outcome
+            charge_id, balance = outcome.charge_id, outcome.balance
+        if charge_id is None and credits == 0:
             # A free feature for an organization that has no account yet: nothing to take.
-            return DeductionResult(success=True, remaining_credits=balance, credits_deducted=0, required=0)
+            return DeductionResult(success=True, remaining_credits=balance, credits_deducted=0, required=0), outcome
         if charge_id is None:
+            self.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, balance))
             return DeductionResult(
                 success=False,
                 remaining_credits=balance,
-                error=f"Insufficient credits. Required: {pricing.credits}, Available: {balance}",
-                required=pricing.credits,
+                error=f"Insufficient credits. Required: {credits}, Available: {balance}",
+                required=credits,
                 error_code="insufficient_credits",
-            )
+            ), outcome
+        if hold:
+            self.holds.track(charge_id)
+        self._charged(organization_id, feature_key, credits, balance, charge_id, user_id)
         return DeductionResult(
             success=True,
             remaining_credits=balance,
-            credits_deducted=pricing.credits,
+            credits_deducted=credits,
             charge_id=charge_id,
-            required=pricing.credits,
-        )
+            required=credits,
+        ), outcome
+
+    def _charged(
+        self,
+        organization_id: str,
+        feature_key: str,
+        credits: int,
+        balance: int,
+        charge_id: int | None,
+        user_id: str | None,
+        *,
+        surcharge: bool = False,
+    ) -> None:
+        self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, surcharge))
+        threshold = self.low_balance_threshold
+        if threshold is not None and crossed_below(threshold, balance, credits):
+            self.hooks.emit(LowBalanceEvent(organization_id, balance, threshold, feature_key))
+
+    def _refunded(self, result: RefundResult, charge_id: int, reason: str | None) -> None:
+        self.holds.forget(charge_id)
+        if result.refunded and result.organization_id is not None:
+            self.hooks.emit(
+                RefundEvent(
+                    result.organization_id,
+                    result.feature_key,
+                    result.credits_refunded,
+                    result.remaining_credits,
+                    charge_id,
+                    result.refund_id,
+                    reason,
+                )
+            )
 
     async def refund_credits(self, charge_id: int, *, reason: str | None = None) -> RefundResult:
-        """Give a charge back. Idempotent: the first call refunds, every later one is a no-op."""
-        return await self.store.refund(charge_id, reason)
+        """Give a charge back. Idempotent: the first call refunds, every later one is a no-op.
+
+        A refund also closes the charge's hold and frees the idempotency key it paid for.
+        """
+        result = await self.store.refund(charge_id, reason)
+        self._refunded(result, charge_id, reason)
+        return result
+
+    async def settle_charge(
+        self, charge_id: int, *, used_credits: int | None = None, max_extra: int = 0, reason: str | None = None
+    ) -> tuple[int, int]:
+        """Close a hold as kept, optionally at what was really used; returns (refunded, extra charged).
+
+        With ``used_credits`` below the charge, the difference is refunded; above it, up to
+        ``max_extra`` more is taken (never beyond the balance). Exactly once: settling a
+        hold that is already settled or refunded changes nothing and returns (0, 0).
+        """
+        self.holds.forget(charge_id)
+        if used_credits is None:
+            await self.store.settle_holds([charge_id])
+            return 0, 0
+        if used_credits < 0 or max_extra < 0:
+            raise ValueError("used_credits and max_extra must not be negative")
+        refunded, extra = await self.store.settle_usage(
+            charge_id, used_credits, max_extra, reason or "settled at reported usage"
+        )
+        return refunded, extra
+
+    async def release_expired_holds(self, now: datetime | None = None) -> int:
+        """One sweep: refund every hold whose time ran out (a dead process's), and forget
+        expired idempotency keys. Returns how many holds were released. The guard runs
+        this on its own every ``sweep_interval``; ``credit-guard sweep`` runs it from cron."""
+        return await self.holds.sweep(now)
+
+    async def open_holds(self, organization_id: str | None = None) -> list[int]:
+        """Charge ids still held (their requests running, or their process dead and not yet swept)."""
+        return await self.store.open_holds(organization_id)
+
+    async def flush(self) -> None:
+        """Write queued settlements and let queued hooks run now (tests, shutdown)."""
+        await self.holds.flush()
+        await self.hooks.drain()
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def on_charge(self, hook: H) -> H:
+        """Register ``async def hook(event: ChargeEvent)``; usable as a decorator."""
+        return self.hooks.add(ChargeEvent, hook)
+
+    def on_refund(self, hook: H) -> H:
+        """Register ``async def hook(event: RefundEvent)``."""
+        return self.hooks.add(RefundEvent, hook)
+
+    def on_insufficient_credits(self, hook: H) -> H:
+        """Register ``async def hook(event: InsufficientCreditsEvent)`` (each 402)."""
+        return self.hooks.add(InsufficientCreditsEvent, hook)
+
+    def on_low_balance(self, hook: H) -> H:
+        """Register ``async def hook(event: LowBalanceEvent)``; needs ``low_balance_threshold``."""
+        if self.low_balance_threshold is None:
+            raise ValueError("on_low_balance needs CreditGuard(low_balance_threshold=...)")
+        return self.hooks.add(LowBalanceEvent, hook)
+
+    def emit(self, event: Event) -> None:
+        self.hooks.emit(event)
 
     async def check_credits(self, organization_id: str, feature_key: str) -> CreditCheck:
         """Would the organization afford this feature now? Advice only: it reserves nothing."""
@@ -369,22 +671,74 @@ class CreditGuard:
 
     # -- the two calls the web adapters make around a handler ------------------------------
 
-    async def open_charge(self, feature_key: str, scope: Mapping[str, Any], request: Any = None) -> Ticket | Problem:
-        """Charge for one request before its handler runs, or return the refusal to send.
+    def idempotency_key_of(self, scope: Mapping[str, Any], mode: IdempotencyMode | None = None) -> bytes | None:
+        """The raw Idempotency-Key of a request when the route honours keys, else None.
+
+        Adapters call it to know whether they must read the body (for the fingerprint)
+        before ``open_charge``.
+        """
+        if not (self.idempotency if mode is None else mode):
+            return None
+        return key_from_headers(scope.get("headers") or ())
+
+    async def open_charge(
+        self,
+        feature_key: str,
+        scope: Mapping[str, Any],
+        request: Any = None,
+        *,
+        units: UnitsOf | None = None,
+        idempotency: IdempotencyMode | None = None,
+        body: bytes | None = None,
+        max_overage: float | None = None,
+    ) -> Ticket | Problem | Replay:
+        """Charge for one request before its handler runs, or return what to answer instead:
+        a refusal (Problem) or an idempotent replay of the first response (Replay).
 
         ``request`` is the framework's request object when the adapter has one; custom
-        resolvers receive it (a Starlette HTTPConnection is built for them otherwise).
+        resolvers and ``units`` receive it (a Starlette HTTPConnection is built otherwise).
+        ``body`` is the request body, needed only when an Idempotency-Key is honoured.
         """
         organization_id = await self.resolve_organization(scope, request)
         if not organization_id:
             log.info("credit_guard: %s %s refused: no organization", scope.get("method"), scope.get("path"))
             return problems.no_organization()
         user_id = await self.resolve_user(scope, request)
+        count = Decimal(1)
+        if units is not None:
+            try:
+                value = units(request if request is not None else _connection(scope))
+                if inspect.isawaitable(value):
+                    value = await value
+                count = units_value(value)
+            except (ValueError, TypeError, LookupError) as exc:
+                log.info("credit_guard: %s %s refused: bad units: %s", scope.get("method"), scope.get("path"), exc)
+                return problems.invalid_request({"units": str(exc) or type(exc).__name__}, status=422)
+        mode = self.idempotency if idempotency is None else idempotency
+        key: str | None = None
+        fingerprint = ""
+        if mode:
+            raw_key = key_from_headers(scope.get("headers") or ())
+            if raw_key is None and mode == "required":
+                return problems.invalid_request({IDEMPOTENCY_HEADER: "this route requires an Idempotency-Key header"})
+            if raw_key is not None:
+                key = validate_key(raw_key)
+                if key is None:
+                    return problems.invalid_request({IDEMPOTENCY_HEADER: "must be 1 to 255 visible ASCII characters"})
+                fingerprint = request_fingerprint(
+                    str(scope.get("method", "")),
+                    str(scope.get("path", "")),
+                    scope.get("query_string") or b"",
+                    body or b"",
+                )
         try:
-            result = await self.deduct_credits(
+            result, outcome = await self._deduct(
                 organization_id,
                 feature_key,
                 user_id,
+                units=count,
+                idempotency=(key, fingerprint, False) if key is not None else None,
+                hold=True,
                 request_method=scope.get("method"),
                 request_path=scope.get("path"),
             )
@@ -393,10 +747,29 @@ class CreditGuard:
                 log.warning("credit_guard: database down, %r served FREE (fail_open=True)", feature_key)
                 return Ticket(feature_key, organization_id, 0, None, None)
             return problems.unavailable(self.retry_after)
+        if outcome is not None and outcome.kind not in ("claimed", "insufficient"):
+            assert key is not None and outcome.stored is not None
+            if outcome.kind == "replay":
+                log.info("credit_guard: replayed %r for %s (not charged again)", key, organization_id)
+                return Replay.from_stored(outcome.stored)
+            if outcome.kind == "running":
+                return problems.idempotency_conflict(key, retry_after=1)
+            return problems.idempotency_mismatch(key)
         if result.success:
             assert result.credits_deducted is not None
+            pricing = await self.pricing_cache.get(feature_key)
             return Ticket(
-                feature_key, organization_id, result.credits_deducted, result.remaining_credits, result.charge_id
+                feature_key,
+                organization_id,
+                result.credits_deducted,
+                result.remaining_credits,
+                result.charge_id,
+                unit_price=pricing.credits if pricing is not None else 0,
+                units=count,
+                max_overage=self.max_overage if max_overage is None else max_overage,
+                idempotency_key=key,
+                recorder=ResponseRecorder(self.idempotency_max_body) if key is not None else None,
+                user_id=user_id,
             )
         if result.error_code == "insufficient_credits":
             assert result.required is not None and result.remaining_credits is not None
@@ -409,18 +782,103 @@ class CreditGuard:
             return problems.feature_inactive(feature_key)
         return problems.feature_not_found(feature_key)
 
-    async def settle(self, ticket: Ticket, *, failed: bool, reason: str | None = None) -> None:
+    async def settle(
+        self, ticket: Ticket, *, failed: bool, reason: str | None = None, status: int | None = None
+    ) -> None:
         """Close a request's charge: keep it, or refund it if the request failed.
 
-        A kept charge can still be refunded later (a stream that breaks after its headers
-        went out); a refunded one is never refunded again, here or in the database, whose
-        UNIQUE ``refund_of`` makes a retry after a lost answer harmless. A refund that
-        still fails after the retries is logged with its charge id for a manual
-        ``refund_credits`` (it is never silently dropped).
+        Kept: the hold is queued for the batched settlement (no round trip here), with
+        the recorded response when the request carried an idempotency key. If the handler
+        reported its usage, the difference is settled now, exactly once.
+
+        Refunded: a refunded charge is never refunded again, here or in the database,
+        whose UNIQUE ``refund_of`` makes a retry after a lost answer harmless. A refund
+        that still fails after the retries is logged with its charge id; the hold it
+        still is will be released by the sweeper, so the credits come back either way.
         """
-        ticket.settled = True
-        if not failed or ticket.charge_id is None or ticket.refund is not None:
+        if failed:
+            if ticket.refund is None and ticket.charge_id is not None:
+                await self._refund_retrying(ticket, reason)
+            elif ticket.charge_id is None and ticket.idempotency_key is not None and not ticket.settled:
+                # A free request failed: its key must not replay the failure.
+                try:
+                    await self.store.release_key(ticket.organization_id, ticket.idempotency_key)
+                except StorageUnavailable:
+                    pass  # the key's lock runs out and it is reclaimed then
+            ticket.settled = True
             return
+        if ticket.settled:
+            return
+        ticket.settled = True
+        completion = None
+        if ticket.idempotency_key is not None:
+            recorder = ticket.recorder
+            if recorder is None or recorder.status is None:
+                # The adapter never saw the bytes on the wire (a handler returning a plain
+                # value, serialised later by its framework): replay status only.
+                recorder = ResponseRecorder(0, status=status or 200, overflow=True)
+            completion = {
+                "organization_id": ticket.organization_id,
+                "idempotency_key": ticket.idempotency_key,
+                **recorder.stored(),
+            }
+        if ticket.charge_id is not None and ticket.used_units is not None:
+            used = cost_of(ticket.unit_price, ticket.used_units)
+            if used != ticket.credits:
+                await self._settle_usage(ticket, used)
+        self.holds.settle_later(ticket.charge_id, completion)
+
+    async def _settle_usage(self, ticket: Ticket, used: int) -> None:
+        assert ticket.charge_id is not None
+        max_extra = math.floor(ticket.credits * ticket.max_overage)
+        try:
+            refunded, extra = await self.store.settle_usage(
+                ticket.charge_id, used, max_extra, f"used {ticket.used_units} of {ticket.units} units"
+            )
+        except StorageUnavailable:
+            log.error(
+                "credit_guard: could not settle charge %s at its usage (%s credits); it stays charged at %s",
+                ticket.charge_id,
+                used,
+                ticket.credits,
+            )
+            return
+        if refunded:
+            ticket.adjustment = -refunded
+            self.hooks.emit(
+                RefundEvent(
+                    ticket.organization_id,
+                    ticket.feature_key,
+                    refunded,
+                    None,
+                    ticket.charge_id,
+                    None,
+                    "unused reserve",
+                )
+            )
+        if extra:
+            ticket.adjustment = extra
+            balance = await self.store.balance(ticket.organization_id)
+            self._charged(
+                ticket.organization_id,
+                ticket.feature_key,
+                extra,
+                balance,
+                ticket.charge_id,
+                ticket.user_id,
+                surcharge=True,
+            )
+        if used > ticket.credits + extra:
+            log.warning(
+                "credit_guard: charge %s used %s credits, %s reserved; %s beyond max_overage went unpaid",
+                ticket.charge_id,
+                used,
+                ticket.credits,
+                used - ticket.credits - extra,
+            )
+
+    async def _refund_retrying(self, ticket: Ticket, reason: str | None) -> None:
+        assert ticket.charge_id is not None
         delay = 0.05
         for attempt in range(1, self.refund_attempts + 1):
             try:
@@ -436,8 +894,8 @@ class CreditGuard:
             except StorageUnavailable:
                 if attempt == self.refund_attempts:
                     log.error(
-                        "credit_guard: REFUND FAILED for charge %s (%s credits, org %s); "
-                        "run guard.refund_credits(%s) once the database is back",
+                        "credit_guard: REFUND FAILED for charge %s (%s credits, org %s); the sweeper "
+                        "releases it after hold_timeout, or run guard.refund_credits(%s)",
                         ticket.charge_id,
                         ticket.credits,
                         ticket.organization_id,
@@ -462,14 +920,28 @@ class CreditGuard:
             else:
                 value = getattr(getattr(request, "state", None), key, None)
         else:
-            if request is None:
-                from starlette.requests import HTTPConnection
-
-                request = HTTPConnection(dict(scope) if not isinstance(scope, dict) else scope)
-            value = resolver(request)
+            value = resolver(request if request is not None else _connection(scope))
             if inspect.isawaitable(value):
                 value = await value
         return str(value) if value not in (None, "") else None
+
+
+def _connection(scope: Mapping[str, Any]) -> Any:
+    """A Starlette HTTPConnection for callbacks when the adapter has no request object."""
+    from starlette.requests import HTTPConnection
+
+    return HTTPConnection(dict(scope) if not isinstance(scope, dict) else scope)
+
+
+def current_ticket(request: Any) -> Ticket | None:
+    """The charge of the request being handled (to ``report_usage``), or None.
+
+    Accepts the framework's request object or the ASGI scope itself.
+    """
+    scope = request if isinstance(request, Mapping) else getattr(request, "scope", {})
+    state = scope.get("state")
+    ticket = state.get(TICKET_SCOPE_KEY) if isinstance(state, Mapping) else None
+    return ticket if isinstance(ticket, Ticket) else None
 
 
 def _check_org(organization_id: object) -> None:

@@ -62,6 +62,8 @@ class DeductionResult:
     charge_id: int | None = None
     required: int | None = None
     error_code: DeductionError | None = None
+    #: True when an idempotency key matched an earlier call: nothing was charged this time.
+    replayed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,8 @@ class RefundResult:
     remaining_credits: int | None = None
     refund_id: int | None = None
     error: str | None = None
+    organization_id: str | None = None
+    feature_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

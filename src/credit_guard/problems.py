@@ -29,6 +29,8 @@ TYPE_NOT_AUTHENTICATED = _TYPE_BASE + "not-authenticated"
 TYPE_ADMIN_REQUIRED = _TYPE_BASE + "admin-required"
 TYPE_PRICING_NOT_FOUND = _TYPE_BASE + "pricing-not-found"
 TYPE_DUPLICATE_FEATURE = _TYPE_BASE + "duplicate-feature"
+TYPE_IDEMPOTENCY_CONFLICT = _TYPE_BASE + "idempotency-key-in-use"
+TYPE_IDEMPOTENCY_MISMATCH = _TYPE_BASE + "idempotency-key-reused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,4 +171,30 @@ def duplicate_feature(feature_key: str) -> Problem:
         title="Duplicate feature",
         detail=f"A pricing with feature_key {feature_key!r} already exists; nothing was changed.",
         extra={"errors": {"feature_key": "already exists"}, "feature": feature_key},
+    )
+
+
+def idempotency_conflict(key: str, *, retry_after: int) -> Problem:
+    """The first request with this key is still running (the draft's 409)."""
+    return Problem(
+        status=409,
+        type=TYPE_IDEMPOTENCY_CONFLICT,
+        title="Request in progress",
+        detail=f"A request with Idempotency-Key {key!r} is still being processed; nothing was charged. Retry later.",
+        extra={"idempotency_key": key},
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def idempotency_mismatch(key: str) -> Problem:
+    """The key was first used for another request (the draft's 422)."""
+    return Problem(
+        status=422,
+        type=TYPE_IDEMPOTENCY_MISMATCH,
+        title="Idempotency key reused",
+        detail=(
+            f"Idempotency-Key {key!r} was already used for a different request (method, path, query or body);"
+            " nothing was charged. Use a new key for a new request."
+        ),
+        extra={"idempotency_key": key},
     )

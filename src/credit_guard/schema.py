@@ -7,8 +7,14 @@ name starts with ``credit_guard_`` so the library can share a database with the 
 Money invariants that the database itself enforces, so no code path can break them:
 
 * ``balance >= 0`` on every account (a CHECK constraint backs the conditional UPDATE);
-* a charge is refunded at most once (``refund_of`` is UNIQUE);
-* a refund row always points at a charge and a charge never points anywhere.
+* a charge is refunded at most once (``refund_of`` is UNIQUE), whether in full (a failed
+  request, an expired hold) or in part (a request that used less than it reserved);
+* an over-use surcharge is taken at most once per charge (``extra_of`` is UNIQUE);
+* a refund row always points at a charge, and so does a surcharge.
+
+A charge whose ``hold_expires_at`` is set is a *hold*: its credits are taken, but the
+request that took them has not finished. Settling clears the column; the sweeper refunds
+holds whose time ran out (their process died), so a crash never keeps a credit.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -90,12 +98,23 @@ ledger = Table(
         nullable=True,
         unique=True,
     ),
+    Column(
+        "extra_of",
+        _LedgerId,
+        ForeignKey(f"{TABLE_PREFIX}ledger.id", ondelete="RESTRICT"),
+        nullable=True,
+        unique=True,
+    ),
+    # Set while the charge is a hold (its request still running); NULL once settled or refunded.
+    Column("hold_expires_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_known"),
     CheckConstraint(
-        "(kind = 'refund' AND refund_of IS NOT NULL AND amount > 0)"
+        "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0"
+        " AND hold_expires_at IS NULL)"
         " OR (kind = 'charge' AND refund_of IS NULL AND amount <= 0)"
-        " OR (kind = 'grant' AND refund_of IS NULL AND amount > 0)",
+        " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0"
+        " AND hold_expires_at IS NULL)",
         name="kind_shape",
     ),
     CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
@@ -103,3 +122,34 @@ ledger = Table(
 
 Index(f"ix_{TABLE_PREFIX}ledger_org_created", ledger.c.organization_id, ledger.c.created_at)
 Index(f"ix_{TABLE_PREFIX}ledger_feature_created", ledger.c.feature_key, ledger.c.created_at)
+# The sweeper's query: only open holds are indexed, so the index stays tiny.
+Index(
+    f"ix_{TABLE_PREFIX}ledger_open_holds",
+    ledger.c.hold_expires_at,
+    postgresql_where=ledger.c.hold_expires_at.isnot(None),
+    sqlite_where=ledger.c.hold_expires_at.isnot(None),
+)
+
+idempotency_keys = Table(
+    f"{TABLE_PREFIX}idempotency_keys",
+    metadata,
+    # Keys are scoped to the organization that pays: two tenants may pick the same key.
+    Column("organization_id", String(255), nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    # sha256 of what the key was first used for (method, path, query, body; or feature and units).
+    Column("fingerprint", String(64), nullable=False),
+    # 'running' until the request completes, then 'done' with the response to replay.
+    Column("state", String(16), nullable=False),
+    # The charge the key paid with; refunding it deletes the key so the client may retry.
+    Column("charge_id", _LedgerId, nullable=True, index=True),
+    Column("status_code", Integer, nullable=True),
+    Column("response_headers", Text, nullable=True),
+    Column("response_body", LargeBinary, nullable=True),
+    Column("body_stored", Boolean, nullable=False, default=True),
+    # A 'running' key whose lock ran out belonged to a process that died: it may be reclaimed.
+    Column("locked_until", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("organization_id", "idempotency_key"),
+    CheckConstraint("state IN ('running', 'done')", name="state_known"),
+)

@@ -16,10 +16,12 @@ PostgreSQL's hot path (deduction) has a one-round-trip twin in ``pgcharge.py``.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import DuplicateFeature, PricingNotFound, StorageUnavailable
 from .models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
-from .schema import accounts, feature_pricing, ledger, metadata
+from .schema import accounts, feature_pricing, idempotency_keys, ledger, metadata
 
 log = logging.getLogger("credit_guard")
 
@@ -65,6 +67,27 @@ def _new_pricing_row(fields: Mapping[str, Any], now: datetime) -> dict[str, Any]
         "created_at": now,
         "updated_at": now,
     }
+
+
+class _Abandon(Exception):
+    """Rolls back a claim whose charge the balance could not cover."""
+
+    def __init__(self, balance: int) -> None:
+        self.balance = balance
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotentOutcome:
+    """What claiming an idempotency key led to.
+
+    ``kind``: claimed (charged, or free), insufficient (nothing written), or, for a key
+    already taken, replay / running / mismatch with the stored row.
+    """
+
+    kind: str
+    charge_id: int | None = None
+    balance: int = 0
+    stored: Mapping[str, Any] | None = None
 
 
 class SqlStore:
@@ -247,107 +270,434 @@ class SqlStore:
         user_id: str | None,
         request_method: str | None,
         request_path: str | None,
+        hold_until: datetime | None = None,
     ) -> tuple[int | None, int]:
         """Charge ``credits`` if the balance covers them.
 
         Returns ``(charge_id, balance_after)`` on success and ``(None, available)`` when
-        the balance is short (0 for an organization that has no account yet).
+        the balance is short (0 for an organization that has no account yet). With
+        ``hold_until`` the charge is a hold the sweeper refunds after that moment unless
+        it is settled first.
         """
-        now = utcnow()
         async with self._tx() as conn:
-            balance = (
-                await conn.execute(
-                    update(accounts)
-                    .where(and_(accounts.c.organization_id == organization_id, accounts.c.balance >= credits))
-                    .values(balance=accounts.c.balance - credits, updated_at=now)
-                    .returning(accounts.c.balance)
+            return await self._deduct_in(
+                conn,
+                organization_id,
+                credits,
+                feature_key=feature_key,
+                user_id=user_id,
+                request_method=request_method,
+                request_path=request_path,
+                hold_until=hold_until,
+            )
+
+    async def _deduct_in(
+        self,
+        conn: AsyncConnection,
+        organization_id: str,
+        credits: int,
+        *,
+        feature_key: str,
+        user_id: str | None,
+        request_method: str | None,
+        request_path: str | None,
+        hold_until: datetime | None,
+    ) -> tuple[int | None, int]:
+        now = utcnow()
+        balance = (
+            await conn.execute(
+                update(accounts)
+                .where(and_(accounts.c.organization_id == organization_id, accounts.c.balance >= credits))
+                .values(balance=accounts.c.balance - credits, updated_at=now)
+                .returning(accounts.c.balance)
+            )
+        ).scalar_one_or_none()
+        if balance is None:
+            available = await conn.scalar(
+                select(accounts.c.balance).where(accounts.c.organization_id == organization_id)
+            )
+            return None, int(available or 0)
+        charge_id = (
+            await conn.execute(
+                insert(ledger)
+                .values(
+                    organization_id=organization_id,
+                    kind="charge",
+                    amount=-credits,
+                    balance_after=balance,
+                    feature_key=feature_key,
+                    user_id=user_id,
+                    request_method=request_method,
+                    request_path=request_path,
+                    hold_expires_at=hold_until,
+                    created_at=now,
                 )
-            ).scalar_one_or_none()
-            if balance is None:
-                available = await conn.scalar(
-                    select(accounts.c.balance).where(accounts.c.organization_id == organization_id)
-                )
-                return None, int(available or 0)
-            charge_id = (
-                await conn.execute(
-                    insert(ledger)
-                    .values(
-                        organization_id=organization_id,
-                        kind="charge",
-                        amount=-credits,
-                        balance_after=balance,
-                        feature_key=feature_key,
-                        user_id=user_id,
-                        request_method=request_method,
-                        request_path=request_path,
-                        created_at=now,
-                    )
-                    .returning(ledger.c.id)
-                )
-            ).scalar_one()
+                .returning(ledger.c.id)
+            )
+        ).scalar_one()
         return int(charge_id), int(balance)
 
-    async def refund(self, charge_id: int, reason: str | None = None) -> RefundResult:
-        """Give a charge's credits back, at most once per charge, ever.
+    async def refund(
+        self,
+        charge_id: int,
+        reason: str | None = None,
+        *,
+        credits: int | None = None,
+        expired_before: datetime | None = None,
+    ) -> RefundResult:
+        """Give a charge's credits back (all, or ``credits`` of them), at most once per charge, ever.
 
         The read of the charge only decides *how much*; *whether* is decided by the
-        UNIQUE ``refund_of`` constraint, so two racing refunds cannot both commit.
+        UNIQUE ``refund_of`` constraint, so two racing refunds cannot both commit. The
+        refund also closes the charge's hold and deletes the idempotency key it paid for,
+        in the same transaction, so the client may retry. ``expired_before`` is the
+        sweeper's condition: refund only a hold still open and expired at that moment,
+        decided by one conditional UPDATE that a racing settle cannot slip past.
+        """
+        try:
+            async with self._tx() as conn:
+                return await self._refund_in(conn, charge_id, reason, credits=credits, expired_before=expired_before)
+        except IntegrityError:
+            # A twin refund committed between our check and our insert; ours rolled back whole.
+            return RefundResult(refunded=False, error="already refunded")
+
+    async def _refund_in(
+        self,
+        conn: AsyncConnection,
+        charge_id: int,
+        reason: str | None,
+        *,
+        credits: int | None = None,
+        expired_before: datetime | None = None,
+    ) -> RefundResult:
+        if expired_before is not None:
+            closed = await conn.scalar(
+                update(ledger)
+                .where(
+                    ledger.c.id == charge_id,
+                    ledger.c.hold_expires_at.isnot(None),
+                    ledger.c.hold_expires_at < expired_before,
+                )
+                .values(hold_expires_at=None)
+                .returning(ledger.c.id)
+            )
+            if closed is None:
+                return RefundResult(refunded=False, error="not an expired hold")
+        charge = (
+            await conn.execute(
+                select(
+                    ledger.c.organization_id,
+                    ledger.c.amount,
+                    ledger.c.feature_key,
+                    ledger.c.user_id,
+                    ledger.c.request_method,
+                    ledger.c.request_path,
+                    ledger.c.extra_of,
+                ).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
+            )
+        ).first()
+        if charge is None or charge.extra_of is not None:
+            return RefundResult(refunded=False, error="charge not found")
+        if await conn.scalar(select(ledger.c.id).where(ledger.c.refund_of == charge_id)) is not None:
+            return RefundResult(refunded=False, error="already refunded")
+        charged = -int(charge.amount)
+        amount = charged if credits is None else min(credits, charged)
+        if amount <= 0:
+            return RefundResult(refunded=False, error="nothing to refund")
+        now = utcnow()
+        await conn.execute(update(ledger).where(ledger.c.id == charge_id).values(hold_expires_at=None))
+        balance = (
+            await conn.execute(
+                update(accounts)
+                .where(accounts.c.organization_id == charge.organization_id)
+                .values(balance=accounts.c.balance + amount, updated_at=now)
+                .returning(accounts.c.balance)
+            )
+        ).scalar_one()
+        refund_id = (
+            await conn.execute(
+                insert(ledger)
+                .values(
+                    organization_id=charge.organization_id,
+                    kind="refund",
+                    amount=amount,
+                    balance_after=balance,
+                    feature_key=charge.feature_key,
+                    user_id=charge.user_id,
+                    request_method=charge.request_method,
+                    request_path=charge.request_path,
+                    reason=reason,
+                    refund_of=charge_id,
+                    created_at=now,
+                )
+                .returning(ledger.c.id)
+            )
+        ).scalar_one()
+        if credits is None:
+            # A full refund means the request did not happen: its idempotency key is free again.
+            await conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
+        return RefundResult(
+            refunded=True,
+            credits_refunded=amount,
+            remaining_credits=int(balance),
+            refund_id=int(refund_id),
+            organization_id=charge.organization_id,
+            feature_key=charge.feature_key,
+        )
+
+    # -- holds ----------------------------------------------------------------------------
+
+    async def settle_holds(self, charge_ids: Sequence[int], completions: Sequence[Mapping[str, Any]] = ()) -> set[int]:
+        """Close many holds as kept, and record finished idempotent responses, in ONE transaction.
+
+        Returns the ids that were still held: a missing one was refunded meanwhile (by a
+        failure or by the sweeper, if its request outlived its hold).
+        """
+        settled: set[int] = set()
+        async with self._tx() as conn:
+            if charge_ids:
+                result = await conn.execute(
+                    update(ledger)
+                    .where(ledger.c.id.in_(list(charge_ids)), ledger.c.hold_expires_at.isnot(None))
+                    .values(hold_expires_at=None)
+                    .returning(ledger.c.id)
+                )
+                settled = {int(row[0]) for row in result}
+            for done in completions:
+                await conn.execute(
+                    update(idempotency_keys)
+                    .where(
+                        idempotency_keys.c.organization_id == done["organization_id"],
+                        idempotency_keys.c.idempotency_key == done["idempotency_key"],
+                        idempotency_keys.c.state == "running",
+                    )
+                    .values(
+                        state="done",
+                        status_code=done["status_code"],
+                        response_headers=done["response_headers"],
+                        response_body=done["response_body"],
+                        body_stored=done["body_stored"],
+                    )
+                )
+        return settled
+
+    async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> tuple[int, int]:
+        """Close a hold at what the request really used: refund the unused part, or take up
+        to ``max_extra`` more (never more than the balance holds). Exactly once: the hold is
+        closed by a conditional UPDATE in the same transaction. Returns (refunded, extra taken).
         """
         try:
             async with self._tx() as conn:
                 charge = (
                     await conn.execute(
-                        select(
+                        update(ledger)
+                        .where(ledger.c.id == charge_id, ledger.c.hold_expires_at.isnot(None))
+                        .values(hold_expires_at=None)
+                        .returning(
                             ledger.c.organization_id,
                             ledger.c.amount,
                             ledger.c.feature_key,
                             ledger.c.user_id,
                             ledger.c.request_method,
                             ledger.c.request_path,
-                        ).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
+                        )
                     )
                 ).first()
                 if charge is None:
-                    return RefundResult(refunded=False, error="charge not found")
-                if await conn.scalar(select(ledger.c.id).where(ledger.c.refund_of == charge_id)) is not None:
-                    return RefundResult(refunded=False, error="already refunded")
-                credits = -int(charge.amount)
-                if credits == 0:
-                    return RefundResult(refunded=False, error="nothing to refund")
+                    return 0, 0
+                held = -int(charge.amount)
+                if used < held:
+                    refund = await self._refund_in(conn, charge_id, reason, credits=held - used)
+                    return refund.credits_refunded, 0
+                extra = min(used - held, max_extra)
+                if extra <= 0:
+                    return 0, 0
+                # Lock the account row first (an UPDATE that changes nothing but the stamp):
+                # the balance it returns cannot move until we commit, and the debit below is
+                # still conditional, so even a wrong sum here could never overdraw.
                 now = utcnow()
-                balance = (
-                    await conn.execute(
-                        update(accounts)
-                        .where(accounts.c.organization_id == charge.organization_id)
-                        .values(balance=accounts.c.balance + credits, updated_at=now)
-                        .returning(accounts.c.balance)
+                locked = await conn.scalar(
+                    update(accounts)
+                    .where(accounts.c.organization_id == charge.organization_id)
+                    .values(updated_at=now)
+                    .returning(accounts.c.balance)
+                )
+                taken = min(extra, int(locked or 0))
+                if taken <= 0:
+                    return 0, 0
+                balance = await conn.scalar(
+                    update(accounts)
+                    .where(accounts.c.organization_id == charge.organization_id, accounts.c.balance >= taken)
+                    .values(balance=accounts.c.balance - taken)
+                    .returning(accounts.c.balance)
+                )
+                assert balance is not None
+                await conn.execute(
+                    insert(ledger).values(
+                        organization_id=charge.organization_id,
+                        kind="charge",
+                        amount=-taken,
+                        balance_after=balance,
+                        feature_key=charge.feature_key,
+                        user_id=charge.user_id,
+                        request_method=charge.request_method,
+                        request_path=charge.request_path,
+                        reason=reason,
+                        extra_of=charge_id,
+                        created_at=now,
                     )
-                ).scalar_one()
-                refund_id = (
-                    await conn.execute(
-                        insert(ledger)
-                        .values(
-                            organization_id=charge.organization_id,
-                            kind="refund",
-                            amount=credits,
-                            balance_after=balance,
-                            feature_key=charge.feature_key,
-                            user_id=charge.user_id,
-                            request_method=charge.request_method,
-                            request_path=charge.request_path,
-                            reason=reason,
-                            refund_of=charge_id,
-                            created_at=now,
-                        )
-                        .returning(ledger.c.id)
-                    )
-                ).scalar_one()
+                )
+                return 0, taken
         except IntegrityError:
-            # A twin refund committed between our check and our insert; ours rolled back whole.
-            return RefundResult(refunded=False, error="already refunded")
-        return RefundResult(
-            refunded=True, credits_refunded=credits, remaining_credits=int(balance), refund_id=int(refund_id)
+            return 0, 0
+
+    async def extend_holds(self, charge_ids: Sequence[int], until: datetime) -> None:
+        """Push the expiry of live requests' holds (and their idempotency locks) forward."""
+        if not charge_ids:
+            return
+        ids = list(charge_ids)
+        async with self._tx() as conn:
+            await conn.execute(
+                update(ledger)
+                .where(ledger.c.id.in_(ids), ledger.c.hold_expires_at.isnot(None))
+                .values(hold_expires_at=until)
+            )
+            await conn.execute(
+                update(idempotency_keys)
+                .where(idempotency_keys.c.charge_id.in_(ids), idempotency_keys.c.state == "running")
+                .values(locked_until=until)
+            )
+
+    async def expired_holds(self, now: datetime, limit: int) -> list[int]:
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                select(ledger.c.id)
+                .where(ledger.c.hold_expires_at.isnot(None), ledger.c.hold_expires_at < now)
+                .order_by(ledger.c.hold_expires_at)
+                .limit(limit)
+            )
+            return [int(row[0]) for row in rows]
+
+    async def open_holds(self, organization_id: str | None = None) -> list[int]:
+        query = select(ledger.c.id).where(ledger.c.hold_expires_at.isnot(None)).order_by(ledger.c.id)
+        if organization_id is not None:
+            query = query.where(ledger.c.organization_id == organization_id)
+        async with self._tx() as conn:
+            return [int(row[0]) for row in await conn.execute(query)]
+
+    # -- idempotency keys --------------------------------------------------------------------
+
+    async def claim_and_deduct(
+        self,
+        organization_id: str,
+        idempotency_key: str,
+        fingerprint: str,
+        credits: int,
+        *,
+        now: datetime,
+        locked_until: datetime,
+        expires_at: datetime,
+        feature_key: str,
+        user_id: str | None,
+        request_method: str | None,
+        request_path: str | None,
+        hold_until: datetime | None,
+        finish_now: bool = False,
+    ) -> IdempotentOutcome:
+        """Claim an idempotency key and charge for it in ONE transaction.
+
+        Either both happen or neither: a short balance rolls the claim back, so the key
+        stays free for the retry after a top-up. A key that is already taken is answered
+        from its row (replay, still running, or reused for another request) and charges
+        nothing. An expired key, or a running one whose lock ran out (its process died),
+        is taken over by the same upsert. ``finish_now`` completes the key at once with
+        the deduction as its stored answer (the engine API, which has no response to wait for).
+        """
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+        fresh = {
+            "fingerprint": fingerprint,
+            "state": "running",
+            "charge_id": None,
+            "status_code": None,
+            "response_headers": None,
+            "response_body": None,
+            "body_stored": True,
+            "locked_until": locked_until,
+            "expires_at": expires_at,
+            "created_at": now,
+        }
+        keys = idempotency_keys.c
+        claim = upsert(idempotency_keys).values(
+            organization_id=organization_id, idempotency_key=idempotency_key, **fresh
         )
+        stmt = claim.on_conflict_do_update(
+            index_elements=[keys.organization_id, keys.idempotency_key],
+            set_=fresh,
+            where=(keys.expires_at < now) | ((keys.state == "running") & (keys.locked_until < now)),
+        ).returning(keys.organization_id)
+        try:
+            async with self._tx() as conn:
+                if (await conn.execute(stmt)).first() is None:
+                    row = (
+                        await conn.execute(
+                            select(idempotency_keys).where(
+                                keys.organization_id == organization_id, keys.idempotency_key == idempotency_key
+                            )
+                        )
+                    ).one()
+                    if row.fingerprint != fingerprint:
+                        return IdempotentOutcome("mismatch", stored=dict(row._mapping))
+                    if row.state != "done":
+                        return IdempotentOutcome("running", stored=dict(row._mapping))
+                    return IdempotentOutcome("replay", stored=dict(row._mapping))
+                charge_id, balance = await self._deduct_in(
+                    conn,
+                    organization_id,
+                    credits,
+                    feature_key=feature_key,
+                    user_id=user_id,
+                    request_method=request_method,
+                    request_path=request_path,
+                    hold_until=hold_until,
+                )
+                if charge_id is None and credits > 0:
+                    raise _Abandon(balance)
+                finish: dict[str, Any] = {"charge_id": charge_id}
+                if finish_now:
+                    answer = {"charge_id": charge_id, "remaining_credits": balance, "credits_deducted": credits}
+                    finish.update(state="done", status_code=200, response_body=json.dumps(answer).encode())
+                await conn.execute(
+                    update(idempotency_keys)
+                    .where(keys.organization_id == organization_id, keys.idempotency_key == idempotency_key)
+                    .values(**finish)
+                )
+                return IdempotentOutcome("claimed", charge_id=charge_id, balance=balance)
+        except _Abandon as short:
+            return IdempotentOutcome("insufficient", balance=short.balance)
+
+    async def release_key(self, organization_id: str, idempotency_key: str) -> None:
+        """Forget a key whose request failed without a charge to refund (a free feature)."""
+        async with self._tx() as conn:
+            await conn.execute(
+                delete(idempotency_keys).where(
+                    idempotency_keys.c.organization_id == organization_id,
+                    idempotency_keys.c.idempotency_key == idempotency_key,
+                )
+            )
+
+    async def delete_expired_keys(self, now: datetime) -> int:
+        keys = idempotency_keys.c
+        async with self._tx() as conn:
+            result = await conn.execute(
+                delete(idempotency_keys).where(
+                    (keys.expires_at < now)
+                    | ((keys.state == "running") & (keys.locked_until < now) & keys.charge_id.is_(None))
+                )
+            )
+        return int(result.rowcount or 0)
 
     async def balance(self, organization_id: str) -> int:
         async with self._tx() as conn:
@@ -381,7 +731,20 @@ class SqlStore:
                 (charge.c.id.is_(None))
                 | (charge.c.kind != "charge")
                 | (charge.c.organization_id != ledger.c.organization_id)
-                | (charge.c.amount != literal(0) - ledger.c.amount),
+                | (charge.c.extra_of.isnot(None))
+                # A partial refund (unused reserve) may be smaller than its charge, never larger.
+                | (literal(0) - charge.c.amount < ledger.c.amount),
+            )
+        )
+        bad_extras = (
+            select(ledger.c.organization_id, ledger.c.id)
+            .select_from(ledger.outerjoin(charge, charge.c.id == ledger.c.extra_of))
+            .where(
+                ledger.c.extra_of.isnot(None),
+                (charge.c.id.is_(None))
+                | (charge.c.kind != "charge")
+                | (charge.c.extra_of.isnot(None))
+                | (charge.c.organization_id != ledger.c.organization_id),
             )
         )
         async with self._tx() as conn:
@@ -396,6 +759,10 @@ class SqlStore:
             issues += [
                 AuditIssue(row.organization_id, f"refund {row.id} does not mirror its charge")
                 for row in await conn.execute(bad_refunds)
+            ]
+            issues += [
+                AuditIssue(row.organization_id, f"surcharge {row.id} does not point at a charge")
+                for row in await conn.execute(bad_extras)
             ]
         return issues
 
@@ -419,11 +786,13 @@ class SqlStore:
         else:
             raise ValueError(f"group_by must be day, feature or org, not {group_by!r}")
         is_charge = ledger.c.kind == "charge"
+        # A surcharge (usage beyond the reserve) adds credits to its charge, not a charge.
+        is_first_charge = and_(is_charge, ledger.c.extra_of.is_(None))
         is_refund = ledger.c.kind == "refund"
         query = (
             select(
                 key.label("key"),
-                func.sum(case((is_charge, 1), else_=0)).label("charges"),
+                func.sum(case((is_first_charge, 1), else_=0)).label("charges"),
                 func.sum(case((is_charge, -ledger.c.amount), else_=0)).label("credits_charged"),
                 func.sum(case((is_refund, 1), else_=0)).label("refunds"),
                 func.sum(case((is_refund, ledger.c.amount), else_=0)).label("credits_refunded"),

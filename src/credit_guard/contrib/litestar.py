@@ -21,8 +21,10 @@ import anyio
 from litestar import Request, Response
 from litestar.handlers import HTTPRouteHandler
 
-from ..decorator import attach_credit_headers, find_guard, is_failure
-from ..guard import CreditGuard
+from ..asgi import Rule
+from ..decorator import attach_credit_headers, find_guard, is_failure, open_for
+from ..guard import CreditGuard, IdempotencyMode, UnitsOf
+from ..idempotency import Replay
 from ..problems import PROBLEM_CONTENT_TYPE, Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,59 +51,89 @@ def _declared_return(fn: Callable[..., Any]) -> Any:
     return returns
 
 
-def requires_credits(feature_key: str, *, guard: CreditGuard | None = None) -> Callable[[F], F]:
-    """Charge ``feature_key``'s price before a Litestar handler runs; refund if it fails."""
+def requires_credits(
+    feature_key: str,
+    *,
+    guard: CreditGuard | None = None,
+    units: UnitsOf | None = None,
+    idempotency: IdempotencyMode | None = None,
+    max_overage: float | None = None,
+) -> Callable[[F], F]:
+    """Charge ``feature_key``'s price before a Litestar handler runs; refund if it fails.
+
+    Options as for ``credit_guard.requires_credits``.
+    """
+    rule = Rule(feature_key, units=units, idempotency=idempotency, max_overage=max_overage)
 
     def decorate(fn: F) -> F:
-        signature = inspect.signature(fn)
-        asks_for_request = "request" in signature.parameters
-        params = list(signature.parameters.values())
-        if not asks_for_request:
-            param = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
-            if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
-                params.insert(len(params) - 1, param)
-            else:
-                params.append(param)
-        is_async = inspect.iscoroutinefunction(fn)
-
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
-            active = find_guard(guard, request.app)
-            outcome = await active.open_charge(feature_key, request.scope, request)
-            if isinstance(outcome, Problem):
-                return problem_response(outcome)
-            try:
-                if is_async:
-                    result = await fn(*args, **kwargs)
-                else:
-                    result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-            except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    await active.settle(outcome, failed=is_failure(exc), reason=f"handler raised {type(exc).__name__}")
-                attach_credit_headers(exc, outcome)
-                raise
-            if not isinstance(result, Response):
-                handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]
-                result = Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
-            status = result.status_code or 200
-            await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}")
-            for name, value in outcome.headers():
-                result.headers[name] = value
-            return result
-
-        annotations = dict(getattr(fn, "__annotations__", {}))
-        if not asks_for_request:
-            annotations["request"] = Request
-        returns = _declared_return(fn)
-        if returns is not None:
-            # The wrapper always returns a Response (the credit headers ride on it), so say
-            # so: Litestar then applies a return DTO to its content, and OpenAPI still shows
-            # the handler's own model.
-            annotations["return"] = Response[returns]  # type: ignore[valid-type]
-            signature = signature.replace(return_annotation=annotations["return"])
-        wrapper.__annotations__ = annotations
-        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        return typing.cast(F, wrapper)
+        return decorate_litestar(fn, rule, guard)
 
     return decorate
+
+
+def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
+    signature = inspect.signature(fn)
+    asks_for_request = "request" in signature.parameters
+    params = list(signature.parameters.values())
+    if not asks_for_request:
+        param = inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)
+        if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            params.insert(len(params) - 1, param)
+        else:
+            params.append(param)
+    is_async = inspect.iscoroutinefunction(fn)
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
+        active = find_guard(guard, request.app)
+        outcome = await open_for(active, rule, request)
+        if isinstance(outcome, Problem):
+            return problem_response(outcome)
+        if isinstance(outcome, Replay):
+            return Response(
+                content=outcome.body,
+                status_code=outcome.status,
+                headers={
+                    name.decode("latin-1"): value.decode("latin-1")
+                    for name, value in outcome.headers
+                    if name != b"content-length"
+                },
+            )
+        try:
+            if is_async:
+                result = await fn(*args, **kwargs)
+            else:
+                result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await active.settle(
+                    outcome,
+                    failed=is_failure(exc),
+                    reason=f"handler raised {type(exc).__name__}",
+                    status=getattr(exc, "status_code", None),
+                )
+            attach_credit_headers(exc, outcome)
+            raise
+        if not isinstance(result, Response):
+            handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]
+            result = Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
+        status = result.status_code or 200
+        await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
+        for name, value in outcome.headers():
+            result.headers[name] = value
+        return result
+
+    annotations = dict(getattr(fn, "__annotations__", {}))
+    if not asks_for_request:
+        annotations["request"] = Request
+    returns = _declared_return(fn)
+    if returns is not None:
+        # The wrapper always returns a Response (the credit headers ride on it), so say
+        # so: Litestar then applies a return DTO to its content, and OpenAPI still shows
+        # the handler's own model.
+        annotations["return"] = Response[returns]  # type: ignore[valid-type]
+        signature = signature.replace(return_annotation=annotations["return"])
+    wrapper.__annotations__ = annotations
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return typing.cast(F, wrapper)

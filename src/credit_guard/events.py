@@ -1,0 +1,153 @@
+"""Events the guard reports to the app's hooks, and the dispatcher that keeps them off the request.
+
+Hooks feed metrics, e-mails and webhooks: slow and fallible work that must never slow or
+break the paid request that triggered it. So an event is put on a bounded queue without
+waiting, and a few worker tasks run the hooks, each call bounded by ``hook_timeout``. A
+hook that raises or hangs is logged and forgotten; when the queue is full (hooks far
+slower than traffic) the event is dropped and logged, never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+log = logging.getLogger("credit_guard")
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeEvent:
+    """Credits were taken (``surcharge`` when usage beyond the reserve was charged after the fact)."""
+
+    organization_id: str
+    feature_key: str
+    credits: int
+    balance: int
+    charge_id: int | None
+    user_id: str | None = None
+    surcharge: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RefundEvent:
+    """Credits went back: a failed request, an expired hold, or the unused part of a reserve."""
+
+    organization_id: str
+    feature_key: str | None
+    credits: int
+    balance: int | None
+    charge_id: int
+    refund_id: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class InsufficientCreditsEvent:
+    """A request was refused with 402."""
+
+    organization_id: str
+    feature_key: str
+    required: int
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class LowBalanceEvent:
+    """A charge took the balance from at or above ``threshold`` to below it.
+
+    Fired by the one charge that crossed the line (its balance before and after come from
+    the same atomic statement), so once per crossing even across processes; a top-up
+    above the threshold re-arms it.
+    """
+
+    organization_id: str
+    balance: int
+    threshold: int
+    feature_key: str
+
+
+Event = ChargeEvent | RefundEvent | InsufficientCreditsEvent | LowBalanceEvent
+Hook = Callable[[Any], Awaitable[None]]
+H = TypeVar("H", bound=Hook)
+
+
+def crossed_below(threshold: int | None, balance_after: int, credits: int) -> bool:
+    """Whether a charge of ``credits`` leaving ``balance_after`` crossed ``threshold`` downwards."""
+    return threshold is not None and credits > 0 and balance_after < threshold <= balance_after + credits
+
+
+class HookDispatcher:
+    """Runs hooks for events, off the request path, each call bounded in time."""
+
+    def __init__(self, *, timeout: float = 5.0, queue_size: int = 10_000, workers: int = 4) -> None:
+        self.timeout = timeout
+        self._hooks: dict[type, list[Hook]] = {}
+        self._queue: asyncio.Queue[tuple[Hook, Event]] = asyncio.Queue(maxsize=queue_size)
+        self._workers_wanted = workers
+        self._workers: list[asyncio.Task[None]] = []
+        self.dropped = 0
+
+    def add(self, event_type: type, hook: H) -> H:
+        target = hook if inspect.isfunction(hook) or inspect.ismethod(hook) else type(hook).__call__
+        if not inspect.iscoroutinefunction(target):
+            raise TypeError(f"credit_guard hooks must be async functions, got {hook!r}")
+        self._hooks.setdefault(event_type, []).append(hook)
+        return hook
+
+    def emit(self, event: Event) -> None:
+        """Queue the event for its hooks; never waits, never raises."""
+        hooks = self._hooks.get(type(event))
+        if not hooks:
+            return
+        if not self._workers:
+            self._start()
+        for hook in hooks:
+            try:
+                self._queue.put_nowait((hook, event))
+            except asyncio.QueueFull:
+                self.dropped += 1
+                log.warning("credit_guard: hook queue full, dropped %s for %r", type(event).__name__, hook)
+
+    def _start(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # emitted outside an event loop: nothing can run the hooks
+            return
+        self._workers = [loop.create_task(self._work()) for _ in range(self._workers_wanted)]
+
+    async def _work(self) -> None:
+        while True:
+            hook, event = await self._queue.get()
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await hook(event)
+            except TimeoutError:
+                log.error("credit_guard: hook %r took over %ss on %r; abandoned", hook, self.timeout, event)
+            except Exception as exc:
+                log.error("credit_guard: hook %r failed on %r: %s", hook, event, exc, exc_info=exc)
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        """Wait until every queued hook call has run (tests, graceful shutdown); bounded."""
+        if self._workers:
+            async with asyncio.timeout(self.timeout * 2):
+                await self._queue.join()
+
+    async def close(self) -> None:
+        try:
+            await self.drain()
+        except TimeoutError:
+            log.warning("credit_guard: %d hook calls unfinished at shutdown", self._queue.qsize())
+        for task in self._workers:
+            task.cancel()
+        for task in self._workers:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._workers = []

@@ -1,0 +1,221 @@
+"""Holds: a charge stays a hold until its request completes, and a dead process's holds go back.
+
+Why holds: between the charge and the end of the request the process may die (SIGKILL,
+OOM, a deploy). The charge row then carries ``hold_expires_at``, and a sweeper, run by
+every guard in the app's lifespan (and by ``credit-guard sweep``), refunds holds whose
+time ran out. A live process keeps its own holds alive with a heartbeat, so a long video
+job is never swept from under its request, and the timeout can stay short.
+
+Why batched: settling a successful request writes nothing that moves money, so it must
+not cost the request a round trip. ``settle_later`` only queues the charge id; a
+background task settles every queued id in one UPDATE a few milliseconds later, together
+with the idempotent responses that finished meanwhile. If the process dies before that
+flush, the sweeper refunds those holds: the error is in the customer's favour, never
+a credit taken twice. ``close()`` flushes what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .errors import StorageUnavailable
+from .models import RefundResult
+from .store import SqlStore
+
+log = logging.getLogger("credit_guard")
+
+HOLD_EXPIRED_REASON = "hold expired"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class HoldKeeper:
+    """Owns one guard's open holds: heartbeat, batched settlement and the sweeper."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        *,
+        hold_timeout: float,
+        sweep_interval: float,
+        settle_delay: float,
+        on_refund: Callable[[RefundResult, int, str], None],
+        fast_settle: Callable[[list[int]], Awaitable[set[int]]] | None = None,
+        sweep_limit: int = 500,
+    ) -> None:
+        self.store = store
+        #: PostgreSQL's one-statement settlement (pgcharge.py); None elsewhere.
+        self._fast_settle = fast_settle
+        self.hold_timeout = hold_timeout
+        self.sweep_interval = sweep_interval
+        self.settle_delay = settle_delay
+        self._on_refund = on_refund
+        self._sweep_limit = sweep_limit
+        #: Charge ids of this process's requests still running (the heartbeat keeps them).
+        self.live: set[int] = set()
+        self._pending: set[int] = set()
+        self._completions: list[Mapping[str, Any]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.sweeping = True
+
+    def hold_until(self) -> datetime:
+        return utcnow() + timedelta(seconds=self.hold_timeout)
+
+    def track(self, charge_id: int) -> None:
+        self.live.add(charge_id)
+        self._ensure_running()
+
+    def forget(self, charge_id: int) -> None:
+        """The hold was closed another way (refunded): nothing left to settle or extend."""
+        self.live.discard(charge_id)
+        self._pending.discard(charge_id)
+
+    def settle_later(self, charge_id: int | None, completion: Mapping[str, Any] | None = None) -> None:
+        """Queue a hold as kept (and an idempotent response to store); returns at once."""
+        if charge_id is not None:
+            self.live.discard(charge_id)
+            self._pending.add(charge_id)
+        if completion is not None:
+            self._completions.append(completion)
+        self._ensure_running()
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- the background task --------------------------------------------------------------
+
+    def _ensure_running(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._wake = asyncio.Event()
+        self._task = loop.create_task(self._run(), name="credit_guard-holds")
+
+    async def start(self) -> None:
+        self._ensure_running()
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        beat_every = self.hold_timeout / 4
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + beat_every
+        next_sweep = loop.time() + min(self.sweep_interval, 1.0)  # a restart sweeps soon
+        while True:
+            timeout = max(0.0, min(next_beat, next_sweep) - loop.time())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            if self._wake.is_set():
+                self._wake.clear()
+                await asyncio.sleep(self.settle_delay)  # let a burst gather into one statement
+                await self._flush_quietly()
+            now = loop.time()
+            if now >= next_beat:
+                next_beat = now + beat_every
+                await self._heartbeat()
+            if now >= next_sweep and self.sweeping:
+                next_sweep = now + self.sweep_interval
+                try:
+                    await self.sweep()
+                except StorageUnavailable:
+                    pass  # logged by the store; the next round retries
+                except Exception as exc:  # the sweeper must outlive any one bad round
+                    log.error("credit_guard: hold sweep failed: %s", exc, exc_info=exc)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.flush()
+        except StorageUnavailable:
+            # Kept queued (and heartbeaten) for the next round.
+            if self._wake is not None:
+                asyncio.get_running_loop().call_later(1.0, self._wake.set)
+
+    async def flush(self) -> None:
+        """Settle every queued hold and store every finished idempotent response, now."""
+        if not self._pending and not self._completions:
+            return
+        ids, self._pending = self._pending, set()
+        completions, self._completions = self._completions, []
+        try:
+            if completions or self._fast_settle is None:
+                settled = await self.store.settle_holds(sorted(ids), completions)
+            else:
+                settled = await self._fast_settle(sorted(ids))
+        except BaseException:
+            self._pending |= ids
+            self._completions = completions + self._completions
+            raise
+        lost = ids - settled
+        if lost:
+            log.warning(
+                "credit_guard: holds %s were refunded before they could be settled "
+                "(their requests outlived hold_timeout=%ss); raise hold_timeout",
+                sorted(lost),
+                self.hold_timeout,
+            )
+
+    async def _heartbeat(self) -> None:
+        ids = sorted(self.live | self._pending)
+        if not ids:
+            return
+        try:
+            await self.store.extend_holds(ids, self.hold_until())
+        except StorageUnavailable:
+            pass
+        except Exception as exc:
+            log.error("credit_guard: hold heartbeat failed: %s", exc, exc_info=exc)
+
+    async def sweep(self, now: datetime | None = None) -> int:
+        """Refund every expired hold (not this process's live ones); returns how many.
+
+        Safe to run in many processes at once: each refund is conditional on the hold
+        still being open and expired, and the UNIQUE ``refund_of`` backs that up.
+        """
+        now = now or utcnow()
+        released = 0
+        mine = self.live | self._pending
+        while True:
+            ids = [cid for cid in await self.store.expired_holds(now, self._sweep_limit) if cid not in mine]
+            if not ids:
+                break
+            for charge_id in ids:
+                result = await self.store.refund(charge_id, HOLD_EXPIRED_REASON, expired_before=now)
+                if result.refunded:
+                    released += 1
+                    log.warning(
+                        "credit_guard: released expired hold %s (%s credits back to %s)",
+                        charge_id,
+                        result.credits_refunded,
+                        result.organization_id,
+                    )
+                    self._on_refund(result, charge_id, HOLD_EXPIRED_REASON)
+            if len(ids) < self._sweep_limit:
+                break
+        await self.store.delete_expired_keys(now)
+        return released
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        try:
+            await self.flush()
+        except StorageUnavailable:
+            log.error(
+                "credit_guard: could not settle %d holds at shutdown; the sweeper will refund them",
+                len(self._pending),
+            )
