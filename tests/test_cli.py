@@ -463,3 +463,31 @@ def test_plausible_bad_input_gets_one_line_not_a_traceback(cli: Cli, tmp_path: P
     assert prices(cli.url) == {}
     code, _, err = cli("pricing", "add", "--key", "k\n", "--name", "K", "--category", "C", "--credits", "1")
     assert code == 1 and "feature_key" in err
+
+
+def test_sweep_releases_the_holds_of_a_process_that_died(cli: Cli) -> None:
+    """A guard that charged holds and died (its holds forgotten, never settled): once the
+    holds expire, `credit-guard sweep` gives the credits back, once."""
+    add_image_and_video(cli)
+    cli.ok("grant", "org-dead", "100")
+
+    async def charge_and_die() -> list[int]:
+        async with CreditGuard(cli.url, hold_timeout=0.05, sweep=False) as dying:
+            ids = []
+            for _ in range(3):
+                result = await dying.deduct_credits("org-dead", IMAGE, hold=True)
+                assert result.success and result.charge_id is not None
+                ids.append(result.charge_id)
+                dying.holds.forget(result.charge_id)  # the process "dies": nothing keeps them alive
+            return ids
+
+    charged = with_guard(cli.url, lambda g: charge_and_die())
+    assert cli.ok("balance", "org-dead").split()[-1] == "85"
+    anyio.run(anyio.sleep, 0.1)
+    assert cli.ok("sweep") == "released 3 expired hold(s)\n"
+    assert cli.ok("sweep") == "released 0 expired hold(s)\n"
+    assert cli.ok("balance", "org-dead").split()[-1] == "100"
+    refunds = [row for row in with_guard(cli.url, lambda g: ledger_rows(g, "org-dead")) if row["kind"] == "refund"]
+    assert sorted(row["refund_of"] for row in refunds) == charged
+    assert {row["reason"] for row in refunds} == {"hold expired"}
+    assert cli.ok("audit").startswith("audit ok")

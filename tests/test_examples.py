@@ -72,3 +72,30 @@ def test_demo_admin_login_opens_the_admin_page_in_a_browser(example: TestClient)
     assert "seedream_text_to_image" in page.text
     listed = example.get("/api/admin/feature-pricing")  # the cookie signs the API calls too
     assert listed.status_code == 200 and len(listed.json()) == 3
+
+
+def test_example_video_is_priced_by_length_refunds_unrendered_seconds_and_replays(example: TestClient) -> None:
+    """Five seconds cost 20 credits: 7 s reserve 28 (1.4 units, rounded up); 10 s reserve 40,
+    of which the 2 s the model did not render (8 s max) go back. A retry with the same
+    Idempotency-Key is answered again and charged nothing."""
+    seven = example.post("/v1/videos", json={"image_url": "https://e.x/a.png", "seconds": 7}, headers=RICH)
+    assert (seven.status_code, seven.headers["x-credits-charged"], seven.headers["x-credits-remaining"]) == (
+        202,
+        "28",
+        "72",
+    )
+    keyed = {**RICH, "Idempotency-Key": "video-42"}
+    ten = example.post("/v1/videos", json={"image_url": "https://e.x/b.png", "seconds": 10}, headers=keyed)
+    assert (ten.status_code, ten.headers["x-credits-charged"]) == (202, "40")
+    assert ten.json()["seconds"] == 8
+    assert example.portal is not None
+    example.portal.call(example.app.state.credit_guard.flush)  # the batched settlement lands
+    assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 72 - 40 + 8
+
+    again = example.post("/v1/videos", json={"image_url": "https://e.x/b.png", "seconds": 10}, headers=keyed)
+    assert (again.status_code, again.headers["idempotent-replayed"]) == (202, "true")
+    if "idempotent-body-omitted" not in again.headers:  # Litestar's decorator replays status and headers
+        assert again.json() == ten.json()
+    other = example.post("/v1/videos", json={"image_url": "https://e.x/c.png", "seconds": 10}, headers=keyed)
+    assert other.status_code == 422 and other.headers["content-type"] == "application/problem+json"
+    assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 40

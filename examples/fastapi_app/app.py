@@ -6,22 +6,33 @@ set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import RedirectResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
+from credit_guard import (
+    EXPOSE_HEADERS,
+    CreditGuard,
+    LowBalanceEvent,
+    credit_endpoints,
+    current_ticket,
+    requires_credits,
+)
 from credit_guard.admin import admin_app
 from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
+log = logging.getLogger("credit_guard.demo")
+#: The model renders at most this many seconds, whatever was asked (to show usage refunds).
+MAX_RENDERED_SECONDS = 8
 
 
 class DemoApiKeyAuth:
@@ -43,8 +54,16 @@ class DemoApiKeyAuth:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    async with CreditGuard(DATABASE_URL) as guard:
+    async with CreditGuard(DATABASE_URL, low_balance_threshold=50) as guard:
         await seed(guard)
+
+        @guard.on_low_balance
+        async def warn_low_balance(event: LowBalanceEvent) -> None:
+            # A real app sends an e-mail or a webhook here; a slow or failing hook never
+            # slows or breaks the request that crossed the line.
+            log.warning("organization %s is down to %s credits", event.organization_id, event.balance)
+
+        await guard.start()  # the hold keeper: batched settlement and the sweeper of dead holds
         app.state.credit_guard = guard
         yield
 
@@ -72,10 +91,21 @@ async def text_to_image(body: ImageRequest) -> dict[str, Any]:
     return {"image_url": f"https://cdn.example/{abs(hash(body.prompt)) % 10**8}.png", "size": body.size}
 
 
+async def five_second_blocks(request: Request) -> float:
+    """The video price is for five seconds: 7 s reserve 1.4 units (28 credits, rounded up)."""
+    return int((await request.json()).get("seconds", 5)) / 5
+
+
 @app.post("/v1/videos", status_code=202)
-@requires_credits("kling_image_to_video")
-async def image_to_video(body: VideoRequest) -> dict[str, Any]:
-    return {"job_id": "vid_123", "status": "queued", "seconds": body.seconds}
+@requires_credits("kling_image_to_video", units=five_second_blocks, idempotency=True)
+async def image_to_video(body: VideoRequest, request: Request) -> JSONResponse:
+    """Idempotent: a retry with the same Idempotency-Key gets this answer again, unpaid.
+    Returns a Response (not a dict) so the replay carries the body too."""
+    rendered = min(body.seconds, MAX_RENDERED_SECONDS)
+    ticket = current_ticket(request)
+    if ticket is not None and rendered < body.seconds:
+        ticket.report_usage(rendered / 5)  # the unrendered seconds are refunded, exactly once
+    return JSONResponse({"job_id": "vid_123", "status": "queued", "seconds": rendered}, status_code=202)
 
 
 @app.post("/v1/voice/fail")

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from litestar import Litestar, asgi, get, post
+from litestar import Litestar, Request, asgi, get, post
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import Cookie
 from litestar.exceptions import HTTPException
@@ -21,7 +21,7 @@ from litestar.params import Body
 from litestar.response import Redirect
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, requires_credits
+from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, current_ticket, requires_credits
 from credit_guard.admin.litestar import admin_handlers
 from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
@@ -59,10 +59,25 @@ async def text_to_image(data: Annotated[ImageRequest, Body()]) -> dict[str, Any]
     return {"image_url": f"https://cdn.example/{abs(hash(data.prompt)) % 10**8}.png", "size": data.size}
 
 
+#: The model renders at most this many seconds, whatever was asked (to show usage refunds).
+MAX_RENDERED_SECONDS = 8
+
+
+async def five_second_blocks(request: Request[Any, Any, Any]) -> float:
+    """The video price is for five seconds: 7 s reserve 1.4 units (28 credits, rounded up)."""
+    return int((await request.json()).get("seconds", 5)) / 5
+
+
 @post("/v1/videos", status_code=202)
-@requires_credits("kling_image_to_video")
-async def image_to_video(data: Annotated[VideoRequest, Body()]) -> dict[str, Any]:
-    return {"job_id": "vid_123", "status": "queued", "seconds": data.seconds}
+@requires_credits("kling_image_to_video", units=five_second_blocks, idempotency=True)
+async def image_to_video(data: Annotated[VideoRequest, Body()], request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """Idempotent: a retry with the same Idempotency-Key is answered again, unpaid (status
+    and headers; the body is replayed for routes under CreditGuardMiddleware)."""
+    rendered = min(data.seconds, MAX_RENDERED_SECONDS)
+    ticket = current_ticket(request)
+    if ticket is not None and rendered < data.seconds:
+        ticket.report_usage(rendered / 5)  # the unrendered seconds are refunded, exactly once
+    return {"job_id": "vid_123", "status": "queued", "seconds": rendered}
 
 
 @post("/v1/voice/fail")
@@ -92,6 +107,7 @@ async def demo_admin_login() -> Redirect:
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
     async with CreditGuard(DATABASE_URL) as guard:
         await seed(guard)
+        await guard.start()  # the hold keeper: batched settlement and the sweeper of dead holds
         app.state.credit_guard = guard
         yield
 

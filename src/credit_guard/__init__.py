@@ -7,11 +7,20 @@ guard = CreditGuard("sqlite+aiosqlite:///credit_guard.db")
 async def generate(...): ...
 """
 
-from .asgi import CreditGuardMiddleware
+from .asgi import CreditGuardMiddleware, Rule
 from .decorator import requires_credits
 from .endpoints import credit_endpoints
-from .errors import CreditGuardError, DuplicateFeature, InvalidPricing, PricingNotFound, StorageUnavailable
-from .guard import CreditGuard, Ticket
+from .errors import (
+    CreditGuardError,
+    DuplicateFeature,
+    IdempotencyKeyReused,
+    InvalidPricing,
+    PricingNotFound,
+    StorageUnavailable,
+)
+from .events import ChargeEvent, InsufficientCreditsEvent, LowBalanceEvent, RefundEvent
+from .guard import CreditGuard, Ticket, current_ticket
+from .idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
 from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageRow
 from .problems import (
     EXPOSE_HEADERS,
@@ -30,8 +39,11 @@ __all__ = [
     "HEADER_REFUNDED",
     "HEADER_REMAINING",
     "HEADER_REQUIRED",
+    "IDEMPOTENCY_HEADER",
     "PROBLEM_CONTENT_TYPE",
+    "REPLAYED_HEADER",
     "AuditIssue",
+    "ChargeEvent",
     "CreditCheck",
     "CreditGuard",
     "CreditGuardError",
@@ -39,14 +51,20 @@ __all__ = [
     "DeductionResult",
     "DuplicateFeature",
     "FeaturePricing",
+    "IdempotencyKeyReused",
+    "InsufficientCreditsEvent",
     "InvalidPricing",
+    "LowBalanceEvent",
     "PricingNotFound",
     "Problem",
+    "RefundEvent",
     "RefundResult",
+    "Rule",
     "StorageUnavailable",
     "Ticket",
     "UsageRow",
     "credit_endpoints",
+    "current_ticket",
     "metadata",
     "requires_credits",
 ]

@@ -216,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command(commands, "audit", cmd_audit, "check every balance against its ledger; exit 1 on any issue")
     p.add_argument("--json", action="store_true", help="print a JSON array of issues")
+
+    p = command(
+        commands,
+        "sweep",
+        cmd_sweep,
+        "refund holds whose process died (expired) and forget expired idempotency keys",
+    )
+    p.add_argument(
+        "--every",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="keep sweeping at this interval until interrupted (default: sweep once)",
+    )
     return parser
 
 
@@ -229,6 +242,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not 0 < value <= MAX_AMOUNT:
         raise argparse.ArgumentTypeError(f"must be a positive integer up to {MAX_AMOUNT}, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 86400 * 365:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -433,6 +456,16 @@ async def cmd_audit(guard: CreditGuard, args: argparse.Namespace) -> int:
     if not args.json:
         print("audit ok: every balance matches its ledger")
     return 0
+
+
+async def cmd_sweep(guard: CreditGuard, args: argparse.Namespace) -> int:
+    """The guard's own sweeper, for apps that run guards with ``sweep=False`` (or none at all)."""
+    while True:
+        released = await guard.release_expired_holds()
+        print(f"released {released} expired hold(s)", flush=True)
+        if args.every is None:
+            return 0
+        await anyio.sleep(args.every)
 
 
 # -- helpers --------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwarg
         connect_args.update(engine_kwargs.pop("connect_args", {}))
         engine_kwargs.setdefault("pool_pre_ping", True)
         engine_kwargs.setdefault("pool_timeout", connect_timeout)
-        return create_async_engine(parsed, connect_args=connect_args, **engine_kwargs)
+        engine = create_async_engine(parsed, connect_args=connect_args, **engine_kwargs)
+        _treat_half_closed_as_disconnect(engine)
+        return engine
     return create_async_engine(parsed, **engine_kwargs)
 
 
@@ -52,3 +54,16 @@ def _make_sqlite_writers_queue(engine: AsyncEngine, *, busy_timeout: float) -> N
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _treat_half_closed_as_disconnect(engine: AsyncEngine) -> None:
+    """A connection the server terminated can fail with asyncpg's InternalClientError
+    ("cannot switch to state ...") before asyncpg sees the socket closed. Marking that a
+    disconnect makes the pool throw the connection away and the next checkout (a refund's
+    retry) reconnect, instead of failing again on the same dead connection."""
+
+    @event.listens_for(engine.sync_engine, "handle_error")
+    def _on_error(context: Any) -> None:
+        original = context.original_exception
+        if type(original).__name__ == "InternalClientError" or "cannot switch to state" in str(original):
+            context.is_disconnect = True

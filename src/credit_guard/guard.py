@@ -214,7 +214,7 @@ class CreditGuard:
         fail_open: bool = False,
         retry_after: int = 5,
         timeout: float = 5.0,
-        refund_attempts: int = 3,
+        refund_attempts: int = 4,
         pg_pool_size: int = 10,
         asyncpg_pool_kwargs: Mapping[str, Any] | None = None,
         pricing_notify: bool = True,

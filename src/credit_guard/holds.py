@@ -135,7 +135,9 @@ class HoldKeeper:
     async def _flush_quietly(self) -> None:
         try:
             await self.flush()
-        except StorageUnavailable:
+        except Exception as exc:  # the keeper must outlive any one failed batch
+            if not isinstance(exc, StorageUnavailable):
+                log.error("credit_guard: settling holds failed: %s", exc, exc_info=exc)
             # Kept queued (and heartbeaten) for the next round.
             if self._wake is not None:
                 asyncio.get_running_loop().call_later(1.0, self._wake.set)
@@ -172,7 +174,7 @@ class HoldKeeper:
             await self.store.extend_holds(ids, self.hold_until())
         except StorageUnavailable:
             pass
-        except Exception as exc:
+        except Exception as exc:  # logged, retried at the next beat
             log.error("credit_guard: hold heartbeat failed: %s", exc, exc_info=exc)
 
     async def sweep(self, now: datetime | None = None) -> int:

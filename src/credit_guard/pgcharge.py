@@ -57,6 +57,8 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # A connection the server terminated, used before asyncpg noticed ("cannot switch to state").
+    asyncpg.InternalClientError,
 )
 
 
