@@ -1,0 +1,267 @@
+"""Fuzz the admin app from the OpenAPI document it serves (schemathesis), on both databases.
+
+Why: the hand-written document in ``admin/openapi.py`` is a promise to clients, and the
+example-based tests in ``test_admin_api.py`` only try the inputs someone thought of.
+Here schemathesis generates requests from the served document, valid ones (which must be
+accepted) and invalid ones (which must be refused with a 4xx), sends them as an
+administrator so every write path runs, and checks each answer against the same document:
+never a 5xx, a documented status, the documented content type, headers and body schema.
+
+And money: the admin API moves no credits, so after the whole run every balance and every
+ledger row must be exactly as before, and ``audit()`` must still find the books exact,
+however many prices were created, repriced, deactivated or deleted meanwhile.
+
+How it runs: schemathesis's own ASGI transport drives an app on an event loop of its own,
+but the guard (the ``guard`` fixture) lives on this test's loop, and asyncpg connections
+are bound to the loop that opened them. So Hypothesis runs in a worker thread and each
+generated request is sent back to this test's loop with ``anyio.from_thread.run``, through
+httpx's in-process ``ASGITransport`` (no server, no socket); the answer is judged by
+``case.validate_response``. Deterministic: ``derandomize=True`` and no example database.
+
+``credit_endpoints()`` (/balance, /check) is not fuzzed here: it serves no OpenAPI
+document, so there is nothing to generate requests from.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio.from_thread
+import anyio.to_thread
+import httpx
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import APIOperation, Case, GenerationMode
+from schemathesis.checks import CheckFunction, not_a_server_error
+from schemathesis.core.result import Err
+from schemathesis.errors import FailureGroup
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    positive_data_acceptance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from starlette.requests import Request
+
+from credit_guard import CreditGuard
+from credit_guard.admin import admin_app
+
+from .conftest import ledger_rows
+
+pytestmark = pytest.mark.anyio
+
+BASE_URL = "http://test"
+ROLE_HEADER = "x-fuzz-role"
+PRICING_WRITE = "POST /api/admin/feature-pricing"
+#: Examples per operation and generation mode: Hypothesis tries the boundaries first, so this
+#: reaches every validation branch while the whole file stays well under 30 s.
+MAX_EXAMPLES = 30
+#: Accounts with money on them before the run; no request may change them.
+GRANTS = {"org_rich": 1_000, "org_poor": 3, "org_spent": 50}
+
+#: Every response is judged by all of these; the first five compare it with the document.
+CHECKS: list[CheckFunction] = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    positive_data_acceptance,  # valid data is not refused with 400/422
+    negative_data_rejection,  # invalid data is not accepted with a 2xx
+]
+
+Operation = APIOperation[Any, Any, Any, Any]
+FuzzCase = Case[Operation]
+Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
+#: Inputs the database actually holds, as ``as_strategy`` keyword arguments, per operation label.
+KnownInputs = Callable[[str], Coroutine[Any, Any, list[dict[str, Any]]]]
+
+
+def is_admin(request: Request) -> bool | None:
+    """The host app's rule, reduced to a header; without it nobody is signed in (401)."""
+    return True if request.headers.get(ROLE_HEADER) == "admin" else None
+
+
+def to_httpx(case: FuzzCase, headers: dict[str, str]) -> httpx.Request:
+    """The request schemathesis would send, as an httpx request: prepared by ``requests``
+    exactly as schemathesis's own transports prepare it (query and body encoding, escaping)."""
+    kwargs = case.as_transport_kwargs(base_url=BASE_URL, headers=headers)
+    prepared = requests.Request(
+        method=kwargs["method"],
+        url=kwargs["url"],
+        headers=kwargs.get("headers"),
+        params=kwargs.get("params"),
+        cookies=kwargs.get("cookies"),
+        json=kwargs.get("json"),
+        data=kwargs.get("data"),
+        files=kwargs.get("files"),
+    ).prepare()
+    body = prepared.body.encode() if isinstance(prepared.body, str) else prepared.body
+    assert body is None or isinstance(body, bytes), "schemathesis sends no streamed bodies here"
+    headers = {
+        name: value.decode("latin-1") if isinstance(value, bytes) else value for name, value in prepared.headers.items()
+    }
+    return httpx.Request(prepared.method or case.method, prepared.url or "", headers=headers, content=body)
+
+
+def operations(schema: schemathesis.BaseSchema) -> list[Operation]:
+    ops = []
+    for result in schema.get_all_operations():
+        if isinstance(result, Err):  # an operation schemathesis cannot read is a broken document
+            raise result.err()
+        ops.append(result.ok())
+    # Deletions last, so every other operation still meets the pricing that exists.
+    return sorted(ops, key=lambda op: op.method.upper() == "DELETE")
+
+
+def fuzz(
+    schema: schemathesis.BaseSchema,
+    send: Send,
+    known_inputs: KnownInputs,
+    *,
+    headers: dict[str, str],
+    modes: tuple[GenerationMode, ...] = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE),
+    max_examples: int = MAX_EXAMPLES,
+    expect: Callable[[Operation, httpx.Response], None] | None = None,
+) -> tuple[list[str], Counter[tuple[str, int]]]:
+    """Fuzz every operation in every mode. Returns one message per failing (operation, mode),
+    all of them rather than the first, so one run shows every broken promise, and how often
+    each (operation, status) was answered. Runs in a worker thread; the database is only
+    ever touched on the test's loop."""
+    failures: list[str] = []
+    answered: Counter[tuple[str, int]] = Counter()
+    for operation in operations(schema):
+        # Random ids and keys only ever meet a 404; real ones (seeded, or created by the
+        # fuzzing of POST just before) reach the reads and writes behind the lookup.
+        known = anyio.from_thread.run(known_inputs, operation.label)
+        for mode in modes:
+            strategy = operation.as_strategy(mode)
+            if known:
+                strategy = st.one_of(
+                    strategy,
+                    st.sampled_from(known).flatmap(lambda fixed: operation.as_strategy(mode, **fixed)),  # noqa: B023
+                )
+
+            @given(case=strategy)
+            @settings(
+                max_examples=max_examples,
+                derandomize=True,
+                database=None,
+                deadline=None,
+                print_blob=False,
+                suppress_health_check=list(HealthCheck),
+            )
+            def run(case: FuzzCase) -> None:
+                response = anyio.from_thread.run(send, to_httpx(case, headers))
+                answered[operation.label, response.status_code] += 1  # noqa: B023
+                case.validate_response(response, checks=CHECKS)
+                if expect is not None:
+                    expect(operation, response)  # noqa: B023
+
+            try:
+                run()
+            except Unsatisfiable:
+                pass  # nothing invalid can be sent: no input but a path parameter, or none at all
+            except (Exception, FailureGroup) as exc:
+                failures.append(f"{operation.label} [{mode.value}]: {exc}")
+    return failures, answered
+
+
+async def setup_books(guard: CreditGuard) -> tuple[dict[str, int], list[dict[str, object]]]:
+    """Accounts with grants, a charge and a refunded charge; their balances and the ledger."""
+    for org, amount in GRANTS.items():
+        await guard.grant_credits(org, amount)
+    refunded = await guard.deduct_credits("org_spent", "kling_image_to_video")
+    assert refunded.charge_id is not None
+    assert (await guard.deduct_credits("org_spent", "seedream_text_to_image")).success
+    await guard.refund_credits(refunded.charge_id)  # the usage report has both kinds of row
+    balances = {org: await guard.get_balance(org) for org in GRANTS}
+    assert balances == {"org_rich": 1_000, "org_poor": 3, "org_spent": 45}
+    return balances, await ledger_rows(guard)
+
+
+async def assert_books_unchanged(guard: CreditGuard, balances: dict[str, int], ledger: list[dict[str, object]]) -> None:
+    assert {org: await guard.get_balance(org) for org in GRANTS} == balances
+    assert await ledger_rows(guard) == ledger
+    assert await guard.audit() == []
+
+
+def known_inputs_for(guard: CreditGuard) -> KnownInputs:
+    async def known_inputs(label: str) -> list[dict[str, Any]]:
+        pricing = await guard.list_pricing()
+        if "{pricing_id}" in label:
+            return [{"path_parameters": {"pricing_id": p.id}} for p in pricing]
+        if label == "GET /api/features/pricing":
+            return [{"query": {"key": p.feature_key}} for p in pricing]
+        if label == "GET /api/admin/usage":
+            features = ["kling_image_to_video", "seedream_text_to_image"]
+            return [{"query": {"org": org}} for org in GRANTS] + [{"query": {"feature": key}} for key in features]
+        return []
+
+    return known_inputs
+
+
+async def load_schema(client: httpx.AsyncClient) -> schemathesis.BaseSchema:
+    """The document the app serves (not the Python function behind it), with a config of
+    its own so a schemathesis.toml lying around cannot change what runs."""
+    served = await client.get("/openapi.json")
+    assert served.status_code == 200
+    return schemathesis.openapi.from_dict(served.json(), config=schemathesis.Config.from_dict({}))
+
+
+async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(guard: CreditGuard) -> None:
+    balances, ledger = await setup_books(guard)
+    app = admin_app(guard, is_admin=is_admin)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as client:
+        schema = await load_schema(client)
+        failures, answered = await anyio.to_thread.run_sync(
+            lambda: fuzz(schema, client.send, known_inputs_for(guard), headers={ROLE_HEADER: "admin"})
+        )
+    assert not failures, "\n\n".join(failures)
+    # The run was not vacuous: every operation succeeded at least once (the checks let a 401
+    # or a 404 pass), and the writes were also refused for bad input at least once.
+    labels = {label for label, _ in answered}
+    assert labels == {op.label for op in operations(schema)}
+    assert all(any(200 <= status < 300 for lb, status in answered if lb == label) for label in labels), answered
+    for write in (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}"):
+        assert answered[write, 422] > 0 and answered[write, 400] > 0, answered
+    await assert_books_unchanged(guard, balances, ledger)
+
+
+async def test_anonymous_fuzzing_is_refused_with_401_and_changes_nothing(guard: CreditGuard) -> None:
+    """The same document, nobody signed in: every admin operation is a documented 401 (before
+    any validation, so it says nothing about the input), public ones still answer, and
+    neither the pricing nor the books change."""
+    balances, ledger = await setup_books(guard)
+    pricing = [p.to_dict() for p in await guard.list_pricing()]
+
+    def refused_unless_public(operation: Operation, response: httpx.Response) -> None:
+        if "public" not in (operation.tags or []):
+            assert response.status_code == 401, f"{operation.label}: {response.status_code} {response.text}"
+
+    app = admin_app(guard, is_admin=is_admin)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as client:
+        schema = await load_schema(client)
+        failures, answered = await anyio.to_thread.run_sync(
+            lambda: fuzz(
+                schema,
+                client.send,
+                known_inputs_for(guard),
+                headers={},
+                modes=(GenerationMode.POSITIVE,),  # invalid input would be refused anyway
+                max_examples=10,
+                expect=refused_unless_public,
+            )
+        )
+    assert not failures, "\n\n".join(failures)
+    assert answered[PRICING_WRITE, 401] > 0, answered
+    assert [p.to_dict() for p in await guard.list_pricing()] == pricing
+    await assert_books_unchanged(guard, balances, ledger)
