@@ -63,7 +63,7 @@ from .models import (
 from .notify import PricingNotifier
 from .pricing import PricingCache
 from .problems import Problem
-from .store import IdempotentOutcome, SqlStore
+from .store import IdempotentOutcome, SqlStore, UsageSettlement
 
 log = logging.getLogger("credit_guard")
 
@@ -437,7 +437,7 @@ class CreditGuard:
             feature_key,
             user_id,
             units=units_value(units),
-            idempotency=(idempotency_key, call_fingerprint(feature_key, units_value(units)), True)
+            idempotency=(idempotency_key, call_fingerprint(feature_key, units_value(units).normalize()), True)
             if idempotency_key is not None
             else None,
             hold=hold,
@@ -597,10 +597,9 @@ class CreditGuard:
             return 0, 0
         if used_credits < 0 or max_extra < 0:
             raise ValueError("used_credits and max_extra must not be negative")
-        refunded, extra = await self.store.settle_usage(
-            charge_id, used_credits, max_extra, reason or "settled at reported usage"
-        )
-        return refunded, extra
+        moved = await self.store.settle_usage(charge_id, used_credits, max_extra, reason or "settled at reported usage")
+        self._usage_settled(charge_id, moved, None)
+        return moved.refunded, moved.extra
 
     async def release_expired_holds(self, now: datetime | None = None) -> int:
         """One sweep: refund every hold whose time ran out (a dead process's), and forget
@@ -832,7 +831,7 @@ class CreditGuard:
         assert ticket.charge_id is not None
         max_extra = math.floor(ticket.credits * ticket.max_overage)
         try:
-            refunded, extra = await self.store.settle_usage(
+            moved = await self.store.settle_usage(
                 ticket.charge_id, used, max_extra, f"used {ticket.used_units} of {ticket.units} units"
             )
         except StorageUnavailable:
@@ -843,38 +842,41 @@ class CreditGuard:
                 ticket.credits,
             )
             return
-        if refunded:
-            ticket.adjustment = -refunded
-            self.hooks.emit(
-                RefundEvent(
-                    ticket.organization_id,
-                    ticket.feature_key,
-                    refunded,
-                    None,
-                    ticket.charge_id,
-                    None,
-                    "unused reserve",
-                )
-            )
-        if extra:
-            ticket.adjustment = extra
-            balance = await self.store.balance(ticket.organization_id)
-            self._charged(
-                ticket.organization_id,
-                ticket.feature_key,
-                extra,
-                balance,
-                ticket.charge_id,
-                ticket.user_id,
-                surcharge=True,
-            )
-        if used > ticket.credits + extra:
+        ticket.adjustment = moved.extra - moved.refunded
+        self._usage_settled(ticket.charge_id, moved, ticket.user_id)
+        if used > ticket.credits + moved.extra:
             log.warning(
                 "credit_guard: charge %s used %s credits, %s reserved; %s beyond max_overage went unpaid",
                 ticket.charge_id,
                 used,
                 ticket.credits,
-                used - ticket.credits - extra,
+                used - ticket.credits - moved.extra,
+            )
+
+    def _usage_settled(self, charge_id: int, moved: UsageSettlement, user_id: str | None) -> None:
+        if moved.organization_id is None or moved.balance is None:
+            return
+        if moved.refunded:
+            self.hooks.emit(
+                RefundEvent(
+                    moved.organization_id,
+                    moved.feature_key,
+                    moved.refunded,
+                    moved.balance,
+                    charge_id,
+                    None,
+                    "unused reserve",
+                )
+            )
+        if moved.extra:
+            self._charged(
+                moved.organization_id,
+                moved.feature_key or "",
+                moved.extra,
+                moved.balance,
+                charge_id,
+                user_id,
+                surcharge=True,
             )
 
     async def _refund_retrying(self, ticket: Ticket, reason: str | None) -> None:

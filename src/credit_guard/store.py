@@ -21,7 +21,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +88,17 @@ class IdempotentOutcome:
     charge_id: int | None = None
     balance: int = 0
     stored: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSettlement:
+    """What settling a hold at its reported usage moved."""
+
+    refunded: int = 0
+    extra: int = 0
+    balance: int | None = None
+    organization_id: str | None = None
+    feature_key: str | None = None
 
 
 class SqlStore:
@@ -481,10 +492,10 @@ class SqlStore:
                 )
         return settled
 
-    async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> tuple[int, int]:
+    async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement:
         """Close a hold at what the request really used: refund the unused part, or take up
         to ``max_extra`` more (never more than the balance holds). Exactly once: the hold is
-        closed by a conditional UPDATE in the same transaction. Returns (refunded, extra taken).
+        closed by a conditional UPDATE in the same transaction. Returns what moved (nothing when the hold was already closed).
         """
         try:
             async with self._tx() as conn:
@@ -504,14 +515,15 @@ class SqlStore:
                     )
                 ).first()
                 if charge is None:
-                    return 0, 0
+                    return UsageSettlement()
+                moved = UsageSettlement(organization_id=charge.organization_id, feature_key=charge.feature_key)
                 held = -int(charge.amount)
                 if used < held:
                     refund = await self._refund_in(conn, charge_id, reason, credits=held - used)
-                    return refund.credits_refunded, 0
+                    return replace(moved, refunded=refund.credits_refunded, balance=refund.remaining_credits)
                 extra = min(used - held, max_extra)
                 if extra <= 0:
-                    return 0, 0
+                    return moved
                 # Lock the account row first (an UPDATE that changes nothing but the stamp):
                 # the balance it returns cannot move until we commit, and the debit below is
                 # still conditional, so even a wrong sum here could never overdraw.
@@ -524,7 +536,7 @@ class SqlStore:
                 )
                 taken = min(extra, int(locked or 0))
                 if taken <= 0:
-                    return 0, 0
+                    return moved
                 balance = await conn.scalar(
                     update(accounts)
                     .where(accounts.c.organization_id == charge.organization_id, accounts.c.balance >= taken)
@@ -547,9 +559,9 @@ class SqlStore:
                         created_at=now,
                     )
                 )
-                return 0, taken
+                return replace(moved, extra=taken, balance=int(balance))
         except IntegrityError:
-            return 0, 0
+            return UsageSettlement()
 
     async def extend_holds(self, charge_ids: Sequence[int], until: datetime) -> None:
         """Push the expiry of live requests' holds (and their idempotency locks) forward."""
