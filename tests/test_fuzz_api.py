@@ -18,8 +18,11 @@ generated request is sent back to this test's loop with ``anyio.from_thread.run`
 httpx's in-process ``ASGITransport`` (no server, no socket); the answer is judged by
 ``case.validate_response``. Deterministic: ``derandomize=True`` and no example database.
 
-``credit_endpoints()`` (/balance, /check) is not fuzzed here: it serves no OpenAPI
-document, so there is nothing to generate requests from.
+``credit_endpoints()`` (/balance, /check) is fuzzed the same way from the document it
+serves, mounted under a prefix, as a few funded organizations, an unknown one and nobody
+(the organization comes from a header through ``organization_resolver``). Those reads must
+also agree with the books: every balance and price they report is checked against what
+was granted and seeded, and afterwards nothing has moved.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from hypothesis.strategies import SearchStrategy
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.core.result import Err
@@ -49,12 +53,14 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from starlette.requests import Request
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.routing import Mount
 
-from credit_guard import CreditGuard
+from credit_guard import HEADER_REMAINING, CreditGuard, credit_endpoints
 from credit_guard.admin import admin_app
 
-from .conftest import ledger_rows
+from .conftest import PRICES, ledger_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -64,8 +70,9 @@ PRICING_WRITE = "POST /api/admin/feature-pricing"
 #: Examples per operation and generation mode: Hypothesis tries the boundaries first, so this
 #: reaches every validation branch while the whole file stays well under 30 s.
 MAX_EXAMPLES = 30
-#: Accounts with money on them before the run; no request may change them.
-GRANTS = {"org_rich": 1_000, "org_poor": 3, "org_spent": 50}
+#: Accounts with money on them before the run; no request may change them. org_exact holds
+#: exactly one kling_image_to_video, the edge of a credit check's ``has_enough``.
+GRANTS = {"org_rich": 1_000, "org_poor": 3, "org_spent": 50, "org_exact": 20}
 
 #: Every response is judged by all of these; the first five compare it with the document.
 CHECKS: list[CheckFunction] = [
@@ -90,10 +97,10 @@ def is_admin(request: Request) -> bool | None:
     return True if request.headers.get(ROLE_HEADER) == "admin" else None
 
 
-def to_httpx(case: FuzzCase, headers: dict[str, str]) -> httpx.Request:
+def to_httpx(case: FuzzCase, headers: dict[str, str], base_url: str = BASE_URL) -> httpx.Request:
     """The request schemathesis would send, as an httpx request: prepared by ``requests``
     exactly as schemathesis's own transports prepare it (query and body encoding, escaping)."""
-    kwargs = case.as_transport_kwargs(base_url=BASE_URL, headers=headers)
+    kwargs = case.as_transport_kwargs(base_url=base_url, headers=headers)
     prepared = requests.Request(
         method=kwargs["method"],
         url=kwargs["url"],
@@ -127,15 +134,18 @@ def fuzz(
     send: Send,
     known_inputs: KnownInputs,
     *,
-    headers: dict[str, str],
+    headers: dict[str, str] | SearchStrategy[dict[str, str]],
+    base_url: str = BASE_URL,
     modes: tuple[GenerationMode, ...] = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE),
     max_examples: int = MAX_EXAMPLES,
     expect: Callable[[Operation, httpx.Response], None] | None = None,
 ) -> tuple[list[str], Counter[tuple[str, int]]]:
     """Fuzz every operation in every mode. Returns one message per failing (operation, mode),
     all of them rather than the first, so one run shows every broken promise, and how often
-    each (operation, status) was answered. Runs in a worker thread; the database is only
-    ever touched on the test's loop."""
+    each (operation, status) was answered. ``headers`` are sent with every request, or drawn
+    for each one when a strategy. Runs in a worker thread; the database is only ever touched
+    on the test's loop."""
+    header_sets = headers if isinstance(headers, SearchStrategy) else st.just(headers)
     failures: list[str] = []
     answered: Counter[tuple[str, int]] = Counter()
     for operation in operations(schema):
@@ -150,7 +160,7 @@ def fuzz(
                     st.sampled_from(known).flatmap(lambda fixed: operation.as_strategy(mode, **fixed)),  # noqa: B023
                 )
 
-            @given(case=strategy)
+            @given(case=strategy, sent_headers=header_sets)
             @settings(
                 max_examples=max_examples,
                 derandomize=True,
@@ -159,8 +169,8 @@ def fuzz(
                 print_blob=False,
                 suppress_health_check=list(HealthCheck),
             )
-            def run(case: FuzzCase) -> None:
-                response = anyio.from_thread.run(send, to_httpx(case, headers))
+            def run(case: FuzzCase, sent_headers: dict[str, str]) -> None:
+                response = anyio.from_thread.run(send, to_httpx(case, sent_headers, base_url))
                 answered[operation.label, response.status_code] += 1  # noqa: B023
                 case.validate_response(response, checks=CHECKS)
                 if expect is not None:
@@ -184,7 +194,7 @@ async def setup_books(guard: CreditGuard) -> tuple[dict[str, int], list[dict[str
     assert (await guard.deduct_credits("org_spent", "seedream_text_to_image")).success
     await guard.refund_credits(refunded.charge_id)  # the usage report has both kinds of row
     balances = {org: await guard.get_balance(org) for org in GRANTS}
-    assert balances == {"org_rich": 1_000, "org_poor": 3, "org_spent": 45}
+    assert balances == {"org_rich": 1_000, "org_poor": 3, "org_spent": 45, "org_exact": 20}
     return balances, await ledger_rows(guard)
 
 
@@ -209,10 +219,10 @@ def known_inputs_for(guard: CreditGuard) -> KnownInputs:
     return known_inputs
 
 
-async def load_schema(client: httpx.AsyncClient) -> schemathesis.BaseSchema:
+async def load_schema(client: httpx.AsyncClient, url: str = "/openapi.json") -> schemathesis.BaseSchema:
     """The document the app serves (not the Python function behind it), with a config of
     its own so a schemathesis.toml lying around cannot change what runs."""
-    served = await client.get("/openapi.json")
+    served = await client.get(url)
     assert served.status_code == 200
     return schemathesis.openapi.from_dict(served.json(), config=schemathesis.Config.from_dict({}))
 
@@ -264,4 +274,114 @@ async def test_anonymous_fuzzing_is_refused_with_401_and_changes_nothing(guard: 
     assert not failures, "\n\n".join(failures)
     assert answered[PRICING_WRITE, 401] > 0, answered
     assert [p.to_dict() for p in await guard.list_pricing()] == pricing
+    await assert_books_unchanged(guard, balances, ledger)
+
+
+# -- the credit endpoints (/balance, /check) ----------------------------------------------
+
+CREDITS_PREFIX = "/api/credits"
+ORG_HEADER = "x-fuzz-org"
+#: Who asks: each funded organization, one that never had credits, and nobody (401).
+ASKERS = [{ORG_HEADER: org} for org in GRANTS] + [{ORG_HEADER: "org_never_funded"}, {}]
+
+
+def org_from_header(conn: HTTPConnection) -> str | None:
+    """The host app's resolver, reduced to a header."""
+    return conn.headers.get(ORG_HEADER)
+
+
+def agrees_with_books(balances: dict[str, int]) -> Callable[[Operation, httpx.Response], None]:
+    """Beyond the document: what each answer says must be true of the books, for the
+    organization that asked (and only that one)."""
+    active = {key: credits for key, (_, _, credits, is_active) in PRICES.items() if is_active}
+
+    def expect(operation: Operation, response: httpx.Response) -> None:
+        org = response.request.headers.get(ORG_HEADER)
+        status = response.status_code
+        assert response.headers["cache-control"] == "no-store", operation.label
+        if org is None:
+            assert status == 401, f"{operation.label}: {status} for nobody"
+            return
+        feature = response.request.url.params.get("feature")
+        if status == 404:
+            assert feature not in active, f"{operation.label}: 404 for the active {feature!r}"
+        if status != 200:
+            return
+        credits = balances.get(org, 0)
+        assert response.headers[HEADER_REMAINING] == str(credits), operation.label
+        if operation.method == "head":
+            return
+        if operation.path == "/balance":
+            assert response.json() == {"organization_id": org, "credits": credits}
+        else:
+            assert feature in active, f"{operation.label}: 200 for {feature!r}, which has no active price"
+            price = active[feature]
+            assert response.json() == {
+                "feature": feature,
+                "has_enough": credits >= price,
+                "required": price,
+                "available": credits,
+            }
+
+    return expect
+
+
+async def test_credit_endpoints_conform_to_their_openapi_document_and_move_no_money(guard: CreditGuard) -> None:
+    balances, ledger = await setup_books(guard)
+    guard.organization_resolver = org_from_header
+    app = Starlette(routes=[Mount(CREDITS_PREFIX, credit_endpoints(guard))])
+
+    async def feature_keys(label: str) -> list[dict[str, Any]]:
+        # Random keys only ever meet a 404; the seeded ones (active and not) reach the check.
+        return [{"query": {"feature": key}} for key in PRICES] if label.endswith("/check") else []
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as client:
+        schema = await load_schema(client, f"{CREDITS_PREFIX}/openapi.json")
+        assert schema.raw_schema["servers"] == [{"url": CREDITS_PREFIX}]
+        failures, answered = await anyio.to_thread.run_sync(
+            lambda: fuzz(
+                schema,
+                client.send,
+                feature_keys,
+                headers=st.sampled_from(ASKERS),
+                base_url=BASE_URL + CREDITS_PREFIX,
+                expect=agrees_with_books(balances),
+            )
+        )
+    assert not failures, "\n\n".join(failures)
+    # Not vacuous: every operation answered 200 and 401, and the check also 400 and 404.
+    labels = {label for label, _ in answered}
+    assert labels == {"GET /balance", "HEAD /balance", "GET /check", "HEAD /check"}, answered
+    assert all(answered[label, 200] > 0 and answered[label, 401] > 0 for label in labels), answered
+    checks = ("GET /check", "HEAD /check")
+    assert all(answered[label, status] > 0 for label in checks for status in (400, 404)), answered
+    await assert_books_unchanged(guard, balances, ledger)
+
+
+async def test_every_organization_reads_every_price_as_the_books_say(guard: CreditGuard) -> None:
+    """The pairs a random run may never draw, each once: every asker with every seeded
+    feature (active, disabled) and the balance, through GET and HEAD, judged by the same
+    document and the same books; org_exact meets the price it can just afford."""
+    balances, ledger = await setup_books(guard)
+    guard.organization_resolver = org_from_header
+    expect = agrees_with_books(balances)
+    app = Starlette(routes=[Mount(CREDITS_PREFIX, credit_endpoints(guard))])
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as client:
+        schema = await load_schema(client, f"{CREDITS_PREFIX}/openapi.json")
+        for operation in operations(schema):
+            queries = [{"feature": key} for key in PRICES] if operation.path == "/check" else [{}]
+            for query in queries:
+                for asker in ASKERS:
+                    case = operation.Case(query=query)
+                    response = await client.send(to_httpx(case, asker, BASE_URL + CREDITS_PREFIX))
+                    statuses[response.status_code] += 1
+                    try:  # collected, not raised: a FailureGroup escaping an anyio test hides it
+                        case.validate_response(response, checks=CHECKS)
+                        expect(operation, response)
+                    except (Exception, FailureGroup) as exc:
+                        failures.append(f"{operation.label} {query} as {asker}: {exc}")
+    assert not failures, "\n\n".join(failures)
+    assert statuses == {200: 2 * (len(GRANTS) + 1) * 3, 401: 2 * 4, 404: 2 * (len(GRANTS) + 1)}, statuses
     await assert_books_unchanged(guard, balances, ledger)
