@@ -92,8 +92,7 @@ class HookDispatcher:
         self.dropped = 0
 
     def add(self, event_type: type, hook: H) -> H:
-        target = hook if inspect.isfunction(hook) or inspect.ismethod(hook) else type(hook).__call__
-        if not inspect.iscoroutinefunction(target):
+        if not (inspect.iscoroutinefunction(hook) or inspect.iscoroutinefunction(type(hook).__call__)):
             raise TypeError(f"credit_guard hooks must be async functions, got {hook!r}")
         self._hooks.setdefault(event_type, []).append(hook)
         return hook
@@ -133,21 +132,20 @@ class HookDispatcher:
                 self._queue.task_done()
 
     async def drain(self) -> None:
-        """Wait until every queued hook call has run (tests, graceful shutdown); bounded."""
-        if self._workers:
+        """Wait until every queued hook call has run (tests, graceful shutdown); bounded
+        by twice ``hook_timeout``, after which what is left is logged, not waited for."""
+        if not self._workers:
+            return
+        try:
             async with asyncio.timeout(self.timeout * 2):
                 await self._queue.join()
+        except TimeoutError:
+            log.warning("credit_guard: %d hook calls still queued after waiting", self._queue.qsize())
 
     async def close(self) -> None:
-        try:
-            await self.drain()
-        except TimeoutError:
-            log.warning("credit_guard: %d hook calls unfinished at shutdown", self._queue.qsize())
-        for task in self._workers:
+        await self.drain()
+        workers, self._workers = self._workers, []
+        for task in workers:
             task.cancel()
-        for task in self._workers:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-        self._workers = []
+        if workers:
+            await asyncio.wait(workers)

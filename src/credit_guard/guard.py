@@ -864,7 +864,7 @@ class CreditGuard:
                     moved.refunded,
                     moved.balance,
                     charge_id,
-                    None,
+                    moved.refund_id,
                     "unused reserve",
                 )
             )
@@ -875,7 +875,7 @@ class CreditGuard:
                 moved.extra,
                 moved.balance,
                 charge_id,
-                user_id,
+                user_id or moved.user_id,
                 surcharge=True,
             )
 

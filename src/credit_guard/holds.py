@@ -111,8 +111,11 @@ class HoldKeeper:
         next_sweep = loop.time() + min(self.sweep_interval, 1.0)  # a restart sweeps soon
         while True:
             timeout = max(0.0, min(next_beat, next_sweep) - loop.time())
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+            # lands in the turn the event is set, and close() would wait forever.
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             if self._wake.is_set():
@@ -207,13 +210,10 @@ class HoldKeeper:
         return released
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])  # a cancel aimed at close() itself still propagates
         try:
             await self.flush()
         except StorageUnavailable:

@@ -99,6 +99,8 @@ class UsageSettlement:
     balance: int | None = None
     organization_id: str | None = None
     feature_key: str | None = None
+    user_id: str | None = None
+    refund_id: int | None = None
 
 
 class SqlStore:
@@ -516,11 +518,18 @@ class SqlStore:
                 ).first()
                 if charge is None:
                     return UsageSettlement()
-                moved = UsageSettlement(organization_id=charge.organization_id, feature_key=charge.feature_key)
+                moved = UsageSettlement(
+                    organization_id=charge.organization_id, feature_key=charge.feature_key, user_id=charge.user_id
+                )
                 held = -int(charge.amount)
                 if used < held:
                     refund = await self._refund_in(conn, charge_id, reason, credits=held - used)
-                    return replace(moved, refunded=refund.credits_refunded, balance=refund.remaining_credits)
+                    return replace(
+                        moved,
+                        refunded=refund.credits_refunded,
+                        balance=refund.remaining_credits,
+                        refund_id=refund.refund_id,
+                    )
                 extra = min(used - held, max_extra)
                 if extra <= 0:
                     return moved
