@@ -30,7 +30,7 @@ import pytest
 from anyio.abc import Process
 from sqlalchemy import select
 
-from credit_guard import HEADER_CHARGED, HEADER_REMAINING, IDEMPOTENCY_HEADER, REPLAYED_HEADER, CreditGuard
+from credit_guard import HEADER_CHARGED, HEADER_REMAINING, HEADER_REPLAYED, IDEMPOTENCY_HEADER, CreditGuard
 from credit_guard.holds import HOLD_EXPIRED_REASON
 from credit_guard.schema import idempotency_keys
 
@@ -289,7 +289,7 @@ async def test_sigkill_mid_request_then_restart_refunds_every_hold_once(
         assert retry.json() == {"rendered": "fox 0"}
         assert retry.headers[HEADER_CHARGED] == str(PRICE)
         assert retry.headers[HEADER_REMAINING] == str(GRANT - PRICE)
-        assert REPLAYED_HEADER not in retry.headers
+        assert HEADER_REPLAYED not in retry.headers
 
         # The server settles the retry's hold in its batch: kept, not swept.
         await poll("the retry's hold settled", all_released, bound=RECOVERY_BOUND, server=second)
@@ -300,7 +300,7 @@ async def test_sigkill_mid_request_then_restart_refunds_every_hold_once(
         again = await client.post(PAID_PATH, json={"prompt": "fox 0"}, headers=request_headers(0, hang=False))
         assert again.status_code == 200
         assert again.json() == {"rendered": "fox 0"}
-        assert again.headers[REPLAYED_HEADER] == "true"
+        assert again.headers[HEADER_REPLAYED] == "true"
 
     rows = await ledger(guard)
     new_charges = [r for r in rows if r["kind"] == "charge" and int(r["id"]) not in held]

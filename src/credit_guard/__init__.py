@@ -20,13 +20,15 @@ from .errors import (
 )
 from .events import ChargeEvent, InsufficientCreditsEvent, LowBalanceEvent, RefundEvent
 from .guard import CreditGuard, Ticket, current_ticket
-from .idempotency import IDEMPOTENCY_HEADER, REPLAYED_HEADER
+from .idempotency import IDEMPOTENCY_HEADER
 from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageRow
 from .problems import (
     EXPOSE_HEADERS,
+    HEADER_BODY_OMITTED,
     HEADER_CHARGED,
     HEADER_REFUNDED,
     HEADER_REMAINING,
+    HEADER_REPLAYED,
     HEADER_REQUIRED,
     PROBLEM_CONTENT_TYPE,
     Problem,
@@ -35,13 +37,14 @@ from .schema import metadata
 
 __all__ = [
     "EXPOSE_HEADERS",
+    "HEADER_BODY_OMITTED",
     "HEADER_CHARGED",
     "HEADER_REFUNDED",
     "HEADER_REMAINING",
+    "HEADER_REPLAYED",
     "HEADER_REQUIRED",
     "IDEMPOTENCY_HEADER",
     "PROBLEM_CONTENT_TYPE",
-    "REPLAYED_HEADER",
     "AuditIssue",
     "ChargeEvent",
     "CreditCheck",

@@ -21,6 +21,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import problems
 from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
 from .idempotency import Replay
 from .problems import Problem
@@ -37,19 +38,25 @@ async def send_replay(replay: Replay, send: Send) -> None:
     await send({"type": "http.response.body", "body": replay.body})
 
 
-async def read_body(receive: Receive) -> tuple[bytes, Receive]:
+async def read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
     """The whole request body, and a ``receive`` that hands it to the app again.
 
     Needed only for requests with an Idempotency-Key: their fingerprint covers the body
-    and must be known before the charge, that is before the app reads it.
+    and must be known before the charge, that is before the app reads it. It is held in
+    memory, so beyond ``limit`` bytes BodyTooLarge is raised (the request is refused).
     """
     chunks: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
             # The client left before sending its body: nothing to fingerprint or charge.
             raise ClientDisconnected
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
         if not message.get("more_body", False):
             break
     body = b"".join(chunks)
@@ -67,6 +74,10 @@ async def read_body(receive: Receive) -> tuple[bytes, Receive]:
 
 class ClientDisconnected(Exception):
     """The client hung up while its request body was being read."""
+
+
+class BodyTooLarge(Exception):
+    """An idempotent request's body is larger than the guard will hold to fingerprint it."""
 
 
 async def run_charged(
@@ -211,8 +222,12 @@ class CreditGuardMiddleware:
                 body = None
                 if self.guard.idempotency_key_of(scope, rule.idempotency) is not None:
                     try:
-                        body, receive = await read_body(receive)
+                        body, receive = await read_body(receive, self.guard.idempotency_max_request_body)
                     except ClientDisconnected:
+                        return
+                    except BodyTooLarge:
+                        limit = self.guard.idempotency_max_request_body
+                        await send_problem(problems.request_too_large(limit), send)
                         return
                 outcome = await self.guard.open_charge(
                     rule.feature_key,

@@ -234,7 +234,11 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             return _ChargedResponse(active, outcome, result)
         # FastAPI serialises a returned value itself; its status and headers come from the
         # sub-response it handed us (status_code None there means the route's default).
-        status = getattr(sub_response, "status_code", None) or 200
+        status = (
+            getattr(sub_response, "status_code", None)
+            or getattr(request.scope.get("route"), "status_code", None)
+            or 200
+        )
         await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
         if sub_response is not None:
             for name, value in outcome.headers():

@@ -194,6 +194,8 @@ class CreditGuard:
         idempotency_ttl: seconds a key (and its stored response) is kept.
         idempotency_max_body: bytes of response body stored for replay; a longer body is
             replayed as status and headers with ``Idempotent-Body-Omitted: true``.
+        idempotency_max_request_body: the middleware holds an idempotent request's body in
+            memory to fingerprint it; a larger one is refused with 413 (nothing charged).
         max_overage: default for routes: how far above its reserve (0.5 = 50%) a request's
             reported usage may still be charged.
         low_balance_threshold: fire ``on_low_balance`` hooks when a charge takes a balance
@@ -225,6 +227,7 @@ class CreditGuard:
         idempotency: IdempotencyMode = False,
         idempotency_ttl: float = 24 * 3600.0,
         idempotency_max_body: int = 1024 * 1024,
+        idempotency_max_request_body: int = 10 * 1024 * 1024,
         max_overage: float = 0.0,
         low_balance_threshold: int | None = None,
         hook_timeout: float = 5.0,
@@ -261,6 +264,7 @@ class CreditGuard:
         self.idempotency = idempotency
         self.idempotency_ttl = idempotency_ttl
         self.idempotency_max_body = idempotency_max_body
+        self.idempotency_max_request_body = idempotency_max_request_body
         self.max_overage = max_overage
         self.low_balance_threshold = low_balance_threshold
         self.hooks = HookDispatcher(timeout=hook_timeout)
@@ -432,6 +436,10 @@ class CreditGuard:
         Raises StorageUnavailable when the database cannot be reached: a deduction whose
         outcome is unknown must not be mistaken for either answer.
         """
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or validate_key(idempotency_key.encode("utf-8")) != idempotency_key
+        ):
+            raise ValueError(f"idempotency_key must be 1 to 255 visible ASCII characters, got {idempotency_key!r:.80}")
         result, outcome = await self._deduct(
             organization_id,
             feature_key,
@@ -819,6 +827,8 @@ class CreditGuard:
             completion = {
                 "organization_id": ticket.organization_id,
                 "idempotency_key": ticket.idempotency_key,
+                # The TTL runs from the answer, so a long request's key does not die young.
+                "expires_at": utcnow() + timedelta(seconds=self.idempotency_ttl),
                 **recorder.stored(),
             }
         if ticket.charge_id is not None and ticket.used_units is not None:

@@ -20,11 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .problems import HEADER_BODY_OMITTED, HEADER_REPLAYED
+
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-REPLAYED_HEADER = "Idempotent-Replayed"
-#: On a replay whose original body was larger than ``idempotency_max_body``: the status and
-#: headers are replayed, the body is not (the request was still not charged again).
-BODY_OMITTED_HEADER = "Idempotent-Body-Omitted"
 KEY_MAX = 255
 _HEADER_BYTES = IDEMPOTENCY_HEADER.lower().encode()
 # Hop-by-hop or per-delivery headers that must not be replayed as they were.
@@ -85,8 +83,8 @@ class Replay:
         ]
         body = bytes(row["response_body"] or b"")
         if not row["body_stored"]:
-            headers.append((BODY_OMITTED_HEADER.lower().encode(), b"true"))
-        headers.append((REPLAYED_HEADER.lower().encode(), b"true"))
+            headers.append((HEADER_BODY_OMITTED.lower().encode(), b"true"))
+        headers.append((HEADER_REPLAYED.lower().encode(), b"true"))
         headers.append((b"content-length", str(len(body)).encode()))
         return cls(status=int(row["status_code"]), headers=headers, body=body)
 

@@ -14,8 +14,19 @@ HEADER_REMAINING = "X-Credits-Remaining"
 HEADER_CHARGED = "X-Credits-Charged"
 HEADER_REFUNDED = "X-Credits-Refunded"
 HEADER_REQUIRED = "X-Credits-Required"
+#: Set on an idempotent replay (``idempotency.py``), and when its body was too large to keep.
+HEADER_REPLAYED = "Idempotent-Replayed"
+HEADER_BODY_OMITTED = "Idempotent-Body-Omitted"
 #: What browsers must be allowed to read: pass to CORSMiddleware(expose_headers=...).
-EXPOSE_HEADERS = (HEADER_REMAINING, HEADER_CHARGED, HEADER_REFUNDED, HEADER_REQUIRED)
+EXPOSE_HEADERS = (
+    HEADER_REMAINING,
+    HEADER_CHARGED,
+    HEADER_REFUNDED,
+    HEADER_REQUIRED,
+    HEADER_REPLAYED,
+    HEADER_BODY_OMITTED,
+    "Retry-After",
+)
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 _TYPE_BASE = "urn:credit-guard:problem:"
@@ -197,4 +208,18 @@ def idempotency_mismatch(key: str) -> Problem:
             " nothing was charged. Use a new key for a new request."
         ),
         extra={"idempotency_key": key},
+    )
+
+
+def request_too_large(limit: int) -> Problem:
+    """An idempotent request whose body is too large to hold in memory for its fingerprint."""
+    return Problem(
+        status=413,
+        type=TYPE_INVALID_REQUEST,
+        title="Request body too large",
+        detail=(
+            f"Requests with an Idempotency-Key are fingerprinted with their body, which may be at most"
+            f" {limit} bytes here; nothing was charged."
+        ),
+        extra={"limit": limit},
     )

@@ -490,6 +490,7 @@ class SqlStore:
                         response_headers=done["response_headers"],
                         response_body=done["response_body"],
                         body_stored=done["body_stored"],
+                        expires_at=done["expires_at"],
                     )
                 )
         return settled
@@ -657,7 +658,10 @@ class SqlStore:
         stmt = claim.on_conflict_do_update(
             index_elements=[keys.organization_id, keys.idempotency_key],
             set_=fresh,
-            where=(keys.expires_at < now) | ((keys.state == "running") & (keys.locked_until < now)),
+            # A finished key lives until it expires; a running one until its lock runs out
+            # (its process died), never merely because its TTL passed mid-request.
+            where=((keys.state == "done") & (keys.expires_at < now))
+            | ((keys.state == "running") & (keys.locked_until < now)),
         ).returning(keys.organization_id)
         try:
             async with self._tx() as conn:
@@ -714,7 +718,7 @@ class SqlStore:
         async with self._tx() as conn:
             result = await conn.execute(
                 delete(idempotency_keys).where(
-                    (keys.expires_at < now)
+                    ((keys.state == "done") & (keys.expires_at < now))
                     | ((keys.state == "running") & (keys.locked_until < now) & keys.charge_id.is_(None))
                 )
             )
