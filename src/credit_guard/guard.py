@@ -94,8 +94,11 @@ def units_value(value: object) -> Decimal:
     """
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
         raise ValueError(f"units must be a number, got {type(value).__name__}")
+    text = str(value).strip()
     try:
-        units = Decimal(str(value).strip())
+        if "_" in text:  # Decimal reads "1_0" as 10: a typo must not cost ten units
+            raise InvalidOperation
+        units = Decimal(text)
     except InvalidOperation:
         raise ValueError(f"units must be a number, got {value!r:.40}") from None
     if not units.is_finite() or units <= 0 or units > MAX_UNITS:
@@ -595,6 +598,9 @@ class CreditGuard:
     ) -> tuple[int, int]:
         """Close a hold as kept, optionally at what was really used; returns (refunded, extra charged).
 
+        Holds only (``deduct_credits(..., hold=True)``): a plain charge is final, and
+        settling it changes nothing and returns (0, 0).
+
         With ``used_credits`` below the charge, the difference is refunded; above it, up to
         ``max_extra`` more is taken (never beyond the balance). Exactly once: settling a
         hold that is already settled or refunded changes nothing and returns (0, 0).
@@ -719,8 +725,9 @@ class CreditGuard:
                     value = await value
                 count = units_value(value)
             except (ValueError, TypeError, LookupError) as exc:
-                log.info("credit_guard: %s %s refused: bad units: %s", scope.get("method"), scope.get("path"), exc)
-                return problems.invalid_request({"units": str(exc) or type(exc).__name__}, status=422)
+                why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+                log.info("credit_guard: %s %s refused: bad units: %s", scope.get("method"), scope.get("path"), why)
+                return problems.invalid_request({"units": why or type(exc).__name__}, status=422)
         mode = self.idempotency if idempotency is None else idempotency
         key: str | None = None
         fingerprint = ""
@@ -831,13 +838,17 @@ class CreditGuard:
                 "expires_at": utcnow() + timedelta(seconds=self.idempotency_ttl),
                 **recorder.stored(),
             }
-        if ticket.charge_id is not None and ticket.used_units is not None:
+        charge_id = ticket.charge_id
+        if charge_id is not None and ticket.used_units is not None:
             used = cost_of(ticket.unit_price, ticket.used_units)
-            if used != ticket.credits:
-                await self._settle_usage(ticket, used)
-        self.holds.settle_later(ticket.charge_id, completion)
+            if used != ticket.credits and await self._settle_usage(ticket, used):
+                self.holds.forget(charge_id)
+                charge_id = None  # closed by the usage settlement: nothing left to batch
+        self.holds.settle_later(charge_id, completion)
 
-    async def _settle_usage(self, ticket: Ticket, used: int) -> None:
+    async def _settle_usage(self, ticket: Ticket, used: int) -> bool:
+        """Settle at the reported usage now; False when the database could not be reached
+        (the hold then goes to the batch and is kept at its reserve)."""
         assert ticket.charge_id is not None
         max_extra = math.floor(ticket.credits * ticket.max_overage)
         try:
@@ -851,7 +862,7 @@ class CreditGuard:
                 used,
                 ticket.credits,
             )
-            return
+            return False
         ticket.adjustment = moved.extra - moved.refunded
         self._usage_settled(ticket.charge_id, moved, ticket.user_id)
         if used > ticket.credits + moved.extra:
@@ -862,6 +873,7 @@ class CreditGuard:
                 ticket.credits,
                 used - ticket.credits - moved.extra,
             )
+        return True
 
     def _usage_settled(self, charge_id: int, moved: UsageSettlement, user_id: str | None) -> None:
         if moved.organization_id is None or moved.balance is None:

@@ -62,6 +62,8 @@ class HoldKeeper:
         self._pending: set[int] = set()
         self._completions: list[Mapping[str, Any]] = []
         self._wake: asyncio.Event | None = None
+        # One batch at a time: a flush() waits for the batch the background task is writing.
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.sweeping = True
 
@@ -146,7 +148,12 @@ class HoldKeeper:
                 asyncio.get_running_loop().call_later(1.0, self._wake.set)
 
     async def flush(self) -> None:
-        """Settle every queued hold and store every finished idempotent response, now."""
+        """Settle every queued hold and store every finished idempotent response, now
+        (after the batch being written, if one is)."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._pending and not self._completions:
             return
         ids, self._pending = self._pending, set()
