@@ -359,7 +359,7 @@ class CountingProxy:
     def _background(sql: str) -> bool:
         if "credit_guard_idempotency_keys" in sql and sql.lstrip().upper().startswith("DELETE"):
             return True
-        return "hold_expires_at" in sql and "INSERT" not in sql
+        return "credit_guard_holds" in sql and "INSERT" not in sql and "WITH debit" not in sql
 
     def _count(self, background: bool, trips: int = 1) -> None:
         if background:

@@ -91,7 +91,7 @@ async def reset_postgres(guard: CreditGuard) -> None:
         await conn.execute(
             text(
                 "TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing,"
-                " credit_guard_idempotency_keys"
+                " credit_guard_idempotency_keys, credit_guard_holds"
                 " RESTART IDENTITY CASCADE"
             )
         )
@@ -115,12 +115,20 @@ async def guard(db_url: str) -> AsyncIterator[CreditGuard]:
 
 
 async def ledger_rows(guard: CreditGuard, organization_id: str | None = None) -> list[dict[str, object]]:
-    """The ledger as plain dicts, oldest first: what tests compare before and after."""
+    """The ledger as plain dicts, oldest first: what tests compare before and after.
+
+    Each row also says ``hold_expires_at``: the expiry of the charge's open hold (from
+    ``credit_guard_holds``), None for a settled, refunded or non-charge row.
+    """
     from sqlalchemy import select
 
-    from credit_guard.schema import ledger
+    from credit_guard.schema import holds, ledger
 
-    query = select(ledger).order_by(ledger.c.id)
+    query = (
+        select(ledger, holds.c.expires_at.label("hold_expires_at"))
+        .select_from(ledger.outerjoin(holds, holds.c.charge_id == ledger.c.id))
+        .order_by(ledger.c.id)
+    )
     if organization_id is not None:
         query = query.where(ledger.c.organization_id == organization_id)
     async with guard.engine.connect() as conn:

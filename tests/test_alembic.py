@@ -36,11 +36,12 @@ TABLES = {
     "credit_guard_feature_pricing",
     "credit_guard_ledger",
     "credit_guard_idempotency_keys",
+    "credit_guard_holds",
 }
 INDEXES = {
     "ix_credit_guard_ledger_org_created",
     "ix_credit_guard_ledger_feature_created",
-    "ix_credit_guard_ledger_open_holds",
+    "ix_credit_guard_holds_expires_at",
     "ix_credit_guard_idempotency_keys_charge_id",
     "ix_credit_guard_idempotency_keys_expires_at",
 }

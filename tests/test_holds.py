@@ -37,7 +37,7 @@ from credit_guard import (
     current_ticket,
     requires_credits,
 )
-from credit_guard.schema import ledger as ledger_table
+from credit_guard.schema import holds as holds_table
 
 from .conftest import ledger_rows
 
@@ -269,7 +269,9 @@ async def test_flush_waits_for_a_settlement_batch_in_flight(guard: CreditGuard, 
     returned = False
     async with CreditGuard(db_url, sweep=False) as other, other.engine.connect() as conn:
         tx = await conn.begin()  # on SQLite, BEGIN IMMEDIATE: the database's write lock
-        await conn.execute(select(ledger_table.c.id).where(ledger_table.c.id == r.charge_id).with_for_update())
+        await conn.execute(
+            select(holds_table.c.charge_id).where(holds_table.c.charge_id == r.charge_id).with_for_update()
+        )
         guard.holds.settle_later(r.charge_id)
         await anyio.sleep(0.3)  # the keeper's batch (after settle_delay) now waits on that lock
         with anyio.move_on_after(1):

@@ -1,7 +1,7 @@
 """Holds: a charge stays a hold until its request completes, and a dead process's holds go back.
 
 Why holds: between the charge and the end of the request the process may die (SIGKILL,
-OOM, a deploy). The charge row then carries ``hold_expires_at``, and a sweeper, run by
+OOM, a deploy). The charge then has a row in ``credit_guard_holds``, and a sweeper, run by
 every guard in the app's lifespan (and by ``credit-guard sweep``), refunds holds whose
 time ran out. A live process keeps its own holds alive with a heartbeat, so a long video
 job is never swept from under its request, and the timeout can stay short.

@@ -23,7 +23,7 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 
 from .errors import StorageUnavailable
-from .schema import accounts, ledger
+from .schema import accounts, holds, ledger
 
 log = logging.getLogger("credit_guard")
 
@@ -35,10 +35,12 @@ WITH debit AS (
  RETURNING balance
 ), entry AS (
     INSERT INTO {ledger.name}
-           (organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path,
-            hold_expires_at)
-    SELECT $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6, $7::timestamptz FROM debit
+           (organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
+    SELECT $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6 FROM debit
  RETURNING id, balance_after
+), hold AS (
+    INSERT INTO {holds.name} (charge_id, expires_at)
+    SELECT id, $7::timestamptz FROM entry WHERE $7::timestamptz IS NOT NULL
 )
 SELECT (SELECT id FROM entry) AS charge_id,
        (SELECT balance_after FROM entry) AS balance_after,
@@ -46,9 +48,7 @@ SELECT (SELECT id FROM entry) AS charge_id,
 """
 _BALANCE = f"SELECT balance FROM {accounts.name} WHERE organization_id = $1"
 _SETTLE = f"""
-UPDATE {ledger.name} SET hold_expires_at = NULL
- WHERE id = ANY(string_to_array($1::text, ',')::bigint[]) AND hold_expires_at IS NOT NULL
-RETURNING id
+DELETE FROM {holds.name} WHERE charge_id = ANY(string_to_array($1::text, ',')::bigint[]) RETURNING charge_id
 """
 
 # What asyncpg raises when the server is gone, restarting, or too slow to answer.

@@ -12,9 +12,12 @@ Money invariants that the database itself enforces, so no code path can break th
 * an over-use surcharge is taken at most once per charge (``extra_of`` is UNIQUE);
 * a refund row always points at a charge, and so does a surcharge.
 
-A charge whose ``hold_expires_at`` is set is a *hold*: its credits are taken, but the
-request that took them has not finished. Settling clears the column; the sweeper refunds
-holds whose time ran out (their process died), so a crash never keeps a credit.
+A charge with a row in ``credit_guard_holds`` is a *hold*: its credits are taken, but the
+request that took them has not finished. Settling deletes the row; the sweeper refunds
+holds whose time ran out (their process died), so a crash never keeps a credit. Holds
+live in their own narrow table, not as a ledger column: the ledger stays insert-only, and
+settling (once per request) deletes a small row instead of rewriting a wide one and every
+index on it (measured: the column cost the middleware 8% of its throughput).
 """
 
 from __future__ import annotations
@@ -105,16 +108,12 @@ ledger = Table(
         nullable=True,
         unique=True,
     ),
-    # Set while the charge is a hold (its request still running); NULL once settled or refunded.
-    Column("hold_expires_at", DateTime(timezone=True), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_known"),
     CheckConstraint(
-        "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0"
-        " AND hold_expires_at IS NULL)"
+        "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0)"
         " OR (kind = 'charge' AND refund_of IS NULL AND amount <= 0)"
-        " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0"
-        " AND hold_expires_at IS NULL)",
+        " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0)",
         name="kind_shape",
     ),
     CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
@@ -122,12 +121,15 @@ ledger = Table(
 
 Index(f"ix_{TABLE_PREFIX}ledger_org_created", ledger.c.organization_id, ledger.c.created_at)
 Index(f"ix_{TABLE_PREFIX}ledger_feature_created", ledger.c.feature_key, ledger.c.created_at)
-# The sweeper's query: only open holds are indexed, so the index stays tiny.
-Index(
-    f"ix_{TABLE_PREFIX}ledger_open_holds",
-    ledger.c.hold_expires_at,
-    postgresql_where=ledger.c.hold_expires_at.isnot(None),
-    sqlite_where=ledger.c.hold_expires_at.isnot(None),
+holds = Table(
+    f"{TABLE_PREFIX}holds",
+    metadata,
+    # One row per charge whose request is still running; deleted when it is settled or refunded.
+    # No foreign key: its check would lock the ledger row on every charge. The row is only
+    # ever written by the statement that writes its charge, and audit() checks the pairing.
+    Column("charge_id", _LedgerId, primary_key=True, autoincrement=False),
+    # Pushed forward by the live process's heartbeat; past it, the sweeper refunds the charge.
+    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
 idempotency_keys = Table(

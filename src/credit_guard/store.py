@@ -33,7 +33,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import DuplicateFeature, PricingNotFound, StorageUnavailable
 from .models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
-from .schema import accounts, feature_pricing, idempotency_keys, ledger, metadata
+from .schema import accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
 
 log = logging.getLogger("credit_guard")
 
@@ -342,12 +342,13 @@ class SqlStore:
                     user_id=user_id,
                     request_method=request_method,
                     request_path=request_path,
-                    hold_expires_at=hold_until,
                     created_at=now,
                 )
                 .returning(ledger.c.id)
             )
         ).scalar_one()
+        if hold_until is not None:
+            await conn.execute(insert(holds).values(charge_id=charge_id, expires_at=hold_until))
         return int(charge_id), int(balance)
 
     async def refund(
@@ -385,14 +386,9 @@ class SqlStore:
     ) -> RefundResult:
         if expired_before is not None:
             closed = await conn.scalar(
-                update(ledger)
-                .where(
-                    ledger.c.id == charge_id,
-                    ledger.c.hold_expires_at.isnot(None),
-                    ledger.c.hold_expires_at < expired_before,
-                )
-                .values(hold_expires_at=None)
-                .returning(ledger.c.id)
+                delete(holds)
+                .where(holds.c.charge_id == charge_id, holds.c.expires_at < expired_before)
+                .returning(holds.c.charge_id)
             )
             if closed is None:
                 return RefundResult(refunded=False, error="not an expired hold")
@@ -418,7 +414,7 @@ class SqlStore:
         if amount <= 0:
             return RefundResult(refunded=False, error="nothing to refund")
         now = utcnow()
-        await conn.execute(update(ledger).where(ledger.c.id == charge_id).values(hold_expires_at=None))
+        await conn.execute(delete(holds).where(holds.c.charge_id == charge_id))
         balance = (
             await conn.execute(
                 update(accounts)
@@ -470,10 +466,7 @@ class SqlStore:
         async with self._tx() as conn:
             if charge_ids:
                 result = await conn.execute(
-                    update(ledger)
-                    .where(ledger.c.id.in_(list(charge_ids)), ledger.c.hold_expires_at.isnot(None))
-                    .values(hold_expires_at=None)
-                    .returning(ledger.c.id)
+                    delete(holds).where(holds.c.charge_id.in_(list(charge_ids))).returning(holds.c.charge_id)
                 )
                 settled = {int(row[0]) for row in result}
             for done in completions:
@@ -502,22 +495,22 @@ class SqlStore:
         """
         try:
             async with self._tx() as conn:
+                closed = await conn.scalar(
+                    delete(holds).where(holds.c.charge_id == charge_id).returning(holds.c.charge_id)
+                )
                 charge = (
                     await conn.execute(
-                        update(ledger)
-                        .where(ledger.c.id == charge_id, ledger.c.hold_expires_at.isnot(None))
-                        .values(hold_expires_at=None)
-                        .returning(
+                        select(
                             ledger.c.organization_id,
                             ledger.c.amount,
                             ledger.c.feature_key,
                             ledger.c.user_id,
                             ledger.c.request_method,
                             ledger.c.request_path,
-                        )
+                        ).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
                     )
                 ).first()
-                if charge is None:
+                if closed is None or charge is None:
                     return UsageSettlement()
                 moved = UsageSettlement(
                     organization_id=charge.organization_id, feature_key=charge.feature_key, user_id=charge.user_id
@@ -579,11 +572,7 @@ class SqlStore:
             return
         ids = list(charge_ids)
         async with self._tx() as conn:
-            await conn.execute(
-                update(ledger)
-                .where(ledger.c.id.in_(ids), ledger.c.hold_expires_at.isnot(None))
-                .values(hold_expires_at=until)
-            )
+            await conn.execute(update(holds).where(holds.c.charge_id.in_(ids)).values(expires_at=until))
             await conn.execute(
                 update(idempotency_keys)
                 .where(idempotency_keys.c.charge_id.in_(ids), idempotency_keys.c.state == "running")
@@ -593,17 +582,16 @@ class SqlStore:
     async def expired_holds(self, now: datetime, limit: int) -> list[int]:
         async with self._tx() as conn:
             rows = await conn.execute(
-                select(ledger.c.id)
-                .where(ledger.c.hold_expires_at.isnot(None), ledger.c.hold_expires_at < now)
-                .order_by(ledger.c.hold_expires_at)
-                .limit(limit)
+                select(holds.c.charge_id).where(holds.c.expires_at < now).order_by(holds.c.expires_at).limit(limit)
             )
             return [int(row[0]) for row in rows]
 
     async def open_holds(self, organization_id: str | None = None) -> list[int]:
-        query = select(ledger.c.id).where(ledger.c.hold_expires_at.isnot(None)).order_by(ledger.c.id)
+        query = select(holds.c.charge_id).order_by(holds.c.charge_id)
         if organization_id is not None:
-            query = query.where(ledger.c.organization_id == organization_id)
+            query = query.join(ledger, ledger.c.id == holds.c.charge_id).where(
+                ledger.c.organization_id == organization_id
+            )
         async with self._tx() as conn:
             return [int(row[0]) for row in await conn.execute(query)]
 
@@ -772,6 +760,16 @@ class SqlStore:
                 | (charge.c.organization_id != ledger.c.organization_id),
             )
         )
+        refund = ledger.alias("refund")
+        bad_holds = (
+            select(holds.c.charge_id, charge.c.organization_id)
+            .select_from(
+                holds.outerjoin(charge, charge.c.id == holds.c.charge_id).outerjoin(
+                    refund, refund.c.refund_of == holds.c.charge_id
+                )
+            )
+            .where((charge.c.id.is_(None)) | (charge.c.kind != "charge") | (refund.c.id.isnot(None)))
+        )
         async with self._tx() as conn:
             issues = [
                 AuditIssue(row.organization_id, "balance differs from ledger", int(row.balance), int(row.total))
@@ -788,6 +786,10 @@ class SqlStore:
             issues += [
                 AuditIssue(row.organization_id, f"surcharge {row.id} does not point at a charge")
                 for row in await conn.execute(bad_extras)
+            ]
+            issues += [
+                AuditIssue(row.organization_id or "?", f"hold {row.charge_id} is not an open charge")
+                for row in await conn.execute(bad_holds)
             ]
         return issues
 
