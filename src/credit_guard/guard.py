@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
@@ -87,6 +87,10 @@ TICKET_SCOPE_KEY = "credit_guard.ticket"
 IdempotencyMode = bool | str
 
 
+#: One unit, the default: compared by identity so the common case skips the Decimal maths.
+ONE = Decimal(1)
+
+
 def units_value(value: object) -> Decimal:
     """A request's units as an exact Decimal, or ValueError saying why not.
 
@@ -135,7 +139,6 @@ class Ticket:
     user_id: str | None = None
     #: Extra credits taken or refunded when usage was settled.
     adjustment: int = 0
-    _extra: dict[str, Any] = field(default_factory=dict)
 
     def report_usage(self, units: int | float | Decimal | str) -> None:
         """Say what the request really used (seconds of video rendered, images made...).
@@ -493,7 +496,7 @@ class CreditGuard:
             return DeductionResult(
                 success=False, error=f"Feature is inactive: {feature_key}", error_code="feature_inactive"
             ), None
-        credits = cost_of(pricing.credits, units)
+        credits = pricing.credits if units is ONE else cost_of(pricing.credits, units)
         # Clipped to their columns: a long URL must be charged, not mistaken for an outage.
         user_id = user_id[:USER_ID_MAX] if user_id else user_id
         request_path = request_path[:REQUEST_PATH_MAX] if request_path else request_path
@@ -551,6 +554,7 @@ class CreditGuard:
             credits_deducted=credits,
             charge_id=charge_id,
             required=credits,
+            unit_price=pricing.credits,
         ), outcome
 
     def _charged(
@@ -717,7 +721,7 @@ class CreditGuard:
             log.info("credit_guard: %s %s refused: no organization", scope.get("method"), scope.get("path"))
             return problems.no_organization()
         user_id = await self.resolve_user(scope, request)
-        count = Decimal(1)
+        count = ONE
         if units is not None:
             try:
                 value = units(request if request is not None else _connection(scope))
@@ -771,14 +775,13 @@ class CreditGuard:
             return problems.idempotency_mismatch(key)
         if result.success:
             assert result.credits_deducted is not None
-            pricing = await self.pricing_cache.get(feature_key)
             return Ticket(
                 feature_key,
                 organization_id,
                 result.credits_deducted,
                 result.remaining_credits,
                 result.charge_id,
-                unit_price=pricing.credits if pricing is not None else 0,
+                unit_price=result.unit_price or 0,
                 units=count,
                 max_overage=self.max_overage if max_overage is None else max_overage,
                 idempotency_key=key,

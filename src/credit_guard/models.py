@@ -64,6 +64,8 @@ class DeductionResult:
     error_code: DeductionError | None = None
     #: True when an idempotency key matched an earlier call: nothing was charged this time.
     replayed: bool = False
+    #: The feature's price per unit (``credits_deducted`` is it times the units, rounded up).
+    unit_price: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
