@@ -41,7 +41,6 @@ TABLES = {
 INDEXES = {
     "ix_credit_guard_ledger_org_created",
     "ix_credit_guard_ledger_feature_created",
-    "ix_credit_guard_holds_expires_at",
     "ix_credit_guard_idempotency_keys_charge_id",
     "ix_credit_guard_idempotency_keys_expires_at",
 }

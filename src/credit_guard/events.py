@@ -97,6 +97,10 @@ class HookDispatcher:
         self._hooks.setdefault(event_type, []).append(hook)
         return hook
 
+    def wants(self, event_type: type) -> bool:
+        """Whether any hook listens: lets the hot path skip building events nobody reads."""
+        return event_type in self._hooks
+
     def emit(self, event: Event) -> None:
         """Queue the event for its hooks; never waits, never raises."""
         hooks = self._hooks.get(type(event))

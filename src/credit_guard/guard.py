@@ -568,7 +568,8 @@ class CreditGuard:
         *,
         surcharge: bool = False,
     ) -> None:
-        self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, surcharge))
+        if self.hooks.wants(ChargeEvent):
+            self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, surcharge))
         threshold = self.low_balance_threshold
         if threshold is not None and crossed_below(threshold, balance, credits):
             self.hooks.emit(LowBalanceEvent(organization_id, balance, threshold, feature_key))

@@ -129,7 +129,9 @@ holds = Table(
     # ever written by the statement that writes its charge, and audit() checks the pairing.
     Column("charge_id", _LedgerId, primary_key=True, autoincrement=False),
     # Pushed forward by the live process's heartbeat; past it, the sweeper refunds the charge.
-    Column("expires_at", DateTime(timezone=True), nullable=False, index=True),
+    # Not indexed: the table only holds requests in flight, so the sweeper's scan is small,
+    # while an index would cost every charge, settlement and heartbeat an extra write.
+    Column("expires_at", DateTime(timezone=True), nullable=False),
 )
 
 idempotency_keys = Table(
