@@ -766,3 +766,37 @@ async def test_fastapi_units_and_reported_usage(guard: CreditGuard) -> None:
     assert [row["amount"] for row in await refunds_of(guard, charge["id"])] == [30]
     assert await guard.open_holds() == []
     await assert_books(guard, 80)
+
+
+async def test_refunding_a_charge_gives_back_its_surcharge_and_frees_its_key(guard: CreditGuard) -> None:
+    """A request settled above its reserve and then refunded (a complaint, a late failure)
+    gets everything back, reserve and surcharge, once; its idempotency key is free again."""
+    await guard.grant_credits(ORG, 100)
+    first = await guard.deduct_credits(ORG, VIDEO, hold=True, idempotency_key="job-1")
+    assert first.charge_id is not None
+    assert await guard.settle_charge(first.charge_id, used_credits=24, max_extra=4) == (0, 4)
+    await assert_books(guard, 100 - 20 - 4)
+
+    refund = await guard.refund_credits(first.charge_id)
+    assert refund.refunded and refund.credits_refunded == 24 and refund.remaining_credits == 100
+    await assert_books(guard, 100)
+    surcharge = [row for row in await ledger(guard) if row["extra_of"] == first.charge_id]
+    assert len(surcharge) == 1 and len(await refunds_of(guard, int(surcharge[0]["id"]))) == 1
+    assert not (await guard.refund_credits(first.charge_id)).refunded  # once
+    await assert_books(guard, 100)
+
+    again = await guard.deduct_credits(ORG, VIDEO, hold=True, idempotency_key="job-1")
+    assert again.success and not again.replayed and again.charge_id != first.charge_id
+    await assert_books(guard, 80)
+
+
+async def test_settle_charge_with_bad_arguments_leaves_the_hold_alive(guard: CreditGuard) -> None:
+    """A ValueError must not cost the request its heartbeat (and its hold, to the sweeper)."""
+    await guard.grant_credits(ORG, 100)
+    held = await guard.deduct_credits(ORG, VIDEO, hold=True)
+    assert held.charge_id is not None
+    with pytest.raises(ValueError):
+        await guard.settle_charge(held.charge_id, used_credits=-1)
+    assert held.charge_id in guard.holds.live
+    assert await guard.release_expired_holds(now=far_future()) == 0
+    assert await guard.open_holds() == [held.charge_id]

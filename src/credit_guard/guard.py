@@ -592,7 +592,9 @@ class CreditGuard:
     async def refund_credits(self, charge_id: int, *, reason: str | None = None) -> RefundResult:
         """Give a charge back. Idempotent: the first call refunds, every later one is a no-op.
 
-        A refund also closes the charge's hold and frees the idempotency key it paid for.
+        A refund also closes the charge's hold, frees the idempotency key it paid for and
+        gives back a surcharge taken for its usage. A charge refunds once: after a usage
+        settlement refunded its unused part, the rest stays charged ("already refunded").
         """
         result = await self.store.refund(charge_id, reason)
         self._refunded(result, charge_id, reason)
@@ -610,12 +612,12 @@ class CreditGuard:
         ``max_extra`` more is taken (never beyond the balance). Exactly once: settling a
         hold that is already settled or refunded changes nothing and returns (0, 0).
         """
+        if used_credits is not None and (used_credits < 0 or max_extra < 0):
+            raise ValueError("used_credits and max_extra must not be negative")
         self.holds.forget(charge_id)
         if used_credits is None:
             await self.store.settle_holds([charge_id])
             return 0, 0
-        if used_credits < 0 or max_extra < 0:
-            raise ValueError("used_credits and max_extra must not be negative")
         moved = await self.store.settle_usage(charge_id, used_credits, max_extra, reason or "settled at reported usage")
         self._usage_settled(charge_id, moved, None)
         return moved.refunded, moved.extra

@@ -405,7 +405,7 @@ class SqlStore:
                 ).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
             )
         ).first()
-        if charge is None or charge.extra_of is not None:
+        if charge is None:
             return RefundResult(refunded=False, error="charge not found")
         if await conn.scalar(select(ledger.c.id).where(ledger.c.refund_of == charge_id)) is not None:
             return RefundResult(refunded=False, error="already refunded")
@@ -443,8 +443,17 @@ class SqlStore:
             )
         ).scalar_one()
         if credits is None:
-            # A full refund means the request did not happen: its idempotency key is free again.
+            # A full refund means the request did not happen: its idempotency key is free
+            # again, and a surcharge taken for its usage goes back with it.
             await conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
+            surcharge = (
+                await conn.execute(select(ledger.c.id).where(ledger.c.extra_of == charge_id, ledger.c.kind == "charge"))
+            ).scalar_one_or_none()
+            if surcharge is not None:
+                extra = await self._refund_in(conn, int(surcharge), reason)
+                if extra.refunded:
+                    amount += extra.credits_refunded
+                    balance = extra.remaining_credits or balance
         return RefundResult(
             refunded=True,
             credits_refunded=amount,
@@ -744,7 +753,6 @@ class SqlStore:
                 (charge.c.id.is_(None))
                 | (charge.c.kind != "charge")
                 | (charge.c.organization_id != ledger.c.organization_id)
-                | (charge.c.extra_of.isnot(None))
                 # A partial refund (unused reserve) may be smaller than its charge, never larger.
                 | (literal(0) - charge.c.amount < ledger.c.amount),
             )
