@@ -800,3 +800,18 @@ async def test_settle_charge_with_bad_arguments_leaves_the_hold_alive(guard: Cre
     assert held.charge_id in guard.holds.live
     assert await guard.release_expired_holds(now=far_future()) == 0
     assert await guard.open_holds() == [held.charge_id]
+
+
+async def test_a_hold_settled_by_another_process_leaves_this_ones_heartbeat(guard: CreditGuard, db_url: str) -> None:
+    """Charge in the web process, settle in a worker: the web process's live set must not
+    keep (and heartbeat) the settled id forever."""
+    await guard.grant_credits(ORG, 100)
+    held = await guard.deduct_credits(ORG, IMAGE, hold=True)
+    kept = await guard.deduct_credits(ORG, IMAGE, hold=True)
+    assert held.charge_id is not None and kept.charge_id is not None
+    async with CreditGuard(db_url, sweep=False) as worker:
+        assert await worker.settle_charge(held.charge_id) == (0, 0)
+    await guard.holds._heartbeat()
+    assert guard.holds.live == {kept.charge_id}
+    assert await guard.open_holds() == [kept.charge_id]
+    await assert_books(guard, 90)

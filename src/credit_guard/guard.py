@@ -436,8 +436,9 @@ class CreditGuard:
         ``idempotency_key``: a retry with the same key charges nothing and returns the
         first call's result with ``replayed=True``; the key is freed if that charge is
         refunded. Reusing it for another feature or units raises IdempotencyKeyReused.
-        ``hold``: the charge is a hold: settle it with ``settle_charge`` (or refund it)
-        before ``hold_timeout``, or the sweeper gives it back (for work that may die).
+        ``hold``: the charge is a hold (for work that may die): settle it with
+        ``settle_charge`` or refund it. This guard keeps it alive while its process runs;
+        if the process dies first, a sweeper gives it back after ``hold_timeout``.
 
         Raises StorageUnavailable when the database cannot be reached: a deduction whose
         outcome is unknown must not be mistaken for either answer.

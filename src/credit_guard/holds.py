@@ -181,8 +181,10 @@ class HoldKeeper:
         if not ids:
             return
         try:
-            await self.store.extend_holds(ids, self.hold_until())
-        except StorageUnavailable:
+            still = await self.store.extend_holds(ids, self.hold_until())
+            # A hold closed elsewhere (an engine hold settled by another process) leaves
+            # this process's books: the live set must not grow forever.
+            self.live -= set(ids) - still
             pass
         except Exception as exc:  # logged, retried at the next beat
             log.error("credit_guard: hold heartbeat failed: %s", exc, exc_info=exc)

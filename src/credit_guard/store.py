@@ -575,18 +575,23 @@ class SqlStore:
         except IntegrityError:
             return UsageSettlement()
 
-    async def extend_holds(self, charge_ids: Sequence[int], until: datetime) -> None:
-        """Push the expiry of live requests' holds (and their idempotency locks) forward."""
+    async def extend_holds(self, charge_ids: Sequence[int], until: datetime) -> set[int]:
+        """Push the expiry of live requests' holds (and their idempotency locks) forward;
+        returns the ids still held (the others were settled or refunded, maybe elsewhere)."""
         if not charge_ids:
-            return
+            return set()
         ids = list(charge_ids)
         async with self._tx() as conn:
-            await conn.execute(update(holds).where(holds.c.charge_id.in_(ids)).values(expires_at=until))
+            result = await conn.execute(
+                update(holds).where(holds.c.charge_id.in_(ids)).values(expires_at=until).returning(holds.c.charge_id)
+            )
+            still = {int(row[0]) for row in result}
             await conn.execute(
                 update(idempotency_keys)
                 .where(idempotency_keys.c.charge_id.in_(ids), idempotency_keys.c.state == "running")
                 .values(locked_until=until)
             )
+        return still
 
     async def expired_holds(self, now: datetime, limit: int) -> list[int]:
         async with self._tx() as conn:
