@@ -815,3 +815,67 @@ async def test_a_hold_settled_by_another_process_leaves_this_ones_heartbeat(guar
     assert guard.holds.live == {kept.charge_id}
     assert await guard.open_holds() == [kept.charge_id]
     await assert_books(guard, 90)
+
+
+def test_cost_is_exact_for_any_number_of_digits() -> None:
+    """Rounded up exactly: a client-chosen 1.0000000000000000000000000001 units is more
+    than one unit, so it costs one credit more (Decimal's 28 digits would round it away)."""
+    from decimal import Decimal
+
+    from credit_guard.guard import cost_of, units_value
+
+    assert cost_of(5, units_value("1.0000000000000000000000000001")) == 6
+    assert cost_of(20, units_value("1.4")) == 28
+    assert cost_of(20, units_value(Decimal("0.05"))) == 1
+    assert cost_of(3, units_value(7)) == 21
+
+
+async def test_a_file_sent_by_the_server_itself_is_delivered_and_kept(guard: CreditGuard) -> None:
+    """Servers with the ``http.response.pathsend`` extension send a FileResponse's bytes
+    themselves: that message is the delivery, so the charge is kept, not refunded."""
+    from credit_guard import CreditGuardMiddleware
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": "/etc/hostname"})
+
+    await guard.grant_credits(ORG, 100)
+    middleware = CreditGuardMiddleware(app, guard=guard, rules={"GET /file": IMAGE})
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/file",
+        "headers": [],
+        "query_string": b"",
+        "extensions": {"http.response.pathsend": {}},
+        "state": {"organization_id": ORG},
+    }
+    await middleware(scope, receive, send)
+    await guard.flush()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.pathsend"]
+    assert dict(sent[0]["headers"])[b"x-credits-charged"] == b"5"
+    assert await guard.open_holds() == []
+    assert [row["kind"] for row in await ledger(guard)] == ["grant", "charge"]
+    await assert_books(guard, 95)
+
+
+async def test_a_failed_free_request_frees_its_idempotency_key(guard: CreditGuard) -> None:
+    """A feature priced 0 still leaves a charge row of 0 when the org has an account; if the
+    request fails, its hold closes and its key is freed (not locked until the sweeper)."""
+    await guard.create_pricing(feature_key="free_preview", feature_name="Free", category="c", credits=0)
+    await guard.grant_credits(ORG, 10)
+    first = await guard.deduct_credits(ORG, "free_preview", hold=True, idempotency_key="free-1")
+    assert first.success and first.charge_id is not None
+    result = await guard.refund_credits(first.charge_id, reason="handler raised")
+    assert not result.refunded and result.error == "nothing to refund"
+    assert await guard.open_holds() == []
+    again = await guard.deduct_credits(ORG, "free_preview", hold=True, idempotency_key="free-1")
+    assert again.success and not again.replayed and again.charge_id != first.charge_id

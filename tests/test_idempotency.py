@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import CreditGuard, CreditGuardMiddleware, Rule
+from credit_guard import CreditGuard, CreditGuardMiddleware, Problem, Rule
 from credit_guard.contrib.litestar import requires_credits as litestar_requires_credits
 from credit_guard.contrib.starlette import requires_credits
 from credit_guard.errors import IdempotencyKeyReused
@@ -125,6 +125,9 @@ class DemoAuth:
             org = dict(scope["headers"]).get(b"x-org")
             if org:
                 scope.setdefault("state", {})["organization_id"] = org.decode()
+            user = dict(scope["headers"]).get(b"x-user")
+            if user:
+                scope.setdefault("state", {})["user_id"] = user.decode()
         await self.app(scope, receive, send)
 
 
@@ -780,3 +783,52 @@ async def test_engine_refund_frees_the_key(guard: CreditGuard) -> None:
     assert await kinds(guard) == ["grant", "charge", "refund", "charge"]
     assert await guard.get_balance("org_1") == 15
     assert await guard.audit() == []
+
+
+async def test_another_user_of_the_organization_cannot_replay_a_users_response(iguard: CreditGuard) -> None:
+    """Keys are the organization's, but a response belongs to the user who asked: the same
+    key and body from a colleague is another request (422), never a replay of the first."""
+    await iguard.grant_credits("org_1", 20)
+    app, backend = build_app(iguard)
+    async with client(app) as c:
+        alice = await c.post("/v1/images", headers={**key("shared"), "x-user": "alice"}, content=BODY)
+        await iguard.flush()
+        bob = await c.post("/v1/images", headers={**key("shared"), "x-user": "bob"}, content=BODY)
+        again = await c.post("/v1/images", headers={**key("shared"), "x-user": "alice"}, content=BODY)
+    assert alice.status_code == 200
+    assert_problem(bob, 422)
+    assert replayed(again)
+    assert len(backend.calls) == 1
+    assert await kinds(iguard) == ["grant", "charge"]
+
+
+async def test_a_running_key_is_not_taken_over_while_its_charge_is_held(iguard: CreditGuard) -> None:
+    """A request whose heartbeat could not reach the database for a while (its key's lock
+    ran out) still holds its charge: a retry then must get 409, not a second charge."""
+    await iguard.grant_credits("org_1", 20)
+    first = await iguard.open_charge(
+        "seedream_text_to_image",
+        {
+            "type": "http",
+            "method": "POST",
+            "path": "/v1/images",
+            "headers": [(b"idempotency-key", b"k")],
+            "query_string": b"",
+            "state": {"organization_id": "org_1"},
+        },
+        body=BODY,
+    )
+    assert not isinstance(first, Problem) and first.charge_id is not None
+    from sqlalchemy import update
+
+    from credit_guard.schema import idempotency_keys
+
+    async with iguard.engine.begin() as conn:  # the lock ran out while the database was away
+        await conn.execute(update(idempotency_keys).values(locked_until=datetime(2000, 1, 1, tzinfo=UTC)))
+    app, backend = build_app(iguard)
+    async with client(app) as c:
+        retry = await c.post("/v1/images", headers=key("k"), content=BODY)
+    assert_problem(retry, 409)
+    assert backend.calls == []
+    assert await kinds(iguard) == ["grant", "charge"]
+    assert await iguard.get_balance("org_1") == 15

@@ -114,8 +114,10 @@ async def run_charged(
                 recorder.start(status, headers.raw)
         elif kind == "http.response.body" and recorder is not None:
             recorder.body(message.get("body", b""))
+        elif kind == "http.response.pathsend" and recorder is not None:
+            recorder.overflow = True  # the server sends the file itself: no bytes to keep
         await send(message)
-        if kind == "http.response.body" and not message.get("more_body", False):
+        if (kind == "http.response.body" and not message.get("more_body", False)) or kind == "http.response.pathsend":
             delivered = True
 
     async def receive_watching() -> Message:
@@ -148,8 +150,9 @@ async def run_charged(
 class Rule:
     """A paid route's options for ``CreditGuardMiddleware`` (a bare feature key means defaults).
 
-    ``units``: a callable of the request (Starlette ``Request``) whose number multiplies
-    the price (seconds of video...); ``idempotency``: True, "required" or False for this
+    ``units``: a callable of the request whose number multiplies the price (seconds of
+    video...). The middleware runs before the app has read the body, so it passes a
+    Starlette ``HTTPConnection`` (path, query, headers), not the body; ``idempotency``: True, "required" or False for this
     route (None: the guard's default); ``max_overage``: see ``Ticket.report_usage``.
     """
 
@@ -157,6 +160,10 @@ class Rule:
     units: UnitsOf | None = None
     idempotency: IdempotencyMode | None = None
     max_overage: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.idempotency not in (None, True, False, "required"):
+            raise ValueError(f"idempotency must be True, False or 'required', got {self.idempotency!r}")
 
 
 class CreditGuardMiddleware:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from sqlalchemy.engine import URL, make_url
@@ -84,7 +84,7 @@ MAX_UNITS = 1_000_000
 UnitsOf = Callable[[Any], "int | float | Decimal | str | Awaitable[int | float | Decimal | str]"]
 #: Where a ticket lives in the ASGI scope, for ``current_ticket(request)``.
 TICKET_SCOPE_KEY = "credit_guard.ticket"
-IdempotencyMode = bool | str
+IdempotencyMode = bool | Literal["required"]
 
 
 #: One unit, the default: compared by identity so the common case skips the Decimal maths.
@@ -112,7 +112,8 @@ def units_value(value: object) -> Decimal:
 
 def cost_of(unit_price: int, units: Decimal) -> int:
     """Credits for ``units`` at ``unit_price``, rounded up: a fraction of a unit is paid for."""
-    return math.ceil(Decimal(unit_price) * units)
+    numerator, denominator = units.as_integer_ratio()  # exact: no 28-digit rounding
+    return -(-unit_price * numerator // denominator)
 
 
 @dataclass(slots=True)
@@ -240,8 +241,10 @@ class CreditGuard:
     ) -> None:
         if idempotency not in (True, False, "required"):
             raise ValueError(f"idempotency must be True, False or 'required', got {idempotency!r}")
-        if hold_timeout <= 0 or max_overage < 0:
-            raise ValueError("hold_timeout must be positive and max_overage not negative")
+        if hold_timeout <= 0 or (sweep_interval is not None and sweep_interval <= 0):
+            raise ValueError("hold_timeout and sweep_interval must be positive")
+        if not 0 <= max_overage <= 100:
+            raise ValueError(f"max_overage must be a share of the reserve from 0 to 100, got {max_overage!r}")
         # An engine handed in belongs to the app: close() must leave it open.
         self._owns_engine = engine is None
         if engine is None:
@@ -752,6 +755,7 @@ class CreditGuard:
                     str(scope.get("path", "")),
                     scope.get("query_string") or b"",
                     body or b"",
+                    user_id,
                 )
         try:
             result, outcome = await self._deduct(
@@ -924,6 +928,8 @@ class CreditGuard:
                 return
             except StorageUnavailable:
                 if attempt == self.refund_attempts:
+                    # Not this process's to keep alive any more: the sweeper gives it back.
+                    self.holds.forget(ticket.charge_id)
                     log.error(
                         "credit_guard: REFUND FAILED for charge %s (%s credits, org %s); the sweeper "
                         "releases it after hold_timeout, or run guard.refund_credits(%s)",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -110,7 +111,8 @@ class HoldKeeper:
         beat_every = self.hold_timeout / 4
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + beat_every
-        next_sweep = loop.time() + min(self.sweep_interval, 1.0)  # a restart sweeps soon
+        # A restart sweeps soon; a guard that does not sweep never wakes up for it.
+        next_sweep = loop.time() + min(self.sweep_interval, 1.0) if self.sweeping else math.inf
         while True:
             timeout = max(0.0, min(next_beat, next_sweep) - loop.time())
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
@@ -128,7 +130,7 @@ class HoldKeeper:
             if now >= next_beat:
                 next_beat = now + beat_every
                 await self._heartbeat()
-            if now >= next_sweep and self.sweeping:
+            if now >= next_sweep:
                 next_sweep = now + self.sweep_interval
                 try:
                     await self.sweep()
@@ -195,7 +197,9 @@ class HoldKeeper:
         Safe to run in many processes at once: each refund is conditional on the hold
         still being open and expired, and the UNIQUE ``refund_of`` backs that up.
         """
-        now = now or utcnow()
+        if now is not None and now.tzinfo is None:
+            raise ValueError("now must be timezone-aware (the ledger keeps UTC)")
+        now = now.astimezone(UTC) if now is not None else utcnow()
         released = 0
         mine = self.live | self._pending
         while True:

@@ -26,7 +26,8 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 KEY_MAX = 255
 _HEADER_BYTES = IDEMPOTENCY_HEADER.lower().encode()
 # Hop-by-hop or per-delivery headers that must not be replayed as they were.
-_NOT_REPLAYED = {b"content-length", b"transfer-encoding", b"connection", b"date", b"server"}
+# Set-Cookie is never replayed: a session cookie must not reach whoever repeats the key.
+_NOT_REPLAYED = {b"content-length", b"transfer-encoding", b"connection", b"date", b"server", b"set-cookie"}
 
 
 def key_from_headers(raw_headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
@@ -53,9 +54,11 @@ def validate_key(raw: bytes) -> str | None:
     return text
 
 
-def request_fingerprint(method: str, path: str, query: bytes, body: bytes) -> str:
+def request_fingerprint(method: str, path: str, query: bytes, body: bytes, user_id: str | None = None) -> str:
+    """Binds a key to one request, and to the user who sent it: another user of the same
+    organization repeating the key gets 422, never the first user's response."""
     digest = hashlib.sha256()
-    for part in (method.encode(), path.encode("utf-8", "surrogateescape"), query):
+    for part in (method.encode(), path.encode("utf-8", "surrogateescape"), query, (user_id or "").encode()):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
     digest.update(body)

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Date as SqlDate
-from sqlalchemy import Row, and_, case, cast, delete, func, insert, literal, select, update
+from sqlalchemy import Row, and_, case, cast, delete, exists, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -411,10 +411,12 @@ class SqlStore:
             return RefundResult(refunded=False, error="already refunded")
         charged = -int(charge.amount)
         amount = charged if credits is None else min(credits, charged)
+        await conn.execute(delete(holds).where(holds.c.charge_id == charge_id))
         if amount <= 0:
+            if credits is None:  # a free request failed: its key must not stay locked
+                await conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
             return RefundResult(refunded=False, error="nothing to refund")
         now = utcnow()
-        await conn.execute(delete(holds).where(holds.c.charge_id == charge_id))
         balance = (
             await conn.execute(
                 update(accounts)
@@ -435,7 +437,7 @@ class SqlStore:
                     user_id=charge.user_id,
                     request_method=charge.request_method,
                     request_path=charge.request_path,
-                    reason=reason,
+                    reason=reason[:500] if reason else reason,
                     refund_of=charge_id,
                     created_at=now,
                 )
@@ -566,7 +568,7 @@ class SqlStore:
                         user_id=charge.user_id,
                         request_method=charge.request_method,
                         request_path=charge.request_path,
-                        reason=reason,
+                        reason=reason[:500] if reason else reason,
                         extra_of=charge_id,
                         created_at=now,
                     )
@@ -580,17 +582,23 @@ class SqlStore:
         returns the ids still held (the others were settled or refunded, maybe elsewhere)."""
         if not charge_ids:
             return set()
+        still: set[int] = set()
         ids = list(charge_ids)
         async with self._tx() as conn:
-            result = await conn.execute(
-                update(holds).where(holds.c.charge_id.in_(ids)).values(expires_at=until).returning(holds.c.charge_id)
-            )
-            still = {int(row[0]) for row in result}
-            await conn.execute(
-                update(idempotency_keys)
-                .where(idempotency_keys.c.charge_id.in_(ids), idempotency_keys.c.state == "running")
-                .values(locked_until=until)
-            )
+            for start in range(0, len(ids), 1000):  # bound the bind parameters per statement
+                chunk = ids[start : start + 1000]
+                result = await conn.execute(
+                    update(holds)
+                    .where(holds.c.charge_id.in_(chunk))
+                    .values(expires_at=until)
+                    .returning(holds.c.charge_id)
+                )
+                still |= {int(row[0]) for row in result}
+                await conn.execute(
+                    update(idempotency_keys)
+                    .where(idempotency_keys.c.charge_id.in_(chunk), idempotency_keys.c.state == "running")
+                    .values(locked_until=until)
+                )
         return still
 
     async def expired_holds(self, now: datetime, limit: int) -> list[int]:
@@ -662,8 +670,14 @@ class SqlStore:
             set_=fresh,
             # A finished key lives until it expires; a running one until its lock runs out
             # (its process died), never merely because its TTL passed mid-request.
+            # A running key whose charge still has an open hold is not abandoned, whatever
+            # its lock says (its process may only have lost the database for a while).
             where=((keys.state == "done") & (keys.expires_at < now))
-            | ((keys.state == "running") & (keys.locked_until < now)),
+            | (
+                (keys.state == "running")
+                & (keys.locked_until < now)
+                & ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id))
+            ),
         ).returning(keys.organization_id)
         try:
             async with self._tx() as conn:
@@ -718,13 +732,17 @@ class SqlStore:
     async def delete_expired_keys(self, now: datetime) -> int:
         keys = idempotency_keys.c
         async with self._tx() as conn:
-            result = await conn.execute(
+            # Two statements, not one OR: each can use its own condition's index.
+            done = await conn.execute(delete(idempotency_keys).where(keys.state == "done", keys.expires_at < now))
+            dead = await conn.execute(
                 delete(idempotency_keys).where(
-                    ((keys.state == "done") & (keys.expires_at < now))
-                    | ((keys.state == "running") & (keys.locked_until < now) & keys.charge_id.is_(None))
+                    keys.state == "running",
+                    keys.locked_until < now,
+                    keys.charge_id.is_(None)
+                    | ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id)),
                 )
             )
-        return int(result.rowcount or 0)
+        return int(done.rowcount or 0) + int(dead.rowcount or 0)
 
     async def balance(self, organization_id: str) -> int:
         async with self._tx() as conn:
