@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, HTTPException, Response
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Response
 from fastapi import Request as FastAPIRequest
 from pydantic import BaseModel
 from starlette.applications import Starlette
@@ -109,6 +109,16 @@ def current_org(request: FastAPIRequest) -> str:
     return org or ""
 
 
+class Strict(BaseModel):
+    prompt: str
+    seconds: int
+
+
+async def fails_on_exit() -> AsyncIterator[None]:
+    yield
+    raise RuntimeError("the dependency's exit code failed")
+
+
 def all_ran() -> list[str]:
     return ran + litestar_handlers.ran
 
@@ -148,6 +158,30 @@ def fastapi_app(guard: CreditGuard) -> FastAPI:
     async def not_found(org: str = Depends(current_org)) -> dict[str, Any]:
         ran.append("not-found")
         raise HTTPException(status_code=404, detail="no such job")
+
+    @app.post("/bad-model", response_model=Strict)
+    @requires_credits("seedream_text_to_image")
+    async def bad_model(org: str = Depends(current_org)) -> Any:
+        ran.append("bad-model")
+        return {"prompt": "a dog"}  # no "seconds": FastAPI's response validation fails after we return
+
+    @app.post("/dependency-exit-fails")
+    @requires_credits("seedream_text_to_image")
+    async def dependency_exit_fails(
+        org: str = Depends(current_org), _: None = Depends(fails_on_exit, scope="function")
+    ) -> dict[str, Any]:
+        ran.append("dependency-exit-fails")
+        return {"ok": True}
+
+    @app.post("/with-tasks")
+    @requires_credits("seedream_text_to_image")
+    async def with_tasks(tasks: BackgroundTasks, org: str = Depends(current_org)) -> dict[str, Any]:
+        async def after() -> None:
+            ran.append("task")
+            raise RuntimeError("the app's background task failed")
+
+        tasks.add_task(after)
+        return {"queued": True}
 
     @app.post("/fail-response")
     @requires_credits("seedream_text_to_image")
@@ -274,6 +308,38 @@ async def test_fastapi_returned_response_object_refunds(guard: CreditGuard) -> N
         r = await c.post("/fail-response", headers=ORG)
     assert (r.status_code, r.headers["x-credits-refunded"]) == (500, "5")
     assert await guard.get_balance("org_1") == 12
+
+
+@pytest.mark.parametrize("path", ["/bad-model", "/dependency-exit-fails"])
+async def test_fastapi_failure_after_the_handler_returned_is_refunded(guard: CreditGuard, path: str) -> None:
+    """FastAPI validates the returned value and runs function-scoped dependency exits after
+    the decorated handler has returned: the charge is held until the response is sent, so a
+    500 from either is refunded."""
+    await guard.grant_credits("org_1", 12)
+    async with client(fastapi_app(guard)) as c:
+        r = await c.post(path, headers=ORG)
+    assert r.status_code == 500
+    assert all_ran() == [path.strip("/")]
+    await guard.flush()
+    assert await guard.get_balance("org_1") == 12
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
+    assert await guard.open_holds("org_1") == []
+    assert await guard.audit() == []
+
+
+async def test_fastapi_plain_value_is_settled_once_delivered(guard: CreditGuard) -> None:
+    """Its settlement is the first background task: the app's own tasks run after it, and
+    their failure after delivery refunds nothing."""
+    await guard.grant_credits("org_1", 12)
+    async with client(fastapi_app(guard)) as c:
+        r = await c.post("/with-tasks", headers=ORG)
+    assert (r.status_code, r.json(), r.headers["x-credits-remaining"]) == (200, {"queued": True}, "7")
+    assert all_ran() == ["task"]
+    await guard.flush()
+    assert await guard.get_balance("org_1") == 7
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge"]
+    assert await guard.open_holds("org_1") == []
+    assert await guard.audit() == []
 
 
 async def test_litestar_handler_with_its_own_request(guard: CreditGuard) -> None:

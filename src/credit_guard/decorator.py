@@ -4,8 +4,10 @@ For Starlette and FastAPI the handler's signature is kept, so ``Depends``, path 
 parameters and Pydantic bodies keep working. If the handler declares no ``Request``
 parameter, a keyword-only one is added to ``__signature__`` (and popped before the call);
 likewise a ``Response`` parameter, which is how FastAPI lets a handler that returns a
-plain dict or model still carry the credit headers. Parameters are found by annotation,
-never by name alone (the complaint users have about slowapi).
+plain dict or model still carry the credit headers, and a ``BackgroundTasks`` one, whose
+first task settles such a charge once FastAPI has validated and sent the response (see
+``_settle_on_delivery``). Parameters are found by annotation, never by name alone (the
+complaint users have about slowapi).
 
 Litestar handlers are recognised by their annotations or module and handed to
 ``credit_guard.contrib.litestar``; import ``requires_credits`` from there to be explicit.
@@ -18,9 +20,12 @@ import inspect
 import sys
 import typing
 from collections.abc import Callable
+from contextlib import AsyncExitStack
+from types import TracebackType
 from typing import Any, TypeVar
 
 import anyio
+from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -34,6 +39,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _REQUEST_PARAM = "credit_guard_request"
 _RESPONSE_PARAM = "credit_guard_response"
+_TASKS_PARAM = "credit_guard_tasks"
 
 
 def requires_credits(
@@ -188,8 +194,11 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
         "request" if "request" in signature.parameters and "request" not in hints else None
     )
     response_name = _param_of_type(signature, hints, Response)
+    tasks_name = _param_of_type(signature, hints, BackgroundTasks)
     params = list(signature.parameters.values())
     extra = []
+    if tasks_name is None:
+        extra.append(inspect.Parameter(_TASKS_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=BackgroundTasks))
     if request_name is None:
         extra.append(inspect.Parameter(_REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request))
     if response_name is None:
@@ -204,6 +213,7 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         request = kwargs.pop(_REQUEST_PARAM, None) if request_name is None else kwargs.get(request_name)
         sub_response = kwargs.pop(_RESPONSE_PARAM, None) if response_name is None else kwargs.get(response_name)
+        tasks = kwargs.pop(_TASKS_PARAM, None) if tasks_name is None else kwargs.get(tasks_name)
         if request is None:
             # Plain Starlette calls endpoint(request) positionally (or method(self, request)).
             request = next((arg for arg in args if isinstance(arg, HTTPConnection)), None)
@@ -239,7 +249,8 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             or getattr(request.scope.get("route"), "status_code", None)
             or 200
         )
-        await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
+        if status >= 500 or not _settle_on_delivery(active, outcome, request.scope, tasks, status):
+            await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
         if sub_response is not None:
             for name, value in outcome.headers():
                 sub_response.headers[name] = value
@@ -247,6 +258,43 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
 
     wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     return typing.cast(F, wrapper)
+
+
+def _settle_on_delivery(
+    guard: CreditGuard, ticket: Ticket, scope: Scope, tasks: BackgroundTasks | None, status: int
+) -> bool:
+    """Keep a FastAPI plain-value answer's charge held until its response is delivered.
+
+    FastAPI validates and serialises the returned value (``response_model``), runs the
+    exit code of function-scoped ``yield`` dependencies and sends the response only after
+    the handler returns; any of them can still fail with a 500 the client did not get
+    its money's worth from. So the charge is settled by a task put *first* in the
+    request's background tasks (they run only after the last body byte is sent, and the
+    app's own tasks come after: their failures stay charged, as everywhere), and an exit
+    callback on FastAPI's request-scoped exit stack refunds it if an exception got there
+    first. False when the request does not come from FastAPI's request handler (settle now).
+    """
+    stack = scope.get("fastapi_inner_astack")
+    if tasks is None or not isinstance(stack, AsyncExitStack):
+        return False
+
+    async def delivered() -> None:
+        await guard.settle(ticket, failed=False, reason=f"handler answered {status}", status=status)
+
+    async def on_exit(
+        exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        if not ticket.settled:
+            with anyio.CancelScope(shield=True):
+                if exc is None:  # sent without running its background tasks: a custom response class
+                    await delivered()
+                else:
+                    await guard.settle(ticket, failed=True, reason=f"response failed: {type(exc).__name__}")
+        return False
+
+    tasks.tasks.insert(0, BackgroundTask(delivered))
+    stack.push_async_exit(on_exit)
+    return True
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
