@@ -228,8 +228,10 @@ async def test_endpoints_use_the_guards_organization_resolver(guard: CreditGuard
     async with client(starlette_app(guard)) as c:
         by_tenant = await c.get(f"{PREFIX}/balance", headers={"x-tenant": "org_tenant"})
         by_state_only = await c.get(f"{PREFIX}/balance", headers=ORG)
+        too_long = await c.get(f"{PREFIX}/balance", headers={"x-tenant": "t" * 256})
     assert by_tenant.json() == {"organization_id": "org_tenant", "credits": 7}
     assert by_state_only.status_code == 401
+    assert too_long.status_code == 401 and "255 characters" in too_long.json()["detail"]
 
 
 async def test_missing_guard_is_a_configuration_error() -> None:

@@ -208,6 +208,21 @@ async def test_no_organization_gets_401_and_nothing_changes(guard: CreditGuard) 
     assert calls == [] and await ledger_rows(guard) == []
 
 
+async def test_organization_id_longer_than_an_account_can_have_is_401_and_logged(
+    guard: CreditGuard, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An id resolved from something the client controls can be any length; no account can
+    hold one over 255 characters, so it is refused like a missing one, never a 500."""
+    async with client(build_app(guard)) as c:
+        r = await c.post("/v1/images", headers={"x-org": "o" * 256})
+        fits = await c.post("/v1/images", headers={"x-org": "o" * 255})
+    assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["type"].endswith("no-organization") and "255 characters" in r.json()["detail"]
+    assert "organization id of 256 characters" in caplog.text
+    assert fits.status_code == 402  # a real (empty) account: refused for its balance, not its id
+    assert calls == [] and await ledger_rows(guard) == []
+
+
 @pytest.mark.parametrize(
     ("path", "status", "kind"), [("/v1/unpriced", 500, "feature-not-found"), ("/v1/retired", 403, "feature-inactive")]
 )

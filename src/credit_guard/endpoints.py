@@ -39,6 +39,7 @@ from .decorator import find_guard, problem_response
 from .errors import StorageUnavailable
 from .guard import CreditGuard
 from .models import FEATURE_KEY_MAX, FEATURE_KEY_RE
+from .problems import Problem
 
 FEATURE_PARAM = "feature"
 BALANCE_PATH = "/balance"
@@ -118,9 +119,9 @@ class CreditEndpoints:
 
     async def _serve(self, endpoint: Endpoint, request: Request) -> Response:
         guard = find_guard(self.guard, request.scope.get("app"))
-        organization_id = await guard.resolve_organization(request.scope, request)
-        if not organization_id:
-            return problem_response(problems.no_organization())
+        organization_id = await guard.paying_organization(request.scope, request)
+        if isinstance(organization_id, Problem):
+            return problem_response(organization_id)
         try:
             return await endpoint(guard, organization_id, request)
         except StorageUnavailable:

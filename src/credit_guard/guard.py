@@ -723,10 +723,9 @@ class CreditGuard:
         resolvers and ``units`` receive it (a Starlette HTTPConnection is built otherwise).
         ``body`` is the request body, needed only when an Idempotency-Key is honoured.
         """
-        organization_id = await self.resolve_organization(scope, request)
-        if not organization_id:
-            log.info("credit_guard: %s %s refused: no organization", scope.get("method"), scope.get("path"))
-            return problems.no_organization()
+        organization_id = await self.paying_organization(scope, request)
+        if isinstance(organization_id, Problem):
+            return organization_id
         user_id = await self.resolve_user(scope, request)
         count = ONE
         if units is not None:
@@ -945,6 +944,27 @@ class CreditGuard:
     async def resolve_organization(self, scope: Mapping[str, Any], request: Any = None) -> str | None:
         """The organization a request pays with (the same rule for every adapter and endpoint)."""
         return await self._resolve(self.organization_resolver, "organization_id", scope, request)
+
+    async def paying_organization(self, scope: Mapping[str, Any], request: Any = None) -> str | Problem:
+        """The resolved organization, or the 401 to answer: none, or an id no account can
+        have (longer than the ledger's column; a resolver that trusts a client header can
+        produce one). Logged, since it may as well be the app's own misconfiguration."""
+        organization_id = await self.resolve_organization(scope, request)
+        if not organization_id:
+            log.info("credit_guard: %s %s refused: no organization", scope.get("method"), scope.get("path"))
+            return problems.no_organization()
+        if len(organization_id) > ORGANIZATION_ID_MAX:
+            log.warning(
+                "credit_guard: %s %s refused: organization id of %d characters (at most %d)",
+                scope.get("method"),
+                scope.get("path"),
+                len(organization_id),
+                ORGANIZATION_ID_MAX,
+            )
+            return problems.no_organization(
+                f"The organization id this request resolved to is longer than {ORGANIZATION_ID_MAX} characters."
+            )
+        return organization_id
 
     async def resolve_user(self, scope: Mapping[str, Any], request: Any = None) -> str | None:
         return await self._resolve(self.user_resolver, "user_id", scope, request)

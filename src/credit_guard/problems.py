@@ -81,12 +81,12 @@ def insufficient_credits(feature_key: str, required: int, available: int) -> Pro
     )
 
 
-def no_organization() -> Problem:
+def no_organization(detail: str | None = None) -> Problem:
     return Problem(
         status=401,
         type=TYPE_NO_ORGANIZATION,
         title="No organization",
-        detail="This route is paid for in credits, and the request is not signed in to an organization.",
+        detail=detail or "This route is paid for in credits, and the request is not signed in to an organization.",
     )
 
 
