@@ -399,3 +399,24 @@ async def test_litestar_return_dto_still_applies(guard: CreditGuard) -> None:
         r = await c.post("/account", headers=ORG)
     assert (r.status_code, r.json(), r.headers["x-credits-charged"]) == (201, {"name": "ann"}, "5")
     assert await guard.get_balance("org_1") == 7
+
+
+async def test_litestar_return_dto_route_refuses_and_replays_without_the_dto(guard: CreditGuard) -> None:
+    """A route with a return DTO would have the DTO read a refusal or a stored response as
+    its model (a 500); they go past it, problem+json and headers intact."""
+    guard.idempotency = True
+    async with client(litestar_app(guard)) as c:
+        unsigned = await c.post("/account")
+        short = await c.post("/account", headers=ORG)
+        await guard.grant_credits("org_1", 12)
+        first = await c.post("/account", headers={**ORG, "idempotency-key": "dto-1"})
+        await guard.flush()
+        retry = await c.post("/account", headers={**ORG, "idempotency-key": "dto-1"})
+    assert unsigned.status_code == 401 and unsigned.headers["content-type"] == "application/problem+json"
+    assert short.status_code == 402 and short.headers["content-type"] == "application/problem+json"
+    assert (short.json()["required"], short.headers["x-credits-required"]) == (5, "5")
+    assert (first.status_code, first.json()) == (201, {"name": "ann"})
+    assert (retry.status_code, retry.headers["idempotent-replayed"]) == (201, "true")
+    assert all_ran() == ["account"]
+    assert await guard.get_balance("org_1") == 7
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge"]

@@ -3,7 +3,9 @@
 Litestar hands a handler its request through the reserved keyword ``request``; if the
 handler does not ask for it, one is added to ``__signature__`` and popped before the
 call. A returned value is wrapped in a ``litestar.Response`` with the route's own status
-code and media type, so the credit headers can ride on it.
+code and media type, so the credit headers can ride on it. On a route with a
+``return_dto``, refusals and idempotent replays are raised past the DTO (``CreditAnswer``)
+instead of returned, so it never tries to read them as the handler's model.
 
 Streaming: a ``Stream`` whose body fails after its headers went out is not refunded by
 the decorator; put such routes under ``CreditGuardMiddleware``, which sees the failure.
@@ -14,12 +16,14 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
 from litestar import Request, Response
+from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
+from litestar.utils.scope.state import ScopeState
 
 from ..asgi import Rule
 from ..decorator import attach_credit_headers, find_guard, is_failure, open_for
@@ -34,6 +38,40 @@ def problem_response(problem: Problem) -> Response[Any]:
     return Response(
         content=problem.body(), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_CONTENT_TYPE
     )
+
+
+class CreditAnswer(HTTPException):
+    """Carries a refusal or a replay past a route's return DTO.
+
+    Litestar hands whatever a handler with ``return_dto`` returns to that DTO, which would
+    try to read a problem document or a stored response as the handler's model (and fail
+    with a 500). An exception skips the DTO; ``_answer_directly`` sends its response as is.
+    """
+
+    def __init__(self, response: Response[Any]) -> None:
+        super().__init__(status_code=response.status_code, detail="credit_guard answered this request")
+        self.response = response
+
+
+def _answer_directly(request: Request[Any, Any, Any], exc: CreditAnswer) -> Response[Any]:
+    return exc.response
+
+
+def _answer(request: Request[Any, Any, Any], response: Response[Any]) -> Response[Any]:
+    """Return ``response``, or raise it past the route's return DTO if it has one.
+
+    The handler for CreditAnswer is added to this request's own copy of the exception
+    handlers Litestar resolved for the route, so the app needs no registration.
+    """
+    if request.route_handler.resolve_return_dto() is None:
+        return response
+    state = ScopeState.from_scope(request.scope)
+    handlers = state.exception_handlers
+    state.exception_handlers = {
+        **(handlers if isinstance(handlers, Mapping) else {}),
+        CreditAnswer: _answer_directly,
+    }
+    raise CreditAnswer(response)
 
 
 def _declared_return(fn: Callable[..., Any]) -> Any:
@@ -89,9 +127,9 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
         active = find_guard(guard, request.app)
         outcome = await open_for(active, rule, request)
         if isinstance(outcome, Problem):
-            return problem_response(outcome)
+            return _answer(request, problem_response(outcome))
         if isinstance(outcome, Replay):
-            return Response(
+            replay = Response(
                 content=outcome.body,
                 status_code=outcome.status,
                 headers={
@@ -100,6 +138,7 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
                     if name != b"content-length"
                 },
             )
+            return _answer(request, replay)
         try:
             if is_async:
                 result = await fn(*args, **kwargs)
