@@ -9,7 +9,8 @@ Starlette, so the only thing that differs between variants is the credit logic:
 * ``limit``       one hand-written asyncpg statement on its own pool: the floor any library pays;
 * ``naive``       the seed's pattern ported to SQLAlchemy: read price, read balance, update, insert;
 * ``decorator``   ``@requires_credits`` on PostgreSQL;
-* ``middleware``  ``CreditGuardMiddleware`` on PostgreSQL (``/free`` is its unguarded route);
+* ``middleware``  ``CreditGuardMiddleware`` on PostgreSQL (``/free`` is its unguarded route,
+  ``/work-keyed`` the same paid route honouring ``Idempotency-Key``);
 * ``sqlite``      ``@requires_credits`` on SQLite.
 
 ``BENCH_COUNT=1`` adds ``GET /_bench/stats`` with the statements SQLAlchemy ran, for the
@@ -32,7 +33,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import HEADER_CHARGED, HEADER_REMAINING, CreditGuard, CreditGuardMiddleware, requires_credits
+from credit_guard import (
+    HEADER_CHARGED,
+    HEADER_REMAINING,
+    CreditGuard,
+    CreditGuardMiddleware,
+    Rule,
+    requires_credits,
+)
 from credit_guard.pgcharge import asyncpg_dsn
 from credit_guard.schema import accounts, feature_pricing, ledger
 
@@ -225,8 +233,10 @@ def decorator_app(database_url: str, *, count: bool = False) -> ASGIApp:
 
 def middleware_app(database_url: str) -> ASGIApp:
     guard = CreditGuard(database_url, pg_pool_size=POOL_SIZE)
-    inner = _app(work, lifespan=_guard_lifespan(guard))
-    return OrgFromHeader(CreditGuardMiddleware(inner, guard=guard, rules={"POST /work": FEATURE}))
+    keyed = Route("/work-keyed", work, methods=["POST"])
+    inner = _app(work, lifespan=_guard_lifespan(guard), extra=[keyed])
+    rules: dict[str, str | Rule] = {"POST /work": FEATURE, "POST /work-keyed": Rule(FEATURE, idempotency=True)}
+    return OrgFromHeader(CreditGuardMiddleware(inner, guard=guard, rules=rules))
 
 
 def plain_app() -> ASGIApp:

@@ -1,12 +1,13 @@
 -- wrk script for the credit_guard benchmark.
 --   wrk ... -s orgs.lua URL -- rotate 1000     each request pays with the next of org-0..org-999
 --   wrk ... -s orgs.lua URL -- fixed hot       every request pays with the one org "hot"
+--   wrk ... -s orgs.lua URL -- rotate 1000 N   ... and carries a fresh Idempotency-Key (prefix N)
 -- Prints one line "WRK_JSON {...}" with the numbers run.py reads.
 
 wrk.method = "POST"
 wrk.body = ""
 
-local mode, orgs, fixed = "rotate", 1000, nil
+local mode, orgs, fixed, nonce = "rotate", 1000, nil, nil
 local counter = 0
 local threads = 0
 
@@ -23,13 +24,18 @@ function init(args)
   else
     orgs = tonumber(args[2] or "1000")
   end
+  nonce = args[3]
   counter = offset or 0
 end
 
 function request()
   counter = counter + 1
   local org = fixed or ("org-" .. (counter % orgs))
-  return wrk.format(nil, nil, { ["X-Org"] = org }, "")
+  local headers = { ["X-Org"] = org }
+  if nonce then
+    headers["Idempotency-Key"] = nonce .. "-" .. (offset or 0) .. "-" .. counter
+  end
+  return wrk.format(nil, nil, headers, "")
 end
 
 function done(summary, latency, requests)

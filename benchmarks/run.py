@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class Variant:
     path: str = "/work"
     hot: bool = False  # every request pays with the one org HOT_ORG
     guarded: bool = True
+    keyed: bool = False  # every request carries a fresh Idempotency-Key
 
 
 VARIANTS = [
@@ -78,6 +80,7 @@ VARIANTS = [
     # pools and ledger-sized heap from the paid variants, so only the pass-through differs from 1
     Variant(7, "unguarded route under the middleware", "passthrough", path="/free", guarded=False),
     Variant(8, "hot row: one account, middleware, PG", "middleware", hot=True),
+    Variant(9, "Idempotency-Key on each request, middleware, PG", "middleware", path="/work-keyed", keyed=True),
 ]
 
 # (numerator, denominator, minimum, what it says)
@@ -245,10 +248,22 @@ def run_wrk(url: str, *, connections: int, seconds: int, org_args: Sequence[str]
 
 
 def org_args(variant: Variant) -> list[str]:
-    return ["fixed", HOT_ORG] if variant.hot else ["rotate", str(ACCOUNTS)]
+    """wrk script arguments; called per wrk run, so a keyed variant's keys never repeat (a
+    repeated key would be a replay, not a charge)."""
+    args = ["fixed", HOT_ORG] if variant.hot else ["rotate", str(ACCOUNTS)]
+    return [*args, uuid.uuid4().hex[:12]] if variant.keyed else args
 
 
 # -- database -------------------------------------------------------------------------------
+
+
+BENCH_TABLES = (
+    "credit_guard_ledger",
+    "credit_guard_accounts",
+    "credit_guard_feature_pricing",
+    "credit_guard_holds",
+    "credit_guard_idempotency_keys",
+)
 
 
 async def prepare(url: str) -> None:
@@ -257,11 +272,9 @@ async def prepare(url: str) -> None:
         await guard.create_schema()
         async with guard.engine.begin() as conn:
             if guard.engine.dialect.name == "postgresql":
-                await conn.execute(
-                    text("TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing")
-                )
+                await conn.execute(text(f"TRUNCATE {', '.join(BENCH_TABLES)}"))
             else:
-                for table in ("credit_guard_ledger", "credit_guard_accounts", "credit_guard_feature_pricing"):
+                for table in BENCH_TABLES:
                     await conn.execute(text(f"DELETE FROM {table}"))
         await guard.create_pricing(feature_key=FEATURE, feature_name="Benchmark", category="Benchmark", credits=1)
         orgs = [f"org-{i}" for i in range(ACCOUNTS)] + [HOT_ORG]
@@ -357,8 +370,10 @@ class CountingProxy:
 
     @staticmethod
     def _background(sql: str) -> bool:
-        if "credit_guard_idempotency_keys" in sql and sql.lstrip().upper().startswith("DELETE"):
-            return True
+        if "credit_guard_idempotency_keys" in sql:
+            verb = sql.lstrip().upper()
+            # The sweeper's expired-key deletes, and the batch that stores finished responses.
+            return verb.startswith("DELETE") or (verb.startswith("UPDATE") and "response_headers" in sql)
         return "credit_guard_holds" in sql and "INSERT" not in sql and "WITH debit" not in sql
 
     def _count(self, background: bool, trips: int = 1) -> None:
@@ -431,7 +446,9 @@ class CountingProxy:
             await task
 
 
-async def drive(base: str, path: str, n: int, *, org: str | None = None, concurrency: int = 8) -> dict[int, int]:
+async def drive(
+    base: str, path: str, n: int, *, org: str | None = None, keyed: bool = False, concurrency: int = 8
+) -> dict[int, int]:
     """Send n requests (orgs rotating unless one is given); returns the count per status."""
     statuses: dict[int, int] = {}
     queue = iter(range(n))
@@ -439,7 +456,10 @@ async def drive(base: str, path: str, n: int, *, org: str | None = None, concurr
 
         async def worker() -> None:
             for i in queue:
-                response = await client.post(path, headers={ORG_HEADER.decode(): org or f"org-{i % ACCOUNTS}"})
+                headers = {ORG_HEADER.decode(): org or f"org-{i % ACCOUNTS}"}
+                if keyed:
+                    headers["Idempotency-Key"] = uuid.uuid4().hex
+                response = await client.post(path, headers=headers)
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -464,23 +484,25 @@ async def count_round_trips(settings: Settings, sqlite_url: str, rows: dict[int,
                     continue
                 app = started[variant.app]
                 org = HOT_ORG if variant.hot else None
-                await drive(app.base, variant.path, warm, org=org)  # pools filled, statements prepared, cache warm
+                await drive(
+                    app.base, variant.path, warm, org=org, keyed=variant.keyed
+                )  # pools filled, statements prepared, cache warm
                 if variant.app in ("decorator", "middleware"):
                     # ... and the guard's background work (first sweep, settlement batches)
                     # has opened its connections: they are not the measured requests' cost.
                     await asyncio.sleep(1.5)
-                    await drive(app.base, variant.path, warm, org=org)
+                    await drive(app.base, variant.path, warm, org=org, keyed=variant.keyed)
                     await asyncio.sleep(0.3)
                 if variant.app == "sqlite":
                     async with httpx.AsyncClient() as client:
                         before = (await client.get(f"{app.base}/_bench/stats")).json()["statements"]
-                        await drive(app.base, variant.path, n, org=org)
+                        await drive(app.base, variant.path, n, org=org, keyed=variant.keyed)
                         after = (await client.get(f"{app.base}/_bench/stats")).json()["statements"]
                     rows[variant.number].round_trips = f"{(after - before) / n:.2f} (stmts)"
                     rows[variant.number].pricing_reads = "-"
                     continue
                 trips, reads, settles = proxy.round_trips, proxy.pricing_reads, proxy.background_trips
-                await drive(app.base, variant.path, n, org=org)
+                await drive(app.base, variant.path, n, org=org, keyed=variant.keyed)
                 await asyncio.sleep(0.3)  # let the batched settlement of these requests land
                 rows[variant.number].round_trips = f"{(proxy.round_trips - trips) / n:.2f}"
                 background = (proxy.background_trips - settles) / n
@@ -521,7 +543,7 @@ def _has(module: str) -> bool:
 
 
 # Pairs whose ratio is a target run back to back, so the shared machine's load drifts little between them.
-MEASURE_ORDER = [1, 7, 2, 4, 5, 3, 6, 8]
+MEASURE_ORDER = [1, 7, 2, 4, 5, 9, 3, 6, 8]
 
 
 def measure(settings: Settings, sqlite_url: str, rows: dict[int, Row]) -> None:
@@ -601,7 +623,12 @@ def report(settings: Settings, rows: dict[int, Row], info: dict[str, str], hot: 
         value = ratio(rows, a, b)
         verdict = "met" if value >= minimum else "MISSED"
         print(f"| {a}/{b} {label} | {value:.2f} | {spread(rows, a, b)} | >= {minimum} | {verdict} |")
-    for a, b, label in ((8, 5, "hot row vs 1,000 accounts"), (6, 4, "SQLite vs PostgreSQL")):
+    extra = (
+        (8, 5, "hot row vs 1,000 accounts"),
+        (6, 4, "SQLite vs PostgreSQL"),
+        (9, 5, "Idempotency-Key vs plain charge"),
+    )
+    for a, b, label in extra:
         print(f"| {a}/{b} {label} | {ratio(rows, a, b):.2f} | {spread(rows, a, b)} | - | |")
     print()
     ok = True

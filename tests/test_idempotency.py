@@ -590,6 +590,52 @@ async def test_thirty_concurrent_retries_pay_once(iguard: CreditGuard) -> None:
     assert await iguard.audit() == []
 
 
+async def race_distinct_keys(guard: CreditGuard, org: str) -> None:
+    await guard.grant_credits(org, 100)
+    app, backend = build_app(guard)
+    statuses: dict[str, int] = {}
+    headers = {"x-org": org}  # key() sends the organization too
+    async with client(app) as c:
+
+        async def fire(i: int) -> None:
+            response = await c.post("/v1/images", headers=key(f"race-{i}", headers), content=BODY)
+            statuses[f"race-{i}"] = response.status_code
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(60):
+                    tg.start_soon(fire, i)
+        await guard.flush()
+        assert sorted(statuses.values()).count(200) == 20 and sorted(statuses.values()).count(402) == 40
+        async with guard.engine.connect() as conn:
+            kept = await conn.scalar(
+                select(func.count()).select_from(idempotency_keys).where(idempotency_keys.c.organization_id == org)
+            )
+        assert kept == 20
+        refused = next(k for k, status in statuses.items() if status == 402)
+        await guard.grant_credits(org, 5)
+        retry = await c.post("/v1/images", headers=key(refused, headers), content=BODY)
+    assert retry.status_code == 200 and not replayed(retry)
+    assert len(backend.calls) == 21 and len(await charges(guard, org)) == 21
+    assert await guard.get_balance(org) == 0
+    assert await guard.audit() == []
+
+
+async def test_distinct_keys_racing_for_a_short_balance_overdraw_nothing_and_keep_no_claim(
+    iguard: CreditGuard,
+) -> None:
+    """60 requests, each with its own key, on an account funded for 20 charges: exactly 20
+    are charged; each of the 40 refused ones left its key free (a claim that lost the race
+    for the balance is undone with it), so the same key runs after a top-up.
+
+    PostgreSQL claims a paid key in one statement; its fallback (a ledger id without a
+    sequence) is the transaction SQLite always uses: on PostgreSQL both are raced."""
+    await race_distinct_keys(iguard, "org_1")
+    if iguard.engine.dialect.name == "postgresql":
+        iguard._charger._claims = False  # as if the ledger id had no sequence
+        await race_distinct_keys(iguard, "org_2")
+
+
 # -- the decorator ---------------------------------------------------------------------------
 # This module imports Starlette, FastAPI and Litestar, so it uses the explicit adapters
 # (credit_guard.contrib.*): the top-level decorator rightly refuses to guess here.

@@ -519,21 +519,29 @@ class CreditGuard:
         else:
             key, fingerprint, finish_now = idempotency
             now = utcnow()
-            outcome = await self.store.claim_and_deduct(
-                organization_id,
-                key,
-                fingerprint,
-                credits,
-                now=now,
-                locked_until=hold_until or self.holds.hold_until(),
-                expires_at=now + timedelta(seconds=self.idempotency_ttl),
-                feature_key=feature_key,
-                user_id=user_id,
-                request_method=request_method,
-                request_path=request_path,
-                hold_until=hold_until,
-                finish_now=finish_now,
-            )
+            claim: dict[str, Any] = {
+                "now": now,
+                "locked_until": hold_until or self.holds.hold_until(),
+                "expires_at": now + timedelta(seconds=self.idempotency_ttl),
+                "feature_key": feature_key,
+                "user_id": user_id,
+                "request_method": request_method,
+                "request_path": request_path,
+                "hold_until": hold_until,
+            }
+            # PostgreSQL's one-statement claim covers paid requests; a free feature, or the
+            # engine API's immediate answer (finish_now), takes the transaction.
+            if (
+                credits > 0
+                and not finish_now
+                and self._charger is not self.store
+                and await self._charger.supports_claims()
+            ):
+                outcome = await self._charger.claim_and_deduct(organization_id, key, fingerprint, credits, **claim)
+            else:
+                outcome = await self.store.claim_and_deduct(
+                    organization_id, key, fingerprint, credits, finish_now=finish_now, **claim
+                )
             if outcome.kind not in ("claimed", "insufficient"):
                 return DeductionResult(success=False, error=f"idempotency key {outcome.kind}"), outcome
             charge_id, balance = outcome.charge_id, outcome.balance

@@ -23,7 +23,8 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 
 from .errors import StorageUnavailable
-from .schema import accounts, holds, ledger
+from .schema import accounts, holds, idempotency_keys, ledger
+from .store import IdempotentOutcome
 
 log = logging.getLogger("credit_guard")
 
@@ -46,6 +47,49 @@ SELECT (SELECT id FROM entry) AS charge_id,
        (SELECT balance_after FROM entry) AS balance_after,
        (SELECT balance FROM {accounts.name} WHERE organization_id = $1) AS available
 """
+# The idempotent charge, also ONE statement: claim the key (or take over a dead or expired
+# one), then debit, ledger and hold only if the claim succeeded. The charge's ledger id is
+# drawn first so the key row can name it in the same statement. A claim whose debit finds
+# the balance short must not stay (the key would block the retry after a top-up): the last
+# SELECT then divides by zero, which aborts the statement and so everything it wrote.
+_CLAIM_AND_DEDUCT = f"""
+WITH new_charge AS (
+    SELECT nextval(pg_get_serial_sequence('{ledger.name}', 'id')) AS id
+), claim AS (
+    INSERT INTO {idempotency_keys.name} AS k
+           (organization_id, idempotency_key, fingerprint, state, charge_id, status_code,
+            response_headers, response_body, body_stored, locked_until, expires_at, created_at)
+    SELECT $1, $8, $9, 'running', id, NULL, NULL, NULL, true, $10::timestamptz, $11::timestamptz, $12::timestamptz
+      FROM new_charge
+    ON CONFLICT (organization_id, idempotency_key) DO UPDATE
+       SET fingerprint = EXCLUDED.fingerprint, state = 'running', charge_id = EXCLUDED.charge_id,
+           status_code = NULL, response_headers = NULL, response_body = NULL, body_stored = true,
+           locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at
+     WHERE (k.state = 'done' AND k.expires_at < $12::timestamptz)
+        OR (k.state = 'running' AND k.locked_until < $12::timestamptz
+            AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = k.charge_id))
+ RETURNING charge_id
+), debit AS (
+    UPDATE {accounts.name}
+       SET balance = balance - $2::bigint, updated_at = now()
+     WHERE organization_id = $1 AND balance >= $2::bigint AND EXISTS (SELECT 1 FROM claim)
+ RETURNING balance
+), entry AS (
+    INSERT INTO {ledger.name}
+           (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
+    SELECT (SELECT charge_id FROM claim), $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6 FROM debit
+ RETURNING id, balance_after
+), hold AS (
+    INSERT INTO {holds.name} (charge_id, expires_at)
+    SELECT id, $7::timestamptz FROM entry WHERE $7::timestamptz IS NOT NULL
+)
+SELECT (SELECT id FROM entry) AS charge_id,
+       (SELECT balance_after FROM entry) AS balance_after,
+       EXISTS (SELECT 1 FROM claim) AS claimed,
+       CASE WHEN EXISTS (SELECT 1 FROM claim) THEN 1 / (SELECT count(*)::int FROM entry) END AS abort_if_short
+"""
+_KEY_ROW = f"SELECT * FROM {idempotency_keys.name} WHERE organization_id = $1 AND idempotency_key = $2"
+_HAS_SEQUENCE = f"SELECT pg_get_serial_sequence('{ledger.name}', 'id') IS NOT NULL"
 _BALANCE = f"SELECT balance FROM {accounts.name} WHERE organization_id = $1"
 _SETTLE = f"""
 DELETE FROM {holds.name} WHERE charge_id = ANY(string_to_array($1::text, ',')::bigint[]) RETURNING charge_id
@@ -82,6 +126,7 @@ class PgCharger:
         self._pool: asyncpg.Pool | None = None
         self._lock = anyio.Lock()
         self._timeout = timeout
+        self._claims: bool | None = None
         self._pool_kwargs = {
             "min_size": 1,
             "max_size": pool_size,
@@ -135,6 +180,86 @@ class PgCharger:
                 await pool.release(conn)
         except _UNAVAILABLE as exc:
             log.error("credit_guard: PostgreSQL deduction failed: %s", exc, exc_info=exc)
+            raise StorageUnavailable(str(exc)) from exc
+
+    async def supports_claims(self) -> bool:
+        """Whether the ledger's id comes from a sequence this statement can draw from (a
+        table created by ``create_schema`` or the documented migration has one); if not,
+        the engine falls back to the multi-statement transaction."""
+        if self._claims is None:
+            try:
+                pool = self._pool if self._pool is not None else await self._get_pool()
+                async with asyncio.timeout(self._timeout):
+                    self._claims = bool(await pool.fetchval(_HAS_SEQUENCE))
+            except _UNAVAILABLE as exc:
+                raise StorageUnavailable(str(exc)) from exc
+            if not self._claims:
+                log.warning("credit_guard: %s.id has no sequence; idempotent charges take the slower path", ledger.name)
+        return self._claims
+
+    async def claim_and_deduct(
+        self,
+        organization_id: str,
+        idempotency_key: str,
+        fingerprint: str,
+        credits: int,
+        *,
+        now: datetime,
+        locked_until: datetime,
+        expires_at: datetime,
+        feature_key: str,
+        user_id: str | None,
+        request_method: str | None,
+        request_path: str | None,
+        hold_until: datetime | None,
+    ) -> IdempotentOutcome:
+        """``SqlStore.claim_and_deduct`` for a paid feature, in one round trip when the key is
+        free (two when it is taken: the stored row is read, or the balance when short)."""
+        try:
+            pool = self._pool if self._pool is not None else await self._get_pool()
+            async with asyncio.timeout(self._timeout):
+                conn = await pool.acquire()
+            try:
+                taken: dict[str, Any] = {}
+                for _ in range(3):
+                    try:
+                        row = await conn.fetchrow(
+                            _CLAIM_AND_DEDUCT,
+                            organization_id,
+                            credits,
+                            feature_key,
+                            user_id,
+                            request_method,
+                            request_path,
+                            hold_until,
+                            idempotency_key,
+                            fingerprint,
+                            locked_until,
+                            expires_at,
+                            now,
+                        )
+                    except asyncpg.DivisionByZeroError:
+                        # Claimed but short: the statement was aborted, the key left free.
+                        balance = await conn.fetchval(_BALANCE, organization_id)
+                        return IdempotentOutcome("insufficient", balance=int(balance or 0))
+                    assert row is not None
+                    if row["claimed"]:
+                        return IdempotentOutcome(
+                            "claimed", charge_id=int(row["charge_id"]), balance=int(row["balance_after"])
+                        )
+                    stored = await conn.fetchrow(_KEY_ROW, organization_id, idempotency_key)
+                    if stored is None:
+                        continue  # freed (refunded) between the two statements: claim it again
+                    taken = dict(stored)
+                    if taken["fingerprint"] != fingerprint:
+                        return IdempotentOutcome("mismatch", stored=taken)
+                    return IdempotentOutcome("replay" if taken["state"] == "done" else "running", stored=taken)
+                # Freed and retaken three times in a row: as busy as can be, say so.
+                return IdempotentOutcome("running", stored=taken)
+            finally:
+                await pool.release(conn)
+        except _UNAVAILABLE as exc:
+            log.error("credit_guard: PostgreSQL idempotent deduction failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
 
     async def settle_holds(self, charge_ids: list[int]) -> set[int]:

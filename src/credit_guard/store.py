@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Date as SqlDate
-from sqlalchemy import Row, and_, case, cast, delete, exists, func, insert, literal, select, update
+from sqlalchemy import Row, and_, bindparam, case, cast, delete, exists, func, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -480,22 +480,35 @@ class SqlStore:
                     delete(holds).where(holds.c.charge_id.in_(list(charge_ids))).returning(holds.c.charge_id)
                 )
                 settled = {int(row[0]) for row in result}
-            for done in completions:
+            if completions:
+                # One executemany: asyncpg pipelines it (one round trip for the batch).
                 await conn.execute(
                     update(idempotency_keys)
                     .where(
-                        idempotency_keys.c.organization_id == done["organization_id"],
-                        idempotency_keys.c.idempotency_key == done["idempotency_key"],
+                        idempotency_keys.c.organization_id == bindparam("done_org"),
+                        idempotency_keys.c.idempotency_key == bindparam("done_key"),
                         idempotency_keys.c.state == "running",
                     )
                     .values(
                         state="done",
-                        status_code=done["status_code"],
-                        response_headers=done["response_headers"],
-                        response_body=done["response_body"],
-                        body_stored=done["body_stored"],
-                        expires_at=done["expires_at"],
-                    )
+                        status_code=bindparam("status_code"),
+                        response_headers=bindparam("response_headers"),
+                        response_body=bindparam("response_body"),
+                        body_stored=bindparam("body_stored"),
+                        expires_at=bindparam("expires_at"),
+                    ),
+                    [
+                        {
+                            "done_org": done["organization_id"],
+                            "done_key": done["idempotency_key"],
+                            "status_code": done["status_code"],
+                            "response_headers": done["response_headers"],
+                            "response_body": done["response_body"],
+                            "body_stored": done["body_stored"],
+                            "expires_at": done["expires_at"],
+                        }
+                        for done in completions
+                    ],
                 )
         return settled
 
