@@ -274,6 +274,25 @@ async def test_retry_while_the_first_is_running_is_409_and_free(iguard: CreditGu
     assert await iguard.get_balance("org_1") == 15
 
 
+async def test_an_immediate_retry_of_a_finished_request_is_replayed_not_409(db_url: str) -> None:
+    """A client that lost the answer retries at once, while the finished response still
+    waits in the settlement batch (here a slow one, 5 s): the retry finds it queued in this
+    process, has the batch written, and is replayed, not told to come back later."""
+    async with open_guard(db_url, idempotency=True, settle_delay=5.0) as g:
+        await g.grant_credits("org_1", 20)
+        app, backend = build_app(g)
+        async with client(app) as c:
+            first = await c.post("/v1/images", headers=key("quick"), content=BODY)
+            with anyio.fail_after(3):  # well before the batch's own 5 s
+                retry = await c.post("/v1/images", headers=key("quick"), content=BODY)
+        assert first.status_code == 200
+        same_response(first, retry)
+        assert len(backend.calls) == 1
+        assert await kinds(g) == ["grant", "charge"]
+        assert await g.open_holds() == []  # the retry's flush settled the first one's hold too
+        assert await g.get_balance("org_1") == 15
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "query"),
     [

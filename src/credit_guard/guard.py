@@ -765,16 +765,21 @@ class CreditGuard:
                     user_id,
                 )
         try:
-            result, outcome = await self._deduct(
-                organization_id,
-                feature_key,
-                user_id,
-                units=count,
-                idempotency=(key, fingerprint, False) if key is not None else None,
-                hold=True,
-                request_method=scope.get("method"),
-                request_path=scope.get("path"),
-            )
+            for attempt in range(2):
+                result, outcome = await self._deduct(
+                    organization_id,
+                    feature_key,
+                    user_id,
+                    units=count,
+                    idempotency=(key, fingerprint, False) if key is not None else None,
+                    hold=True,
+                    request_method=scope.get("method"),
+                    request_path=scope.get("path"),
+                )
+                if attempt or outcome is None or outcome.kind != "running":
+                    break
+                assert key is not None
+                await self._await_finished_response(organization_id, key)
         except StorageUnavailable:
             if self.fail_open:
                 log.warning("credit_guard: database down, %r served FREE (fail_open=True)", feature_key)
@@ -948,6 +953,16 @@ class CreditGuard:
                     return
                 await anyio.sleep(delay)
                 delay *= 4
+
+    async def _await_finished_response(self, organization_id: str, key: str) -> None:
+        """Before answering a retry 409: its first request may have just finished, with the
+        response to replay still in a settlement batch (a client retrying a lost answer
+        does so at once). This process's batch is written now; another process's lands
+        within a couple of ``settle_delay``, so wait that long (capped) and look again."""
+        if self.holds.has_completion(organization_id, key):
+            await self.holds.flush()
+        else:
+            await anyio.sleep(min(2 * self.holds.settle_delay + 0.05, 0.25))
 
     async def resolve_organization(self, scope: Mapping[str, Any], request: Any = None) -> str | None:
         """The organization a request pays with (the same rule for every adapter and endpoint)."""

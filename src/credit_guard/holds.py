@@ -62,6 +62,7 @@ class HoldKeeper:
         self.live: set[int] = set()
         self._pending: set[int] = set()
         self._completions: list[Mapping[str, Any]] = []
+        self._writing: list[Mapping[str, Any]] = []  # the completions of the batch in flight
         self._wake: asyncio.Event | None = None
         # One batch at a time: a flush() waits for the batch the background task is writing.
         self._flushing = asyncio.Lock()
@@ -90,6 +91,13 @@ class HoldKeeper:
         self._ensure_running()
         if self._wake is not None:
             self._wake.set()
+
+    def has_completion(self, organization_id: str, idempotency_key: str) -> bool:
+        """Whether this key's finished response is queued here, or in the batch being written."""
+        return any(
+            done["organization_id"] == organization_id and done["idempotency_key"] == idempotency_key
+            for done in (*self._completions, *self._writing)
+        )
 
     # -- the background task --------------------------------------------------------------
 
@@ -160,6 +168,7 @@ class HoldKeeper:
             return
         ids, self._pending = self._pending, set()
         completions, self._completions = self._completions, []
+        self._writing = completions
         try:
             if completions or self._fast_settle is None:
                 settled = await self.store.settle_holds(sorted(ids), completions)
@@ -169,6 +178,8 @@ class HoldKeeper:
             self._pending |= ids
             self._completions = completions + self._completions
             raise
+        finally:
+            self._writing = []
         lost = ids - settled
         if lost:
             log.warning(
