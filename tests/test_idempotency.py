@@ -547,8 +547,10 @@ async def test_a_key_does_not_expire_while_its_first_request_runs(db_url: str) -
                     tg.start_soon(first)
                     await backend.started.wait()
                     await anyio.sleep(0.3)  # past the TTL, the first still running
-                    backend.release.set()  # (so a retry let through would not block)
-                    results["retry"] = await c.post("/v1/slow", headers=key("long"), content=BODY)
+                    try:  # a retry let through would block in the handler: fail_after ends it
+                        results["retry"] = await c.post("/v1/slow", headers=key("long"), content=BODY)
+                    finally:
+                        backend.release.set()
         assert results["first"].status_code == 200
         assert_problem(results["retry"], 409, TYPE_IDEMPOTENCY_CONFLICT)
         assert backend.calls == ["slow"]
