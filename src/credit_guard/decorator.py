@@ -115,6 +115,29 @@ def is_failure(exc: BaseException) -> bool:
     return not (isinstance(status, int) and status < 500)
 
 
+async def call_handler(
+    guard: CreditGuard, ticket: Ticket, fn: Callable[..., Any], is_async: bool, args: Any, kwargs: Any
+) -> Any:
+    """Run a paid handler (a sync one in a worker thread). If it raises, the charge is
+    settled first (refunded, unless it is an HTTP exception below 500: see ``is_failure``),
+    shielded so a cancelled request still gets its refund, and the exception carries the
+    credit headers on its way to the framework's error handler."""
+    try:
+        if is_async:
+            return await fn(*args, **kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await guard.settle(
+                ticket,
+                failed=is_failure(exc),
+                reason=f"handler raised {type(exc).__name__}",
+                status=getattr(exc, "status_code", None),
+            )
+        attach_credit_headers(exc, ticket)
+        raise
+
+
 def attach_credit_headers(exc: BaseException, ticket: Ticket) -> None:
     """Put the refund headers on an HTTP exception (Starlette, FastAPI and Litestar ones
     carry ``status_code`` and ``headers``) so the error response the framework builds
@@ -225,21 +248,7 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             return problem_response(outcome)
         if isinstance(outcome, Replay):
             return _ReplayResponse(outcome)
-        try:
-            if is_async:
-                result = await fn(*args, **kwargs)
-            else:
-                result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await active.settle(
-                    outcome,
-                    failed=is_failure(exc),
-                    reason=f"handler raised {type(exc).__name__}",
-                    status=getattr(exc, "status_code", None),
-                )
-            attach_credit_headers(exc, outcome)
-            raise
+        result = await call_handler(active, outcome, fn, is_async, args, kwargs)
         if isinstance(result, Response):
             return _ChargedResponse(active, outcome, result)
         # FastAPI serialises a returned value itself; its status and headers come from the

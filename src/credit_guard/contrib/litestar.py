@@ -19,14 +19,13 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-import anyio
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.utils.scope.state import ScopeState
 
 from ..asgi import Rule
-from ..decorator import attach_credit_headers, find_guard, is_failure, open_for
+from ..decorator import call_handler, find_guard, open_for
 from ..guard import CreditGuard, IdempotencyMode, UnitsOf
 from ..idempotency import Replay
 from ..problems import PROBLEM_CONTENT_TYPE, Problem
@@ -139,21 +138,7 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
                 },
             )
             return _answer(request, replay)
-        try:
-            if is_async:
-                result = await fn(*args, **kwargs)
-            else:
-                result = await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await active.settle(
-                    outcome,
-                    failed=is_failure(exc),
-                    reason=f"handler raised {type(exc).__name__}",
-                    status=getattr(exc, "status_code", None),
-                )
-            attach_credit_headers(exc, outcome)
-            raise
+        result = await call_handler(active, outcome, fn, is_async, args, kwargs)
         if not isinstance(result, Response):
             handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]
             result = Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
