@@ -76,6 +76,17 @@ class _Abandon(Exception):
         self.balance = balance
 
 
+# What a refund or a settlement copies from the charge it answers.
+_CHARGE_COLUMNS = (
+    ledger.c.organization_id,
+    ledger.c.amount,
+    ledger.c.feature_key,
+    ledger.c.user_id,
+    ledger.c.request_method,
+    ledger.c.request_path,
+)
+
+
 @dataclass(frozen=True, slots=True)
 class IdempotentOutcome:
     """What claiming an idempotency key led to.
@@ -394,15 +405,7 @@ class SqlStore:
                 return RefundResult(refunded=False, error="not an expired hold")
         charge = (
             await conn.execute(
-                select(
-                    ledger.c.organization_id,
-                    ledger.c.amount,
-                    ledger.c.feature_key,
-                    ledger.c.user_id,
-                    ledger.c.request_method,
-                    ledger.c.request_path,
-                    ledger.c.extra_of,
-                ).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
+                select(*_CHARGE_COLUMNS, ledger.c.extra_of).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
             )
         ).first()
         if charge is None:
@@ -524,14 +527,7 @@ class SqlStore:
                 )
                 charge = (
                     await conn.execute(
-                        select(
-                            ledger.c.organization_id,
-                            ledger.c.amount,
-                            ledger.c.feature_key,
-                            ledger.c.user_id,
-                            ledger.c.request_method,
-                            ledger.c.request_path,
-                        ).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
+                        select(*_CHARGE_COLUMNS).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
                     )
                 ).first()
                 if closed is None or charge is None:
