@@ -220,7 +220,6 @@ class PgCharger:
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
             try:
-                taken: dict[str, Any] = {}
                 for _ in range(3):
                     try:
                         row = await conn.fetchrow(
@@ -250,12 +249,9 @@ class PgCharger:
                     stored = await conn.fetchrow(_KEY_ROW, organization_id, idempotency_key)
                     if stored is None:
                         continue  # freed (refunded) between the two statements: claim it again
-                    taken = dict(stored)
-                    if taken["fingerprint"] != fingerprint:
-                        return IdempotentOutcome("mismatch", stored=taken)
-                    return IdempotentOutcome("replay" if taken["state"] == "done" else "running", stored=taken)
+                    return IdempotentOutcome.for_taken(stored, fingerprint)
                 # Freed and retaken three times in a row: as busy as can be, say so.
-                return IdempotentOutcome("running", stored=taken)
+                return IdempotentOutcome("running", stored={})
             finally:
                 await pool.release(conn)
         except _UNAVAILABLE as exc:

@@ -100,6 +100,14 @@ class IdempotentOutcome:
     balance: int = 0
     stored: Mapping[str, Any] | None = None
 
+    @classmethod
+    def for_taken(cls, row: Mapping[Any, Any], fingerprint: str) -> IdempotentOutcome:
+        """What a key someone else holds means for this request."""
+        stored = dict(row)
+        if stored["fingerprint"] != fingerprint:
+            return cls("mismatch", stored=stored)
+        return cls("replay" if stored["state"] == "done" else "running", stored=stored)
+
 
 @dataclass(frozen=True, slots=True)
 class UsageSettlement:
@@ -698,11 +706,7 @@ class SqlStore:
                             )
                         )
                     ).one()
-                    if row.fingerprint != fingerprint:
-                        return IdempotentOutcome("mismatch", stored=dict(row._mapping))
-                    if row.state != "done":
-                        return IdempotentOutcome("running", stored=dict(row._mapping))
-                    return IdempotentOutcome("replay", stored=dict(row._mapping))
+                    return IdempotentOutcome.for_taken(row._mapping, fingerprint)
                 charge_id, balance = await self._deduct_in(
                     conn,
                     organization_id,
