@@ -195,9 +195,9 @@ def naive_app(pg_url: str) -> ASGIApp:
 def _guard_lifespan(guard: CreditGuard) -> Any:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.credit_guard = guard
-        yield
-        await guard.close()
+        async with guard:  # started here, on the serving loop; closed (queue written) at shutdown
+            app.state.credit_guard = guard
+            yield
 
     return lifespan
 

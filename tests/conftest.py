@@ -1,7 +1,10 @@
 """Fixtures shared by every test: each storage test runs on SQLite and on PostgreSQL.
 
 PostgreSQL comes from $CREDIT_GUARD_TEST_POSTGRES_URL (default: the local server at
-127.0.0.1:5432, database ``test``). When it cannot be reached the PostgreSQL half is
+127.0.0.1:5432). Each run creates its OWN database on that server (``credit_guard_test_``
+plus the pid and a random suffix; the URL's database is only where it connects to create
+it) and drops it when the run ends, so two runs, or anything else on the same server,
+never see each other's tables. When the server cannot be reached the PostgreSQL half is
 skipped with the reason, unless $CREDIT_GUARD_REQUIRE_POSTGRES is set (CI sets it), in
 which case the whole run fails: a green CI must never hide untested PostgreSQL.
 """
@@ -10,16 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from credit_guard import CreditGuard
 
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-PG_URL = os.environ.get("CREDIT_GUARD_TEST_POSTGRES_URL", DEFAULT_PG_URL)
+#: Where the run's database is created from (its own database name is only connected to).
+PG_SERVER_URL = os.environ.get("CREDIT_GUARD_TEST_POSTGRES_URL", DEFAULT_PG_URL)
+#: This run's own database: created by the first PostgreSQL test, dropped at the end.
+PG_DATABASE = f"credit_guard_test_{os.getpid()}_{secrets.token_hex(4)}"
+PG_URL = make_url(PG_SERVER_URL).set(database=PG_DATABASE).render_as_string(hide_password=False)
 REQUIRE_PG = os.environ.get("CREDIT_GUARD_REQUIRE_POSTGRES", "") not in ("", "0")
 
 PRICES = {
@@ -30,23 +39,50 @@ PRICES = {
 
 
 def _probe_postgres() -> str | None:
-    """None if PostgreSQL answers, else why not."""
+    """None once this run's database exists, else why it could not be made."""
     import asyncpg
 
     from credit_guard.pgcharge import asyncpg_dsn
 
-    async def probe() -> None:
-        conn = await asyncpg.connect(asyncpg_dsn(PG_URL), timeout=3)
-        await conn.close()
+    async def create() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(PG_SERVER_URL), timeout=3)
+        try:
+            await conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
+        finally:
+            await conn.close()
 
     try:
-        asyncio.run(probe())
+        asyncio.run(create())
     except Exception as exc:  # any failure means "not usable", with its reason
-        return f"PostgreSQL at {PG_URL} unreachable ({type(exc).__name__}: {exc})"
+        return f"PostgreSQL at {PG_SERVER_URL} unusable ({type(exc).__name__}: {exc})"
+    global _PG_CREATED
+    _PG_CREATED = True
     return None
 
 
 _PG_PROBLEM: str | bool | None = False
+_PG_CREATED = False
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop this run's database (its connections too: a test killed mid-way leaves some)."""
+    if not _PG_CREATED:
+        return
+    import asyncpg
+
+    from credit_guard.pgcharge import asyncpg_dsn
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(asyncpg_dsn(PG_SERVER_URL), timeout=5)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{PG_DATABASE}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    try:
+        asyncio.run(drop())
+    except Exception as exc:  # reported, never hidden: a leftover database is worth knowing about
+        print(f"\ncould not drop the test database {PG_DATABASE}: {exc}")
 
 
 def pg_problem() -> str | None:

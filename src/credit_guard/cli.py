@@ -94,8 +94,10 @@ async def _run(args: argparse.Namespace) -> int:
             _error(f"no database file at {sqlite_file}; run `{PROG} init` to create one")
             return 1
     try:
-        async with guard:
+        try:  # not `async with`: a one-shot command needs no keeper, hook workers or listener
             return await handler(guard, args)
+        finally:
+            await guard.close()
     except CliError as exc:
         _error(str(exc))
     except InvalidPricing as exc:

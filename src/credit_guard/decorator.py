@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 import typing
 from collections.abc import Callable
@@ -30,12 +31,14 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from . import problems
 from .asgi import Rule, run_charged
 from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
 from .idempotency import Replay
 from .problems import PROBLEM_CONTENT_TYPE, Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("credit_guard")
 
 _REQUEST_PARAM = "credit_guard_request"
 _RESPONSE_PARAM = "credit_guard_response"
@@ -94,13 +97,30 @@ async def open_for(active: CreditGuard, rule: Rule, request: Any) -> Ticket | Pr
     return outcome
 
 
+NO_GUARD = "credit_guard found no CreditGuard: pass guard=... or set app.state.credit_guard in the app's lifespan"
+
+
 def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard:
     if explicit is not None:
         return explicit
     found = getattr(getattr(app, "state", None), "credit_guard", None)
     if not isinstance(found, CreditGuard):
-        raise RuntimeError("credit_guard found no CreditGuard: pass guard=... or set app.state.credit_guard at startup")
+        raise RuntimeError(NO_GUARD)
     return found
+
+
+def guard_or_problem(explicit: CreditGuard | None, app: Any) -> CreditGuard | Problem:
+    """The route's guard, or the 500 problem to answer when the app never set one up (its
+    lifespan did not run): the handler must not run unpaid, and the reason must be plain."""
+    try:
+        return find_guard(explicit, app)
+    except RuntimeError:
+        log.error("credit_guard: %s", NO_GUARD)
+        return problems.not_started(
+            "This route is paid for in credits, but no CreditGuard was found for it (no guard= and no"
+            " app.state.credit_guard: did the app's lifespan run?), so nothing was charged and the handler did"
+            " not run. In tests, use `with TestClient(app) as client:`."
+        )
 
 
 def is_failure(exc: BaseException) -> bool:
@@ -242,7 +262,9 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             request = next((arg for arg in args if isinstance(arg, HTTPConnection)), None)
         if request is None:
             raise RuntimeError(f"requires_credits: {fn.__qualname__} was called without a request")
-        active = find_guard(guard, request.app)
+        active = guard_or_problem(guard, request.app)
+        if isinstance(active, Problem):
+            return problem_response(active)
         outcome = await open_for(active, rule, request)
         if isinstance(outcome, Problem):
             return problem_response(outcome)

@@ -10,6 +10,7 @@ around a handler. Nothing here imports a web framework.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -253,7 +254,9 @@ class CreditGuard:
         else:
             url = engine.url
         self.engine = engine
-        self.store = SqlStore(engine)
+        self.store = SqlStore(engine, owns_engine=self._owns_engine)
+        #: The event loop ``start()`` ran on; paid requests are refused on any other (see ``started``).
+        self._started_on: asyncio.AbstractEventLoop | None = None
         self._charger: Any = self.store
         if url.drivername == "postgresql+asyncpg":
             from .pgcharge import PgCharger
@@ -294,25 +297,56 @@ class CreditGuard:
         await self.store.create_schema()
 
     async def start(self) -> None:
-        """Start the hold keeper (heartbeat, batched settlement, sweeper of expired holds)
-        and listen for other processes' pricing changes. Call it in the app's lifespan;
-        never fails the startup (the first paid request would start the keeper anyway)."""
+        """Run the guard on this event loop: the hold keeper (heartbeat, batched settlement,
+        sweeper of expired holds), the hook workers and the listener for other processes'
+        pricing changes. Call it in the app's lifespan (or use ``async with guard:``).
+
+        Paid requests are refused (a 500 problem saying so, nothing charged) until it has
+        run on the loop that serves them: a guard that was never started could not settle
+        what it charges. Idempotent. Never fails the startup: a database that is down is
+        retried in the background. ``start`` may follow ``close`` any number of times, on
+        the same loop or a new one (a test client per test module): nothing that belongs
+        to an event loop is made before ``start`` or kept after ``close``.
+        """
+        loop = asyncio.get_running_loop()
+        if self._started_on is loop:
+            return
+        if self._started_on is not None and not self._started_on.is_closed():
+            log.warning("credit_guard: started on a second event loop without close(); the first one's tasks are dropped")
+        self._started_on = loop
         await self.holds.start()
+        self.hooks.start()
         if self.notifier is not None:
             await self.notifier.start()
 
+    @property
+    def started(self) -> bool:
+        """Whether ``start()`` ran on the running event loop (and ``close()`` did not follow)."""
+        try:
+            return self._started_on is asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
     async def close(self) -> None:
-        """Settle what is queued, let pending hooks finish (bounded), close connections."""
+        """Settle what is queued, let pending hooks finish (bounded), close connections.
+
+        The guard is then as if new: ``start()`` runs it again, on this loop or another.
+        An engine passed in by the app stays open (it is the app's).
+        """
+        self._started_on = None
         await self.holds.close()
         await self.hooks.close()
         if self.notifier is not None:
             await self.notifier.close()
         if self._charger is not self.store:
             await self._charger.close()
+        self.pricing_cache.forget_loads()
         if self._owns_engine:
             await self.store.close()
 
     async def __aenter__(self) -> CreditGuard:
+        """``async with CreditGuard(...) as guard``: started on entry, closed on exit."""
+        await self.start()
         return self
 
     async def __aexit__(
@@ -731,6 +765,14 @@ class CreditGuard:
         resolvers and ``units`` receive it (a Starlette HTTPConnection is built otherwise).
         ``body`` is the request body, needed only when an Idempotency-Key is honoured.
         """
+        if not self.started:
+            log.error(
+                "credit_guard: refused %s %s: the CreditGuard was not started on this event loop; "
+                "call `await guard.start()` in the app's lifespan",
+                scope.get("method"),
+                scope.get("path"),
+            )
+            return problems.not_started()
         organization_id = await self.paying_organization(scope, request)
         if isinstance(organization_id, Problem):
             return organization_id

@@ -63,9 +63,12 @@ class HoldKeeper:
         self._pending: set[int] = set()
         self._completions: list[Mapping[str, Any]] = []
         self._writing: list[Mapping[str, Any]] = []  # the completions of the batch in flight
+        # Loop-bound: made on the loop that runs the keeper (``_bind``), dropped by close(),
+        # so a guard closed and started again on a new event loop gets fresh ones.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         # One batch at a time: a flush() waits for the batch the background task is writing.
-        self._flushing = asyncio.Lock()
+        self._flushing: asyncio.Lock | None = None
         self._task: asyncio.Task[None] | None = None
         self.sweeping = True
 
@@ -101,14 +104,28 @@ class HoldKeeper:
 
     # -- the background task --------------------------------------------------------------
 
-    def _ensure_running(self) -> None:
-        if self._task is not None and not self._task.done():
-            return
+    def _bind(self) -> asyncio.AbstractEventLoop | None:
+        """The running loop, with this keeper's event, lock and task made for it.
+
+        Objects left from another loop (one that ended without ``close()``, as a test
+        client's does) cannot be awaited here; they are replaced, and what was queued on
+        them stays queued for the new task.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            return None
+        if self._loop is not loop:
+            self._loop = loop
+            self._wake = asyncio.Event()
+            self._flushing = asyncio.Lock()
+            self._task = None
+        return loop
+
+    def _ensure_running(self) -> None:
+        loop = self._bind()
+        if loop is None or (self._task is not None and not self._task.done()):
             return
-        self._wake = asyncio.Event()
         self._task = loop.create_task(self._run(), name="credit_guard-holds")
 
     async def start(self) -> None:
@@ -160,6 +177,8 @@ class HoldKeeper:
     async def flush(self) -> None:
         """Settle every queued hold and store every finished idempotent response, now
         (after the batch being written, if one is)."""
+        if self._bind() is None or self._flushing is None:
+            return
         async with self._flushing:
             await self._flush()
 
@@ -234,8 +253,9 @@ class HoldKeeper:
         return released
 
     async def close(self) -> None:
+        """Stop the task, write what is queued, and forget the loop (``start`` may follow, on any loop)."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is not None and self._loop is asyncio.get_running_loop():
             task.cancel()
             await asyncio.wait([task])  # a cancel aimed at close() itself still propagates
         try:
@@ -245,3 +265,5 @@ class HoldKeeper:
                 "credit_guard: could not settle %d holds at shutdown; the sweeper will refund them",
                 len(self._pending),
             )
+        finally:
+            self._loop = self._wake = self._flushing = None

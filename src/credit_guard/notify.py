@@ -74,9 +74,12 @@ class PricingNotifier:
         self._ping_interval = ping_interval
         self._min_backoff = min_backoff
         self._max_backoff = max_backoff
+        # Loop-bound: made by ``_bind`` on the loop that listens, dropped by close(), so a
+        # guard closed and started again, on this loop or a new one, listens as on its first start.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
-        self._first_attempt = asyncio.Event()
+        self._listening: asyncio.Event | None = None
+        self._first_attempt: asyncio.Event | None = None
         # Set once any price may have been loaded; until then a (first) connect has nothing to clear.
         self._loads_started = False
         self._closed = False
@@ -87,13 +90,26 @@ class PricingNotifier:
 
     @property
     def listening(self) -> bool:
-        return self._listening.is_set()
+        return self._listening is not None and self._listening.is_set()
+
+    def _bind(self) -> tuple[asyncio.Event, asyncio.Event]:
+        """The events of the running loop: fresh ones on a loop this notifier has not run on
+        (the old task died with its loop, so nothing is listening and the cache must be
+        cleared once it does)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._listening is None or self._first_attempt is None:
+            self._loop = loop
+            self._listening, self._first_attempt = asyncio.Event(), asyncio.Event()
+            self._task = None
+        return self._listening, self._first_attempt
 
     def ensure_started(self) -> None:
         """Start the listening task if it is not running; returns at once."""
+        self._bind()
         if self._closed or (self._task is not None and not self._task.done()):
             return
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="credit_guard pricing listener")
+        assert self._loop is not None
+        self._task = self._loop.create_task(self._run(), name="credit_guard pricing listener")
 
     async def ready(self) -> None:
         """Start the task and wait for its first connection attempt (not for reconnects).
@@ -103,9 +119,10 @@ class PricingNotifier:
         only delays the first load by the timeout; after that loads never wait.
         """
         self.ensure_started()
-        if not self._first_attempt.is_set():
+        _, first_attempt = self._bind()
+        if not self._closed and not first_attempt.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._first_attempt.wait(), self._timeout)
+                await asyncio.wait_for(first_attempt.wait(), self._timeout)
         self._loads_started = True
 
     async def start(self) -> bool:
@@ -115,8 +132,9 @@ class PricingNotifier:
         and the TTL bounds staleness until it gets through.
         """
         self.ensure_started()
+        listening, _ = self._bind()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._listening.wait(), self._timeout)
+            await asyncio.wait_for(listening.wait(), self._timeout)
         if not self.listening:
             log.warning("credit_guard: pricing listener not connected yet; retrying in the background")
         return self.listening
@@ -139,16 +157,24 @@ class PricingNotifier:
             )
 
     async def close(self) -> None:
+        """Stop listening. The notifier is then as if new: ``start()``, or the next cache
+        miss, listens again, on this loop or another."""
         self._closed = True
         task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        mine = self._loop is asyncio.get_running_loop()
+        self._loop = self._listening = self._first_attempt = None
+        try:
+            if task is not None and not task.done() and mine:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            self._closed = False
 
     # -- the listening task ----------------------------------------------------------------
 
     async def _run(self) -> None:
+        listening, first_attempt = self._bind()
         backoff = self._min_backoff
         while not self._closed:
             conn: Any = None
@@ -165,14 +191,15 @@ class PricingNotifier:
                     "credit_guard: pricing listener lost its connection (%s); reconnecting in %.1fs", exc, backoff
                 )
             finally:
-                self._first_attempt.set()
-                self._listening.clear()
+                first_attempt.set()
+                listening.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
     async def _listen(self, conn: Any) -> None:
+        listening, first_attempt = self._bind()
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _conn: lost.set())
         await conn.add_listener(CHANNEL, self._on_notification)
@@ -181,8 +208,8 @@ class PricingNotifier:
         # came after loads) was announced to no one: forget every cached price.
         if self._loads_started:
             self._cache.clear()
-        self._listening.set()
-        self._first_attempt.set()
+        listening.set()
+        first_attempt.set()
         log.info("credit_guard: listening for pricing changes on %r", CHANNEL)
         while True:
             try:

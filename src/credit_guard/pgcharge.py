@@ -123,8 +123,11 @@ class PgCharger:
 
     def __init__(self, url: str | URL, *, pool_size: int = 10, timeout: float = 5.0, **pool_kwargs: Any) -> None:
         self._dsn = asyncpg_dsn(url)
+        # An asyncpg pool belongs to the loop that made it: ``_pool_loop`` tells whether the
+        # running loop may use it (a guard started again on a new loop makes a new pool).
         self._pool: asyncpg.Pool | None = None
-        self._lock = anyio.Lock()
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._lock: asyncio.Lock | None = None
         self._timeout = timeout
         self._claims: bool | None = None
         self._pool_kwargs = {
@@ -136,13 +139,29 @@ class PgCharger:
         }
 
     async def _get_pool(self) -> asyncpg.Pool:
-        if self._pool is not None:
+        """The running loop's pool, made on first use (one maker at a time per loop)."""
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._pool_loop is loop:
             return self._pool
+        if self._pool_loop is not loop:
+            self._abandon()
+            self._pool_loop, self._lock = loop, asyncio.Lock()
+        assert self._lock is not None
         async with self._lock:
             if self._pool is None:
                 with anyio.fail_after(self._timeout):
                     self._pool = await asyncpg.create_pool(self._dsn, timeout=self._timeout, **self._pool_kwargs)
         return self._pool
+
+    def _abandon(self) -> None:
+        """Drop a pool made on another loop (ended without close()): it cannot be awaited
+        from here, so its sockets are cut without a goodbye."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                pool.terminate()
+            except Exception:  # its loop is closed: the sockets die with the process
+                pass
 
     async def deduct(
         self,
@@ -157,7 +176,7 @@ class PgCharger:
     ) -> tuple[int | None, int]:
         """Same contract as ``SqlStore.deduct``: (charge_id, balance_after) or (None, available)."""
         try:
-            pool = self._pool if self._pool is not None else await self._get_pool()
+            pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
             # asyncio.timeout rather than acquire(timeout=): before Python 3.12 asyncpg
             # implements the latter with asyncio.wait_for, which creates a Task per call.
             async with asyncio.timeout(self._timeout):
@@ -188,7 +207,7 @@ class PgCharger:
         the engine falls back to the multi-statement transaction."""
         if self._claims is None:
             try:
-                pool = self._pool if self._pool is not None else await self._get_pool()
+                pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
                 async with asyncio.timeout(self._timeout):
                     self._claims = bool(await pool.fetchval(_HAS_SEQUENCE))
             except _UNAVAILABLE as exc:
@@ -216,7 +235,7 @@ class PgCharger:
         """``SqlStore.claim_and_deduct`` for a paid feature, in one round trip when the key is
         free (two when it is taken: the stored row is read, or the balance when short)."""
         try:
-            pool = self._pool if self._pool is not None else await self._get_pool()
+            pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
             try:
@@ -262,7 +281,7 @@ class PgCharger:
         """Close many holds as kept in ONE statement on this pool (no BEGIN/COMMIT): the
         batched settlement costs one round trip per batch, not three."""
         try:
-            pool = self._pool if self._pool is not None else await self._get_pool()
+            pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
             try:
@@ -277,6 +296,10 @@ class PgCharger:
         return {int(row[0]) for row in rows}
 
     async def close(self) -> None:
-        if self._pool is not None:
+        """Close the pool; the next use (on any loop) opens a new one."""
+        if self._pool is not None and self._pool_loop is not asyncio.get_running_loop():
+            self._abandon()
+        elif self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+        self._pool_loop = self._lock = None

@@ -71,8 +71,15 @@ class PricingCache:
             flight.error = exc
             raise
         finally:
-            del self._flights[feature_key]
+            if self._flights.get(feature_key) is flight:  # forget_loads() may have dropped it
+                del self._flights[feature_key]
             flight.done.set()
+
+    def forget_loads(self) -> None:
+        """Drop loads in flight (their waiters belong to a loop that is ending) and every
+        cached price: a guard started again must not trust what it learnt while nobody listened."""
+        self._flights.clear()
+        self.clear()
 
     def invalidate(self, *feature_keys: str) -> None:
         self._generation += 1

@@ -42,6 +42,7 @@ TYPE_PRICING_NOT_FOUND = _TYPE_BASE + "pricing-not-found"
 TYPE_DUPLICATE_FEATURE = _TYPE_BASE + "duplicate-feature"
 TYPE_IDEMPOTENCY_CONFLICT = _TYPE_BASE + "idempotency-key-in-use"
 TYPE_IDEMPOTENCY_MISMATCH = _TYPE_BASE + "idempotency-key-reused"
+TYPE_NOT_STARTED = _TYPE_BASE + "guard-not-started"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,23 @@ def feature_not_found(feature_key: str) -> Problem:
         title="Feature not priced",
         detail=f"No pricing exists for feature {feature_key!r}; nothing was charged.",
         extra={"feature": feature_key},
+    )
+
+
+def not_started(detail: str | None = None) -> Problem:
+    """The app serves a paid route without a running guard (no lifespan): a wiring mistake
+    the operator must fix, so 500, and nothing was charged: a charge it could not settle
+    would be lost or refunded behind a delivered response."""
+    return Problem(
+        status=500,
+        type=TYPE_NOT_STARTED,
+        title="Credit guard not started",
+        detail=detail
+        or (
+            "This route is paid for in credits, but the app's CreditGuard is not running on this event loop,"
+            " so nothing was charged and the handler did not run. Start it in the app's lifespan"
+            " (`await guard.start()`, or `async with guard:`); in tests, use `with TestClient(app) as client:`."
+        ),
     )
 
 

@@ -16,6 +16,7 @@ PostgreSQL's hot path (deduction) has a one-round-trip twin in ``pgcharge.py``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -125,9 +126,22 @@ class UsageSettlement:
 class SqlStore:
     """All reads and writes of credit_guard's tables through one SQLAlchemy async engine."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, owns_engine: bool = True) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        self.owns_engine = owns_engine
+        # The loop the engine's pooled connections belong to (see ``_tx``).
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _follow_loop(self) -> None:
+        """Pooled connections belong to the loop that opened them. On a new loop (a guard
+        used again after its first loop ended without ``close()``) the pool of an engine
+        this store owns is replaced; an app's own engine is the app's to manage."""
+        loop = asyncio.get_running_loop()
+        old, self._loop = self._loop, loop
+        if old is not None and self.owns_engine:
+            # SQLite's connections are threads and can be closed from here; asyncpg's died with their loop.
+            await self.engine.dispose(close=self.dialect == "sqlite")
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncConnection]:
@@ -137,6 +151,8 @@ class SqlStore:
         (duplicate key, already refunded). Everything else the driver raises means the
         store cannot be trusted right now, and the web layer must fail closed.
         """
+        if self._loop is not asyncio.get_running_loop():
+            await self._follow_loop()
         try:
             async with self.engine.begin() as conn:
                 yield conn
@@ -898,4 +914,9 @@ class SqlStore:
         ]
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        """Close the pooled connections; the engine stays usable (a restart reopens them)."""
+        if self._loop is None or self._loop is asyncio.get_running_loop():
+            await self.engine.dispose()
+        else:
+            await self.engine.dispose(close=self.dialect == "sqlite")
+        self._loop = None

@@ -25,7 +25,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.utils.scope.state import ScopeState
 
 from ..asgi import Rule
-from ..decorator import call_handler, find_guard, open_for
+from ..decorator import call_handler, guard_or_problem, open_for
 from ..guard import CreditGuard, IdempotencyMode, UnitsOf
 from ..idempotency import Replay
 from ..problems import PROBLEM_CONTENT_TYPE, Problem
@@ -123,7 +123,9 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
-        active = find_guard(guard, request.app)
+        active = guard_or_problem(guard, request.app)
+        if isinstance(active, Problem):
+            return _answer(request, problem_response(active))
         outcome = await open_for(active, rule, request)
         if isinstance(outcome, Problem):
             return _answer(request, problem_response(outcome))
