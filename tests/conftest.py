@@ -169,3 +169,22 @@ async def ledger_rows(guard: CreditGuard, organization_id: str | None = None) ->
         query = query.where(ledger.c.organization_id == organization_id)
     async with guard.engine.connect() as conn:
         return [dict(row._mapping) for row in await conn.execute(query)]
+
+
+async def fresh_tables(db_url: str) -> None:
+    """The tables of ``db_url`` created if missing, emptied (PostgreSQL), and priced."""
+    g = CreditGuard(db_url)
+    try:
+        await g.create_schema()
+        if g.engine.dialect.name == "postgresql":
+            await reset_postgres(g)
+        await seed_prices(g)
+    finally:
+        await g.close()
+
+
+@pytest.fixture
+def fresh_db(db_url: str) -> str:
+    """For sync tests (a CLI, a TestClient, a subprocess): ``db_url`` with fresh tables."""
+    asyncio.run(fresh_tables(db_url))
+    return db_url

@@ -82,7 +82,7 @@ async def _run(args: argparse.Namespace) -> int:
         parsed = make_url(url)
         guard = CreditGuard(parsed)
     except (ArgumentError, NoSuchModuleError, InvalidRequestError, ImportError, ValueError) as exc:
-        _error(f"invalid database URL {url!r}: {exc}")
+        _error(f"invalid database URL: {exc}")  # not the URL itself: it may carry a password
         return 2
     shown = parsed.render_as_string(hide_password=True)
     handler: Handler = args.handler
@@ -127,7 +127,7 @@ def _route_library_logs(*, verbose: bool) -> None:
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    print(f"{PROG}: error: {_shown(message)}", file=sys.stderr)
 
 
 # -- the parser -----------------------------------------------------------------------------
@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("organization_id", metavar="ORG")
     p.add_argument("amount", metavar="AMOUNT", type=_positive_int)
     p.add_argument("--reason", help="recorded on the ledger row")
+    p.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="grant once per organization and key (a payment's id): repeating the command grants nothing",
+    )
 
     p = command(commands, "balance", cmd_balance, "print an organization's balance")
     p.add_argument("organization_id", metavar="ORG")
@@ -396,16 +401,23 @@ async def cmd_pricing_import(guard: CreditGuard, args: argparse.Namespace) -> in
 
 
 async def cmd_grant(guard: CreditGuard, args: argparse.Namespace) -> int:
+    key = args.idempotency_key
     try:
-        balance = await guard.grant_credits(args.organization_id, args.amount, reason=args.reason)
-    except ValueError as exc:  # the guard's own argument check, e.g. an empty organization id
+        balance = await guard.grant_credits(args.organization_id, args.amount, reason=args.reason, idempotency_key=key)
+    except ValueError as exc:  # the guard's own checks: an empty organization id, the balance maximum, a reused key
         raise CliError(str(exc)) from None
-    print(f"granted {args.amount} to {args.organization_id}: balance {balance}")
+    if key is None:
+        print(f"granted {args.amount} to {_shown(args.organization_id)}: balance {balance}")
+    else:
+        print(f"granted {args.amount} to {_shown(args.organization_id)} once for key {key}: balance {balance}")
     return 0
 
 
 async def cmd_balance(guard: CreditGuard, args: argparse.Namespace) -> int:
-    print(await guard.get_balance(args.organization_id))
+    try:
+        print(await guard.get_balance(args.organization_id))
+    except ValueError as exc:  # an empty organization id is refused here as in `grant`
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -451,7 +463,7 @@ async def cmd_audit(guard: CreditGuard, args: argparse.Namespace) -> int:
             numbers = ""
             if issue.balance is not None or issue.ledger_sum is not None:
                 numbers = f" (balance={issue.balance} ledger_sum={issue.ledger_sum})"
-            print(f"{issue.organization_id}: {issue.problem}{numbers}")
+            print(f"{_shown(issue.organization_id)}: {_shown(issue.problem)}{numbers}")
     if issues:
         _error(f"audit found {len(issues)} issue(s)")
         return 1
@@ -484,7 +496,7 @@ async def _find_pricing(guard: CreditGuard, ref: str) -> FeaturePricing:
 
 
 def _describe(verb: str, pricing: FeaturePricing) -> str:
-    return f"{verb} {pricing.feature_key} id={pricing.id} credits={pricing.credits} active={_yes_no(pricing.is_active)}"
+    return f"{verb} {pricing.feature_key} id={_shown(pricing.id)} credits={pricing.credits} active={_yes_no(pricing.is_active)}"
 
 
 def _yes_no(flag: bool) -> str:
@@ -495,8 +507,17 @@ def _print_json(data: object) -> None:
     print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def _shown(value: object) -> str:
+    """Text safe to put on a terminal: control and format characters (an ANSI escape, a
+    newline that would forge a table row, a right-to-left override) are shown escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Collection[int] = ()) -> str:
-    cells = [list(headers), *[[str(value) for value in row] for row in rows]]
+    cells = [list(headers), *[[_shown(value) for value in row] for row in rows]]
     widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
     return "\n".join(
         "  ".join(

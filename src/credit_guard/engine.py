@@ -14,6 +14,28 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///credit_guard.db"
+#: The async drivers credit_guard runs on, per database: the first is the one to write.
+ASYNC_DRIVERS = {"postgresql": ("asyncpg",), "sqlite": ("aiosqlite",)}
+
+
+def database_url(url: str | URL) -> URL:
+    """``url`` parsed, or a ValueError that says which URL to write instead.
+
+    ``postgresql://`` and ``postgres://`` (what hosting providers hand out) name no async
+    driver; SQLAlchemy would answer "No module named psycopg2" or "Can't load plugin".
+    """
+    parsed = make_url(url)
+    backend = "postgresql" if parsed.drivername.split("+")[0] in ("postgres", "postgresql") else parsed.get_backend_name()
+    drivers = ASYNC_DRIVERS.get(backend)
+    if drivers is None:
+        raise ValueError(
+            f"credit_guard runs on SQLite (sqlite+aiosqlite:///file.db) and PostgreSQL"
+            f" (postgresql+asyncpg://user@host/db), not {parsed.drivername!r}"
+        )
+    if "+" not in parsed.drivername or parsed.drivername.split("+", 1)[1] not in drivers:
+        fixed = parsed.set(drivername=f"{backend}+{drivers[0]}").render_as_string(hide_password=True)
+        raise ValueError(f"{parsed.drivername}:// has no async driver credit_guard can use: write {fixed}")
+    return parsed
 
 
 def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwargs: Any) -> AsyncEngine:

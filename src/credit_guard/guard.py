@@ -19,16 +19,17 @@ import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from types import TracebackType
 from typing import Any, Literal
 
 import anyio
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import problems
 from .engine import DEFAULT_DATABASE_URL, build_engine
+from .engine import database_url as _database_url
 from .errors import IdempotencyKeyReused, InvalidPricing, PricingNotFound, StorageUnavailable
 from .events import (
     ChargeEvent,
@@ -51,6 +52,9 @@ from .idempotency import (
     validate_key,
 )
 from .models import (
+    FEATURE_KEY_MAX,
+    FEATURE_KEY_RE,
+    UNSTORABLE_TEXT,
     AuditIssue,
     CreditCheck,
     DeductionResult,
@@ -58,13 +62,15 @@ from .models import (
     RefundResult,
     UsageGroup,
     UsageRow,
+    is_storable_text,
     validate_pricing_fields,
     validate_pricing_rows,
 )
 from .notify import PricingNotifier
 from .pricing import PricingCache
 from .problems import Problem
-from .store import IdempotentOutcome, SqlStore, UsageSettlement
+from .schema import MAX_BALANCE
+from .store import GrantStatus, IdempotentOutcome, SqlStore, UsageSettlement
 
 log = logging.getLogger("credit_guard")
 
@@ -77,8 +83,8 @@ DATABASE_URL_ENV = "CREDIT_GUARD_DATABASE_URL"
 ORGANIZATION_ID_MAX = 255
 USER_ID_MAX = 255
 REQUEST_PATH_MAX = 2048
-#: Far above any real top-up, far below BIGINT's limit: a typo, not a grant, beyond it.
-MAX_GRANT = 2**53
+#: The largest grant: the largest balance (a bigger one is a typo, and could not be held).
+MAX_GRANT = MAX_BALANCE
 #: Units a single request may reserve (seconds of video, images...): beyond it, a typo or an attack.
 MAX_UNITS = 1_000_000
 #: How a route computes its units from the framework's request (sync or async).
@@ -92,22 +98,47 @@ IdempotencyMode = bool | Literal["required"]
 ONE = Decimal(1)
 
 
-def units_value(value: object) -> Decimal:
+#: Digits after the point a unit count keeps (a billionth of a second of video is plenty).
+UNITS_PLACES = 9
+#: The longest text a unit count may be written in; checked before it is parsed.
+UNITS_TEXT_MAX = 40
+_UNITS_STEP = Decimal(1).scaleb(-UNITS_PLACES)
+
+
+def units_value(value: object, *, allow_zero: bool = False) -> Decimal:
     """A request's units as an exact Decimal, or ValueError saying why not.
 
-    Decimal, not float: ``0.1 * 20`` must cost 2 credits, not 3.
+    Decimal, not float: ``0.1 * 20`` must cost 2 credits, not 3. The size and precision
+    are bounded BEFORE any arithmetic: ``Decimal("1e-10000000")`` parses at once, but
+    turning it into an exact fraction (as pricing does) takes seconds of CPU, which a
+    request must never be able to buy. ``allow_zero``: usage may be none at all.
     """
     if isinstance(value, bool) or not isinstance(value, int | float | Decimal | str):
         raise ValueError(f"units must be a number, got {type(value).__name__}")
-    text = str(value).strip()
+    if isinstance(value, int) and not 0 <= value <= MAX_UNITS:  # an int is exact; its str() of a huge one is not cheap
+        raise ValueError(f"units must be a number in range, from 0 to {MAX_UNITS}, got {'a larger int' if value > 0 else value}")
+    if isinstance(value, str) and len(value) > UNITS_TEXT_MAX:
+        raise ValueError(f"units must be a number of at most {UNITS_TEXT_MAX} characters, got {value!r:.40}...")
+    text = str(value).strip()  # a Decimal of a million digits is refused by its length, like text
+    if len(text) > UNITS_TEXT_MAX:
+        raise ValueError(f"units must be a number of at most {UNITS_TEXT_MAX} digits, got {text:.40}...")
     try:
         if "_" in text:  # Decimal reads "1_0" as 10: a typo must not cost ten units
             raise InvalidOperation
         units = Decimal(text)
     except InvalidOperation:
         raise ValueError(f"units must be a number, got {value!r:.40}") from None
-    if not units.is_finite() or units <= 0 or units > MAX_UNITS:
-        raise ValueError(f"units must be a number above 0 and at most {MAX_UNITS}, got {value!r:.40}")
+    exponent = units.as_tuple().exponent
+    span = f"from 0 to {MAX_UNITS}" if allow_zero else f"above 0 and at most {MAX_UNITS}"
+    if not units.is_finite() or not isinstance(exponent, int) or units.adjusted() > 6 or units < 0 or units > MAX_UNITS:
+        raise ValueError(f"units must be a number {span}, got {value!r:.40}")
+    if exponent < -UNITS_PLACES:
+        # Beyond a billionth of a unit: a float's is noise (0.1 + 0.2), rounded to the nearest;
+        # written digits are rounded up, so a fraction asked for is still paid for.
+        rounding = ROUND_HALF_EVEN if isinstance(value, float) else ROUND_CEILING
+        units = units.quantize(_UNITS_STEP, rounding=rounding).normalize()
+    if units == 0 and not allow_zero:
+        raise ValueError(f"units must be a number {span}, got {value!r:.40}")
     return units
 
 
@@ -149,10 +180,7 @@ class Ticket:
         up to ``max_overage`` of the reserve (and what the balance holds), exactly once.
         Raises ValueError for anything but a number from 0 to MAX_UNITS.
         """
-        if isinstance(units, int | float | Decimal) and not isinstance(units, bool) and units == 0:
-            self.used_units = Decimal(0)
-            return
-        self.used_units = units_value(units)
+        self.used_units = units_value(units, allow_zero=True)
 
     def headers(self) -> list[tuple[str, str]]:
         """The credit headers the response carries, reflecting a refund if one happened."""
@@ -249,7 +277,7 @@ class CreditGuard:
         # An engine handed in belongs to the app: close() must leave it open.
         self._owns_engine = engine is None
         if engine is None:
-            url = make_url(database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL)
+            url = _database_url(database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL)
             engine = build_engine(url, connect_timeout=timeout)
         else:
             url = engine.url
@@ -312,7 +340,9 @@ class CreditGuard:
         if self._started_on is loop:
             return
         if self._started_on is not None and not self._started_on.is_closed():
-            log.warning("credit_guard: started on a second event loop without close(); the first one's tasks are dropped")
+            log.warning(
+                "credit_guard: started on a second event loop without close(); the first one's tasks are dropped"
+            )
         self._started_on = loop
         await self.holds.start()
         self.hooks.start()
@@ -448,13 +478,38 @@ class CreditGuard:
 
     # -- money ----------------------------------------------------------------------------
 
-    async def grant_credits(self, organization_id: str, amount: int, *, reason: str | None = None) -> int:
-        """Top an organization up (creating its account); returns the new balance."""
+    async def grant_credits(
+        self, organization_id: str, amount: int, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> int:
+        """Top an organization up (creating its account); returns the new balance.
+
+        ``idempotency_key`` (a payment's or webhook event's id, a seeding step's name):
+        the same key grants once per organization, whatever the concurrency or the number
+        of processes, and every later call grants nothing and returns the current
+        balance. Reusing a key for another amount raises IdempotencyKeyReused.
+
+        Raises ValueError for a bad argument, and when the grant would take the balance
+        past ``MAX_BALANCE`` (nothing is written then).
+        """
         _check_org(organization_id)
         if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_GRANT:
-            raise ValueError(f"amount must be a positive integer up to {MAX_GRANT}, got {amount!r}")
-        balance, _ = await self.store.grant(organization_id, amount, reason)
-        return balance
+            raise ValueError(f"amount must be a positive integer up to {MAX_GRANT}, got {amount!r:.40}")
+        if reason is not None and (not isinstance(reason, str) or not is_storable_text(reason)):
+            raise ValueError(f"reason must be text without NUL characters or unpaired surrogates, got {reason!r:.80}")
+        _check_key(idempotency_key)
+        outcome = await self.store.grant(organization_id, amount, reason[:500] if reason else reason, idempotency_key)
+        if outcome.status is GrantStatus.OVER_LIMIT:
+            raise ValueError(
+                f"granting {amount} would take {organization_id!r:.80}'s balance ({outcome.balance}) past the maximum"
+                f" of {MAX_BALANCE} credits; nothing was granted"
+            )
+        if outcome.status is GrantStatus.ALREADY_GRANTED:
+            if outcome.amount != amount:
+                raise IdempotencyKeyReused(idempotency_key or "")
+            log.info(
+                "credit_guard: grant %r to %s was already made; not granted again", idempotency_key, organization_id
+            )
+        return outcome.balance
 
     async def deduct_credits(
         self,
@@ -480,10 +535,7 @@ class CreditGuard:
         Raises StorageUnavailable when the database cannot be reached: a deduction whose
         outcome is unknown must not be mistaken for either answer.
         """
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or validate_key(idempotency_key.encode("utf-8")) != idempotency_key
-        ):
-            raise ValueError(f"idempotency_key must be 1 to 255 visible ASCII characters, got {idempotency_key!r:.80}")
+        _check_key(idempotency_key)
         result, outcome = await self._deduct(
             organization_id,
             feature_key,
@@ -525,7 +577,16 @@ class CreditGuard:
     ) -> tuple[DeductionResult, IdempotentOutcome | None]:
         """The one deduction every path takes; ``idempotency`` is (key, fingerprint, finish_now)."""
         _check_org(organization_id)
-        pricing = await self.pricing_cache.get(feature_key)
+        if user_id is not None and (not isinstance(user_id, str) or not is_storable_text(user_id)):
+            raise ValueError(f"user_id must be text without NUL characters or unpaired surrogates, got {user_id!r:.80}")
+        # A key no pricing row can have (NUL, a URL's junk) is answered without a query:
+        # the database would fail on some of them, and that must not read as an outage.
+        valid_key = (
+            isinstance(feature_key, str)
+            and len(feature_key) <= FEATURE_KEY_MAX
+            and FEATURE_KEY_RE.fullmatch(feature_key)
+        )
+        pricing = await self.pricing_cache.get(feature_key) if valid_key else None
         if pricing is None:
             return DeductionResult(
                 success=False, error=f"Feature pricing not found: {feature_key}", error_code="feature_not_found"
@@ -537,7 +598,7 @@ class CreditGuard:
         credits = pricing.credits if units is ONE else cost_of(pricing.credits, units)
         # Clipped to their columns: a long URL must be charged, not mistaken for an outage.
         user_id = user_id[:USER_ID_MAX] if user_id else user_id
-        request_path = request_path[:REQUEST_PATH_MAX] if request_path else request_path
+        request_path = _storable(request_path[:REQUEST_PATH_MAX]) if request_path else request_path
         hold_until = self.holds.hold_until() if hold else None
         outcome: IdempotentOutcome | None = None
         if idempotency is None:
@@ -708,6 +769,7 @@ class CreditGuard:
 
     async def check_credits(self, organization_id: str, feature_key: str) -> CreditCheck:
         """Would the organization afford this feature now? Advice only: it reserves nothing."""
+        _check_org(organization_id)
         pricing = await self.get_feature_pricing(feature_key)
         available = await self.store.balance(organization_id)
         if pricing is None:
@@ -715,6 +777,8 @@ class CreditGuard:
         return CreditCheck(available >= pricing.credits, pricing.credits, available)
 
     async def get_balance(self, organization_id: str) -> int:
+        """The organization's balance (0 when it has no account). ValueError for a malformed id."""
+        _check_org(organization_id)
         return await self.store.balance(organization_id)
 
     async def usage_report(
@@ -777,6 +841,15 @@ class CreditGuard:
         if isinstance(organization_id, Problem):
             return organization_id
         user_id = await self.resolve_user(scope, request)
+        if user_id is not None and not is_storable_text(user_id):
+            log.warning(
+                "credit_guard: %s %s refused: user id %r %s",
+                scope.get("method"),
+                scope.get("path"),
+                user_id[:80],
+                UNSTORABLE_TEXT,
+            )
+            return problems.no_organization(f"The user id this request resolved to {UNSTORABLE_TEXT}.")
         count = ONE
         if units is not None:
             try:
@@ -1029,6 +1102,17 @@ class CreditGuard:
             return problems.no_organization(
                 f"The organization id this request resolved to is longer than {ORGANIZATION_ID_MAX} characters."
             )
+        if not is_storable_text(organization_id):
+            # NUL or a lone surrogate: the database cannot store it, and must not be asked to
+            # (its error would read as an outage: a 503, or free service under fail_open).
+            log.warning(
+                "credit_guard: %s %s refused: organization id %r %s",
+                scope.get("method"),
+                scope.get("path"),
+                organization_id[:80],
+                UNSTORABLE_TEXT,
+            )
+            return problems.no_organization(f"The organization id this request resolved to {UNSTORABLE_TEXT}.")
         return organization_id
 
     async def resolve_user(self, scope: Mapping[str, Any], request: Any = None) -> str | None:
@@ -1067,8 +1151,28 @@ def current_ticket(request: Any) -> Ticket | None:
 
 
 def _check_org(organization_id: object) -> None:
-    if not isinstance(organization_id, str) or not organization_id or len(organization_id) > ORGANIZATION_ID_MAX:
+    if (
+        not isinstance(organization_id, str)
+        or not organization_id
+        or len(organization_id) > ORGANIZATION_ID_MAX
+        or not is_storable_text(organization_id)
+    ):
         raise ValueError(
             f"organization_id must be a non-empty string of at most {ORGANIZATION_ID_MAX} characters,"
-            f" got {organization_id!r:.80}"
+            f" without NUL characters or unpaired surrogates, got {organization_id!r:.80}"
         )
+
+
+def _storable(text: str) -> str:
+    """``text`` as the database can store it: a percent-decoded path may hold NUL or a lone
+    surrogate, which must be charged and recorded (escaped), not mistaken for an outage."""
+    if is_storable_text(text):
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_key(idempotency_key: object) -> None:
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or validate_key(idempotency_key.encode("utf-8")) != idempotency_key
+    ):
+        raise ValueError(f"idempotency_key must be 1 to 255 visible ASCII characters, got {idempotency_key!r:.80}")

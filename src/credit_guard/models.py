@@ -7,6 +7,7 @@ and serialised without a session hanging off them.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -134,6 +135,13 @@ _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 
 
 UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
+CONTROL_TEXT = "must not contain control characters (a terminal escape, a line break)"
+
+
+def has_control_characters(value: str) -> bool:
+    """Whether a one-line label carries characters a terminal or a table would act on
+    (escape sequences, line breaks, bidi overrides) instead of showing."""
+    return not value.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value)
 
 
 def is_storable_text(value: str) -> bool:
@@ -185,6 +193,8 @@ def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -
                 errors[name] = f"must be at most {limit} characters"
             elif not is_storable_text(value):
                 errors[name] = UNSTORABLE_TEXT
+            elif has_control_characters(value):
+                errors[name] = CONTROL_TEXT
             else:
                 clean[name] = value.strip()
     if "credits" in data and "credits" not in errors:

@@ -10,7 +10,9 @@ Money invariants that the database itself enforces, so no code path can break th
 * a charge is refunded at most once (``refund_of`` is UNIQUE), whether in full (a failed
   request, an expired hold) or in part (a request that used less than it reserved);
 * an over-use surcharge is taken at most once per charge (``extra_of`` is UNIQUE);
-* a refund row always points at a charge, and so does a surcharge.
+* a refund row always points at a charge, and so does a surcharge;
+* a grant with an idempotency key happens once per organization and key;
+* no balance passes ``MAX_BALANCE``.
 
 A charge with a row in ``credit_guard_holds`` is a *hold*: its credits are taken, but the
 request that took them has not finished. Settling deletes the row; the sweeper refunds
@@ -37,10 +39,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     func,
 )
 
 TABLE_PREFIX = "credit_guard_"
+#: The largest balance an account may hold: JavaScript's largest exact integer, so every
+#: balance a client reads (JSON, ``X-Credits-Remaining``) is exact, and far below BIGINT's
+#: limit, so no sum of grants can overflow a column.
+MAX_BALANCE = 2**53 - 1
 
 metadata = MetaData(
     naming_convention={
@@ -78,6 +85,7 @@ accounts = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("balance >= 0", name="balance_non_negative"),
+    CheckConstraint(f"balance <= {MAX_BALANCE}", name="balance_at_most_max"),
 )
 
 ledger = Table(
@@ -109,6 +117,10 @@ ledger = Table(
         unique=True,
     ),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # A grant's idempotency key (a payment's id, a seeding step's name): the UNIQUE pair
+    # below makes the same key grant once per organization, whatever the concurrency.
+    Column("idempotency_key", String(255), nullable=True),
+    UniqueConstraint("organization_id", "idempotency_key"),
     CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_known"),
     CheckConstraint(
         "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0)"

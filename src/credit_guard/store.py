@@ -17,6 +17,7 @@ PostgreSQL's hot path (deduction) has a one-round-trip twin in ``pgcharge.py``.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import uuid
@@ -34,9 +35,12 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import DuplicateFeature, PricingNotFound, StorageUnavailable
 from .models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
-from .schema import accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
+from .schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
 
 log = logging.getLogger("credit_guard")
+
+#: The PostgreSQL advisory lock ``create_schema`` holds (a constant: ``credit_guard`` in ASCII).
+SCHEMA_LOCK_ID = 0x6372656469745F67
 
 
 def utcnow() -> datetime:
@@ -110,6 +114,24 @@ class IdempotentOutcome:
         return cls("replay" if stored["state"] == "done" else "running", stored=stored)
 
 
+class GrantStatus(enum.Enum):
+    GRANTED = "granted"
+    #: The idempotency key was used before: nothing was written this time.
+    ALREADY_GRANTED = "already_granted"
+    #: The grant would take the balance past ``MAX_BALANCE``: nothing was written.
+    OVER_LIMIT = "over_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    """What a grant did; ``amount`` is what the key's grant gave (this call's or the first one's)."""
+
+    status: GrantStatus
+    balance: int
+    entry_id: int | None = None
+    amount: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class UsageSettlement:
     """What settling a hold at its reported usage moved."""
@@ -165,7 +187,17 @@ class SqlStore:
     # -- schema -------------------------------------------------------------------------
 
     async def create_schema(self) -> None:
+        """Create the missing tables; safe from any number of processes at once.
+
+        ``CREATE TABLE IF NOT EXISTS`` alone is not: two PostgreSQL sessions creating one
+        table can both pass the check and collide in the catalog (``duplicate key ...
+        pg_type_typname_nsp_index``: 4 workers starting on a fresh database crashed). So
+        the creation holds a transaction-scoped advisory lock; the others wait, then find
+        the tables there. On SQLite the transaction's ``BEGIN IMMEDIATE`` is that lock.
+        """
         async with self._tx() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
             await conn.run_sync(metadata.create_all, checkfirst=True)
 
     # -- pricing --------------------------------------------------------------------------
@@ -277,8 +309,20 @@ class SqlStore:
 
     # -- money ----------------------------------------------------------------------------
 
-    async def grant(self, organization_id: str, amount: int, reason: str | None) -> tuple[int, int]:
-        """Top up (creating the account on first use); returns (balance, ledger id)."""
+    async def grant(
+        self, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None = None
+    ) -> GrantOutcome:
+        """Top up (creating the account on first use), never past ``MAX_BALANCE``.
+
+        With ``idempotency_key`` the grant happens once per organization and key: the
+        ledger's UNIQUE (organization, key) decides, so racing calls in any number of
+        processes grant once, and every other call reads the balance instead. The limit
+        is part of the upsert's condition, so nothing is written when it would be passed.
+        """
+        if idempotency_key is not None:
+            done = await self._granted(organization_id, idempotency_key)
+            if done is not None:
+                return done
         now = utcnow()
         if self.dialect == "postgresql":
             from sqlalchemy.dialects.postgresql import insert as upsert
@@ -290,24 +334,57 @@ class SqlStore:
         stmt = values.on_conflict_do_update(
             index_elements=[accounts.c.organization_id],
             set_={"balance": accounts.c.balance + values.excluded.balance, "updated_at": now},
+            where=accounts.c.balance <= MAX_BALANCE - values.excluded.balance,
         ).returning(accounts.c.balance)
-        async with self._tx() as conn:
-            balance = int((await conn.execute(stmt)).scalar_one())
-            entry_id = (
-                await conn.execute(
-                    insert(ledger)
-                    .values(
-                        organization_id=organization_id,
-                        kind="grant",
-                        amount=amount,
-                        balance_after=balance,
-                        reason=reason,
-                        created_at=now,
+        try:
+            async with self._tx() as conn:
+                balance = (await conn.execute(stmt)).scalar_one_or_none()
+                if balance is None:
+                    return GrantOutcome(GrantStatus.OVER_LIMIT, await self._balance_in(conn, organization_id))
+                entry_id = (
+                    await conn.execute(
+                        insert(ledger)
+                        .values(
+                            organization_id=organization_id,
+                            kind="grant",
+                            amount=amount,
+                            balance_after=balance,
+                            reason=reason,
+                            idempotency_key=idempotency_key,
+                            created_at=now,
+                        )
+                        .returning(ledger.c.id)
                     )
-                    .returning(ledger.c.id)
+                ).scalar_one()
+        except IntegrityError:
+            # A twin with the same key committed first; this transaction rolled back whole.
+            done = await self._granted(organization_id, idempotency_key) if idempotency_key is not None else None
+            if done is None:
+                raise
+            return done
+        return GrantOutcome(GrantStatus.GRANTED, int(balance), int(entry_id), amount)
+
+    async def _granted(self, organization_id: str, idempotency_key: str) -> GrantOutcome | None:
+        """The grant an idempotency key already made, with today's balance; None if none."""
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    select(ledger.c.id, ledger.c.amount).where(
+                        ledger.c.organization_id == organization_id,
+                        ledger.c.idempotency_key == idempotency_key,
+                        ledger.c.kind == "grant",
+                    )
                 )
-            ).scalar_one()
-        return balance, int(entry_id)
+            ).first()
+            if row is None:
+                return None
+            balance = await self._balance_in(conn, organization_id)
+        return GrantOutcome(GrantStatus.ALREADY_GRANTED, balance, int(row.id), int(row.amount))
+
+    @staticmethod
+    async def _balance_in(conn: AsyncConnection, organization_id: str) -> int:
+        value = await conn.scalar(select(accounts.c.balance).where(accounts.c.organization_id == organization_id))
+        return int(value or 0)
 
     async def deduct(
         self,
