@@ -383,9 +383,21 @@ async def test_starlette_stream_failing_after_headers_is_refunded(guard: CreditG
     assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
 
 
-async def test_http_exception_below_500_is_charged_like_a_returned_4xx(guard: CreditGuard) -> None:
-    """The middleware sees such an exception only as the 4xx response it becomes, and charges
-    it; the decorator applies the same rule so one handler bills the same under both."""
+async def test_http_exception_below_500_is_refunded_like_a_returned_4xx(guard: CreditGuard) -> None:
+    """The middleware sees such an exception only as the 4xx response it becomes, and refunds
+    it (users pay for results); the decorator applies the same rule so one handler bills the
+    same under both."""
+    await guard.grant_credits("org_1", 12)
+    async with client(fastapi_app(guard)) as c:
+        r = await c.post("/not-found", headers=ORG)
+    assert (r.status_code, r.headers["x-credits-refunded"], r.headers["x-credits-remaining"]) == (404, "5", "12")
+    assert "x-credits-charged" not in r.headers
+    assert await guard.get_balance("org_1") == 12
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
+
+
+async def test_http_exception_below_500_is_charged_when_the_guard_charges_client_errors(guard: CreditGuard) -> None:
+    guard.charge_client_errors = True
     await guard.grant_credits("org_1", 12)
     async with client(fastapi_app(guard)) as c:
         r = await c.post("/not-found", headers=ORG)

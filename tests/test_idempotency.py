@@ -226,8 +226,25 @@ async def test_retry_replays_the_first_response_without_charging_again(iguard: C
     assert await iguard.audit() == []
 
 
+async def test_a_4xx_answer_is_refunded_and_frees_its_key(iguard: CreditGuard) -> None:
+    """By default a 4xx is refunded like a 5xx: its key is freed, so the retry runs (and pays) again."""
+    await iguard.grant_credits("org_1", 20)
+    app, backend = build_app(iguard)
+    async with client(app) as c:
+        first = await c.post("/v1/missing", headers=key("k404"), content=BODY)
+        await iguard.flush()
+        retry = await c.post("/v1/missing", headers=key("k404"), content=BODY)
+    assert (first.status_code, first.headers["x-credits-refunded"]) == (404, "5")
+    assert (retry.status_code, retry.headers["x-credits-refunded"]) == (404, "5")
+    assert "idempotent-replayed" not in retry.headers
+    assert backend.calls == ["missing", "missing"]
+    assert await kinds(iguard) == ["grant", "charge", "refund", "charge", "refund"]
+    assert await iguard.get_balance("org_1") == 20
+
+
 async def test_a_4xx_answer_is_charged_once_and_replayed(iguard: CreditGuard) -> None:
-    """A 4xx is an answer (charged, per the README): the retry gets it back, free."""
+    """A 4xx on a guard that charges client errors is an answer: the retry gets it back, free."""
+    iguard.charge_client_errors = True
     await iguard.grant_credits("org_1", 20)
     app, backend = build_app(iguard)
     async with client(app) as c:

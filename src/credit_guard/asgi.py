@@ -22,7 +22,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import problems
-from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
+from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf, current_ticket
 from .idempotency import Replay
 from .problems import Problem
 
@@ -80,70 +80,119 @@ class BodyTooLarge(Exception):
     """An idempotent request's body is larger than the guard will hold to fingerprint it."""
 
 
+async def client_gone(receive: Receive) -> bool:
+    """Whether the client has already hung up, asked without waiting (and without a task).
+
+    ``receive()`` is started and, if it would have to wait (the client is still there),
+    dropped at once: its awaitable is closed before it ever reaches the event loop, so
+    nothing is left pending. A server that already knows of a disconnect answers
+    ``http.disconnect`` without waiting (uvicorn keeps answering it). Call it only once the
+    app has read its body: a body message it returned would be lost.
+    """
+    waiter = receive().__await__()
+    try:
+        waiter.send(None)
+    except StopIteration as done:
+        message = done.value
+        return isinstance(message, Mapping) and message.get("type") == "http.disconnect"
+    except Exception:  # a receive that cannot be asked this way: assume the client is there
+        return False
+    waiter.close()
+    return False
+
+
 async def run_charged(
     guard: CreditGuard, ticket: Ticket, app: ASGIApp, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Run ``app`` for a paid request: refund if it is not delivered, add the headers.
 
-    Not delivered means: a 5xx status (refunded before its ``http.response.start`` goes
-    out, so the response itself says ``X-Credits-Refunded``), an exception before the
-    last body chunk, or the client disconnecting before it. Once the last chunk is sent
-    the request is paid for (its hold is settled): a background task failing afterwards
-    refunds nothing. The ticket is put in ``scope["state"]`` for ``current_ticket``.
+    Not delivered means: a status the ticket refunds (5xx, and 4xx unless the route
+    charges client errors), refunded before its ``http.response.start`` goes out so the
+    response itself says ``X-Credits-Refunded``; an exception before the last body chunk;
+    or a client that is gone before it: servers drop ``send()`` after a disconnect
+    silently (uvicorn does), so "send returned" is not "delivered", and the client is
+    asked (``client_gone``, no round trip, no task) just before the last chunk. Once the
+    last chunk is sent the request is paid for (its hold is settled): a background task
+    failing afterwards refunds nothing. The ticket is put in ``scope["state"]`` for
+    ``current_ticket``, and for any inner guard, which then leaves this charge alone.
     """
-    state = scope.setdefault("state", {})
-    if isinstance(state, dict):
-        state[TICKET_SCOPE_KEY] = ticket
-    recorder = ticket.recorder
-    started = delivered = disconnected = False
-    status = 0
+    await _PaidResponse(guard, ticket, receive, send).run(app, scope)
 
-    async def send_with_credits(message: Message) -> None:
-        nonlocal started, delivered, status
+
+class _PaidResponse:
+    """One paid request's passage through the app (per-request state, never on a middleware)."""
+
+    __slots__ = ("delivered", "disconnected", "guard", "receive", "send", "started", "status", "ticket")
+
+    def __init__(self, guard: CreditGuard, ticket: Ticket, receive: Receive, send: Send) -> None:
+        self.guard, self.ticket, self.receive, self.send = guard, ticket, receive, send
+        self.started = self.delivered = self.disconnected = False
+        self.status = 0
+
+    async def run(self, app: ASGIApp, scope: Scope) -> None:
+        state = scope.setdefault("state", {})
+        if isinstance(state, dict):
+            state[TICKET_SCOPE_KEY] = self.ticket
+        guard, ticket = self.guard, self.ticket
+        try:
+            await app(scope, self.receive_watching, self.send_with_credits)
+        except BaseException as exc:
+            if not self.delivered:
+                # Before the start, the app's error handler will answer 500; after it, the
+                # body broke mid-stream. Shielded: a cancelled request must still get its refund.
+                with anyio.CancelScope(shield=True):
+                    await guard.settle(ticket, failed=True, reason=f"handler raised {type(exc).__name__}")
+            elif not ticket.fails(self.status):
+                await guard.settle(ticket, failed=False, status=self.status)
+            raise
+        if not self.delivered:
+            # No answer at all, or a client that hung up before the last chunk.
+            reason = "client disconnected" if self.disconnected else "no response sent"
+            await guard.settle(ticket, failed=True, reason=reason)
+        elif not ticket.fails(self.status):
+            await guard.settle(ticket, failed=False, status=self.status)
+
+    async def send_with_credits(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and not started:
-            started = True
-            status = message["status"]
-            if status >= 500:
-                await guard.settle(ticket, failed=True, reason=f"handler answered {status}")
+        ticket, recorder = self.ticket, self.ticket.recorder
+        if kind == "http.response.start" and not self.started:
+            self.started = True
+            self.status = status = message["status"]
+            if ticket.fails(status):
+                await self.guard.settle(ticket, failed=True, reason=f"handler answered {status}")
             headers = MutableHeaders(raw=list(message.get("headers", ())))
             for name, value in ticket.headers():
                 headers[name] = value
             message = {**message, "headers": headers.raw}
             if recorder is not None:
                 recorder.start(status, headers.raw)
-        elif kind == "http.response.body" and recorder is not None:
-            recorder.body(message.get("body", b""))
-        elif kind == "http.response.pathsend" and recorder is not None:
-            recorder.overflow = True  # the server sends the file itself: no bytes to keep
-        await send(message)
-        if (kind == "http.response.body" and not message.get("more_body", False)) or kind == "http.response.pathsend":
-            delivered = True
+        elif kind == "http.response.body":
+            if recorder is not None:
+                recorder.body(message.get("body", b""))
+            if not message.get("more_body", False):
+                await self._deliver(message)
+                return
+        elif kind == "http.response.pathsend":
+            if recorder is not None:
+                recorder.overflow = True  # the server sends the file itself: no bytes to keep
+            await self._deliver(message)
+            return
+        await self.send(message)
 
-    async def receive_watching() -> Message:
-        nonlocal disconnected
-        message = await receive()
+    async def _deliver(self, message: Message) -> None:
+        """The last message of the response: sent and counted as delivered, unless the
+        client is already gone (then it is dropped, and the charge refunded after)."""
+        if self.disconnected or await client_gone(self.receive):
+            self.disconnected = True
+            return
+        await self.send(message)
+        self.delivered = True
+
+    async def receive_watching(self) -> Message:
+        message = await self.receive()
         if message["type"] == "http.disconnect":
-            disconnected = True
+            self.disconnected = True
         return message
-
-    try:
-        await app(scope, receive_watching, send_with_credits)
-    except BaseException as exc:
-        if not delivered:
-            # Before the start, the app's error handler will answer 500; after it, the
-            # body broke mid-stream. Shielded: a cancelled request must still get its refund.
-            with anyio.CancelScope(shield=True):
-                await guard.settle(ticket, failed=True, reason=f"handler raised {type(exc).__name__}")
-        elif status < 500:
-            await guard.settle(ticket, failed=False, status=status)
-        raise
-    if not delivered:
-        # No answer at all, or a stream the client hung up on (Starlette stops it quietly).
-        reason = "client disconnected" if disconnected else "no response sent"
-        await guard.settle(ticket, failed=True, reason=reason)
-    elif status < 500:
-        await guard.settle(ticket, failed=False, status=status)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,13 +202,16 @@ class Rule:
     ``units``: a callable of the request whose number multiplies the price (seconds of
     video...). The middleware runs before the app has read the body, so it passes a
     Starlette ``HTTPConnection`` (path, query, headers), not the body; ``idempotency``: True, "required" or False for this
-    route (None: the guard's default); ``max_overage``: see ``Ticket.report_usage``.
+    route (None: the guard's default); ``max_overage``: see ``Ticket.report_usage``;
+    ``charge_client_errors``: keep the charge when the app answers 4xx (None: the guard's choice).
     """
 
     feature_key: str
     units: UnitsOf | None = None
     idempotency: IdempotencyMode | None = None
     max_overage: float | None = None
+    #: Keep the charge of a 4xx answer (None: the guard's ``charge_client_errors``).
+    charge_client_errors: bool | None = None
 
     def __post_init__(self) -> None:
         if self.idempotency not in (None, True, False, "required"):
@@ -225,7 +277,7 @@ class CreditGuardMiddleware:
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :] or "/"
             rule = self.match_rule(scope["method"], path)
-            if rule is not None:
+            if rule is not None and current_ticket(scope) is None:  # an outer guard's charge stands alone
                 body = None
                 if self.guard.idempotency_key_of(scope, rule.idempotency) is not None:
                     try:
@@ -243,6 +295,7 @@ class CreditGuardMiddleware:
                     idempotency=rule.idempotency,
                     body=body,
                     max_overage=rule.max_overage,
+                    charge_client_errors=rule.charge_client_errors,
                 )
                 if isinstance(outcome, Problem):
                     await send_problem(outcome, send)
@@ -254,4 +307,4 @@ class CreditGuardMiddleware:
         await self.app(scope, receive, send)
 
 
-__all__ = ["CreditGuardMiddleware", "Rule", "read_body", "run_charged", "send_problem", "send_replay"]
+__all__ = ["CreditGuardMiddleware", "Rule", "client_gone", "read_body", "run_charged", "send_problem", "send_replay"]

@@ -32,8 +32,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from . import problems
-from .asgi import Rule, run_charged
-from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
+from .asgi import Rule, client_gone, run_charged
+from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf, current_ticket
 from .idempotency import Replay
 from .problems import PROBLEM_CONTENT_TYPE, Problem
 
@@ -52,6 +52,7 @@ def requires_credits(
     units: UnitsOf | None = None,
     idempotency: IdempotencyMode | None = None,
     max_overage: float | None = None,
+    charge_client_errors: bool | None = None,
 ) -> Callable[[F], F]:
     """Charge ``feature_key``'s price before the handler runs; refund if it fails.
 
@@ -63,8 +64,19 @@ def requires_credits(
     the handler runs; the handler may ``current_ticket(request).report_usage(n)``.
     ``idempotency``: honour ``Idempotency-Key`` here (True / "required"; None follows
     the guard). ``max_overage``: how far above the reserve reported usage may be charged.
+    ``charge_client_errors``: keep the charge when the handler answers 4xx (None follows
+    the guard, which refunds them by default).
+
+    A request an outer guard already charged (a ``CreditGuardMiddleware`` rule, another
+    decorator) is not charged again: the handler runs under that charge.
     """
-    rule = Rule(feature_key, units=units, idempotency=idempotency, max_overage=max_overage)
+    rule = Rule(
+        feature_key,
+        units=units,
+        idempotency=idempotency,
+        max_overage=max_overage,
+        charge_client_errors=charge_client_errors,
+    )
 
     def decorate(fn: F) -> F:
         if _is_litestar(fn):
@@ -89,6 +101,7 @@ async def open_for(active: CreditGuard, rule: Rule, request: Any) -> Ticket | Pr
         idempotency=rule.idempotency,
         body=body,
         max_overage=rule.max_overage,
+        charge_client_errors=rule.charge_client_errors,
     )
     if isinstance(outcome, Ticket):
         state = scope.setdefault("state", {})
@@ -123,39 +136,61 @@ def guard_or_problem(explicit: CreditGuard | None, app: Any) -> CreditGuard | Pr
         )
 
 
-def is_failure(exc: BaseException) -> bool:
+def is_failure(exc: BaseException, ticket: Ticket | None = None) -> bool:
     """Whether an exception from a handler means the client did not get what it paid for.
 
-    An HTTP exception below 500 (Starlette's, FastAPI's, Litestar's: they carry an int
-    ``status_code``) is an answer, charged like a returned 4xx: the same rule the
-    middleware applies, where the framework has already turned it into a response.
-    Everything else, 5xx included, is a failure and is refunded.
+    An HTTP exception (Starlette's, FastAPI's, Litestar's: they carry an int
+    ``status_code``) is judged by its status like a returned response, the same rule the
+    middleware applies where the framework has already turned it into one: a 5xx, and a
+    4xx unless the route charges client errors, is refunded; below 400 it is charged.
+    Every other exception is a failure and is refunded.
     """
     status = getattr(exc, "status_code", None)
-    return not (isinstance(status, int) and status < 500)
+    if not isinstance(status, int):
+        return True
+    return ticket.fails(status) if ticket is not None else status >= 400
+
+
+async def call_plain(fn: Callable[..., Any], is_async: bool, args: Any, kwargs: Any) -> Any:
+    """Run a handler as it is (a sync one in a worker thread)."""
+    if is_async:
+        return await fn(*args, **kwargs)
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
 async def call_handler(
     guard: CreditGuard, ticket: Ticket, fn: Callable[..., Any], is_async: bool, args: Any, kwargs: Any
 ) -> Any:
-    """Run a paid handler (a sync one in a worker thread). If it raises, the charge is
-    settled first (refunded, unless it is an HTTP exception below 500: see ``is_failure``),
-    shielded so a cancelled request still gets its refund, and the exception carries the
-    credit headers on its way to the framework's error handler."""
+    """Run a paid handler. If it raises, the charge is settled first (refunded, or kept
+    for an HTTP exception whose status the route charges: see ``is_failure``), shielded
+    so a cancelled request still gets its refund, and the exception carries the credit
+    headers on its way to the framework's error handler."""
     try:
-        if is_async:
-            return await fn(*args, **kwargs)
-        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        return await call_plain(fn, is_async, args, kwargs)
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             await guard.settle(
                 ticket,
-                failed=is_failure(exc),
+                failed=is_failure(exc, ticket),
                 reason=f"handler raised {type(exc).__name__}",
                 status=getattr(exc, "status_code", None),
             )
         attach_credit_headers(exc, ticket)
         raise
+
+
+async def settle_returned_value(guard: CreditGuard, ticket: Ticket, status: int, receive: Any) -> bool:
+    """Settle now what a handler's plain value answered, when that is already decided:
+    refunded if its status fails or the client hung up while it ran (its framework would
+    send the answer into the void: servers drop it silently). True when settled here;
+    False leaves a kept charge to the caller (settled on delivery, or at once)."""
+    if ticket.fails(status):
+        await guard.settle(ticket, failed=True, reason=f"handler answered {status}", status=status)
+        return True
+    if receive is not None and await client_gone(receive):
+        await guard.settle(ticket, failed=True, reason="client disconnected", status=status)
+        return True
+    return False
 
 
 def attach_credit_headers(exc: BaseException, ticket: Ticket) -> None:
@@ -236,8 +271,14 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
     request_name = _param_of_type(signature, hints, HTTPConnection) or (
         "request" if "request" in signature.parameters and "request" not in hints else None
     )
-    response_name = _param_of_type(signature, hints, Response)
-    tasks_name = _param_of_type(signature, hints, BackgroundTasks)
+    # A handler already decorated (stacked decorators) declares ours: pass them through.
+    request_name = request_name or (_REQUEST_PARAM if _REQUEST_PARAM in signature.parameters else None)
+    response_name = _param_of_type(signature, hints, Response) or (
+        _RESPONSE_PARAM if _RESPONSE_PARAM in signature.parameters else None
+    )
+    tasks_name = _param_of_type(signature, hints, BackgroundTasks) or (
+        _TASKS_PARAM if _TASKS_PARAM in signature.parameters else None
+    )
     params = list(signature.parameters.values())
     extra = []
     if tasks_name is None:
@@ -262,6 +303,10 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             request = next((arg for arg in args if isinstance(arg, HTTPConnection)), None)
         if request is None:
             raise RuntimeError(f"requires_credits: {fn.__qualname__} was called without a request")
+        if current_ticket(request.scope) is not None:
+            # An outer guard (a middleware rule, another decorator) charged this request and
+            # settles it; charging here too would take the price twice.
+            return await call_plain(fn, is_async, args, kwargs)
         active = guard_or_problem(guard, request.app)
         if isinstance(active, Problem):
             return problem_response(active)
@@ -280,8 +325,10 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             or getattr(request.scope.get("route"), "status_code", None)
             or 200
         )
-        if status >= 500 or not _settle_on_delivery(active, outcome, request.scope, tasks, status):
-            await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
+        if not await settle_returned_value(
+            active, outcome, status, getattr(request, "receive", None)
+        ) and not _settle_on_delivery(active, outcome, request.scope, tasks, status):
+            await active.settle(outcome, failed=False, reason=f"handler answered {status}", status=status)
         if sub_response is not None:
             for name, value in outcome.headers():
                 sub_response.headers[name] = value

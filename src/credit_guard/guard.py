@@ -172,6 +172,13 @@ class Ticket:
     user_id: str | None = None
     #: Extra credits taken or refunded when usage was settled.
     adjustment: int = 0
+    #: Keep the charge when the app answers 4xx (by default a client error is refunded).
+    charge_client_errors: bool = False
+
+    def fails(self, status: int) -> bool:
+        """Whether an answer with this status is refunded: a 5xx always; a 4xx unless the
+        route charges client errors (users pay for results, not for being told no)."""
+        return status >= 500 or (status >= 400 and not self.charge_client_errors)
 
     def report_usage(self, units: int | float | Decimal | str) -> None:
         """Say what the request really used (seconds of video rendered, images made...).
@@ -237,6 +244,9 @@ class CreditGuard:
         low_balance_threshold: fire ``on_low_balance`` hooks when a charge takes a balance
             below this many credits.
         hook_timeout: seconds a hook may run before it is abandoned (and logged).
+        charge_client_errors: keep the charge when the app answers 4xx (a 404, a 422 for a
+            bad body, a 401/403 from its auth). Off by default: users pay for results, so a
+            4xx is refunded exactly like a 5xx. A route may choose otherwise.
     """
 
     def __init__(
@@ -267,6 +277,7 @@ class CreditGuard:
         max_overage: float = 0.0,
         low_balance_threshold: int | None = None,
         hook_timeout: float = 5.0,
+        charge_client_errors: bool = False,
     ) -> None:
         if idempotency not in (True, False, "required"):
             raise ValueError(f"idempotency must be True, False or 'required', got {idempotency!r}")
@@ -307,6 +318,7 @@ class CreditGuard:
         self.idempotency_max_request_body = idempotency_max_request_body
         self.max_overage = max_overage
         self.low_balance_threshold = low_balance_threshold
+        self.charge_client_errors = charge_client_errors
         self.hooks = HookDispatcher(timeout=hook_timeout)
         self.holds = HoldKeeper(
             self.store,
@@ -821,6 +833,7 @@ class CreditGuard:
         idempotency: IdempotencyMode | None = None,
         body: bytes | None = None,
         max_overage: float | None = None,
+        charge_client_errors: bool | None = None,
     ) -> Ticket | Problem | Replay:
         """Charge for one request before its handler runs, or return what to answer instead:
         a refusal (Problem) or an idempotent replay of the first response (Replay).
@@ -922,6 +935,7 @@ class CreditGuard:
                 idempotency_key=key,
                 recorder=ResponseRecorder(self.idempotency_max_body) if key is not None else None,
                 user_id=user_id,
+                charge_client_errors=self.charge_client_errors if charge_client_errors is None else charge_client_errors,
             )
         if result.error_code == "insufficient_credits":
             assert result.required is not None and result.remaining_credits is not None

@@ -7,7 +7,6 @@ and serialised without a session hanging off them.
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -136,12 +135,19 @@ _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 
 UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
 CONTROL_TEXT = "must not contain control characters (a terminal escape, a line break)"
+#: What a one-line label (a feature's name, a category) must not hold: characters a terminal
+#: or a table acts on instead of showing (C0 and C1 controls, line and paragraph separators,
+#: bidi embeddings, overrides and isolates). One class for the check and the OpenAPI pattern.
+LABEL_FORBIDDEN = r"\u0000-\u001f\u007f-\u009f\u2028-\u202e\u2066-\u2069"
+#: A label: not blank, and none of the above.
+LABEL_PATTERN = rf"^[^{LABEL_FORBIDDEN}]*[^\s{LABEL_FORBIDDEN}][^{LABEL_FORBIDDEN}]*$"
+_LABEL_FORBIDDEN_RE = re.compile(f"[{LABEL_FORBIDDEN}]")
 
 
 def has_control_characters(value: str) -> bool:
     """Whether a one-line label carries characters a terminal or a table would act on
     (escape sequences, line breaks, bidi overrides) instead of showing."""
-    return not value.isprintable() and any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in value)
+    return _LABEL_FORBIDDEN_RE.search(value) is not None
 
 
 def is_storable_text(value: str) -> bool:

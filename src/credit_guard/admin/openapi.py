@@ -17,12 +17,15 @@ from ..models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
     FEATURE_NAME_MAX,
+    LABEL_PATTERN,
     UsageGroup,
 )
 
 _REF = "#/components/schemas/"
-#: Not blank, and no NUL (PostgreSQL cannot store it).
-_TEXT = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
+#: A label: not blank, no NUL (PostgreSQL cannot store it) and no control characters.
+_TEXT = LABEL_PATTERN
+#: A filter on labels: not blank, no NUL (a label that cannot exist simply matches nothing).
+_FILTER = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
 _NO_NUL = r"^[^\u0000]*$"
 _WHEN = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}]}
 
@@ -197,7 +200,7 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
                 "summary": "List pricing, active or not",
                 "tags": admin,
                 "parameters": [
-                    _query("category", "Only this category.", {"type": "string", "minLength": 1, "pattern": _TEXT}),
+                    _query("category", "Only this category.", {"type": "string", "minLength": 1, "pattern": _FILTER}),
                     _query(
                         "active",
                         "Only active (true) or inactive (false) pricing.",

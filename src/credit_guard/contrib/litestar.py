@@ -25,8 +25,8 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.utils.scope.state import ScopeState
 
 from ..asgi import Rule
-from ..decorator import call_handler, guard_or_problem, open_for
-from ..guard import CreditGuard, IdempotencyMode, UnitsOf
+from ..decorator import call_handler, call_plain, guard_or_problem, open_for, settle_returned_value
+from ..guard import CreditGuard, IdempotencyMode, UnitsOf, current_ticket
 from ..idempotency import Replay
 from ..problems import PROBLEM_CONTENT_TYPE, Problem
 
@@ -73,6 +73,15 @@ def _answer(request: Request[Any, Any, Any], response: Response[Any]) -> Respons
     raise CreditAnswer(response)
 
 
+def _as_response(request: Request[Any, Any, Any], result: Any) -> Response[Any]:
+    """A handler's answer as a Response (the wrapper declares it returns one): a plain
+    value gets the route's own status code and media type."""
+    if isinstance(result, Response):
+        return result
+    handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]
+    return Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
+
+
 def _declared_return(fn: Callable[..., Any]) -> Any:
     """The handler's declared return type, resolved, when it is a plain value type (not a
     Response already, and resolvable now); None leaves the annotation as it is."""
@@ -95,12 +104,19 @@ def requires_credits(
     units: UnitsOf | None = None,
     idempotency: IdempotencyMode | None = None,
     max_overage: float | None = None,
+    charge_client_errors: bool | None = None,
 ) -> Callable[[F], F]:
     """Charge ``feature_key``'s price before a Litestar handler runs; refund if it fails.
 
     Options as for ``credit_guard.requires_credits``.
     """
-    rule = Rule(feature_key, units=units, idempotency=idempotency, max_overage=max_overage)
+    rule = Rule(
+        feature_key,
+        units=units,
+        idempotency=idempotency,
+        max_overage=max_overage,
+        charge_client_errors=charge_client_errors,
+    )
 
     def decorate(fn: F) -> F:
         return decorate_litestar(fn, rule, guard)
@@ -123,6 +139,8 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
+        if current_ticket(request.scope) is not None:  # an outer guard charged it and settles it
+            return _as_response(request, await call_plain(fn, is_async, args, kwargs))
         active = guard_or_problem(guard, request.app)
         if isinstance(active, Problem):
             return _answer(request, problem_response(active))
@@ -140,12 +158,10 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
                 },
             )
             return _answer(request, replay)
-        result = await call_handler(active, outcome, fn, is_async, args, kwargs)
-        if not isinstance(result, Response):
-            handler: HTTPRouteHandler = request.scope["route_handler"]  # type: ignore[assignment]
-            result = Response(content=result, status_code=handler.status_code, media_type=handler.media_type)
+        result = _as_response(request, await call_handler(active, outcome, fn, is_async, args, kwargs))
         status = result.status_code or 200
-        await active.settle(outcome, failed=status >= 500, reason=f"handler answered {status}", status=status)
+        if not await settle_returned_value(active, outcome, status, request.receive):
+            await active.settle(outcome, failed=False, reason=f"handler answered {status}", status=status)
         for name, value in outcome.headers():
             result.headers[name] = value
         return result

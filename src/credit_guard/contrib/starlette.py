@@ -23,12 +23,19 @@ def requires_credits(
     units: UnitsOf | None = None,
     idempotency: IdempotencyMode | None = None,
     max_overage: float | None = None,
+    charge_client_errors: bool | None = None,
 ) -> Callable[[F], F]:
     """Charge ``feature_key``'s price before a Starlette/FastAPI handler runs; refund if it fails.
 
     Options as for ``credit_guard.requires_credits``.
     """
-    rule = Rule(feature_key, units=units, idempotency=idempotency, max_overage=max_overage)
+    rule = Rule(
+        feature_key,
+        units=units,
+        idempotency=idempotency,
+        max_overage=max_overage,
+        charge_client_errors=charge_client_errors,
+    )
 
     def decorate(fn: F) -> F:
         return decorate_starlette(fn, rule, guard)
