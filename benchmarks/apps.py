@@ -41,7 +41,7 @@ from credit_guard import (
     Rule,
     requires_credits,
 )
-from credit_guard.pgcharge import asyncpg_dsn
+from credit_guard._storage.postgres import asyncpg_dsn
 from credit_guard.schema import accounts, feature_pricing, ledger
 
 FEATURE = "bench_feature"

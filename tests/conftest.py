@@ -42,7 +42,7 @@ def _probe_postgres() -> str | None:
     """None once this run's database exists, else why it could not be made."""
     import asyncpg
 
-    from credit_guard.pgcharge import asyncpg_dsn
+    from credit_guard._storage.postgres import asyncpg_dsn
 
     async def create() -> None:
         conn = await asyncpg.connect(asyncpg_dsn(PG_SERVER_URL), timeout=3)
@@ -70,7 +70,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     import asyncpg
 
-    from credit_guard.pgcharge import asyncpg_dsn
+    from credit_guard._storage.postgres import asyncpg_dsn
 
     async def drop() -> None:
         conn = await asyncpg.connect(asyncpg_dsn(PG_SERVER_URL), timeout=5)

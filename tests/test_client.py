@@ -34,8 +34,9 @@ from credit_guard.client import (
     NoOrganization,
     credits_of,
 )
+from credit_guard.contrib.starlette import requires_credits
 
-from .conftest import reset_postgres
+from .conftest import reset_postgres, seed_prices
 from .test_middleware import ORG, DemoAuth
 from .test_outage import Outage
 
@@ -179,10 +180,14 @@ async def app_error(request: Request) -> JSONResponse:
 
 
 def hook_app(guard: CreditGuard) -> DemoAuth:
+    async def paid(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
     app = Starlette(
         routes=[
             Route("/app-problem", app_problem),
             Route("/app-error", app_error),
+            Route("/paid", requires_credits("seedream_text_to_image", guard=guard)(paid), methods=["POST"]),
             Mount("/api/credits", credit_endpoints(guard)),
         ]
     )
@@ -219,12 +224,17 @@ def test_install_is_idempotent() -> None:
 async def test_ledger_outage_raises_credits_unavailable_with_retry_after(db_url: str) -> None:
     async with Outage(db_url) as o, CreditGuard(db_url) as direct:
         await direct.create_schema()
+        if direct.engine.dialect.name == "postgresql":
+            await reset_postgres(direct)
+        await seed_prices(direct)
+        await direct.grant_credits("org_1", 10)
         async with CreditGuard(o.url, timeout=0.5, retry_after=9) as guard:
             tracker = CreditTracker()
             async with tracked(tracker, guard) as api:
                 await o.down()
                 with pytest.raises(CreditsUnavailable) as down:
-                    await api.get("/api/credits/balance")
+                    # A charge: on SQLite (WAL) reads never wait for the held write lock.
+                    await api.post("/paid")
                 await o.up()
     assert (down.value.status, down.value.retry_after) == (503, 9)
 

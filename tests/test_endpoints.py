@@ -252,6 +252,11 @@ async def test_database_down_answers_503_with_retry_after(db_url: str) -> None:
                 r = await c.get(f"{PREFIX}/balance", headers=ORG)
                 await o.up()
                 again = await c.get(f"{PREFIX}/balance", headers=ORG)
+    if db_url.startswith("sqlite"):
+        # SQLite's "outage" is another process holding the write lock: in WAL mode a read
+        # never waits for it, so the balance is still answered (charges are what wait).
+        assert (r.status_code, again.status_code) == (200, 200)
+        return
     problem(r, 503, TYPE_UNAVAILABLE)
     assert r.headers["retry-after"] == "9"
     conforms(r)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi import Request as FastAPIRequest
-from sqlalchemy import select
+from sqlalchemy import update
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -268,9 +268,10 @@ async def test_flush_waits_for_a_settlement_batch_in_flight(guard: CreditGuard, 
     assert r.charge_id is not None
     returned = False
     async with CreditGuard(db_url, sweep=False) as other, other.engine.connect() as conn:
-        tx = await conn.begin()  # on SQLite, BEGIN IMMEDIATE: the database's write lock
+        tx = await conn.begin()
+        # A write to the hold's row: its row lock on PostgreSQL, the database's write lock on SQLite.
         await conn.execute(
-            select(holds_table.c.charge_id).where(holds_table.c.charge_id == r.charge_id).with_for_update()
+            update(holds_table).where(holds_table.c.charge_id == r.charge_id).values(expires_at=holds_table.c.expires_at)
         )
         guard.holds.settle_later(r.charge_id)
         await anyio.sleep(0.3)  # the keeper's batch (after settle_delay) now waits on that lock

@@ -670,7 +670,7 @@ async def test_distinct_keys_racing_for_a_short_balance_overdraw_nothing_and_kee
     sequence) is the transaction SQLite always uses: on PostgreSQL both are raced."""
     await race_distinct_keys(iguard, "org_1")
     if iguard.engine.dialect.name == "postgresql":
-        iguard._charger._claims = False  # as if the ledger id had no sequence
+        iguard.store._claims = False  # type: ignore[attr-defined]  # as if the ledger id had no sequence
         await race_distinct_keys(iguard, "org_2")
 
 

@@ -75,6 +75,7 @@ async def test_database_down_fails_closed_with_503(outage: tuple[Outage, CreditG
         async with client(app) as c:
             ok = await c.post("/v1/images", headers=ORG)  # warms the pricing cache and the pools
             assert ok.status_code == 200
+            await guard.flush()  # its hold settled: only an outage could change the rows now
             before = await ledger_rows(direct)
             await o.down()
             down = await c.post("/v1/images", headers=ORG)

@@ -56,8 +56,8 @@ from credit_guard import (
     CreditGuard,
     CreditGuardMiddleware,
 )
+from credit_guard._storage.postgres import asyncpg_dsn
 from credit_guard.engine import build_engine
-from credit_guard.pgcharge import asyncpg_dsn
 
 from .conftest import PG_URL, PRICES, REQUIRE_PG, ledger_rows, pg_problem, reset_postgres, seed_prices
 from .pg_cluster import Cluster, ClusterUnavailable

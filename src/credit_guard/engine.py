@@ -75,7 +75,9 @@ def _make_sqlite_writers_queue(engine: AsyncEngine, *, busy_timeout: float) -> N
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Deferred: these connections read (WAL readers take no lock). The writes go
+        # through the process's one writer (``_storage/sqlite.py``), which begins IMMEDIATE.
+        conn.exec_driver_sql("BEGIN")
 
 
 def _treat_half_closed_as_disconnect(engine: AsyncEngine) -> None:

@@ -28,6 +28,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import problems
+from ._storage import open_store
+from ._storage.base import ChargeRequest, ClaimKind, ClaimOutcome, Completion, GrantStatus, KeyClaim, UsageSettlement
 from .engine import DEFAULT_DATABASE_URL, build_engine
 from .engine import database_url as _database_url
 from .errors import IdempotencyKeyReused, InvalidPricing, PricingNotFound, StorageUnavailable
@@ -70,7 +72,6 @@ from .notify import PricingNotifier
 from .pricing import PricingCache
 from .problems import Problem
 from .schema import MAX_BALANCE
-from .store import GrantStatus, IdempotentOutcome, SqlStore, UsageSettlement
 
 log = logging.getLogger("credit_guard")
 
@@ -293,14 +294,15 @@ class CreditGuard:
         else:
             url = engine.url
         self.engine = engine
-        self.store = SqlStore(engine, owns_engine=self._owns_engine)
+        self.store = open_store(
+            engine,
+            owns_engine=self._owns_engine,
+            timeout=timeout,
+            pg_pool_size=pg_pool_size,
+            **dict(asyncpg_pool_kwargs or {}),
+        )
         #: The event loop ``start()`` ran on; paid requests are refused on any other (see ``started``).
         self._started_on: asyncio.AbstractEventLoop | None = None
-        self._charger: Any = self.store
-        if url.drivername == "postgresql+asyncpg":
-            from .pgcharge import PgCharger
-
-            self._charger = PgCharger(url, pool_size=pg_pool_size, timeout=timeout, **dict(asyncpg_pool_kwargs or {}))
         self.pricing_cache = PricingCache(self._load_pricing, ttl=pricing_ttl, maxsize=pricing_cache_size)
         #: The cross-process invalidation of the pricing cache; None where there is none (SQLite).
         self.notifier: PricingNotifier | None = None
@@ -326,7 +328,6 @@ class CreditGuard:
             sweep_interval=sweep_interval if sweep_interval is not None else hold_timeout / 4,
             settle_delay=settle_delay,
             on_refund=self._refunded,
-            fast_settle=getattr(self._charger, "settle_holds", None) if self._charger is not self.store else None,
         )
         self.holds.sweeping = sweep
 
@@ -380,11 +381,8 @@ class CreditGuard:
         await self.hooks.close()
         if self.notifier is not None:
             await self.notifier.close()
-        if self._charger is not self.store:
-            await self._charger.close()
         self.pricing_cache.forget_loads()
-        if self._owns_engine:
-            await self.store.close()
+        await self.store.close()
 
     async def __aenter__(self) -> CreditGuard:
         """``async with CreditGuard(...) as guard``: started on entry, closed on exit."""
@@ -560,12 +558,12 @@ class CreditGuard:
             request_method=request_method,
             request_path=request_path,
         )
-        if outcome is None or outcome.kind in ("claimed", "insufficient"):
+        if outcome is None or outcome.kind in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
             return result
         assert idempotency_key is not None and outcome.stored is not None
-        if outcome.kind == "mismatch":
+        if outcome.kind is ClaimKind.MISMATCH:
             raise IdempotencyKeyReused(idempotency_key)
-        stored = json.loads(bytes(outcome.stored["response_body"] or b"{}")) if outcome.kind == "replay" else {}
+        stored = json.loads(bytes(outcome.stored["response_body"] or b"{}")) if outcome.kind is ClaimKind.REPLAY else {}
         return DeductionResult(
             success=True,
             remaining_credits=stored.get("remaining_credits"),
@@ -586,7 +584,7 @@ class CreditGuard:
         hold: bool,
         request_method: str | None,
         request_path: str | None,
-    ) -> tuple[DeductionResult, IdempotentOutcome | None]:
+    ) -> tuple[DeductionResult, ClaimOutcome | None]:
         """The one deduction every path takes; ``idempotency`` is (key, fingerprint, finish_now)."""
         _check_org(organization_id)
         if user_id is not None and (not isinstance(user_id, str) or not is_storable_text(user_id)):
@@ -612,45 +610,27 @@ class CreditGuard:
         user_id = user_id[:USER_ID_MAX] if user_id else user_id
         request_path = _storable(request_path[:REQUEST_PATH_MAX]) if request_path else request_path
         hold_until = self.holds.hold_until() if hold else None
-        outcome: IdempotentOutcome | None = None
+        outcome: ClaimOutcome | None = None
+        request = ChargeRequest(
+            organization_id, credits, feature_key, user_id, request_method, request_path, hold_until=hold_until
+        )
         if idempotency is None:
-            charge_id, balance = await self._charger.deduct(
-                organization_id,
-                credits,
-                feature_key=feature_key,
-                user_id=user_id,
-                request_method=request_method,
-                request_path=request_path,
-                hold_until=hold_until,
-            )
+            charged = await self.store.charge(request)
+            charge_id, balance = charged.charge_id, charged.balance
         else:
             key, fingerprint, finish_now = idempotency
             now = utcnow()
-            claim: dict[str, Any] = {
-                "now": now,
-                "locked_until": hold_until or self.holds.hold_until(),
-                "expires_at": now + timedelta(seconds=self.idempotency_ttl),
-                "feature_key": feature_key,
-                "user_id": user_id,
-                "request_method": request_method,
-                "request_path": request_path,
-                "hold_until": hold_until,
-            }
-            # PostgreSQL's one-statement claim covers paid requests; a free feature, or the
-            # engine API's immediate answer (finish_now), takes the transaction.
-            if (
-                credits > 0
-                and not finish_now
-                and self._charger is not self.store
-                and await self._charger.supports_claims()
-            ):
-                outcome = await self._charger.claim_and_deduct(organization_id, key, fingerprint, credits, **claim)
-            else:
-                outcome = await self.store.claim_and_deduct(
-                    organization_id, key, fingerprint, credits, finish_now=finish_now, **claim
-                )
-            if outcome.kind not in ("claimed", "insufficient"):
-                return DeductionResult(success=False, error=f"idempotency key {outcome.kind}"), outcome
+            claim = KeyClaim(
+                key,
+                fingerprint,
+                now,
+                locked_until=hold_until or self.holds.hold_until(),
+                expires_at=now + timedelta(seconds=self.idempotency_ttl),
+                finish_now=finish_now,
+            )
+            outcome = await self.store.claim_and_charge(request, claim)
+            if outcome.kind not in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
+                return DeductionResult(success=False, error=f"idempotency key {outcome.kind.value}"), outcome
             charge_id, balance = outcome.charge_id, outcome.balance
         if charge_id is None and credits == 0:
             # A free feature for an organization that has no account yet: nothing to take.
@@ -904,7 +884,7 @@ class CreditGuard:
                     request_method=scope.get("method"),
                     request_path=scope.get("path"),
                 )
-                if attempt or outcome is None or outcome.kind != "running":
+                if attempt or outcome is None or outcome.kind is not ClaimKind.RUNNING:
                     break
                 assert key is not None
                 await self._await_finished_response(organization_id, key)
@@ -913,12 +893,12 @@ class CreditGuard:
                 log.warning("credit_guard: database down, %r served FREE (fail_open=True)", feature_key)
                 return Ticket(feature_key, organization_id, 0, None, None)
             return problems.unavailable(self.retry_after)
-        if outcome is not None and outcome.kind not in ("claimed", "insufficient"):
+        if outcome is not None and outcome.kind not in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
             assert key is not None and outcome.stored is not None
-            if outcome.kind == "replay":
+            if outcome.kind is ClaimKind.REPLAY:
                 log.info("credit_guard: replayed %r for %s (not charged again)", key, organization_id)
                 return Replay.from_stored(outcome.stored)
-            if outcome.kind == "running":
+            if outcome.kind is ClaimKind.RUNNING:
                 return problems.idempotency_conflict(key, retry_after=1)
             return problems.idempotency_mismatch(key)
         if result.success:
@@ -983,13 +963,13 @@ class CreditGuard:
                 # The adapter never saw the bytes on the wire (a handler returning a plain
                 # value, serialised later by its framework): replay status only.
                 recorder = ResponseRecorder(0, status=status or 200, overflow=True)
-            completion = {
-                "organization_id": ticket.organization_id,
-                "idempotency_key": ticket.idempotency_key,
+            completion = Completion(
+                ticket.organization_id,
+                ticket.idempotency_key,
                 # The TTL runs from the answer, so a long request's key does not die young.
-                "expires_at": utcnow() + timedelta(seconds=self.idempotency_ttl),
+                expires_at=utcnow() + timedelta(seconds=self.idempotency_ttl),
                 **recorder.stored(),
-            }
+            )
         charge_id = ticket.charge_id
         if charge_id is not None and ticket.used_units is not None:
             used = cost_of(ticket.unit_price, ticket.used_units)

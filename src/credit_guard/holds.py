@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+from ._storage.base import Completion, Store
 from .errors import StorageUnavailable
 from .models import RefundResult
-from .store import SqlStore
 
 log = logging.getLogger("credit_guard")
 
@@ -41,18 +40,15 @@ class HoldKeeper:
 
     def __init__(
         self,
-        store: SqlStore,
+        store: Store,
         *,
         hold_timeout: float,
         sweep_interval: float,
         settle_delay: float,
         on_refund: Callable[[RefundResult, int, str], None],
-        fast_settle: Callable[[list[int]], Awaitable[set[int]]] | None = None,
         sweep_limit: int = 500,
     ) -> None:
         self.store = store
-        #: PostgreSQL's one-statement settlement (pgcharge.py); None elsewhere.
-        self._fast_settle = fast_settle
         self.hold_timeout = hold_timeout
         self.sweep_interval = sweep_interval
         self.settle_delay = settle_delay
@@ -61,8 +57,8 @@ class HoldKeeper:
         #: Charge ids of this process's requests still running (the heartbeat keeps them).
         self.live: set[int] = set()
         self._pending: set[int] = set()
-        self._completions: list[Mapping[str, Any]] = []
-        self._writing: list[Mapping[str, Any]] = []  # the completions of the batch in flight
+        self._completions: list[Completion] = []
+        self._writing: list[Completion] = []  # the completions of the batch in flight
         # Loop-bound: made on the loop that runs the keeper (``_bind``), dropped by close(),
         # so a guard closed and started again on a new event loop gets fresh ones.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -84,7 +80,7 @@ class HoldKeeper:
         self.live.discard(charge_id)
         self._pending.discard(charge_id)
 
-    def settle_later(self, charge_id: int | None, completion: Mapping[str, Any] | None = None) -> None:
+    def settle_later(self, charge_id: int | None, completion: Completion | None = None) -> None:
         """Queue a hold as kept (and an idempotent response to store); returns at once."""
         if charge_id is not None:
             self.live.discard(charge_id)
@@ -98,7 +94,7 @@ class HoldKeeper:
     def has_completion(self, organization_id: str, idempotency_key: str) -> bool:
         """Whether this key's finished response is queued here, or in the batch being written."""
         return any(
-            done["organization_id"] == organization_id and done["idempotency_key"] == idempotency_key
+            done.organization_id == organization_id and done.idempotency_key == idempotency_key
             for done in (*self._completions, *self._writing)
         )
 
@@ -189,10 +185,7 @@ class HoldKeeper:
         completions, self._completions = self._completions, []
         self._writing = completions
         try:
-            if completions or self._fast_settle is None:
-                settled = await self.store.settle_holds(sorted(ids), completions)
-            else:
-                settled = await self._fast_settle(sorted(ids))
+            settled = await self.store.settle_holds(sorted(ids), completions)
         except BaseException:
             self._pending |= ids
             self._completions = completions + self._completions

@@ -39,7 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .pgcharge import asyncpg_dsn
+from ._storage.postgres import asyncpg_dsn
 from .pricing import PricingCache
 
 log = logging.getLogger("credit_guard")

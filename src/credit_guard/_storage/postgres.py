@@ -1,11 +1,11 @@
-"""PostgreSQL's deduction in one round trip, on a dedicated asyncpg pool.
+"""PostgreSQL: the hot statements in one round trip each, on a dedicated asyncpg pool.
 
 Why not through SQLAlchemy: checking a connection out of SQLAlchemy's pool adds a BEGIN
 and, on return, a ROLLBACK round trip; measured on this project's machine that cut the
-throughput of the very same statement to 0.3x. The deduction is the only statement on
-every guarded request, so it gets its own pool and is sent as ONE statement with no
-explicit transaction: PostgreSQL runs it atomically (the CTE's UPDATE and INSERT commit
-together or not at all).
+throughput of the very same statement to 0.3x. The charge is the only statement on every
+guarded request, so it gets its own pool and is sent as ONE statement with no explicit
+transaction: PostgreSQL runs it atomically (the CTE's UPDATE and INSERTs commit together
+or not at all). Everything else is ``SqlStore``'s, through SQLAlchemy.
 
 Correctness: under READ COMMITTED a concurrent UPDATE waits for the row lock and then
 re-checks ``balance >= cost`` against the committed row, so no interleaving overdraws.
@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import asyncpg
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .errors import StorageUnavailable
-from .schema import accounts, holds, idempotency_keys, ledger
-from .store import IdempotentOutcome
+from ..errors import StorageUnavailable
+from ..schema import accounts, holds, idempotency_keys, ledger
+from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
+from .sql import SqlStore
 
 log = logging.getLogger("credit_guard")
 
@@ -113,16 +115,26 @@ def asyncpg_dsn(url: str | URL) -> str:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Used as the pool's ``reset``: asyncpg's default sends ``RESET ALL; UNLISTEN *; ...``
-    on every release, a second round trip per deduction (measured: 2.00 -> 1.00 per
+    on every release, a second round trip per charge (measured: 2.00 -> 1.00 per
     request). The pool's connections run only this module's statements, which leave no
     session state behind; asyncpg still rolls back an open transaction before calling this."""
 
 
-class PgCharger:
-    """Owns the asyncpg pool; the pool is opened on first use so constructors stay sync."""
+class PostgresStore(SqlStore):
+    """``SqlStore`` with the charge, the keyed charge and the batched settlement sent on
+    an asyncpg pool of its own (opened on first use, on the loop that uses it)."""
 
-    def __init__(self, url: str | URL, *, pool_size: int = 10, timeout: float = 5.0, **pool_kwargs: Any) -> None:
-        self._dsn = asyncpg_dsn(url)
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        owns_engine: bool = True,
+        pool_size: int = 10,
+        timeout: float = 5.0,
+        **pool_kwargs: Any,
+    ) -> None:
+        super().__init__(engine, owns_engine=owns_engine)
+        self._dsn = asyncpg_dsn(engine.url)
         # An asyncpg pool belongs to the loop that made it: ``_pool_loop`` tells whether the
         # running loop may use it (a guard started again on a new loop makes a new pool).
         self._pool: asyncpg.Pool | None = None
@@ -163,51 +175,62 @@ class PgCharger:
             except Exception:  # its loop is closed: the sockets die with the process
                 pass
 
-    async def deduct(
-        self,
-        organization_id: str,
-        credits: int,
-        *,
-        feature_key: str,
-        user_id: str | None,
-        request_method: str | None,
-        request_path: str | None,
-        hold_until: datetime | None = None,
-    ) -> tuple[int | None, int]:
-        """Same contract as ``SqlStore.deduct``: (charge_id, balance_after) or (None, available)."""
+    async def close(self) -> None:
+        """Close the pool (the next use, on any loop, opens a new one) and the engine's."""
+        if self._pool is not None and self._pool_loop is not asyncio.get_running_loop():
+            self._abandon()
+        elif self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+        self._pool_loop = self._lock = None
+        await super().close()
+
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        """One statement, one round trip (two only when short and the balance moved meanwhile)."""
         try:
-            pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
+            pool = (
+                self._pool
+                if self._pool_loop is asyncio.get_running_loop() and self._pool is not None
+                else await self._get_pool()
+            )
             # asyncio.timeout rather than acquire(timeout=): before Python 3.12 asyncpg
             # implements the latter with asyncio.wait_for, which creates a Task per call.
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
             try:
                 row = await conn.fetchrow(
-                    _DEDUCT, organization_id, credits, feature_key, user_id, request_method, request_path, hold_until
+                    _DEDUCT,
+                    request.organization_id,
+                    request.credits,
+                    request.feature_key,
+                    request.user_id,
+                    request.request_method,
+                    request.request_path,
+                    request.hold_until,
                 )
                 assert row is not None
                 charge_id, balance_after, available = row
                 if charge_id is not None:
-                    return int(charge_id), int(balance_after)
+                    return ChargeOutcome(int(charge_id), int(balance_after))
                 available = int(available or 0)
-                if available >= credits:
+                if available >= request.credits:
                     # The scalar read saw the statement's snapshot, taken before we waited on
                     # a racing charge; read the committed balance so a 402 never says "enough".
-                    available = int(await conn.fetchval(_BALANCE, organization_id) or 0)
-                return None, available
+                    available = int(await conn.fetchval(_BALANCE, request.organization_id) or 0)
+                return ChargeOutcome(None, available)
             finally:
                 await pool.release(conn)
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL deduction failed: %s", exc, exc_info=exc)
+            log.error("credit_guard: PostgreSQL charge failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
 
-    async def supports_claims(self) -> bool:
-        """Whether the ledger's id comes from a sequence this statement can draw from (a
-        table created by ``create_schema`` or the documented migration has one); if not,
-        the engine falls back to the multi-statement transaction."""
+    async def _supports_claims(self) -> bool:
+        """Whether the ledger's id comes from a sequence the one-statement claim can draw
+        from (a table created by ``create_schema`` or the documented migration has one);
+        if not, keyed charges take ``SqlStore``'s transaction."""
         if self._claims is None:
             try:
-                pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
+                pool = await self._get_pool()
                 async with asyncio.timeout(self._timeout):
                     self._claims = bool(await pool.fetchval(_HAS_SEQUENCE))
             except _UNAVAILABLE as exc:
@@ -216,26 +239,14 @@ class PgCharger:
                 log.warning("credit_guard: %s.id has no sequence; idempotent charges take the slower path", ledger.name)
         return self._claims
 
-    async def claim_and_deduct(
-        self,
-        organization_id: str,
-        idempotency_key: str,
-        fingerprint: str,
-        credits: int,
-        *,
-        now: datetime,
-        locked_until: datetime,
-        expires_at: datetime,
-        feature_key: str,
-        user_id: str | None,
-        request_method: str | None,
-        request_path: str | None,
-        hold_until: datetime | None,
-    ) -> IdempotentOutcome:
-        """``SqlStore.claim_and_deduct`` for a paid feature, in one round trip when the key is
-        free (two when it is taken: the stored row is read, or the balance when short)."""
+    async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+        """The keyed charge in one round trip when the key is free (two when it is taken:
+        the stored row is read, or the balance when short). A free feature, or the engine
+        API's immediate answer (``finish_now``), takes ``SqlStore``'s transaction."""
+        if request.credits <= 0 or claim.finish_now or not await self._supports_claims():
+            return await super().claim_and_charge(request, claim)
         try:
-            pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
+            pool = await self._get_pool()
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
             try:
@@ -243,45 +254,49 @@ class PgCharger:
                     try:
                         row = await conn.fetchrow(
                             _CLAIM_AND_DEDUCT,
-                            organization_id,
-                            credits,
-                            feature_key,
-                            user_id,
-                            request_method,
-                            request_path,
-                            hold_until,
-                            idempotency_key,
-                            fingerprint,
-                            locked_until,
-                            expires_at,
-                            now,
+                            request.organization_id,
+                            request.credits,
+                            request.feature_key,
+                            request.user_id,
+                            request.request_method,
+                            request.request_path,
+                            request.hold_until,
+                            claim.key,
+                            claim.fingerprint,
+                            claim.locked_until,
+                            claim.expires_at,
+                            claim.now,
                         )
                     except asyncpg.DivisionByZeroError:
                         # Claimed but short: the statement was aborted, the key left free.
-                        balance = await conn.fetchval(_BALANCE, organization_id)
-                        return IdempotentOutcome("insufficient", balance=int(balance or 0))
+                        balance = await conn.fetchval(_BALANCE, request.organization_id)
+                        return ClaimOutcome(ClaimKind.INSUFFICIENT, balance=int(balance or 0))
                     assert row is not None
                     if row["claimed"]:
-                        return IdempotentOutcome(
-                            "claimed", charge_id=int(row["charge_id"]), balance=int(row["balance_after"])
+                        return ClaimOutcome(
+                            ClaimKind.CLAIMED, charge_id=int(row["charge_id"]), balance=int(row["balance_after"])
                         )
-                    stored = await conn.fetchrow(_KEY_ROW, organization_id, idempotency_key)
+                    stored = await conn.fetchrow(_KEY_ROW, request.organization_id, claim.key)
                     if stored is None:
                         continue  # freed (refunded) between the two statements: claim it again
-                    return IdempotentOutcome.for_taken(stored, fingerprint)
+                    return ClaimOutcome.for_taken(stored, claim.fingerprint)
                 # Freed and retaken three times in a row: as busy as can be, say so.
-                return IdempotentOutcome("running", stored={})
+                return ClaimOutcome(ClaimKind.RUNNING, stored={})
             finally:
                 await pool.release(conn)
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL idempotent deduction failed: %s", exc, exc_info=exc)
+            log.error("credit_guard: PostgreSQL idempotent charge failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
 
-    async def settle_holds(self, charge_ids: list[int]) -> set[int]:
-        """Close many holds as kept in ONE statement on this pool (no BEGIN/COMMIT): the
-        batched settlement costs one round trip per batch, not three."""
+    async def settle_holds(self, charge_ids: Sequence[int], completions: Sequence[Completion] = ()) -> set[int]:
+        """Holds alone are closed in ONE statement on the pool (no BEGIN/COMMIT): one round
+        trip per batch, not three. Stored responses take SQLAlchemy's pipelined executemany."""
+        if completions:
+            return await super().settle_holds(charge_ids, completions)
+        if not charge_ids:
+            return set()
         try:
-            pool = self._pool if self._pool_loop is asyncio.get_running_loop() and self._pool is not None else await self._get_pool()
+            pool = await self._get_pool()
             async with asyncio.timeout(self._timeout):
                 conn = await pool.acquire()
             try:
@@ -294,12 +309,3 @@ class PgCharger:
             log.error("credit_guard: PostgreSQL settlement failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
         return {int(row[0]) for row in rows}
-
-    async def close(self) -> None:
-        """Close the pool; the next use (on any loop) opens a new one."""
-        if self._pool is not None and self._pool_loop is not asyncio.get_running_loop():
-            self._abandon()
-        elif self._pool is not None:
-            pool, self._pool = self._pool, None
-            await pool.close()
-        self._pool_loop = self._lock = None

@@ -1,0 +1,188 @@
+"""The storage interface the money services talk to, and the typed results it returns.
+
+One ``Store`` protocol, implemented by the SQLAlchemy store (``sql.py``) for every
+dialect; SQLite sends its writes through one writer thread per process (``sqlite.py``),
+PostgreSQL overrides only its hot statements with asyncpg (``postgres.py``). Nothing
+here knows a web framework, and nothing above it writes SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ..models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeRequest:
+    """One charge to decide: ``credits`` taken only if the balance covers them."""
+
+    organization_id: str
+    credits: int
+    feature_key: str
+    user_id: str | None = None
+    request_method: str | None = None
+    request_path: str | None = None
+    #: The charge is a hold until then (the sweeper refunds it after, unless settled first).
+    hold_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeOutcome:
+    """``charge_id`` is None when the balance was short; ``balance`` is after the charge,
+    or what was available (0 for an organization without an account)."""
+
+    charge_id: int | None
+    balance: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyClaim:
+    """An idempotency key to claim in the same transaction as its charge."""
+
+    key: str
+    fingerprint: str
+    now: datetime
+    #: A running key whose lock ran out belonged to a process that died: it may be taken over.
+    locked_until: datetime
+    expires_at: datetime
+    #: Complete the key at once with the charge as its stored answer (the engine API).
+    finish_now: bool = False
+
+
+class ClaimKind(enum.Enum):
+    #: The key is ours: charged (or free).
+    CLAIMED = "claimed"
+    #: The balance was short: nothing written, the key stays free.
+    INSUFFICIENT = "insufficient"
+    #: The key's request finished: answer with its stored response.
+    REPLAY = "replay"
+    #: The key's request is still running.
+    RUNNING = "running"
+    #: The key was used for another request.
+    MISMATCH = "mismatch"
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    """What claiming an idempotency key led to; ``stored`` is the key's row when it was taken."""
+
+    kind: ClaimKind
+    charge_id: int | None = None
+    balance: int = 0
+    stored: Mapping[str, Any] | None = None
+
+    @classmethod
+    def for_taken(cls, row: Mapping[Any, Any], fingerprint: str) -> ClaimOutcome:
+        """What a key someone else holds means for this request."""
+        stored = dict(row)
+        if stored["fingerprint"] != fingerprint:
+            return cls(ClaimKind.MISMATCH, stored=stored)
+        return cls(ClaimKind.REPLAY if stored["state"] == "done" else ClaimKind.RUNNING, stored=stored)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished idempotent request's response, stored for replays with its hold's settlement."""
+
+    organization_id: str
+    idempotency_key: str
+    status_code: int
+    response_headers: str
+    response_body: bytes | None
+    body_stored: bool
+    expires_at: datetime
+
+
+class GrantStatus(enum.Enum):
+    GRANTED = "granted"
+    #: The idempotency key was used before: nothing was written this time.
+    ALREADY_GRANTED = "already_granted"
+    #: The grant would take the balance past ``MAX_BALANCE``: nothing was written.
+    OVER_LIMIT = "over_limit"
+
+
+@dataclass(frozen=True, slots=True)
+class GrantOutcome:
+    """What a grant did; ``amount`` is what the key's grant gave (this call's or the first one's)."""
+
+    status: GrantStatus
+    balance: int
+    entry_id: int | None = None
+    amount: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSettlement:
+    """What settling a hold at its reported usage moved."""
+
+    refunded: int = 0
+    extra: int = 0
+    balance: int | None = None
+    organization_id: str | None = None
+    feature_key: str | None = None
+    user_id: str | None = None
+    refund_id: int | None = None
+
+
+class Store(Protocol):
+    """Every read and write of credit_guard's tables. Writes are atomic, and each money
+    decision is made by the database (a conditional statement), never by a value read
+    into Python first. Connectivity failures raise ``StorageUnavailable``."""
+
+    engine: AsyncEngine
+    dialect: str
+
+    async def create_schema(self) -> None: ...
+    async def close(self) -> None: ...
+
+    async def pricing_by_key(self, feature_key: str) -> FeaturePricing | None: ...
+    async def pricing_by_id(self, pricing_id: str) -> FeaturePricing | None: ...
+    async def list_pricing(
+        self, *, category: str | None = None, is_active: bool | None = None
+    ) -> list[FeaturePricing]: ...
+    async def create_pricing(self, fields: Mapping[str, Any]) -> FeaturePricing: ...
+    async def update_pricing(self, pricing_id: str, changes: Mapping[str, Any]) -> tuple[FeaturePricing, str]: ...
+    async def delete_pricing(self, pricing_id: str) -> FeaturePricing | None: ...
+    async def import_pricing(
+        self, rows: Sequence[Mapping[str, Any]], *, update_existing: bool = False
+    ) -> tuple[list[FeaturePricing], list[FeaturePricing]]: ...
+
+    async def grant(
+        self, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None = None
+    ) -> GrantOutcome: ...
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome: ...
+    async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome: ...
+    async def refund(
+        self,
+        charge_id: int,
+        reason: str | None = None,
+        *,
+        credits: int | None = None,
+        expired_before: datetime | None = None,
+    ) -> RefundResult: ...
+    async def settle_holds(self, charge_ids: Sequence[int], completions: Sequence[Completion] = ()) -> set[int]: ...
+    async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement: ...
+    async def extend_holds(self, charge_ids: Sequence[int], until: datetime) -> set[int]: ...
+    async def expired_holds(self, now: datetime, limit: int) -> list[int]: ...
+    async def open_holds(self, organization_id: str | None = None) -> list[int]: ...
+    async def release_key(self, organization_id: str, idempotency_key: str) -> None: ...
+    async def delete_expired_keys(self, now: datetime) -> int: ...
+
+    async def balance(self, organization_id: str) -> int: ...
+    async def audit(self) -> list[AuditIssue]: ...
+    async def usage(
+        self,
+        *,
+        group_by: UsageGroup = "day",
+        organization_id: str | None = None,
+        feature_key: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[UsageRow]: ...
