@@ -32,7 +32,13 @@ PRICING = [
 
 
 async def seed(guard: CreditGuard) -> None:
-    """Create the tables, the demo prices and fund the demo orgs once (idempotent)."""
+    """Create the tables and the demo prices, and fund the demo orgs once.
+
+    Every worker of ``uvicorn --workers 4`` runs this at startup, all at once: the schema
+    creation is safe to race, a price another worker created first is simply there, and
+    each grant carries an idempotency key, so it happens once whoever gets there first (a
+    check-then-grant would fund an org two or three times).
+    """
     await guard.create_schema()
     for key, name, category, credits, description in PRICING:
         try:
@@ -42,17 +48,7 @@ async def seed(guard: CreditGuard) -> None:
         except DuplicateFeature:
             pass
     for org, amount in DEMO_GRANTS.items():
-        if await guard.get_balance(org) == 0 and not await _has_history(guard, org):
-            await guard.grant_credits(org, amount, reason="demo funding")
-
-
-async def _has_history(guard: CreditGuard, org: str) -> bool:
-    from sqlalchemy import select
-
-    from credit_guard.schema import ledger
-
-    async with guard.engine.connect() as conn:
-        return (await conn.scalar(select(ledger.c.id).where(ledger.c.organization_id == org).limit(1))) is not None
+        await guard.grant_credits(org, amount, reason="demo funding", idempotency_key=f"demo-funding-{org}")
 
 
 #: DEMO: browsers cannot send X-API-Key when opening a page, so /demo/admin puts the admin

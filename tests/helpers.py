@@ -86,7 +86,7 @@ class UvicornServer:
             self.proc.wait()
 
     def __enter__(self) -> UvicornServer:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

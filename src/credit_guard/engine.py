@@ -38,13 +38,19 @@ def database_url(url: str | URL) -> URL:
     return parsed
 
 
-def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwargs: Any) -> AsyncEngine:
-    """An engine for ``url``; ``connect_timeout`` bounds every wait on the database.
+def build_engine(
+    url: str | URL, *, connect_timeout: float = 5.0, pool_size: int | None = None, **engine_kwargs: Any
+) -> AsyncEngine:
+    """An engine for ``url``; ``connect_timeout`` bounds every wait on the database, and
+    ``pool_size`` (when given) is the most connections its pool opens (no overflow).
 
-    On SQLite it is the busy timeout: how long a writer queues behind another before the
-    request fails closed with 503.
+    On SQLite it is also the busy timeout of its (reading) connections.
     """
     parsed = make_url(url)
+    if pool_size is not None and not (parsed.get_backend_name() == "sqlite" and _in_memory(parsed)):
+        engine_kwargs.setdefault("pool_size", pool_size)
+        engine_kwargs.setdefault("max_overflow", 0)
+        engine_kwargs.setdefault("pool_timeout", connect_timeout)
     if parsed.get_backend_name() == "sqlite":
         connect_args = {"timeout": connect_timeout, **engine_kwargs.pop("connect_args", {})}
         engine = create_async_engine(parsed, connect_args=connect_args, **engine_kwargs)
@@ -59,6 +65,10 @@ def build_engine(url: str | URL, *, connect_timeout: float = 5.0, **engine_kwarg
         _treat_half_closed_as_disconnect(engine)
         return engine
     return create_async_engine(parsed, **engine_kwargs)
+
+
+def _in_memory(url: URL) -> bool:
+    return (url.database or "") in ("", ":memory:") or "mode=memory" in (url.database or "")
 
 
 def _make_sqlite_writers_queue(engine: AsyncEngine, *, busy_timeout: float) -> None:

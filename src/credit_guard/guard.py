@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -203,6 +204,34 @@ class Ticket:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionBudget:
+    """The database connections one guard opens per process, by use."""
+
+    #: PostgreSQL's LISTEN connection for other processes' pricing changes.
+    listener: int
+    #: SQLAlchemy's pool: refunds, settlements, sweeps, admin and reads on PostgreSQL;
+    #: the readers on SQLite.
+    sqlalchemy: int
+    #: PostgreSQL's asyncpg pool: every charge, and the batched settlement.
+    asyncpg: int = 0
+    #: SQLite's one writing connection (``_storage/sqlite.py``).
+    writer: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.listener + self.sqlalchemy + self.asyncpg + self.writer
+
+    @classmethod
+    def of(cls, max_connections: int, url: URL, *, listens: bool, asyncpg: int | None = None) -> ConnectionBudget:
+        if url.get_backend_name() == "sqlite":
+            return cls(0, max(1, max_connections - 1), writer=1)
+        listener = 1 if listens else 0
+        rest = max_connections - listener
+        sqlalchemy = max(1, rest // 3)
+        return cls(listener, sqlalchemy, asyncpg if asyncpg is not None else max(1, rest - sqlalchemy))
+
+
 class CreditGuard:
     """Pay-per-use credits in front of an ASGI app; one instance per app and event loop.
 
@@ -222,8 +251,16 @@ class CreditGuard:
             answering 503. Off by default: an outage must not become free service.
         retry_after: seconds in the 503's ``Retry-After``.
         timeout: seconds to wait for the database before failing closed.
-        pg_pool_size / asyncpg_pool_kwargs: the asyncpg pool that carries deductions on
-            PostgreSQL (behind PgBouncer pass ``{"statement_cache_size": 0}``).
+        max_connections: the most database connections this guard opens per process (see
+            ``ConnectionBudget``): on PostgreSQL one listener for pricing changes, a third
+            of the rest for SQLAlchemy (refunds, settlements, admin) and the rest for the
+            asyncpg pool that carries the charges; on SQLite the readers' pool (the writes
+            have one connection of their own). 4 workers x 10 stays well inside
+            PostgreSQL's default ``max_connections=100``. An ``engine`` the app passes in
+            keeps its own pool.
+        asyncpg_pool_kwargs: options for that asyncpg pool (behind PgBouncer pass
+            ``{"statement_cache_size": 0}``).
+        pg_pool_size: deprecated; the asyncpg pool's size (default: from ``max_connections``).
         pricing_notify: on PostgreSQL, tell every other process sharing the database about
             each pricing write (LISTEN/NOTIFY, see ``notify.py``) so none waits for its TTL.
             Turn off behind PgBouncer's transaction pooling, which cannot carry LISTEN.
@@ -264,7 +301,8 @@ class CreditGuard:
         retry_after: int = 5,
         timeout: float = 5.0,
         refund_attempts: int = 4,
-        pg_pool_size: int = 10,
+        max_connections: int = 10,
+        pg_pool_size: int | None = None,
         asyncpg_pool_kwargs: Mapping[str, Any] | None = None,
         pricing_notify: bool = True,
         hold_timeout: float = 120.0,
@@ -286,19 +324,31 @@ class CreditGuard:
             raise ValueError("hold_timeout and sweep_interval must be positive")
         if not 0 <= max_overage <= 100:
             raise ValueError(f"max_overage must be a share of the reserve from 0 to 100, got {max_overage!r}")
+        if not isinstance(max_connections, int) or max_connections < 3:
+            raise ValueError(f"max_connections must be an integer of at least 3, got {max_connections!r}")
+        if pg_pool_size is not None:
+            warnings.warn(
+                "pg_pool_size is deprecated: pass max_connections, the one budget for every connection",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         # An engine handed in belongs to the app: close() must leave it open.
         self._owns_engine = engine is None
+        url = engine.url if engine is not None else _database_url(
+            database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
+        )
+        #: How the connections of this process are shared out (see ``max_connections``).
+        self.connection_budget = budget = ConnectionBudget.of(
+            max_connections, url, listens=pricing_notify, asyncpg=pg_pool_size
+        )
         if engine is None:
-            url = _database_url(database_url or os.environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL)
-            engine = build_engine(url, connect_timeout=timeout)
-        else:
-            url = engine.url
+            engine = build_engine(url, connect_timeout=timeout, pool_size=budget.sqlalchemy)
         self.engine = engine
         self.store = open_store(
             engine,
             owns_engine=self._owns_engine,
             timeout=timeout,
-            pg_pool_size=pg_pool_size,
+            pg_pool_size=budget.asyncpg,
             **dict(asyncpg_pool_kwargs or {}),
         )
         #: The event loop ``start()`` ran on; paid requests are refused on any other (see ``started``).
