@@ -47,8 +47,8 @@ from credit_guard.schema import accounts, feature_pricing, ledger
 FEATURE = "bench_feature"
 ORG_HEADER = b"x-org"
 POOL_SIZE = 10  # the same for every hand-written variant that has a pool
-#: credit_guard at its default budget (10 per process: 6 asyncpg, 3 SQLAlchemy, 1 listener).
-MAX_CONNECTIONS = 10
+#: credit_guard at its default budget (12 per process: 9 asyncpg, 2 SQLAlchemy, 1 listener).
+MAX_CONNECTIONS = int(os.environ.get("BENCH_MAX_CONNECTIONS", "12"))
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -211,10 +211,14 @@ def _statement_counter(guard: CreditGuard) -> Route:
     def count(*_: Any, **__: Any) -> None:
         counts["statements"] += 1
 
-    sync_engine = guard.engine.sync_engine
-    event.listen(sync_engine, "before_cursor_execute", count)
-    event.listen(sync_engine, "commit", count)
-    event.listen(sync_engine, "rollback", count)
+    engines = [guard.engine.sync_engine]
+    writer = getattr(guard.store, "writer", None)  # SQLite's one writer has an engine of its own
+    if writer is not None:
+        engines.append(writer.engine)
+    for sync_engine in engines:
+        event.listen(sync_engine, "before_cursor_execute", count)
+        event.listen(sync_engine, "commit", count)
+        event.listen(sync_engine, "rollback", count)
 
     async def stats(request: Request) -> Response:
         return JSONResponse(counts)

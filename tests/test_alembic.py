@@ -185,3 +185,63 @@ def test_documented_env_generates_and_applies_a_migration_the_library_can_use(
             return await guard.get_balance("org_1"), int(again.refunded), await guard.audit()
 
     assert anyio.run(use_the_tables) == (10, 0, [])
+
+
+#: What docs/alembic.md tells an app that created its tables before grants had idempotency keys.
+GRANT_KEY_COLUMN = "idempotency_key"
+GRANT_KEY_UNIQUE = "uq_credit_guard_ledger_organization_id_idempotency_key"
+
+
+def _migrate(db: Db, steps: Any) -> None:
+    from alembic.operations import Operations
+
+    engine = create_engine(db.sync_url)
+    try:
+        with engine.begin() as conn:
+            steps(Operations(MigrationContext.configure(conn)))
+    finally:
+        engine.dispose()
+
+
+def test_upgrading_tables_made_before_grant_keys_keeps_every_balance(db: Db) -> None:
+    """Tables of the previous version (a ledger without ``idempotency_key``) holding money:
+    autogenerate finds exactly the new column and its unique constraint, the documented
+    batch migration adds them, and every balance and ledger row is kept."""
+    from sqlalchemy import String as SqlString
+
+    async def before() -> None:
+        async with CreditGuard(db.async_url) as guard:
+            await guard.create_schema()
+            await guard.create_pricing(feature_key="ping", feature_name="Ping", category="c", credits=3)
+            await guard.grant_credits("org_1", 10)
+            assert (await guard.deduct_credits("org_1", "ping")).success
+
+    anyio.run(before)
+
+    def downgrade(op: Any) -> None:  # back to the previous version's ledger
+        with op.batch_alter_table("credit_guard_ledger") as batch:
+            batch.drop_constraint(GRANT_KEY_UNIQUE, type_="unique")
+            batch.drop_column(GRANT_KEY_COLUMN)
+
+    _migrate(db, downgrade)
+    found = db.diffs(credit_guard_metadata)
+    assert sorted(diff[0] for diff in found) == ["add_column", "add_constraint"]
+
+    def upgrade(op: Any) -> None:  # the migration docs/alembic.md shows
+        import sqlalchemy as sa
+
+        with op.batch_alter_table("credit_guard_ledger") as batch:
+            batch.add_column(sa.Column(GRANT_KEY_COLUMN, SqlString(255), nullable=True))
+            batch.create_unique_constraint(GRANT_KEY_UNIQUE, ["organization_id", GRANT_KEY_COLUMN])
+
+    _migrate(db, upgrade)
+    assert db.diffs(credit_guard_metadata) == []
+
+    async def after() -> tuple[int, int, list[Any]]:
+        async with CreditGuard(db.async_url) as guard:
+            assert await guard.get_balance("org_1") == 7
+            for _ in range(2):
+                await guard.grant_credits("org_1", 5, idempotency_key="stripe-evt-1")
+            return await guard.get_balance("org_1"), len(await guard.open_holds()), await guard.audit()
+
+    assert anyio.run(after) == (12, 0, [])

@@ -22,7 +22,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import problems
-from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf, current_ticket
+from .guard import TICKET_SCOPE_KEY, CreditGuard, IdempotencyMode, Ticket, UnitsOf
 from .idempotency import Replay
 from .problems import Problem
 
@@ -94,7 +94,7 @@ async def client_gone(receive: Receive) -> bool:
         waiter.send(None)
     except StopIteration as done:
         message = done.value
-        return isinstance(message, Mapping) and message.get("type") == "http.disconnect"
+        return type(message) is dict and message.get("type") == "http.disconnect"
     except Exception:  # a receive that cannot be asked this way: assume the client is there
         return False
     waiter.close()
@@ -277,7 +277,8 @@ class CreditGuardMiddleware:
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :] or "/"
             rule = self.match_rule(scope["method"], path)
-            if rule is not None and current_ticket(scope) is None:  # an outer guard's charge stands alone
+            state = scope.get("state")
+            if rule is not None and not (state and TICKET_SCOPE_KEY in state):  # an outer guard's charge stands alone
                 body = None
                 if self.guard.idempotency_key_of(scope, rule.idempotency) is not None:
                     try:

@@ -73,7 +73,7 @@ class HoldKeeper:
 
     def track(self, charge_id: int) -> None:
         self.live.add(charge_id)
-        self._ensure_running()
+        self._keep_running()
 
     def forget(self, charge_id: int) -> None:
         """The hold was closed another way (refunded): nothing left to settle or extend."""
@@ -87,7 +87,7 @@ class HoldKeeper:
             self._pending.add(charge_id)
         if completion is not None:
             self._completions.append(completion)
-        self._ensure_running()
+        self._keep_running()
         if self._wake is not None:
             self._wake.set()
 
@@ -117,6 +117,13 @@ class HoldKeeper:
             self._flushing = asyncio.Lock()
             self._task = None
         return loop
+
+    def _keep_running(self) -> None:
+        """The per-request check, kept cheap: a task alive on a loop that is not closed is
+        this keeper's (two live loops sharing one guard is not supported)."""
+        task = self._task
+        if task is None or task.done() or task.get_loop().is_closed():
+            self._ensure_running()
 
     def _ensure_running(self) -> None:
         loop = self._bind()

@@ -155,6 +155,8 @@ def is_storable_text(value: str) -> bool:
     from JSON's ``"\\ud800"``): left to the database, it would fail as an outage (503)."""
     if "\x00" in value:
         return False
+    if value.isascii():  # the usual id: nothing more to check (and no copy made)
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ..models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built on every paid request, and frozen __init__ costs more
 class ChargeRequest:
     """One charge to decide: ``credits`` taken only if the balance covers them."""
 

@@ -91,8 +91,9 @@ class SqliteWriter:
 
     def __init__(self, url: URL, *, timeout: float) -> None:
         self._timeout = timeout
-        self._engine = create_engine(url.set(drivername="sqlite"), poolclass=NullPool)
-        _configure(self._engine)
+        #: The writer's own (sync) engine: one connection, used by the thread alone.
+        self.engine = create_engine(url.set(drivername="sqlite"), poolclass=NullPool)
+        _configure(self.engine)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -167,7 +168,7 @@ class SqliteWriter:
 
     def _connect(self, batch: list[_Job[Any]]) -> Connection | None:
         try:
-            return self._engine.connect()
+            return self.engine.connect()
         except SQLAlchemyError as exc:
             self._fail(batch, unavailable(exc))
             return None
