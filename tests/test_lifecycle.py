@@ -196,3 +196,16 @@ def test_a_guard_used_on_a_new_loop_without_close_rebuilds_its_connections(db_ur
             assert await other.audit() == []
 
     asyncio.run(finish())
+
+
+def test_a_test_funds_and_reads_the_apps_guard_through_its_testclient_portal(fresh_db: str) -> None:
+    """What the README's "Testing your app" shows: the guard lives on the client's loop,
+    and ``client.portal.call`` runs its coroutines there."""
+    guard = CreditGuard(fresh_db)
+    app = _fastapi_app(guard, decorated=True, middleware=False)
+    with TestClient(app) as client:
+        running = client.app.state.credit_guard  # type: ignore[attr-defined]
+        client.portal.call(lambda: running.grant_credits("org_9", 100, idempotency_key="test-fund"))
+        r = client.post("/v1/images", headers={"x-org": "org_9"})
+        assert (r.headers["X-Credits-Charged"], r.headers["X-Credits-Remaining"]) == ("5", "95")
+        assert client.portal.call(running.get_balance, "org_9") == 95

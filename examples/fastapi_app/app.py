@@ -54,6 +54,8 @@ class DemoApiKeyAuth:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # `async with` starts the guard on the serving loop (hold keeper, hooks, pricing listener)
+    # and closes it at shutdown; seeding is safe from every worker at once.
     async with CreditGuard(DATABASE_URL, low_balance_threshold=50) as guard:
         await seed(guard)
 
@@ -63,16 +65,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             # slows or breaks the request that crossed the line.
             log.warning("organization %s is down to %s credits", event.organization_id, event.balance)
 
-        await guard.start()  # the hold keeper: batched settlement and the sweeper of dead holds
         app.state.credit_guard = guard
         yield
 
 
 app = FastAPI(title="credit_guard demo: AI media API", lifespan=lifespan)
+# Added last = runs first: auth puts the organization on request state before any guard
+# looks, and CORS, outermost, answers preflights and decorates every answer (402s included).
+app.add_middleware(DemoApiKeyAuth)
 app.add_middleware(
     CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"], expose_headers=list(EXPOSE_HEADERS)
 )
-app.add_middleware(DemoApiKeyAuth)
 
 
 class ImageRequest(BaseModel):

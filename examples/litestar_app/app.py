@@ -105,9 +105,9 @@ async def demo_admin_login() -> Redirect:
 
 @asynccontextmanager
 async def lifespan(app: Litestar) -> AsyncIterator[None]:
+    # `async with` starts the guard on the serving loop and closes it at shutdown.
     async with CreditGuard(DATABASE_URL) as guard:
         await seed(guard)
-        await guard.start()  # the hold keeper: batched settlement and the sweeper of dead holds
         app.state.credit_guard = guard
         yield
 
