@@ -33,15 +33,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import (
-    HEADER_CHARGED,
-    HEADER_REMAINING,
-    CreditGuard,
-    CreditGuardMiddleware,
-    Rule,
-    requires_credits,
-)
+from credit_guard import CreditGuard, CreditGuardMiddleware, Rule, requires_credits
 from credit_guard._storage.postgres import asyncpg_dsn
+from credit_guard.problems import HEADER_CHARGED, HEADER_REMAINING
 from credit_guard.schema import accounts, feature_pricing, ledger
 
 FEATURE = "bench_feature"

@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, CreditGuardMiddleware, InvalidPricing, current_ticket, requires_credits
+from credit_guard._units import UNITS_PLACES, cost_of, units_value
 from credit_guard.cli import main
-from credit_guard.guard import UNITS_PLACES, cost_of, units_value
 from credit_guard.problems import TYPE_NO_ORGANIZATION
 from credit_guard.schema import feature_pricing
 

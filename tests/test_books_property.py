@@ -45,8 +45,8 @@ from hypothesis.stateful import (
 from sqlalchemy import select
 
 from credit_guard import CreditGuard
+from credit_guard._clock import utcnow
 from credit_guard.errors import IdempotencyKeyReused
-from credit_guard.holds import utcnow
 from credit_guard.schema import accounts
 
 from .conftest import PRICES, reset_postgres, seed_prices
@@ -301,7 +301,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 used = held + data.draw(st.integers(1, 40), label="used beyond")
             else:
                 used = 0 if usage == "none" else held
-            got = self.run(lambda: self.guard.settle_charge(charge_id, used_credits=used, max_extra=max_extra))
+            got = self.run(lambda: self.guard.settle_charge(charge_id, used_credits=used, max_overage_credits=max_extra))
             if not charge.open:  # settled, refunded, swept, or never a hold
                 assert got == (0, 0)
                 reached["settle no-op"] += 1

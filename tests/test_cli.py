@@ -20,8 +20,9 @@ import anyio
 import pytest
 from sqlalchemy import update
 
-from credit_guard import CreditGuard, DuplicateFeature, FeaturePricing, InvalidPricing
+from credit_guard import CreditGuard, DuplicateFeature, InvalidPricing
 from credit_guard.cli import main
+from credit_guard.models import FeaturePricing
 from credit_guard.schema import accounts
 
 from .conftest import ledger_rows, reset_postgres

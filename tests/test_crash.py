@@ -30,8 +30,10 @@ import pytest
 from anyio.abc import Process
 from sqlalchemy import select
 
-from credit_guard import HEADER_CHARGED, HEADER_REMAINING, HEADER_REPLAYED, IDEMPOTENCY_HEADER, CreditGuard
-from credit_guard.holds import HOLD_EXPIRED_REASON
+from credit_guard import CreditGuard
+from credit_guard._holds import HOLD_EXPIRED_REASON
+from credit_guard._idempotency import IDEMPOTENCY_HEADER
+from credit_guard.problems import HEADER_CHARGED, HEADER_REMAINING, HEADER_REPLAYED
 from credit_guard.schema import idempotency_keys
 
 from .conftest import PRICES, ledger_rows, reset_postgres, seed_prices

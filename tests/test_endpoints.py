@@ -27,8 +27,8 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, credit_endpoints
+from credit_guard._endpoints import openapi_document
 from credit_guard.admin import openapi_document as admin_openapi_document
-from credit_guard.endpoints import openapi_document
 from credit_guard.models import FEATURE_KEY_MAX, FEATURE_KEY_RE
 from credit_guard.problems import TYPE_FEATURE_NOT_FOUND, TYPE_INVALID_REQUEST, TYPE_NO_ORGANIZATION, TYPE_UNAVAILABLE
 

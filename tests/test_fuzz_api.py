@@ -57,8 +57,9 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.routing import Mount
 
-from credit_guard import HEADER_REMAINING, CreditGuard, credit_endpoints
+from credit_guard import CreditGuard, credit_endpoints
 from credit_guard.admin import admin_app
+from credit_guard.problems import HEADER_REMAINING
 
 from .conftest import PRICES, ledger_rows
 

@@ -29,14 +29,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import (
-    PROBLEM_CONTENT_TYPE,
-    CreditGuard,
-    CreditGuardMiddleware,
-    Rule,
-    current_ticket,
-    requires_credits,
-)
+from credit_guard import CreditGuard, CreditGuardMiddleware, Rule, current_ticket, requires_credits
+from credit_guard.problems import PROBLEM_CONTENT_TYPE
 from credit_guard.schema import holds as holds_table
 
 from .conftest import ledger_rows
@@ -271,7 +265,9 @@ async def test_flush_waits_for_a_settlement_batch_in_flight(guard: CreditGuard, 
         tx = await conn.begin()
         # A write to the hold's row: its row lock on PostgreSQL, the database's write lock on SQLite.
         await conn.execute(
-            update(holds_table).where(holds_table.c.charge_id == r.charge_id).values(expires_at=holds_table.c.expires_at)
+            update(holds_table)
+            .where(holds_table.c.charge_id == r.charge_id)
+            .values(expires_at=holds_table.c.expires_at)
         )
         guard.holds.settle_later(r.charge_id)
         await anyio.sleep(0.3)  # the keeper's batch (after settle_delay) now waits on that lock
@@ -648,7 +644,7 @@ async def test_overage_is_charged_up_to_max_overage_of_the_reserve(guard: Credit
     assert await refunds_of(guard, charge["id"]) == []
     assert await guard.open_holds() == []
     await assert_books(guard, 40)
-    assert await guard.settle_charge(charge["id"], used_credits=200, max_extra=20) == (0, 0)
+    assert await guard.settle_charge(charge["id"], used_credits=200, max_overage_credits=20) == (0, 0)
     await assert_books(guard, 40)
 
 
@@ -704,14 +700,14 @@ async def test_engine_settle_charge_at_usage_exactly_once(guard: CreditGuard) ->
 
     over = await guard.deduct_credits(ORG, VIDEO, units=2, hold=True)
     assert over.charge_id is not None
-    assert await guard.settle_charge(over.charge_id, used_credits=200, max_extra=20) == (0, 20)
-    assert await guard.settle_charge(over.charge_id, used_credits=200, max_extra=20) == (0, 0)
+    assert await guard.settle_charge(over.charge_id, used_credits=200, max_overage_credits=20) == (0, 20)
+    assert await guard.settle_charge(over.charge_id, used_credits=200, max_overage_credits=20) == (0, 0)
     assert [r["amount"] for r in await surcharges_of(guard, over.charge_id)] == [-20]
     await assert_books(guard, 20)
 
     short = await guard.deduct_credits(ORG, VIDEO, units="0.5", hold=True)
     assert short.charge_id is not None and short.remaining_credits == 10
-    assert await guard.settle_charge(short.charge_id, used_credits=100, max_extra=50) == (0, 10)
+    assert await guard.settle_charge(short.charge_id, used_credits=100, max_overage_credits=50) == (0, 10)
     await assert_books(guard, 0)
 
     # A refunded hold cannot be settled afterwards, and bad arguments write nothing.
@@ -775,7 +771,7 @@ async def test_refunding_a_charge_gives_back_its_surcharge_and_frees_its_key(gua
     await guard.grant_credits(ORG, 100)
     first = await guard.deduct_credits(ORG, VIDEO, hold=True, idempotency_key="job-1")
     assert first.charge_id is not None
-    assert await guard.settle_charge(first.charge_id, used_credits=24, max_extra=4) == (0, 4)
+    assert await guard.settle_charge(first.charge_id, used_credits=24, max_overage_credits=4) == (0, 4)
     await assert_books(guard, 100 - 20 - 4)
 
     refund = await guard.refund_credits(first.charge_id)
@@ -823,7 +819,7 @@ def test_cost_is_exact_for_any_number_of_digits() -> None:
     than one unit, so it costs one credit more (Decimal's 28 digits would round it away)."""
     from decimal import Decimal
 
-    from credit_guard.guard import cost_of, units_value
+    from credit_guard._units import cost_of, units_value
 
     assert cost_of(5, units_value("1.0000000000000000000000000001")) == 6
     assert cost_of(20, units_value("1.4")) == 28
@@ -880,3 +876,12 @@ async def test_a_failed_free_request_frees_its_idempotency_key(guard: CreditGuar
     assert await guard.open_holds() == []
     again = await guard.deduct_credits(ORG, "free_preview", hold=True, idempotency_key="free-1")
     assert again.success and not again.replayed and again.charge_id != first.charge_id
+
+
+async def test_settle_charge_still_takes_the_old_max_extra_name_with_a_warning(guard: CreditGuard) -> None:
+    await guard.grant_credits(ORG, 100)
+    held = await guard.deduct_credits(ORG, IMAGE, hold=True)
+    assert held.charge_id is not None
+    with pytest.warns(DeprecationWarning, match="max_overage_credits"):
+        assert await guard.settle_charge(held.charge_id, used_credits=7, max_extra=1) == (0, 1)
+    assert await guard.get_balance(ORG) == 100 - 5 - 1

@@ -25,18 +25,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import CreditGuard, CreditGuardMiddleware
-from credit_guard.asgi import Rule
+from credit_guard import CreditGuard, CreditGuardMiddleware, Rule, current_ticket
+from credit_guard._clock import utcnow
+from credit_guard._hooks import HookDispatcher
 from credit_guard.events import (
     ChargeEvent,
-    HookDispatcher,
     InsufficientCreditsEvent,
     LowBalanceEvent,
     RefundEvent,
     crossed_below,
 )
-from credit_guard.guard import current_ticket
-from credit_guard.holds import utcnow
 
 from .conftest import ledger_rows, reset_postgres, seed_prices
 
@@ -244,8 +242,8 @@ async def test_engine_settle_charge_fires_the_same_hooks(guard: CreditGuard) -> 
     over = await guard.deduct_credits("org_2", VIDEO, "user_3", hold=True)
     assert under.charge_id is not None and over.charge_id is not None
     assert await guard.settle_charge(under.charge_id, used_credits=5) == (15, 0)  # 60 -> 75
-    assert await guard.settle_charge(over.charge_id, used_credits=30, max_extra=8) == (0, 8)  # 75 -> 67
-    assert await guard.settle_charge(over.charge_id, used_credits=40, max_extra=8) == (0, 0)  # settled already
+    assert await guard.settle_charge(over.charge_id, used_credits=30, max_overage_credits=8) == (0, 8)  # 75 -> 67
+    assert await guard.settle_charge(over.charge_id, used_credits=40, max_overage_credits=8) == (0, 0)  # settled already
     await guard.flush()
     rows = await ledger_rows(guard, "org_2")
     [refund] = rows_of(rows, "refund")

@@ -32,10 +32,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, CreditGuardMiddleware, Problem, Rule
+from credit_guard._clock import utcnow
 from credit_guard.contrib.litestar import requires_credits as litestar_requires_credits
 from credit_guard.contrib.starlette import requires_credits
 from credit_guard.errors import IdempotencyKeyReused
-from credit_guard.holds import utcnow
 from credit_guard.problems import PROBLEM_CONTENT_TYPE, TYPE_IDEMPOTENCY_CONFLICT, TYPE_IDEMPOTENCY_MISMATCH
 from credit_guard.schema import idempotency_keys
 
@@ -890,8 +890,11 @@ async def test_a_running_key_is_not_taken_over_while_its_charge_is_held(iguard: 
     """A request whose heartbeat could not reach the database for a while (its key's lock
     ran out) still holds its charge: a retry then must get 409, not a second charge."""
     await iguard.grant_credits("org_1", 20)
-    first = await iguard.open_charge(
-        "seedream_text_to_image",
+    from credit_guard._flow import Rule, open_charge
+
+    first = await open_charge(
+        iguard,
+        Rule("seedream_text_to_image"),
         {
             "type": "http",
             "method": "POST",

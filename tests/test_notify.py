@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from credit_guard import CreditGuard
-from credit_guard.notify import APPLICATION_NAME
+from credit_guard._notify import APPLICATION_NAME
 from credit_guard.schema import feature_pricing
 
 from .conftest import PG_URL, pg_problem, reset_postgres, seed_prices

@@ -48,16 +48,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from credit_guard import (
-    HEADER_CHARGED,
-    HEADER_REFUNDED,
-    HEADER_REMAINING,
-    PROBLEM_CONTENT_TYPE,
-    CreditGuard,
-    CreditGuardMiddleware,
-)
+from credit_guard import CreditGuard, CreditGuardMiddleware
+from credit_guard._storage.engine import build_engine
 from credit_guard._storage.postgres import asyncpg_dsn
-from credit_guard.engine import build_engine
+from credit_guard.problems import HEADER_CHARGED, HEADER_REFUNDED, HEADER_REMAINING, PROBLEM_CONTENT_TYPE
 
 from .conftest import PG_URL, PRICES, REQUIRE_PG, ledger_rows, pg_problem, reset_postgres, seed_prices
 from .pg_cluster import Cluster, ClusterUnavailable

@@ -266,7 +266,7 @@ async def test_usage_report_groups_charges_and_refunds(guard: CreditGuard) -> No
 
 
 async def test_guard_on_a_shared_engine_leaves_it_open(db_url: str) -> None:
-    from credit_guard.engine import build_engine
+    from credit_guard._storage.engine import build_engine
 
     engine = build_engine(db_url)
     try:
@@ -309,7 +309,7 @@ async def test_absurd_grant_is_a_value_error_not_an_outage(guard: CreditGuard) -
 
 
 async def test_cancelled_loader_does_not_cancel_its_waiters(guard: CreditGuard) -> None:
-    from credit_guard.pricing import PricingCache
+    from credit_guard._pricing import PricingCache
 
     started = anyio.Event()
     calls = 0

@@ -100,7 +100,9 @@ def test_four_workers_starting_the_example_on_a_fresh_database_seed_it_once(empt
     """The FastAPI example seeds prices and funds its demo orgs in every worker's lifespan:
     with grant idempotency keys, 4 workers fund each org once."""
     env = {"CREDIT_GUARD_DATABASE_URL": empty_db}
-    server = UvicornServer("examples.fastapi_app.app:app", env, tmp_path / "uvicorn.log", workers=WORKERS, factory=False)
+    server = UvicornServer(
+        "examples.fastapi_app.app:app", env, tmp_path / "uvicorn.log", workers=WORKERS, factory=False
+    )
     with server.start(health="/api/features/pricing"):
         log = server.log()
 

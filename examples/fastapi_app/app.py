@@ -18,15 +18,9 @@ from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from credit_guard import (
-    EXPOSE_HEADERS,
-    CreditGuard,
-    LowBalanceEvent,
-    credit_endpoints,
-    current_ticket,
-    requires_credits,
-)
+from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, current_ticket, requires_credits
 from credit_guard.admin import admin_app
+from credit_guard.events import LowBalanceEvent
 from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")

@@ -30,9 +30,11 @@ import anyio
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 
-from .engine import DEFAULT_DATABASE_URL
+from ._config import DATABASE_URL_ENV
+from ._guard import CreditGuard
+from ._ledger import MAX_GRANT
+from ._storage.engine import DEFAULT_DATABASE_URL
 from .errors import DuplicateFeature, InvalidPricing, StorageUnavailable
-from .guard import DATABASE_URL_ENV, MAX_GRANT, CreditGuard
 from .models import FeaturePricing, validate_pricing_rows
 from .schema import metadata
 

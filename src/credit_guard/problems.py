@@ -8,25 +8,37 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
 
-HEADER_REMAINING = "X-Credits-Remaining"
-HEADER_CHARGED = "X-Credits-Charged"
-HEADER_REFUNDED = "X-Credits-Refunded"
-HEADER_REQUIRED = "X-Credits-Required"
-#: Set on an idempotent replay (``idempotency.py``), and when its body was too large to keep.
-HEADER_REPLAYED = "Idempotent-Replayed"
-HEADER_BODY_OMITTED = "Idempotent-Body-Omitted"
-#: What browsers must be allowed to read: pass to CORSMiddleware(expose_headers=...).
-EXPOSE_HEADERS = (
-    HEADER_REMAINING,
-    HEADER_CHARGED,
-    HEADER_REFUNDED,
-    HEADER_REQUIRED,
-    HEADER_REPLAYED,
-    HEADER_BODY_OMITTED,
-    "Retry-After",
-)
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
+
+
+class Headers:
+    """Every header credit_guard reads or writes, by role (one place for each name)."""
+
+    CHARGED: Final = "X-Credits-Charged"
+    REMAINING: Final = "X-Credits-Remaining"
+    REFUNDED: Final = "X-Credits-Refunded"
+    REQUIRED: Final = "X-Credits-Required"
+    #: Set on an idempotent replay, and when its body was too large to keep.
+    REPLAYED: Final = "Idempotent-Replayed"
+    BODY_OMITTED: Final = "Idempotent-Body-Omitted"
+    #: The request header a client retries with (the IETF httpapi draft).
+    IDEMPOTENCY_KEY: Final = "Idempotency-Key"
+    RETRY_AFTER: Final = "Retry-After"
+    #: What browsers must be allowed to read: pass to CORSMiddleware(expose_headers=...).
+    EXPOSE: Final = (REMAINING, CHARGED, REFUNDED, REQUIRED, REPLAYED, BODY_OMITTED, RETRY_AFTER)
+
+
+# The module-level names earlier versions exported, kept as aliases of the one place above.
+HEADER_REMAINING = Headers.REMAINING
+HEADER_CHARGED = Headers.CHARGED
+HEADER_REFUNDED = Headers.REFUNDED
+HEADER_REQUIRED = Headers.REQUIRED
+HEADER_REPLAYED = Headers.REPLAYED
+HEADER_BODY_OMITTED = Headers.BODY_OMITTED
+EXPOSE_HEADERS = Headers.EXPOSE
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 _TYPE_BASE = "urn:credit-guard:problem:"
@@ -70,6 +82,12 @@ class Problem:
         raw += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in self.headers.items()]
         return raw
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A problem is its own ASGI response: every adapter sends it this one way."""
+        body = self.body_bytes()
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers(len(body))})
+        await send({"type": "http.response.body", "body": body})
+
 
 def insufficient_credits(feature_key: str, required: int, available: int) -> Problem:
     return Problem(
@@ -78,7 +96,7 @@ def insufficient_credits(feature_key: str, required: int, available: int) -> Pro
         title="Insufficient credits",
         detail=f"{feature_key!r} costs {required} credits; the organization has {available}.",
         extra={"feature": feature_key, "required": required, "available": available},
-        headers={HEADER_REQUIRED: str(required), HEADER_REMAINING: str(available)},
+        headers={Headers.REQUIRED: str(required), Headers.REMAINING: str(available)},
     )
 
 
@@ -138,7 +156,7 @@ def unavailable(retry_after: int, *, nothing_was: str = "charged") -> Problem:
         type=TYPE_UNAVAILABLE,
         title="Credits unavailable",
         detail=f"The credit ledger cannot be reached right now; nothing was {nothing_was}. Retry later.",
-        headers={"Retry-After": str(retry_after)},
+        headers={Headers.RETRY_AFTER: str(retry_after)},
     )
 
 
@@ -211,7 +229,7 @@ def idempotency_conflict(key: str, *, retry_after: int) -> Problem:
         title="Request in progress",
         detail=f"A request with Idempotency-Key {key!r} is still being processed; nothing was charged. Retry later.",
         extra={"idempotency_key": key},
-        headers={"Retry-After": str(retry_after)},
+        headers={Headers.RETRY_AFTER: str(retry_after)},
     )
 
 

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from .._clock import utcnow
 from ..errors import DuplicateFeature, PricingNotFound, StorageUnavailable
 from ..models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
 from ..schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
@@ -81,10 +82,6 @@ _CHARGE_COLUMNS = (
     ledger.c.request_method,
     ledger.c.request_path,
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:

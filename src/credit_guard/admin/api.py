@@ -44,9 +44,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from .. import problems
-from ..decorator import problem_response
+from .._flow import problem_response
+from .._guard import CreditGuard
 from ..errors import DuplicateFeature, InvalidPricing, PricingNotFound, StorageUnavailable
-from ..guard import CreditGuard
 from ..models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,

@@ -24,19 +24,37 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.utils.scope.state import ScopeState
 
-from ..asgi import Rule
-from ..decorator import call_handler, call_plain, guard_or_problem, open_for, settle_returned_value
-from ..guard import CreditGuard, IdempotencyMode, UnitsOf, current_ticket
-from ..idempotency import Replay
-from ..problems import PROBLEM_CONTENT_TYPE, Problem
+from .._config import IdempotencyMode
+from .._flow import (
+    Rule,
+    call_paid,
+    call_plain,
+    end_returned,
+    find_guard,
+    open_charge,
+    outer_ticket,
+    put_on_request,
+    wants_body,
+)
+from .._guard import CreditGuard
+from .._idempotency import Replay
+from .._ticket import Ticket
+from .._units import UnitsOf
+from ..problems import Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def problem_response(problem: Problem) -> Response[Any]:
-    return Response(
-        content=problem.body(), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_CONTENT_TYPE
-    )
+class _Answer(Response[bytes]):
+    """A refusal or a replay as the Litestar Response a handler returns: Litestar sends
+    what ``to_asgi_response`` gives, and the problem or replay sends itself."""
+
+    def __init__(self, answer: Problem | Replay) -> None:
+        super().__init__(content=b"", status_code=answer.status)
+        self.answer = answer
+
+    def to_asgi_response(self, app: Any, request: Any, **kwargs: Any) -> Any:
+        return self.answer
 
 
 class CreditAnswer(HTTPException):
@@ -139,29 +157,20 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
-        if current_ticket(request.scope) is not None:  # an outer guard charged it and settles it
+        if outer_ticket(request.scope) is not None:  # an outer guard charged it and ends its ticket
             return _as_response(request, await call_plain(fn, is_async, args, kwargs))
-        active = guard_or_problem(guard, request.app)
+        active = find_guard(guard, request.app)
         if isinstance(active, Problem):
-            return _answer(request, problem_response(active))
-        outcome = await open_for(active, rule, request)
-        if isinstance(outcome, Problem):
-            return _answer(request, problem_response(outcome))
-        if isinstance(outcome, Replay):
-            replay = Response(
-                content=outcome.body,
-                status_code=outcome.status,
-                headers={
-                    name.decode("latin-1"): value.decode("latin-1")
-                    for name, value in outcome.headers
-                    if name != b"content-length"
-                },
-            )
-            return _answer(request, replay)
-        result = _as_response(request, await call_handler(active, outcome, fn, is_async, args, kwargs))
+            return _answer(request, _Answer(active))
+        body = await request.body() if wants_body(active, rule, request.scope) else None
+        outcome = await open_charge(active, rule, request.scope, request, body)
+        if not isinstance(outcome, Ticket):
+            return _answer(request, _Answer(outcome))
+        put_on_request(request.scope, outcome)  # type: ignore[arg-type]
+        result = _as_response(request, await call_paid(outcome, fn, is_async, args, kwargs))
         status = result.status_code or 200
-        if not await settle_returned_value(active, outcome, status, request.receive):
-            await active.settle(outcome, failed=False, reason=f"handler answered {status}", status=status)
+        if not await end_returned(outcome, status, request.receive):  # type: ignore[arg-type]
+            await outcome.keep(status)
         for name, value in outcome.headers():
             result.headers[name] = value
         return result

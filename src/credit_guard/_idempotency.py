@@ -1,7 +1,7 @@
 """Idempotency keys on paid requests (the IETF httpapi ``Idempotency-Key`` draft).
 
 A client that lost a response retries with the same ``Idempotency-Key``; it must not pay
-twice. The key is claimed in the same transaction as the charge (``SqlStore.claim_and_deduct``),
+twice. The key is claimed in the same transaction as the charge (``Store.claim_and_charge``),
 the response is recorded here as it goes out, and a retry gets that response back with
 ``Idempotent-Replayed: true``. What a retry meets instead:
 
@@ -18,11 +18,13 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .problems import HEADER_BODY_OMITTED, HEADER_REPLAYED
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
+from .problems import Headers
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_HEADER = Headers.IDEMPOTENCY_KEY
 KEY_MAX = 255
 _HEADER_BYTES = IDEMPOTENCY_HEADER.lower().encode()
 # Hop-by-hop or per-delivery headers that must not be replayed as they were.
@@ -86,10 +88,15 @@ class Replay:
         ]
         body = bytes(row["response_body"] or b"")
         if not row["body_stored"]:
-            headers.append((HEADER_BODY_OMITTED.lower().encode(), b"true"))
-        headers.append((HEADER_REPLAYED.lower().encode(), b"true"))
+            headers.append((Headers.BODY_OMITTED.lower().encode(), b"true"))
+        headers.append((Headers.REPLAYED.lower().encode(), b"true"))
         headers.append((b"content-length", str(len(body)).encode()))
         return cls(status=int(row["status_code"]), headers=headers, body=body)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A replay is its own ASGI response: sent byte for byte as it was stored."""
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 @dataclass(slots=True)

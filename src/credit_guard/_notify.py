@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from sqlalchemy import func, select
@@ -40,9 +40,16 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._storage.postgres import asyncpg_dsn
-from .pricing import PricingCache
 
 log = logging.getLogger("credit_guard")
+
+
+class Forgets(Protocol):
+    """What the notifier needs of a cache (the pricing cache): to forget keys, or all."""
+
+    def invalidate(self, *feature_keys: str) -> None: ...
+    def clear(self) -> None: ...
+
 
 CHANNEL = "credit_guard_pricing"
 #: The listener's ``application_name``, so it is easy to spot in ``pg_stat_activity``.
@@ -59,7 +66,7 @@ class PricingNotifier:
     def __init__(
         self,
         url: str | URL,
-        cache: PricingCache,
+        cache: Forgets,
         *,
         engine: AsyncEngine,
         timeout: float = 5.0,

@@ -6,7 +6,7 @@
 
 Mount them next to the guarded routes (``Mount("/api/credits", credit_endpoints())``,
 FastAPI's ``app.mount``, or a Litestar ``@asgi(..., is_mount=True)`` handler). The
-organization is resolved exactly as for a charge (``guard.resolve_organization``), so
+organization is resolved exactly as for a charge (``_flow.paying_organization``), so
 these endpoints can never show another organization's credits than the one that pays.
 
 A plain ASGI app rather than a Starlette ``Router``: a Router answers unknown paths and
@@ -35,9 +35,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from . import problems
-from .decorator import find_guard, problem_response
+from ._flow import find_guard, paying_organization, problem_response
+from ._guard import CreditGuard
 from .errors import StorageUnavailable
-from .guard import CreditGuard
 from .models import FEATURE_KEY_MAX, FEATURE_KEY_RE
 from .problems import Problem
 
@@ -94,6 +94,10 @@ class CreditEndpoints:
     def __init__(self, guard: CreditGuard | None = None) -> None:
         self.guard = guard
 
+    def openapi_document(self, *, server_url: str = "/") -> dict[str, Any]:
+        """The OpenAPI 3.1 document these endpoints serve, for a mount at ``server_url``."""
+        return openapi_document(server_url=server_url)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # no websockets here; lifespan is the host app's business
             if scope["type"] == "websocket":
@@ -119,7 +123,9 @@ class CreditEndpoints:
 
     async def _serve(self, endpoint: Endpoint, request: Request) -> Response:
         guard = find_guard(self.guard, request.scope.get("app"))
-        organization_id = await guard.paying_organization(request.scope, request)
+        if isinstance(guard, Problem):
+            return problem_response(guard)
+        organization_id = await paying_organization(guard, request.scope, request)
         if isinstance(organization_id, Problem):
             return problem_response(organization_id)
         try:

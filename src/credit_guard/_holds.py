@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from ._clock import utcnow
 from ._storage.base import Completion, Store
 from .errors import StorageUnavailable
 from .models import RefundResult
@@ -29,10 +30,6 @@ from .models import RefundResult
 log = logging.getLogger("credit_guard")
 
 HOLD_EXPIRED_REASON = "hold expired"
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class HoldKeeper:
@@ -45,14 +42,15 @@ class HoldKeeper:
         hold_timeout: float,
         sweep_interval: float,
         settle_delay: float,
-        on_refund: Callable[[RefundResult, int, str], None],
+        on_refund: Callable[[RefundResult, int, str], None] | None = None,
         sweep_limit: int = 500,
     ) -> None:
         self.store = store
         self.hold_timeout = hold_timeout
         self.sweep_interval = sweep_interval
         self.settle_delay = settle_delay
-        self._on_refund = on_refund
+        #: Told of every hold the sweeper refunds (the ledger fires the refund hooks).
+        self.on_refund = on_refund
         self._sweep_limit = sweep_limit
         #: Charge ids of this process's requests still running (the heartbeat keeps them).
         self.live: set[int] = set()
@@ -246,7 +244,8 @@ class HoldKeeper:
                         result.credits_refunded,
                         result.organization_id,
                     )
-                    self._on_refund(result, charge_id, HOLD_EXPIRED_REASON)
+                    if self.on_refund is not None:
+                        self.on_refund(result, charge_id, HOLD_EXPIRED_REASON)
             if len(ids) < self._sweep_limit:
                 break
         await self.store.delete_expired_keys(now)

@@ -18,14 +18,16 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///credit_guard.db"
 ASYNC_DRIVERS = {"postgresql": ("asyncpg",), "sqlite": ("aiosqlite",)}
 
 
-def database_url(url: str | URL) -> URL:
+def parse_database_url(url: str | URL) -> URL:
     """``url`` parsed, or a ValueError that says which URL to write instead.
 
     ``postgresql://`` and ``postgres://`` (what hosting providers hand out) name no async
     driver; SQLAlchemy would answer "No module named psycopg2" or "Can't load plugin".
     """
     parsed = make_url(url)
-    backend = "postgresql" if parsed.drivername.split("+")[0] in ("postgres", "postgresql") else parsed.get_backend_name()
+    backend = (
+        "postgresql" if parsed.drivername.split("+")[0] in ("postgres", "postgresql") else parsed.get_backend_name()
+    )
     drivers = ASYNC_DRIVERS.get(backend)
     if drivers is None:
         raise ValueError(

@@ -1,0 +1,150 @@
+"""A ticket: one paid request's charge, and the one thing that decides how it ends.
+
+The request flow opens it (the charge is taken, as a hold), puts it on the request
+(``current_ticket``), and ends it exactly once: ``keep()`` when the answer was delivered,
+``refund(reason)`` when it was not. Both are idempotent, and whichever comes first wins:
+a refunded ticket is never kept, a kept one never refunded by the same request. So a
+request that passes several guards (a middleware rule and a decorator) has one ticket,
+opened by the outer guard and ended by it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from ._idempotency import ResponseRecorder
+from ._units import cost_of, units_value
+from .models import RefundResult
+from .problems import Headers
+
+if TYPE_CHECKING:
+    from ._ledger import Ledger
+
+#: Where a ticket lives in the ASGI scope's state, for ``current_ticket(request)``.
+TICKET_SCOPE_KEY = "credit_guard.ticket"
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One request's charge, from the charge to its end. Lives for one request only."""
+
+    feature_key: str
+    organization_id: str
+    credits: int
+    remaining: int | None
+    charge_id: int | None
+    #: None for a request served free (``fail_open``, ``allow_unpriced``): nothing to end.
+    ledger: Ledger | None = field(default=None, repr=False)
+    #: Price of one unit; ``credits`` is ``unit_price * units`` rounded up.
+    unit_price: int = 0
+    units: Decimal = Decimal(1)
+    #: What the handler reported it really used (``report_usage``); None keeps the reserve.
+    used_units: Decimal | None = None
+    #: How far above the reserve, as a share of it, reported usage may still be charged.
+    max_overage: float = 0.0
+    idempotency_key: str | None = None
+    #: Records the response for replay (idempotent requests only).
+    recorder: ResponseRecorder | None = None
+    user_id: str | None = None
+    #: Keep the charge when the app answers 4xx (by default a client error is refunded).
+    charge_client_errors: bool = False
+    #: How it ended: None while open; the refund when refunded.
+    refunded: RefundResult | None = None
+    ended: bool = False
+    #: Credits taken (+) or given back (-) when usage was settled.
+    adjustment: int = 0
+
+    def fails(self, status: int) -> bool:
+        """Whether an answer with this status is refunded: a 5xx always; a 4xx unless the
+        route charges client errors (users pay for results, not for being told no)."""
+        return status >= 500 or (status >= 400 and not self.charge_client_errors)
+
+    def report_usage(self, units: int | float | Decimal | str) -> None:
+        """Say what the request really used (seconds of video rendered, images made...).
+
+        When the ticket is kept, unused credits of the reserve go back, and use beyond it is
+        charged up to ``max_overage`` of the reserve (and what the balance holds), exactly
+        once. Raises ValueError for anything but a number from 0 to MAX_UNITS.
+        """
+        self.used_units = units_value(units, allow_zero=True)
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The credit headers the response carries, reflecting a refund if one happened."""
+        if self.refunded is not None and self.refunded.refunded:
+            return [
+                (Headers.REFUNDED, str(self.refunded.credits_refunded)),
+                (Headers.REMAINING, str(self.refunded.remaining_credits)),
+            ]
+        out = [(Headers.CHARGED, str(self.credits))]
+        if self.remaining is not None:
+            out.append((Headers.REMAINING, str(self.remaining)))
+        return out
+
+    async def refund(self, reason: str) -> None:
+        """The request failed: give the charge back, exactly once (the database's UNIQUE
+        ``refund_of`` makes a retry after a lost answer harmless). A refund that still
+        fails after its retries is logged; the hold it still is goes back through the
+        sweeper, so the credits come back either way."""
+        if self.ended:
+            return
+        self.ended = True
+        ledger = self.ledger
+        if ledger is None:
+            return
+        if self.charge_id is not None:
+            about = f"{self.credits} credits, org {self.organization_id}"
+            self.refunded = await ledger.refund_retrying(self.charge_id, reason=reason, about=about)
+        elif self.idempotency_key is not None:
+            # A free request failed: its key must not replay the failure.
+            await ledger.release_key(self.organization_id, self.idempotency_key)
+
+    async def keep(self, status: int | None = None) -> None:
+        """The answer was delivered: the charge stands. The hold is queued for the batched
+        settlement (no round trip here), with the recorded response when the request
+        carried an idempotency key. If the handler reported its usage, the difference is
+        settled now, exactly once."""
+        if self.ended:
+            return
+        self.ended = True
+        ledger = self.ledger
+        if ledger is None:
+            return
+        completion = None
+        if self.idempotency_key is not None:
+            recorder = self.recorder
+            if recorder is None or recorder.status is None:
+                # The adapter never saw the bytes on the wire (a handler returning a plain
+                # value, serialised later by its framework): replay status only.
+                recorder = ResponseRecorder(0, status=status or 200, overflow=True)
+            completion = ledger.completion(self.organization_id, self.idempotency_key, recorder.stored())
+        charge_id = self.charge_id
+        if charge_id is not None and self.used_units is not None:
+            used = cost_of(self.unit_price, self.used_units)
+            if used != self.credits:
+                moved = await ledger.settle_usage(
+                    charge_id,
+                    charged=self.credits,
+                    used=used,
+                    overage_share=self.max_overage,
+                    reason=f"used {self.used_units} of {self.units} units",
+                    user_id=self.user_id,
+                )
+                if moved is not None:
+                    self.adjustment = moved.extra - moved.refunded
+                    ledger.holds.forget(charge_id)
+                    charge_id = None  # closed by the usage settlement: nothing left to batch
+        ledger.keep_later(charge_id, completion)
+
+
+def current_ticket(request: Any) -> Ticket | None:
+    """The charge of the request being handled (to ``report_usage``), or None.
+
+    Accepts the framework's request object or the ASGI scope itself.
+    """
+    scope = request if type(request) is dict or isinstance(request, Mapping) else getattr(request, "scope", {})
+    state = scope.get("state")
+    ticket = state.get(TICKET_SCOPE_KEY) if type(state) is dict or isinstance(state, Mapping) else None
+    return ticket if isinstance(ticket, Ticket) else None
