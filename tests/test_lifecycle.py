@@ -103,7 +103,7 @@ def test_a_restarted_guard_sees_another_processs_price_change_as_fast_as_on_its_
     async def restarts(prices: list[int]) -> None:
         for price in prices:
             await guard.start()
-            assert guard.notifier is not None and guard.notifier.listening
+            assert guard.pricing.notifier is not None and guard.pricing.notifier.listening
             assert (await guard.get_feature_pricing(IMAGE)) is not None  # cached for an hour
             await _set_price(PG_URL, price)
             assert await price_seen_within(2.0, price), f"restarted guard never saw the price become {price}"

@@ -60,13 +60,13 @@ async def test_a_price_change_in_one_process_reaches_the_other_without_waiting_f
 ) -> None:
     a, b = two_processes
     await b.start()
-    assert b.notifier is not None and b.notifier.listening
+    assert b.pricing.notifier is not None and b.pricing.notifier.listening
     assert await credits_seen_by(b) == 5  # now cached in B for an hour
     image = next(p for p in await a.list_pricing() if p.feature_key == IMAGE)
 
     await a.update_pricing(image.id, credits=7)
     assert await eventually(lambda: _equals(credits_seen_by(b), 7))
-    assert b.notifier.received >= 1 and b.notifier.connects == 1  # by notification, not by a reconnect
+    assert b.pricing.notifier.received >= 1 and b.pricing.notifier.connects == 1  # by notification, not by a reconnect
     assert (await b.deduct_credits("org_x", IMAGE)).error_code == "insufficient_credits"  # charged at the new price
     await b.grant_credits("org_x", 10)
     assert (await b.deduct_credits("org_x", IMAGE)).credits_deducted == 7
@@ -84,7 +84,7 @@ async def test_after_losing_its_connection_a_listener_forgets_every_cached_price
     """A change made while B was not listening was announced to no one; B must not keep the old price."""
     a, b = two_processes
     await b.start()
-    assert b.notifier is not None and b.notifier.connects == 1
+    assert b.pricing.notifier is not None and b.pricing.notifier.connects == 1
     assert await credits_seen_by(b) == 5
     # A write that sends no notification (raw SQL), then the listener's connection dies.
     async with a.engine.begin() as conn:
@@ -99,7 +99,7 @@ async def test_after_losing_its_connection_a_listener_forgets_every_cached_price
     assert killed >= 1
     assert await credits_seen_by(b) == 5  # still the cached price: nothing told B yet
     assert await eventually(lambda: _equals(credits_seen_by(b), 11))
-    assert b.notifier.connects >= 2 and b.notifier.listening
+    assert b.pricing.notifier.connects >= 2 and b.pricing.notifier.listening
     # And it listens again after the reconnect.
     image = next(p for p in await a.list_pricing() if p.feature_key == IMAGE)
     await a.update_pricing(image.id, credits=12)
@@ -112,7 +112,7 @@ async def test_a_guard_built_without_notify_keeps_its_cache_for_the_ttl(
     """The switch for PgBouncer's transaction pooling: no listener, so the TTL alone bounds staleness."""
     a, b = two_processes
     async with CreditGuard(PG_URL, pricing_ttl=LONG_TTL, pricing_notify=False) as quiet:
-        assert quiet.notifier is None
+        assert quiet.pricing.notifier is None
         await b.start()
         assert await credits_seen_by(quiet) == 5 and await credits_seen_by(b) == 5
         image = next(p for p in await a.list_pricing() if p.feature_key == IMAGE)
@@ -145,4 +145,4 @@ async def test_a_bulk_change_too_big_for_one_notify_still_reaches_the_other_proc
     rows.append({"feature_key": IMAGE, "feature_name": "SeeDream", "category": "Image Generation", "credits": 8})
     await a.import_pricing(rows, update_existing=True)
     assert await eventually(lambda: _equals(credits_seen_by(b), 8))
-    assert b.notifier is not None and b.notifier.connects == 1  # by notification, not by a reconnect
+    assert b.pricing.notifier is not None and b.pricing.notifier.connects == 1  # by notification, not by a reconnect

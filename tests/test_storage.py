@@ -217,7 +217,7 @@ async def test_pricing_writes_invalidate_the_cache_at_once(guard: CreditGuard) -
 
 
 async def test_concurrent_cache_misses_make_one_query(guard: CreditGuard) -> None:
-    guard.pricing_cache.clear()
+    guard.pricing.cache.clear()
     statements: list[str] = []
 
     def count(conn: object, cursor: object, statement: str, *args: object) -> None:

@@ -38,56 +38,15 @@ class CreditGuard:
     over one store, runs them on an event loop (``start``/``close``, any number of times,
     on any loop) and offers the Python API, each method a call into one service.
 
-    Args:
-        database_url: SQLAlchemy async URL. ``sqlite+aiosqlite:///file.db`` (the default,
-            or ``$CREDIT_GUARD_DATABASE_URL``) or ``postgresql+asyncpg://user@host/db``.
-        engine: an existing AsyncEngine to share with the app instead of a URL.
-        organization_resolver / user_resolver: where a request's org and user come from;
-            by default ``request.state.organization_id`` / ``request.state.user_id``.
-            Never a client-chosen header unless you write that resolver yourself.
-        pricing_ttl / pricing_cache_size: the pricing cache. Writes through this guard
-            invalidate it at once; other processes see a change at once on PostgreSQL
-            (``pricing_notify``) and within ``pricing_ttl`` on SQLite.
-        allow_unpriced: let routes whose feature is unknown or inactive run free (logged)
-            instead of refusing them.
-        fail_open: when the database is unreachable, run handlers free (logged) instead of
-            answering 503. Off by default: an outage must not become free service.
-        retry_after: seconds in the 503's ``Retry-After``.
-        timeout: seconds to wait for the database before failing closed.
-        max_connections: the most database connections this guard opens per process (see
-            ``ConnectionBudget``): on PostgreSQL one listener for pricing changes, a fifth
-            of the rest for SQLAlchemy (refunds, settlements, admin) and the rest for the
-            asyncpg pool that carries the charges (12: 1 + 2 + 9); on SQLite the readers'
-            pool and one writing connection. 4 workers x 12 = 48 leaves half of
-            PostgreSQL's default ``max_connections=100`` to the app. An ``engine`` the app
-            passes in keeps its own pool.
-        asyncpg_pool_kwargs: options for that asyncpg pool (behind PgBouncer pass
-            ``{"statement_cache_size": 0}``).
-        pg_pool_size: deprecated; the asyncpg pool's size (default: from ``max_connections``).
-        pricing_notify: on PostgreSQL, tell every other process sharing the database about
-            each pricing write (LISTEN/NOTIFY, see ``_notify.py``) so none waits for its TTL.
-            Turn off behind PgBouncer's transaction pooling, which cannot carry LISTEN.
-        hold_timeout: seconds after which a charge whose process died is refunded by the
-            sweeper (``_holds.py``). Live requests keep their holds alive, so this bounds
-            how long a crash keeps credits, not how long a request may run.
-        sweep_interval: seconds between two sweeps (default: a quarter of hold_timeout).
-            ``sweep=False`` leaves sweeping to another process or ``credit-guard sweep``.
-        settle_delay: how long settlements gather before one batched UPDATE writes them.
-        idempotency: honour ``Idempotency-Key`` on every paid route (True), require it
-            ("required"), or only where a route opts in (False, the default).
-        idempotency_ttl: seconds a key (and its stored response) is kept.
-        idempotency_max_body: bytes of response body stored for replay; a longer body is
-            replayed as status and headers with ``Idempotent-Body-Omitted: true``.
-        idempotency_max_request_body: the middleware holds an idempotent request's body in
-            memory to fingerprint it; a larger one is refused with 413 (nothing charged).
-        max_overage: default for routes: how far above its reserve (0.5 = 50%) a request's
-            reported usage may still be charged.
-        low_balance_threshold: fire ``on_low_balance`` hooks when a charge takes a balance
-            below this many credits.
-        hook_timeout: seconds a hook may run before it is abandoned (and logged).
-        charge_client_errors: keep the charge when the app answers 4xx (a 404, a 422 for a
-            bad body, a 401/403 from its auth). Off by default: users pay for results, so a
-            4xx is refunded exactly like a 5xx. A route may choose otherwise.
+    Every argument is in the README's Configuration table. The ones that decide safety:
+    ``fail_open`` (serve free during an outage: off, an outage must not become free
+    service), ``allow_unpriced`` (serve unknown or inactive features free: off),
+    ``charge_client_errors`` (keep the charge of a 4xx: off, users pay for results),
+    ``hold_timeout`` (how long a crashed process keeps credits before the sweeper gives
+    them back; live requests keep theirs alive) and ``max_connections`` (the one budget
+    of database connections per process, see ``ConnectionBudget``). Resolvers
+    (``organization_resolver``, ``user_resolver``) default to ``request.state``; never a
+    client-chosen header unless you write that resolver yourself.
     """
 
     def __init__(
@@ -259,15 +218,6 @@ class CreditGuard:
     @idempotency_ttl.setter
     def idempotency_ttl(self, seconds: float) -> None:
         self.ledger.idempotency_ttl = seconds
-
-    @property
-    def notifier(self) -> Any:
-        """The pricing listener (``_notify.PricingNotifier``), None on SQLite."""
-        return self.pricing.notifier
-
-    @property
-    def pricing_cache(self) -> Any:
-        return self.pricing.cache
 
     # -- pricing (``_pricing.py``) ----------------------------------------------------------
 

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import UTC, datetime
@@ -30,6 +28,7 @@ import anyio
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 
+from ._cli_files import CliError, guess_format, parse_csv, parse_json, read_text
 from ._config import DATABASE_URL_ENV
 from ._guard import CreditGuard
 from ._ledger import MAX_GRANT
@@ -39,24 +38,7 @@ from .models import FeaturePricing, validate_pricing_rows
 from .schema import metadata
 
 PROG = "credit-guard"
-
-#: The columns of an import file (the seed's pricing fields) and the ones it may omit.
-IMPORT_FIELDS = ("feature_key", "feature_name", "category", "credits", "description", "is_active")
-IMPORT_REQUIRED = ("feature_key", "feature_name", "category", "credits")
-#: Columns ``pricing list --json`` exports that an import skips, so an export re-imports as is.
-IMPORT_IGNORED = ("id", "created_at", "updated_at")
-
-_TRUE = {"true", "t", "yes", "y", "1"}
-_FALSE = {"false", "f", "no", "n", "0"}
-_INT_RE = re.compile(r"[+-]?\d+")
-_EXTRA_CELLS = "\0extra"
-
 Handler = Callable[[CreditGuard, argparse.Namespace], Awaitable[int]]
-
-
-class CliError(Exception):
-    """A refusal reported as ``credit-guard: error: <message>`` with exit code 1."""
-
 
 # -- entry point ----------------------------------------------------------------------------
 
@@ -356,10 +338,10 @@ async def cmd_pricing_remove(guard: CreditGuard, args: argparse.Namespace) -> in
 
 
 async def cmd_pricing_import(guard: CreditGuard, args: argparse.Namespace) -> int:
-    text = await _read_text(args.file)
-    fmt = args.format or _guess_format(args.file, text)
+    text = await read_text(args.file)
+    fmt = args.format or guess_format(args.file, text)
     try:
-        labels, rows, row_errors = _parse_json(args.file, text) if fmt == "json" else _parse_csv(args.file, text)
+        labels, rows, row_errors = parse_json(args.file, text) if fmt == "json" else parse_csv(args.file, text)
     except csv.Error as exc:  # e.g. a cell over the csv module's size limit: a file problem, not a crash
         raise CliError(f"{args.file}: invalid CSV: {exc}") from None
     if not rows:
@@ -528,104 +510,3 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: C
         ).rstrip()
         for line in cells
     )
-
-
-# -- import files ---------------------------------------------------------------------------
-
-Parsed = tuple[list[str], list[dict[str, Any]], dict[int, dict[str, str]]]
-
-
-async def _read_text(path: str) -> str:
-    try:
-        if path == "-":
-            return await anyio.to_thread.run_sync(sys.stdin.read)
-        return await anyio.Path(path).read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise CliError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise CliError(f"cannot read {path}: not UTF-8 ({exc.reason})") from None
-
-
-def _guess_format(path: str, text: str) -> str:
-    lowered = path.lower()
-    if lowered.endswith(".json"):
-        return "json"
-    if lowered.endswith(".csv"):
-        return "csv"
-    return "json" if text.lstrip().startswith("[") else "csv"
-
-
-def _parse_json(path: str, text: str) -> Parsed:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CliError(f"{path}: invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    except RecursionError:
-        raise CliError(f"{path}: invalid JSON: nested too deeply") from None
-    if not isinstance(data, list):
-        raise CliError(f"{path}: expected a JSON array of pricing objects")
-    labels: list[str] = []
-    rows: list[dict[str, Any]] = []
-    errors: dict[int, dict[str, str]] = {}
-    for number, item in enumerate(data, 1):
-        labels.append(f"row {number}")
-        if isinstance(item, dict):
-            rows.append({k: v for k, v in item.items() if k not in IMPORT_IGNORED})
-        else:
-            rows.append({})
-            errors[number] = {"": f"must be a JSON object, not {type(item).__name__}"}
-    return labels, rows, errors
-
-
-def _parse_csv(path: str, text: str) -> Parsed:
-    reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA_CELLS)
-    header = [name.strip() for name in reader.fieldnames or []]
-    if not header:
-        raise CliError(f"{path}: empty file; expected a header row: {','.join(IMPORT_FIELDS)}")
-    reader.fieldnames = header
-    unknown = [name for name in header if name not in IMPORT_FIELDS and name not in IMPORT_IGNORED]
-    missing = [name for name in IMPORT_REQUIRED if name not in header]
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    problems = []
-    if unknown:
-        problems.append(f"unknown column(s) {', '.join(unknown)}")
-    if missing:
-        problems.append(f"missing column(s) {', '.join(missing)}")
-    if repeated:
-        problems.append(f"repeated column(s) {', '.join(repeated)}")
-    if problems:
-        raise CliError(f"{path}: {'; '.join(problems)} (columns: {','.join(IMPORT_FIELDS)})")
-    labels: list[str] = []
-    rows: list[dict[str, Any]] = []
-    errors: dict[int, dict[str, str]] = {}
-    for number, record in enumerate(reader, 1):
-        labels.append(f"row {number} (line {reader.line_num})")
-        extra = record.pop(_EXTRA_CELLS, None)
-        if extra:
-            errors[number] = {"": f"{len(extra)} more cell(s) than the header has columns"}
-        row: dict[str, Any] = {}
-        for field in IMPORT_FIELDS:
-            if field in record:
-                value = _csv_value(field, record[field])
-                if value is not _ABSENT:
-                    row[field] = value
-        rows.append(row)
-    return labels, rows, errors
-
-
-_ABSENT = object()
-
-
-def _csv_value(field: str, raw: str | None) -> object:
-    """A CSV cell as the type validation expects; unparseable text is kept so validation names it."""
-    text = (raw or "").strip()
-    if field == "is_active":
-        if not text:
-            return _ABSENT  # new rows default to active; --update-existing leaves it as it is
-        lowered = text.lower()
-        return True if lowered in _TRUE else False if lowered in _FALSE else text
-    if not text:
-        return None
-    if field == "credits":
-        return int(text) if _INT_RE.fullmatch(text) else text
-    return text

@@ -10,8 +10,8 @@ a value read into Python first:
 * grant: an upsert (the first top-up creates the account), conditional on the maximum
   balance, and unique per (organization, idempotency key).
 
-Each write is a plain function of a *sync* SQLAlchemy ``Connection`` (``_charge_in``,
-``_refund_in``...), so one body serves both ways of running it: ``SqlStore._write`` runs
+Each write is a plain function of a *sync* SQLAlchemy ``Connection`` (``charge_in``,
+``refund_in``...), so one body serves both ways of running it: ``SqlStore._write`` runs
 it through the async engine (``run_sync``), and on SQLite ``SqliteStore`` hands it to the
 process's one writer thread, which commits many of them in one transaction.
 """
@@ -19,40 +19,26 @@ process's one writer thread, which commits many of them in one transaction.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
-    Row,
-    and_,
-    bindparam,
-    case,
-    cast,
     delete,
-    exists,
-    func,
     insert,
-    literal,
     select,
-    update,
 )
-from sqlalchemy import Date as SqlDate
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import ColumnElement
 
 from .._clock import utcnow
-from ..errors import DuplicateFeature, PricingNotFound, StorageUnavailable
+from ..errors import DuplicateFeature, StorageUnavailable
 from ..models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
-from ..schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
+from ..schema import feature_pricing, holds, idempotency_keys, ledger
 from .base import (
     ChargeOutcome,
     ChargeRequest,
@@ -60,9 +46,27 @@ from .base import (
     ClaimOutcome,
     Completion,
     GrantOutcome,
-    GrantStatus,
     KeyClaim,
     UsageSettlement,
+)
+from .reports import audit_queries, usage_query
+from .writes import (
+    Abandon,
+    balance_in,
+    charge_in,
+    claim_and_charge_in,
+    create_schema_in,
+    delete_expired_keys_in,
+    extend_holds_in,
+    grant_in,
+    granted_in,
+    import_pricing_in,
+    new_pricing_row,
+    pricing_from_row,
+    refund_in,
+    settle_holds_in,
+    settle_usage_in,
+    update_pricing_in,
 )
 
 log = logging.getLogger("credit_guard")
@@ -70,463 +74,11 @@ T = TypeVar("T")
 #: A write: a function of a sync connection inside the transaction that runs it.
 Work = Callable[[Connection], T]
 
-#: The PostgreSQL advisory lock ``create_schema`` holds (a constant: ``credit_g`` in ASCII).
-SCHEMA_LOCK_ID = 0x6372656469745F67
-
-#: What a refund or a settlement copies from the charge it answers.
-_CHARGE_COLUMNS = (
-    ledger.c.organization_id,
-    ledger.c.amount,
-    ledger.c.feature_key,
-    ledger.c.user_id,
-    ledger.c.request_method,
-    ledger.c.request_path,
-)
-
-
-def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:
-    m = row._mapping if isinstance(row, Row) else row
-    return FeaturePricing(
-        id=m["id"],
-        feature_key=m["feature_key"],
-        feature_name=m["feature_name"],
-        category=m["category"],
-        credits=int(m["credits"]),
-        description=m["description"],
-        is_active=bool(m["is_active"]),
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-    )
-
-
-def _new_pricing_row(fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
-    """A pricing row to insert: validated fields plus the id and stamps the store owns."""
-    return {
-        "id": str(uuid.uuid4()),
-        "description": None,
-        "is_active": True,
-        **fields,
-        "created_at": now,
-        "updated_at": now,
-    }
-
-
-def _upsert(dialect: str) -> Any:
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert
-
-
-class _Abandon(Exception):
-    """Rolls back a claim whose charge the balance could not cover."""
-
-    def __init__(self, balance: int) -> None:
-        self.balance = balance
-
 
 def unavailable(exc: BaseException) -> StorageUnavailable:
     """A driver's failure as the one exception the web layer turns into a 503."""
     log.error("credit_guard storage error: %s", exc, exc_info=exc)
     return StorageUnavailable(str(exc))
-
-
-# -- the write bodies: one transaction each, on a sync connection ---------------------------
-
-
-def _balance_in(conn: Connection, organization_id: str) -> int:
-    value = conn.scalar(select(accounts.c.balance).where(accounts.c.organization_id == organization_id))
-    return int(value or 0)
-
-
-def _granted_in(conn: Connection, organization_id: str, idempotency_key: str) -> GrantOutcome | None:
-    row = conn.execute(
-        select(ledger.c.id, ledger.c.amount).where(
-            ledger.c.organization_id == organization_id,
-            ledger.c.idempotency_key == idempotency_key,
-            ledger.c.kind == "grant",
-        )
-    ).first()
-    if row is None:
-        return None
-    return GrantOutcome(GrantStatus.ALREADY_GRANTED, _balance_in(conn, organization_id), int(row.id), int(row.amount))
-
-
-def _grant_in(
-    conn: Connection, dialect: str, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None
-) -> GrantOutcome:
-    if idempotency_key is not None:
-        done = _granted_in(conn, organization_id, idempotency_key)
-        if done is not None:
-            return done
-    now = utcnow()
-    values = _upsert(dialect)(accounts).values(
-        organization_id=organization_id, balance=amount, created_at=now, updated_at=now
-    )
-    stmt = values.on_conflict_do_update(
-        index_elements=[accounts.c.organization_id],
-        set_={"balance": accounts.c.balance + values.excluded.balance, "updated_at": now},
-        where=accounts.c.balance <= MAX_BALANCE - values.excluded.balance,
-    ).returning(accounts.c.balance)
-    balance = conn.execute(stmt).scalar_one_or_none()
-    if balance is None:
-        return GrantOutcome(GrantStatus.OVER_LIMIT, _balance_in(conn, organization_id))
-    entry_id = conn.execute(
-        insert(ledger)
-        .values(
-            organization_id=organization_id,
-            kind="grant",
-            amount=amount,
-            balance_after=balance,
-            reason=reason,
-            idempotency_key=idempotency_key,
-            created_at=now,
-        )
-        .returning(ledger.c.id)
-    ).scalar_one()
-    return GrantOutcome(GrantStatus.GRANTED, int(balance), int(entry_id), amount)
-
-
-def _charge_in(conn: Connection, request: ChargeRequest, charge_id: int | None = None) -> ChargeOutcome:
-    now = utcnow()
-    credits = request.credits
-    balance = conn.execute(
-        update(accounts)
-        .where(and_(accounts.c.organization_id == request.organization_id, accounts.c.balance >= credits))
-        .values(balance=accounts.c.balance - credits, updated_at=now)
-        .returning(accounts.c.balance)
-    ).scalar_one_or_none()
-    if balance is None:
-        return ChargeOutcome(None, _balance_in(conn, request.organization_id))
-    row = {
-        "organization_id": request.organization_id,
-        "kind": "charge",
-        "amount": -credits,
-        "balance_after": balance,
-        "feature_key": request.feature_key,
-        "user_id": request.user_id,
-        "request_method": request.request_method,
-        "request_path": request.request_path,
-        "created_at": now,
-    }
-    new_id = conn.execute(insert(ledger).values(**row).returning(ledger.c.id)).scalar_one()
-    if request.hold_until is not None:
-        conn.execute(insert(holds).values(charge_id=new_id, expires_at=request.hold_until))
-    return ChargeOutcome(int(new_id), int(balance))
-
-
-def _claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
-    """Claim the key and charge for it; a short balance raises _Abandon (rolling the claim back)."""
-    fresh = {
-        "fingerprint": claim.fingerprint,
-        "state": "running",
-        "charge_id": None,
-        "status_code": None,
-        "response_headers": None,
-        "response_body": None,
-        "body_stored": True,
-        "locked_until": claim.locked_until,
-        "expires_at": claim.expires_at,
-        "created_at": claim.now,
-    }
-    keys = idempotency_keys.c
-    org, key = request.organization_id, claim.key
-    stmt = (
-        _upsert(dialect)(idempotency_keys)
-        .values(organization_id=org, idempotency_key=key, **fresh)
-        .on_conflict_do_update(
-            index_elements=[keys.organization_id, keys.idempotency_key],
-            set_=fresh,
-            # A finished key lives until it expires; a running one until its lock runs out
-            # (its process died), never merely because its TTL passed mid-request.
-            # A running key whose charge still has an open hold is not abandoned, whatever
-            # its lock says (its process may only have lost the database for a while).
-            where=((keys.state == "done") & (keys.expires_at < claim.now))
-            | (
-                (keys.state == "running")
-                & (keys.locked_until < claim.now)
-                & ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id))
-            ),
-        )
-        .returning(keys.organization_id)
-    )
-    if conn.execute(stmt).first() is None:
-        row = conn.execute(
-            select(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key)
-        ).one()
-        return ClaimOutcome.for_taken(row._mapping, claim.fingerprint)
-    outcome = _charge_in(conn, request)
-    if outcome.charge_id is None and request.credits > 0:
-        raise _Abandon(outcome.balance)
-    finish: dict[str, Any] = {"charge_id": outcome.charge_id}
-    if claim.finish_now:
-        answer = {
-            "charge_id": outcome.charge_id,
-            "remaining_credits": outcome.balance,
-            "credits_deducted": request.credits,
-        }
-        finish.update(state="done", status_code=200, response_body=json.dumps(answer).encode())
-    conn.execute(
-        update(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key).values(**finish)
-    )
-    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, balance=outcome.balance)
-
-
-def _refund_in(
-    conn: Connection,
-    charge_id: int,
-    reason: str | None,
-    *,
-    credits: int | None = None,
-    expired_before: datetime | None = None,
-) -> RefundResult:
-    if expired_before is not None:
-        closed = conn.scalar(
-            delete(holds)
-            .where(holds.c.charge_id == charge_id, holds.c.expires_at < expired_before)
-            .returning(holds.c.charge_id)
-        )
-        if closed is None:
-            return RefundResult(refunded=False, error="not an expired hold")
-    charge = conn.execute(
-        select(*_CHARGE_COLUMNS, ledger.c.extra_of).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
-    ).first()
-    if charge is None:
-        return RefundResult(refunded=False, error="charge not found")
-    if conn.scalar(select(ledger.c.id).where(ledger.c.refund_of == charge_id)) is not None:
-        return RefundResult(refunded=False, error="already refunded")
-    charged = -int(charge.amount)
-    amount = charged if credits is None else min(credits, charged)
-    conn.execute(delete(holds).where(holds.c.charge_id == charge_id))
-    if amount <= 0:
-        if credits is None:  # a free request failed: its key must not stay locked
-            conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
-        return RefundResult(refunded=False, error="nothing to refund")
-    now = utcnow()
-    balance = conn.execute(
-        update(accounts)
-        .where(accounts.c.organization_id == charge.organization_id)
-        .values(balance=accounts.c.balance + amount, updated_at=now)
-        .returning(accounts.c.balance)
-    ).scalar_one()
-    refund_id = conn.execute(
-        insert(ledger)
-        .values(
-            organization_id=charge.organization_id,
-            kind="refund",
-            amount=amount,
-            balance_after=balance,
-            feature_key=charge.feature_key,
-            user_id=charge.user_id,
-            request_method=charge.request_method,
-            request_path=charge.request_path,
-            reason=reason[:500] if reason else reason,
-            refund_of=charge_id,
-            created_at=now,
-        )
-        .returning(ledger.c.id)
-    ).scalar_one()
-    if credits is None:
-        # A full refund means the request did not happen: its idempotency key is free
-        # again, and a surcharge taken for its usage goes back with it.
-        conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
-        surcharge = conn.execute(
-            select(ledger.c.id).where(ledger.c.extra_of == charge_id, ledger.c.kind == "charge")
-        ).scalar_one_or_none()
-        if surcharge is not None:
-            extra = _refund_in(conn, int(surcharge), reason)
-            if extra.refunded:
-                amount += extra.credits_refunded
-                balance = extra.remaining_credits or balance
-    return RefundResult(
-        refunded=True,
-        credits_refunded=amount,
-        remaining_credits=int(balance),
-        refund_id=int(refund_id),
-        organization_id=charge.organization_id,
-        feature_key=charge.feature_key,
-    )
-
-
-def _settle_holds_in(conn: Connection, charge_ids: Sequence[int], completions: Sequence[Completion]) -> set[int]:
-    settled: set[int] = set()
-    if charge_ids:
-        result = conn.execute(delete(holds).where(holds.c.charge_id.in_(list(charge_ids))).returning(holds.c.charge_id))
-        settled = {int(row[0]) for row in result}
-    if completions:
-        # One executemany: asyncpg pipelines it (one round trip for the batch).
-        conn.execute(
-            update(idempotency_keys)
-            .where(
-                idempotency_keys.c.organization_id == bindparam("done_org"),
-                idempotency_keys.c.idempotency_key == bindparam("done_key"),
-                idempotency_keys.c.state == "running",
-            )
-            .values(
-                state="done",
-                status_code=bindparam("status_code"),
-                response_headers=bindparam("response_headers"),
-                response_body=bindparam("response_body"),
-                body_stored=bindparam("body_stored"),
-                expires_at=bindparam("expires_at"),
-            ),
-            [
-                {
-                    "done_org": done.organization_id,
-                    "done_key": done.idempotency_key,
-                    "status_code": done.status_code,
-                    "response_headers": done.response_headers,
-                    "response_body": done.response_body,
-                    "body_stored": done.body_stored,
-                    "expires_at": done.expires_at,
-                }
-                for done in completions
-            ],
-        )
-    return settled
-
-
-def _settle_usage_in(conn: Connection, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement:
-    closed = conn.scalar(delete(holds).where(holds.c.charge_id == charge_id).returning(holds.c.charge_id))
-    charge = conn.execute(select(*_CHARGE_COLUMNS).where(ledger.c.id == charge_id, ledger.c.kind == "charge")).first()
-    if closed is None or charge is None:
-        return UsageSettlement()
-    moved = UsageSettlement(
-        organization_id=charge.organization_id, feature_key=charge.feature_key, user_id=charge.user_id
-    )
-    held = -int(charge.amount)
-    if used < held:
-        refund = _refund_in(conn, charge_id, reason, credits=held - used)
-        return replace(
-            moved, refunded=refund.credits_refunded, balance=refund.remaining_credits, refund_id=refund.refund_id
-        )
-    extra = min(used - held, max_extra)
-    if extra <= 0:
-        return moved
-    # Lock the account row first (an UPDATE that changes nothing but the stamp): the
-    # balance it returns cannot move until we commit, and the debit below is still
-    # conditional, so even a wrong sum here could never overdraw.
-    now = utcnow()
-    locked = conn.scalar(
-        update(accounts)
-        .where(accounts.c.organization_id == charge.organization_id)
-        .values(updated_at=now)
-        .returning(accounts.c.balance)
-    )
-    taken = min(extra, int(locked or 0))
-    if taken <= 0:
-        return moved
-    balance = conn.scalar(
-        update(accounts)
-        .where(accounts.c.organization_id == charge.organization_id, accounts.c.balance >= taken)
-        .values(balance=accounts.c.balance - taken)
-        .returning(accounts.c.balance)
-    )
-    assert balance is not None
-    conn.execute(
-        insert(ledger).values(
-            organization_id=charge.organization_id,
-            kind="charge",
-            amount=-taken,
-            balance_after=balance,
-            feature_key=charge.feature_key,
-            user_id=charge.user_id,
-            request_method=charge.request_method,
-            request_path=charge.request_path,
-            reason=reason[:500] if reason else reason,
-            extra_of=charge_id,
-            created_at=now,
-        )
-    )
-    return replace(moved, extra=taken, balance=int(balance))
-
-
-def _extend_holds_in(conn: Connection, charge_ids: Sequence[int], until: datetime) -> set[int]:
-    still: set[int] = set()
-    ids = list(charge_ids)
-    for start in range(0, len(ids), 1000):  # bound the bind parameters per statement
-        chunk = ids[start : start + 1000]
-        result = conn.execute(
-            update(holds).where(holds.c.charge_id.in_(chunk)).values(expires_at=until).returning(holds.c.charge_id)
-        )
-        still |= {int(row[0]) for row in result}
-        conn.execute(
-            update(idempotency_keys)
-            .where(idempotency_keys.c.charge_id.in_(chunk), idempotency_keys.c.state == "running")
-            .values(locked_until=until)
-        )
-    return still
-
-
-def _delete_expired_keys_in(conn: Connection, now: datetime) -> int:
-    keys = idempotency_keys.c
-    # Two statements, not one OR: each can use its own condition's index.
-    done = conn.execute(delete(idempotency_keys).where(keys.state == "done", keys.expires_at < now))
-    dead = conn.execute(
-        delete(idempotency_keys).where(
-            keys.state == "running",
-            keys.locked_until < now,
-            keys.charge_id.is_(None) | ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id)),
-        )
-    )
-    return int(done.rowcount or 0) + int(dead.rowcount or 0)
-
-
-def _create_schema_in(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
-    metadata.create_all(conn, checkfirst=True)
-
-
-def _update_pricing_in(conn: Connection, pricing_id: str, changes: Mapping[str, Any]) -> tuple[FeaturePricing, str]:
-    old_key = conn.scalar(select(feature_pricing.c.feature_key).where(feature_pricing.c.id == pricing_id))
-    if old_key is None:
-        raise PricingNotFound(pricing_id)
-    row = conn.execute(
-        update(feature_pricing)
-        .where(feature_pricing.c.id == pricing_id)
-        .values(**changes, updated_at=utcnow())
-        .returning(feature_pricing)
-    ).one()
-    return pricing_from_row(row), old_key
-
-
-def _import_pricing_in(
-    conn: Connection, rows: Sequence[Mapping[str, Any]], update_existing: bool
-) -> tuple[list[FeaturePricing], list[FeaturePricing]]:
-    now = utcnow()
-    created: list[FeaturePricing] = []
-    updated: list[FeaturePricing] = []
-    keys = [str(row["feature_key"]) for row in rows]
-    existing: dict[str, str] = {
-        key: pricing_id
-        for key, pricing_id in conn.execute(
-            select(feature_pricing.c.feature_key, feature_pricing.c.id).where(feature_pricing.c.feature_key.in_(keys))
-        )
-    }
-    for fields in rows:
-        pricing_id = existing.get(str(fields["feature_key"]))
-        if pricing_id is not None and not update_existing:
-            raise DuplicateFeature(str(fields["feature_key"]))
-        if pricing_id is not None:
-            stmt = (
-                update(feature_pricing)
-                .where(feature_pricing.c.id == pricing_id)
-                .values(**fields, updated_at=now)
-                .returning(feature_pricing)
-            )
-            updated.append(pricing_from_row(conn.execute(stmt).one()))
-        else:
-            values = _new_pricing_row(fields, now)
-            created.append(
-                pricing_from_row(
-                    conn.execute(insert(feature_pricing).values(**values).returning(feature_pricing)).one()
-                )
-            )
-    return created, updated
 
 
 class SqlStore:
@@ -598,7 +150,7 @@ class SqlStore:
         the creation holds a transaction-scoped advisory lock; the others wait, then find
         the tables there. On SQLite the write transaction (``BEGIN IMMEDIATE``) is that lock.
         """
-        await self._write(_create_schema_in)
+        await self._write(create_schema_in)
 
     # -- pricing --------------------------------------------------------------------------
 
@@ -626,7 +178,7 @@ class SqlStore:
         return [pricing_from_row(row) for row in rows]
 
     async def create_pricing(self, fields: Mapping[str, Any]) -> FeaturePricing:
-        values = _new_pricing_row(fields, utcnow())
+        values = new_pricing_row(fields, utcnow())
 
         def work(conn: Connection) -> FeaturePricing:
             return pricing_from_row(
@@ -641,7 +193,7 @@ class SqlStore:
     async def update_pricing(self, pricing_id: str, changes: Mapping[str, Any]) -> tuple[FeaturePricing, str]:
         """Apply changes; returns the new row and the key it had before (for cache invalidation)."""
         try:
-            return await self._write(partial(_update_pricing_in, pricing_id=pricing_id, changes=changes))
+            return await self._write(partial(update_pricing_in, pricing_id=pricing_id, changes=changes))
         except IntegrityError as exc:
             raise DuplicateFeature(str(changes.get("feature_key"))) from exc
 
@@ -663,7 +215,7 @@ class SqlStore:
         concurrently, or a connection lost halfway rolls back every row.
         """
         try:
-            return await self._write(partial(_import_pricing_in, rows=rows, update_existing=update_existing))
+            return await self._write(partial(import_pricing_in, rows=rows, update_existing=update_existing))
         except IntegrityError as exc:
             raise DuplicateFeature(", ".join(str(row["feature_key"]) for row in rows)) from exc
 
@@ -680,7 +232,7 @@ class SqlStore:
         is part of the upsert's condition, so nothing is written when it would be passed.
         """
         work = partial(
-            _grant_in,
+            grant_in,
             dialect=self.dialect,
             organization_id=organization_id,
             amount=amount,
@@ -694,7 +246,7 @@ class SqlStore:
             if idempotency_key is None:
                 raise
             done = await self._read(
-                partial(_granted_in, organization_id=organization_id, idempotency_key=idempotency_key)
+                partial(granted_in, organization_id=organization_id, idempotency_key=idempotency_key)
             )
             if done is None:
                 raise
@@ -702,7 +254,7 @@ class SqlStore:
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
         """Take ``request.credits`` if the balance covers them; a hold when ``hold_until`` is set."""
-        return await self._write(partial(_charge_in, request=request))
+        return await self._write(partial(charge_in, request=request))
 
     async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
         """Claim an idempotency key and charge for it in ONE transaction.
@@ -714,8 +266,8 @@ class SqlStore:
         is taken over by the same upsert.
         """
         try:
-            return await self._write(partial(_claim_and_charge_in, dialect=self.dialect, request=request, claim=claim))
-        except _Abandon as short:
+            return await self._write(partial(claim_and_charge_in, dialect=self.dialect, request=request, claim=claim))
+        except Abandon as short:
             return ClaimOutcome(ClaimKind.INSUFFICIENT, balance=short.balance)
 
     async def refund(
@@ -735,7 +287,7 @@ class SqlStore:
         sweeper's condition: refund only a hold still open and expired at that moment,
         decided by one conditional DELETE that a racing settle cannot slip past.
         """
-        work = partial(_refund_in, charge_id=charge_id, reason=reason, credits=credits, expired_before=expired_before)
+        work = partial(refund_in, charge_id=charge_id, reason=reason, credits=credits, expired_before=expired_before)
         try:
             return await self._write(work)
         except IntegrityError:
@@ -748,14 +300,14 @@ class SqlStore:
         Returns the ids that were still held: a missing one was refunded meanwhile (by a
         failure or by the sweeper, if its request outlived its hold).
         """
-        return await self._write(partial(_settle_holds_in, charge_ids=charge_ids, completions=completions))
+        return await self._write(partial(settle_holds_in, charge_ids=charge_ids, completions=completions))
 
     async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement:
         """Close a hold at what the request really used: refund the unused part, or take up
         to ``max_extra`` more (never more than the balance holds). Exactly once: the hold
         is closed by a conditional DELETE in the same transaction. Returns what moved
         (nothing when the hold was already closed)."""
-        work = partial(_settle_usage_in, charge_id=charge_id, used=used, max_extra=max_extra, reason=reason)
+        work = partial(settle_usage_in, charge_id=charge_id, used=used, max_extra=max_extra, reason=reason)
         try:
             return await self._write(work)
         except IntegrityError:
@@ -766,7 +318,7 @@ class SqlStore:
         returns the ids still held (the others were settled or refunded, maybe elsewhere)."""
         if not charge_ids:
             return set()
-        return await self._write(partial(_extend_holds_in, charge_ids=charge_ids, until=until))
+        return await self._write(partial(extend_holds_in, charge_ids=charge_ids, until=until))
 
     async def expired_holds(self, now: datetime, limit: int) -> list[int]:
         async with self._tx() as conn:
@@ -798,65 +350,18 @@ class SqlStore:
         await self._write(work)
 
     async def delete_expired_keys(self, now: datetime) -> int:
-        return await self._write(partial(_delete_expired_keys_in, now=now))
+        return await self._write(partial(delete_expired_keys_in, now=now))
 
     # -- reads ----------------------------------------------------------------------------
 
     async def balance(self, organization_id: str) -> int:
-        return await self._read(partial(_balance_in, organization_id=organization_id))
+        return await self._read(partial(balance_in, organization_id=organization_id))
 
     async def audit(self) -> list[AuditIssue]:
         """Every account whose balance is not the sum of its ledger, and every malformed refund."""
-        sums = (
-            select(ledger.c.organization_id, func.sum(ledger.c.amount).label("total"))
-            .group_by(ledger.c.organization_id)
-            .subquery()
-        )
-        total = func.coalesce(sums.c.total, 0)
-        mismatched = (
-            select(accounts.c.organization_id, accounts.c.balance, total.label("total"))
-            .select_from(accounts.outerjoin(sums, sums.c.organization_id == accounts.c.organization_id))
-            .where(accounts.c.balance != total)
-        )
-        orphans = (
-            select(sums.c.organization_id, sums.c.total)
-            .select_from(sums.outerjoin(accounts, sums.c.organization_id == accounts.c.organization_id))
-            .where(accounts.c.organization_id.is_(None))
-        )
-        charge = ledger.alias("charge")
-        bad_refunds = (
-            select(ledger.c.organization_id, ledger.c.id)
-            .select_from(ledger.outerjoin(charge, charge.c.id == ledger.c.refund_of))
-            .where(
-                ledger.c.kind == "refund",
-                (charge.c.id.is_(None))
-                | (charge.c.kind != "charge")
-                | (charge.c.organization_id != ledger.c.organization_id)
-                # A partial refund (unused reserve) may be smaller than its charge, never larger.
-                | (literal(0) - charge.c.amount < ledger.c.amount),
-            )
-        )
-        bad_extras = (
-            select(ledger.c.organization_id, ledger.c.id)
-            .select_from(ledger.outerjoin(charge, charge.c.id == ledger.c.extra_of))
-            .where(
-                ledger.c.extra_of.isnot(None),
-                (charge.c.id.is_(None))
-                | (charge.c.kind != "charge")
-                | (charge.c.extra_of.isnot(None))
-                | (charge.c.organization_id != ledger.c.organization_id),
-            )
-        )
-        refund = ledger.alias("refund")
-        bad_holds = (
-            select(holds.c.charge_id, charge.c.organization_id)
-            .select_from(
-                holds.outerjoin(charge, charge.c.id == holds.c.charge_id).outerjoin(
-                    refund, refund.c.refund_of == holds.c.charge_id
-                )
-            )
-            .where((charge.c.id.is_(None)) | (charge.c.kind != "charge") | (refund.c.id.isnot(None)))
-        )
+        queries = audit_queries()
+        mismatched, orphans = queries["mismatched"], queries["orphans"]
+        bad_refunds, bad_extras, bad_holds = queries["bad_refunds"], queries["bad_extras"], queries["bad_holds"]
         async with self._tx() as conn:
             issues = [
                 AuditIssue(row.organization_id, "balance differs from ledger", int(row.balance), int(row.total))
@@ -890,42 +395,13 @@ class SqlStore:
         until: datetime | None = None,
     ) -> list[UsageRow]:
         """Charges and refunds per day, feature or organization, newest day / biggest first."""
-        key: ColumnElement[Any]
-        if group_by == "day":
-            key = cast(ledger.c.created_at, SqlDate) if self.dialect == "postgresql" else func.date(ledger.c.created_at)
-        elif group_by == "feature":
-            key = ledger.c.feature_key
-        elif group_by == "org":
-            key = ledger.c.organization_id
-        else:
-            raise ValueError(f"group_by must be day, feature or org, not {group_by!r}")
-        is_charge = ledger.c.kind == "charge"
-        # A surcharge (usage beyond the reserve) adds credits to its charge, not a charge.
-        is_first_charge = and_(is_charge, ledger.c.extra_of.is_(None))
-        is_refund = ledger.c.kind == "refund"
-        query = (
-            select(
-                key.label("key"),
-                func.sum(case((is_first_charge, 1), else_=0)).label("charges"),
-                func.sum(case((is_charge, -ledger.c.amount), else_=0)).label("credits_charged"),
-                func.sum(case((is_refund, 1), else_=0)).label("refunds"),
-                func.sum(case((is_refund, ledger.c.amount), else_=0)).label("credits_refunded"),
-            )
-            .where(ledger.c.kind.in_(("charge", "refund")))
-            .group_by(key)
-        )
-        if organization_id is not None:
-            query = query.where(ledger.c.organization_id == organization_id)
-        if feature_key is not None:
-            query = query.where(ledger.c.feature_key == feature_key)
-        if since is not None:
-            query = query.where(ledger.c.created_at >= since)
-        if until is not None:
-            query = query.where(ledger.c.created_at < until)
-        query = (
-            query.order_by(key.desc())
-            if group_by == "day"
-            else query.order_by(func.sum(case((is_charge, -ledger.c.amount), else_=0)).desc(), key)
+        query = usage_query(
+            self.dialect,
+            group_by=group_by,
+            organization_id=organization_id,
+            feature_key=feature_key,
+            since=since,
+            until=until,
         )
         async with self._tx() as conn:
             rows = (await conn.execute(query)).all()

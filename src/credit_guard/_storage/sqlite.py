@@ -203,7 +203,7 @@ class SqliteWriter:
                         break
                 except SQLAlchemyError:
                     raise  # the connection or the file failed: the whole batch is in doubt
-                except Exception as exc:  # a write's own refusal (_Abandon, PricingNotFound...)
+                except Exception as exc:  # a write's own refusal (Abandon, PricingNotFound...)
                     job.error = exc
                     if single:
                         transaction.rollback()

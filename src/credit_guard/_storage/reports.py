@@ -1,0 +1,129 @@
+"""The read-only reports: what ``audit()`` checks and what ``usage_report()`` sums.
+
+Queries only (SQLAlchemy Core, every dialect); ``SqlStore`` runs them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Date as SqlDate
+from sqlalchemy import Select, and_, case, cast, func, literal, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from ..models import UsageGroup
+from ..schema import accounts, holds, ledger
+
+
+def audit_queries() -> dict[str, Select[Any]]:
+    """Each way the books can fail to add up, as a query of the rows that fail it:
+    balances that differ from their ledger, ledger rows without an account, refunds and
+    overage rows that do not point at a charge of theirs, holds that are not open charges."""
+    sums = (
+        select(ledger.c.organization_id, func.sum(ledger.c.amount).label("total"))
+        .group_by(ledger.c.organization_id)
+        .subquery()
+    )
+    total = func.coalesce(sums.c.total, 0)
+    mismatched = (
+        select(accounts.c.organization_id, accounts.c.balance, total.label("total"))
+        .select_from(accounts.outerjoin(sums, sums.c.organization_id == accounts.c.organization_id))
+        .where(accounts.c.balance != total)
+    )
+    orphans = (
+        select(sums.c.organization_id, sums.c.total)
+        .select_from(sums.outerjoin(accounts, sums.c.organization_id == accounts.c.organization_id))
+        .where(accounts.c.organization_id.is_(None))
+    )
+    charge = ledger.alias("charge")
+    bad_refunds = (
+        select(ledger.c.organization_id, ledger.c.id)
+        .select_from(ledger.outerjoin(charge, charge.c.id == ledger.c.refund_of))
+        .where(
+            ledger.c.kind == "refund",
+            (charge.c.id.is_(None))
+            | (charge.c.kind != "charge")
+            | (charge.c.organization_id != ledger.c.organization_id)
+            # A partial refund (unused reserve) may be smaller than its charge, never larger.
+            | (literal(0) - charge.c.amount < ledger.c.amount),
+        )
+    )
+    bad_extras = (
+        select(ledger.c.organization_id, ledger.c.id)
+        .select_from(ledger.outerjoin(charge, charge.c.id == ledger.c.extra_of))
+        .where(
+            ledger.c.extra_of.isnot(None),
+            (charge.c.id.is_(None))
+            | (charge.c.kind != "charge")
+            | (charge.c.extra_of.isnot(None))
+            | (charge.c.organization_id != ledger.c.organization_id),
+        )
+    )
+    refund = ledger.alias("refund")
+    bad_holds = (
+        select(holds.c.charge_id, charge.c.organization_id)
+        .select_from(
+            holds.outerjoin(charge, charge.c.id == holds.c.charge_id).outerjoin(
+                refund, refund.c.refund_of == holds.c.charge_id
+            )
+        )
+        .where((charge.c.id.is_(None)) | (charge.c.kind != "charge") | (refund.c.id.isnot(None)))
+    )
+    return {
+        "mismatched": mismatched,
+        "orphans": orphans,
+        "bad_refunds": bad_refunds,
+        "bad_extras": bad_extras,
+        "bad_holds": bad_holds,
+    }
+
+
+def usage_query(
+    dialect: str,
+    *,
+    group_by: UsageGroup,
+    organization_id: str | None,
+    feature_key: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> Select[Any]:
+    """Charges and refunds per day, feature or organization, newest day / biggest first."""
+    key: ColumnElement[Any]
+    if group_by == "day":
+        key = cast(ledger.c.created_at, SqlDate) if dialect == "postgresql" else func.date(ledger.c.created_at)
+    elif group_by == "feature":
+        key = ledger.c.feature_key
+    elif group_by == "org":
+        key = ledger.c.organization_id
+    else:
+        raise ValueError(f"group_by must be day, feature or org, not {group_by!r}")
+    is_charge = ledger.c.kind == "charge"
+    # A surcharge (usage beyond the reserve) adds credits to its charge, not a charge.
+    is_first_charge = and_(is_charge, ledger.c.extra_of.is_(None))
+    is_refund = ledger.c.kind == "refund"
+    query = (
+        select(
+            key.label("key"),
+            func.sum(case((is_first_charge, 1), else_=0)).label("charges"),
+            func.sum(case((is_charge, -ledger.c.amount), else_=0)).label("credits_charged"),
+            func.sum(case((is_refund, 1), else_=0)).label("refunds"),
+            func.sum(case((is_refund, ledger.c.amount), else_=0)).label("credits_refunded"),
+        )
+        .where(ledger.c.kind.in_(("charge", "refund")))
+        .group_by(key)
+    )
+    if organization_id is not None:
+        query = query.where(ledger.c.organization_id == organization_id)
+    if feature_key is not None:
+        query = query.where(ledger.c.feature_key == feature_key)
+    if since is not None:
+        query = query.where(ledger.c.created_at >= since)
+    if until is not None:
+        query = query.where(ledger.c.created_at < until)
+    query = (
+        query.order_by(key.desc())
+        if group_by == "day"
+        else query.order_by(func.sum(case((is_charge, -ledger.c.amount), else_=0)).desc(), key)
+    )
+    return query

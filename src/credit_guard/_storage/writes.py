@@ -1,0 +1,486 @@
+"""The write bodies: each one transaction's work, a function of a sync SQLAlchemy Connection.
+
+One body serves both ways of running it: ``SqlStore._write`` runs it through the async
+engine (``run_sync``), and on SQLite the process's one writer thread runs many of them in
+one transaction (``sqlite.py``). Each money decision is a conditional statement here,
+never a value read into Python first.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, update
+
+from .._clock import utcnow
+from ..errors import DuplicateFeature, PricingNotFound
+from ..models import FeaturePricing, RefundResult
+from ..schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
+from .base import (
+    ChargeOutcome,
+    ChargeRequest,
+    ClaimKind,
+    ClaimOutcome,
+    Completion,
+    GrantOutcome,
+    GrantStatus,
+    KeyClaim,
+    UsageSettlement,
+)
+
+#: The PostgreSQL advisory lock ``create_schema`` holds (a constant: ``credit_g`` in ASCII).
+SCHEMA_LOCK_ID = 0x6372656469745F67
+
+#: What a refund or a settlement copies from the charge it answers.
+CHARGE_COLUMNS = (
+    ledger.c.organization_id,
+    ledger.c.amount,
+    ledger.c.feature_key,
+    ledger.c.user_id,
+    ledger.c.request_method,
+    ledger.c.request_path,
+)
+
+
+def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:
+    m = row._mapping if isinstance(row, Row) else row
+    return FeaturePricing(
+        id=m["id"],
+        feature_key=m["feature_key"],
+        feature_name=m["feature_name"],
+        category=m["category"],
+        credits=int(m["credits"]),
+        description=m["description"],
+        is_active=bool(m["is_active"]),
+        created_at=m["created_at"],
+        updated_at=m["updated_at"],
+    )
+
+
+def new_pricing_row(fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """A pricing row to insert: validated fields plus the id and stamps the store owns."""
+    return {
+        "id": str(uuid.uuid4()),
+        "description": None,
+        "is_active": True,
+        **fields,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def upsert(dialect: str) -> Any:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert
+
+
+class Abandon(Exception):
+    """Rolls back a claim whose charge the balance could not cover."""
+
+    def __init__(self, balance: int) -> None:
+        self.balance = balance
+
+
+# -- the write bodies: one transaction each, on a sync connection ---------------------------
+
+
+def balance_in(conn: Connection, organization_id: str) -> int:
+    value = conn.scalar(select(accounts.c.balance).where(accounts.c.organization_id == organization_id))
+    return int(value or 0)
+
+
+def granted_in(conn: Connection, organization_id: str, idempotency_key: str) -> GrantOutcome | None:
+    row = conn.execute(
+        select(ledger.c.id, ledger.c.amount).where(
+            ledger.c.organization_id == organization_id,
+            ledger.c.idempotency_key == idempotency_key,
+            ledger.c.kind == "grant",
+        )
+    ).first()
+    if row is None:
+        return None
+    return GrantOutcome(GrantStatus.ALREADY_GRANTED, balance_in(conn, organization_id), int(row.id), int(row.amount))
+
+
+def grant_in(
+    conn: Connection, dialect: str, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None
+) -> GrantOutcome:
+    if idempotency_key is not None:
+        done = granted_in(conn, organization_id, idempotency_key)
+        if done is not None:
+            return done
+    now = utcnow()
+    values = upsert(dialect)(accounts).values(
+        organization_id=organization_id, balance=amount, created_at=now, updated_at=now
+    )
+    stmt = values.on_conflict_do_update(
+        index_elements=[accounts.c.organization_id],
+        set_={"balance": accounts.c.balance + values.excluded.balance, "updated_at": now},
+        where=accounts.c.balance <= MAX_BALANCE - values.excluded.balance,
+    ).returning(accounts.c.balance)
+    balance = conn.execute(stmt).scalar_one_or_none()
+    if balance is None:
+        return GrantOutcome(GrantStatus.OVER_LIMIT, balance_in(conn, organization_id))
+    entry_id = conn.execute(
+        insert(ledger)
+        .values(
+            organization_id=organization_id,
+            kind="grant",
+            amount=amount,
+            balance_after=balance,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            created_at=now,
+        )
+        .returning(ledger.c.id)
+    ).scalar_one()
+    return GrantOutcome(GrantStatus.GRANTED, int(balance), int(entry_id), amount)
+
+
+def charge_in(conn: Connection, request: ChargeRequest, charge_id: int | None = None) -> ChargeOutcome:
+    now = utcnow()
+    credits = request.credits
+    balance = conn.execute(
+        update(accounts)
+        .where(and_(accounts.c.organization_id == request.organization_id, accounts.c.balance >= credits))
+        .values(balance=accounts.c.balance - credits, updated_at=now)
+        .returning(accounts.c.balance)
+    ).scalar_one_or_none()
+    if balance is None:
+        return ChargeOutcome(None, balance_in(conn, request.organization_id))
+    row = {
+        "organization_id": request.organization_id,
+        "kind": "charge",
+        "amount": -credits,
+        "balance_after": balance,
+        "feature_key": request.feature_key,
+        "user_id": request.user_id,
+        "request_method": request.request_method,
+        "request_path": request.request_path,
+        "created_at": now,
+    }
+    new_id = conn.execute(insert(ledger).values(**row).returning(ledger.c.id)).scalar_one()
+    if request.hold_until is not None:
+        conn.execute(insert(holds).values(charge_id=new_id, expires_at=request.hold_until))
+    return ChargeOutcome(int(new_id), int(balance))
+
+
+def claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+    """Claim the key and charge for it; a short balance raises Abandon (rolling the claim back)."""
+    fresh = {
+        "fingerprint": claim.fingerprint,
+        "state": "running",
+        "charge_id": None,
+        "status_code": None,
+        "response_headers": None,
+        "response_body": None,
+        "body_stored": True,
+        "locked_until": claim.locked_until,
+        "expires_at": claim.expires_at,
+        "created_at": claim.now,
+    }
+    keys = idempotency_keys.c
+    org, key = request.organization_id, claim.key
+    stmt = (
+        upsert(dialect)(idempotency_keys)
+        .values(organization_id=org, idempotency_key=key, **fresh)
+        .on_conflict_do_update(
+            index_elements=[keys.organization_id, keys.idempotency_key],
+            set_=fresh,
+            # A finished key lives until it expires; a running one until its lock runs out
+            # (its process died), never merely because its TTL passed mid-request.
+            # A running key whose charge still has an open hold is not abandoned, whatever
+            # its lock says (its process may only have lost the database for a while).
+            where=((keys.state == "done") & (keys.expires_at < claim.now))
+            | (
+                (keys.state == "running")
+                & (keys.locked_until < claim.now)
+                & ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id))
+            ),
+        )
+        .returning(keys.organization_id)
+    )
+    if conn.execute(stmt).first() is None:
+        row = conn.execute(
+            select(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key)
+        ).one()
+        return ClaimOutcome.for_taken(row._mapping, claim.fingerprint)
+    outcome = charge_in(conn, request)
+    if outcome.charge_id is None and request.credits > 0:
+        raise Abandon(outcome.balance)
+    finish: dict[str, Any] = {"charge_id": outcome.charge_id}
+    if claim.finish_now:
+        answer = {
+            "charge_id": outcome.charge_id,
+            "remaining_credits": outcome.balance,
+            "credits_deducted": request.credits,
+        }
+        finish.update(state="done", status_code=200, response_body=json.dumps(answer).encode())
+    conn.execute(
+        update(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key).values(**finish)
+    )
+    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, balance=outcome.balance)
+
+
+def refund_in(
+    conn: Connection,
+    charge_id: int,
+    reason: str | None,
+    *,
+    credits: int | None = None,
+    expired_before: datetime | None = None,
+) -> RefundResult:
+    if expired_before is not None:
+        closed = conn.scalar(
+            delete(holds)
+            .where(holds.c.charge_id == charge_id, holds.c.expires_at < expired_before)
+            .returning(holds.c.charge_id)
+        )
+        if closed is None:
+            return RefundResult(refunded=False, error="not an expired hold")
+    charge = conn.execute(
+        select(*CHARGE_COLUMNS, ledger.c.extra_of).where(ledger.c.id == charge_id, ledger.c.kind == "charge")
+    ).first()
+    if charge is None:
+        return RefundResult(refunded=False, error="charge not found")
+    if conn.scalar(select(ledger.c.id).where(ledger.c.refund_of == charge_id)) is not None:
+        return RefundResult(refunded=False, error="already refunded")
+    charged = -int(charge.amount)
+    amount = charged if credits is None else min(credits, charged)
+    conn.execute(delete(holds).where(holds.c.charge_id == charge_id))
+    if amount <= 0:
+        if credits is None:  # a free request failed: its key must not stay locked
+            conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
+        return RefundResult(refunded=False, error="nothing to refund")
+    now = utcnow()
+    balance = conn.execute(
+        update(accounts)
+        .where(accounts.c.organization_id == charge.organization_id)
+        .values(balance=accounts.c.balance + amount, updated_at=now)
+        .returning(accounts.c.balance)
+    ).scalar_one()
+    refund_id = conn.execute(
+        insert(ledger)
+        .values(
+            organization_id=charge.organization_id,
+            kind="refund",
+            amount=amount,
+            balance_after=balance,
+            feature_key=charge.feature_key,
+            user_id=charge.user_id,
+            request_method=charge.request_method,
+            request_path=charge.request_path,
+            reason=reason[:500] if reason else reason,
+            refund_of=charge_id,
+            created_at=now,
+        )
+        .returning(ledger.c.id)
+    ).scalar_one()
+    if credits is None:
+        # A full refund means the request did not happen: its idempotency key is free
+        # again, and a surcharge taken for its usage goes back with it.
+        conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
+        surcharge = conn.execute(
+            select(ledger.c.id).where(ledger.c.extra_of == charge_id, ledger.c.kind == "charge")
+        ).scalar_one_or_none()
+        if surcharge is not None:
+            extra = refund_in(conn, int(surcharge), reason)
+            if extra.refunded:
+                amount += extra.credits_refunded
+                balance = extra.remaining_credits or balance
+    return RefundResult(
+        refunded=True,
+        credits_refunded=amount,
+        remaining_credits=int(balance),
+        refund_id=int(refund_id),
+        organization_id=charge.organization_id,
+        feature_key=charge.feature_key,
+    )
+
+
+def settle_holds_in(conn: Connection, charge_ids: Sequence[int], completions: Sequence[Completion]) -> set[int]:
+    settled: set[int] = set()
+    if charge_ids:
+        result = conn.execute(delete(holds).where(holds.c.charge_id.in_(list(charge_ids))).returning(holds.c.charge_id))
+        settled = {int(row[0]) for row in result}
+    if completions:
+        # One executemany: asyncpg pipelines it (one round trip for the batch).
+        conn.execute(
+            update(idempotency_keys)
+            .where(
+                idempotency_keys.c.organization_id == bindparam("done_org"),
+                idempotency_keys.c.idempotency_key == bindparam("done_key"),
+                idempotency_keys.c.state == "running",
+            )
+            .values(
+                state="done",
+                status_code=bindparam("status_code"),
+                response_headers=bindparam("response_headers"),
+                response_body=bindparam("response_body"),
+                body_stored=bindparam("body_stored"),
+                expires_at=bindparam("expires_at"),
+            ),
+            [
+                {
+                    "done_org": done.organization_id,
+                    "done_key": done.idempotency_key,
+                    "status_code": done.status_code,
+                    "response_headers": done.response_headers,
+                    "response_body": done.response_body,
+                    "body_stored": done.body_stored,
+                    "expires_at": done.expires_at,
+                }
+                for done in completions
+            ],
+        )
+    return settled
+
+
+def settle_usage_in(conn: Connection, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement:
+    closed = conn.scalar(delete(holds).where(holds.c.charge_id == charge_id).returning(holds.c.charge_id))
+    charge = conn.execute(select(*CHARGE_COLUMNS).where(ledger.c.id == charge_id, ledger.c.kind == "charge")).first()
+    if closed is None or charge is None:
+        return UsageSettlement()
+    moved = UsageSettlement(
+        organization_id=charge.organization_id, feature_key=charge.feature_key, user_id=charge.user_id
+    )
+    held = -int(charge.amount)
+    if used < held:
+        refund = refund_in(conn, charge_id, reason, credits=held - used)
+        return replace(
+            moved, refunded=refund.credits_refunded, balance=refund.remaining_credits, refund_id=refund.refund_id
+        )
+    extra = min(used - held, max_extra)
+    if extra <= 0:
+        return moved
+    # Lock the account row first (an UPDATE that changes nothing but the stamp): the
+    # balance it returns cannot move until we commit, and the debit below is still
+    # conditional, so even a wrong sum here could never overdraw.
+    now = utcnow()
+    locked = conn.scalar(
+        update(accounts)
+        .where(accounts.c.organization_id == charge.organization_id)
+        .values(updated_at=now)
+        .returning(accounts.c.balance)
+    )
+    taken = min(extra, int(locked or 0))
+    if taken <= 0:
+        return moved
+    balance = conn.scalar(
+        update(accounts)
+        .where(accounts.c.organization_id == charge.organization_id, accounts.c.balance >= taken)
+        .values(balance=accounts.c.balance - taken)
+        .returning(accounts.c.balance)
+    )
+    assert balance is not None
+    conn.execute(
+        insert(ledger).values(
+            organization_id=charge.organization_id,
+            kind="charge",
+            amount=-taken,
+            balance_after=balance,
+            feature_key=charge.feature_key,
+            user_id=charge.user_id,
+            request_method=charge.request_method,
+            request_path=charge.request_path,
+            reason=reason[:500] if reason else reason,
+            extra_of=charge_id,
+            created_at=now,
+        )
+    )
+    return replace(moved, extra=taken, balance=int(balance))
+
+
+def extend_holds_in(conn: Connection, charge_ids: Sequence[int], until: datetime) -> set[int]:
+    still: set[int] = set()
+    ids = list(charge_ids)
+    for start in range(0, len(ids), 1000):  # bound the bind parameters per statement
+        chunk = ids[start : start + 1000]
+        result = conn.execute(
+            update(holds).where(holds.c.charge_id.in_(chunk)).values(expires_at=until).returning(holds.c.charge_id)
+        )
+        still |= {int(row[0]) for row in result}
+        conn.execute(
+            update(idempotency_keys)
+            .where(idempotency_keys.c.charge_id.in_(chunk), idempotency_keys.c.state == "running")
+            .values(locked_until=until)
+        )
+    return still
+
+
+def delete_expired_keys_in(conn: Connection, now: datetime) -> int:
+    keys = idempotency_keys.c
+    # Two statements, not one OR: each can use its own condition's index.
+    done = conn.execute(delete(idempotency_keys).where(keys.state == "done", keys.expires_at < now))
+    dead = conn.execute(
+        delete(idempotency_keys).where(
+            keys.state == "running",
+            keys.locked_until < now,
+            keys.charge_id.is_(None) | ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id)),
+        )
+    )
+    return int(done.rowcount or 0) + int(dead.rowcount or 0)
+
+
+def create_schema_in(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
+    metadata.create_all(conn, checkfirst=True)
+
+
+def update_pricing_in(conn: Connection, pricing_id: str, changes: Mapping[str, Any]) -> tuple[FeaturePricing, str]:
+    old_key = conn.scalar(select(feature_pricing.c.feature_key).where(feature_pricing.c.id == pricing_id))
+    if old_key is None:
+        raise PricingNotFound(pricing_id)
+    row = conn.execute(
+        update(feature_pricing)
+        .where(feature_pricing.c.id == pricing_id)
+        .values(**changes, updated_at=utcnow())
+        .returning(feature_pricing)
+    ).one()
+    return pricing_from_row(row), old_key
+
+
+def import_pricing_in(
+    conn: Connection, rows: Sequence[Mapping[str, Any]], update_existing: bool
+) -> tuple[list[FeaturePricing], list[FeaturePricing]]:
+    now = utcnow()
+    created: list[FeaturePricing] = []
+    updated: list[FeaturePricing] = []
+    keys = [str(row["feature_key"]) for row in rows]
+    existing: dict[str, str] = {
+        key: pricing_id
+        for key, pricing_id in conn.execute(
+            select(feature_pricing.c.feature_key, feature_pricing.c.id).where(feature_pricing.c.feature_key.in_(keys))
+        )
+    }
+    for fields in rows:
+        pricing_id = existing.get(str(fields["feature_key"]))
+        if pricing_id is not None and not update_existing:
+            raise DuplicateFeature(str(fields["feature_key"]))
+        if pricing_id is not None:
+            stmt = (
+                update(feature_pricing)
+                .where(feature_pricing.c.id == pricing_id)
+                .values(**fields, updated_at=now)
+                .returning(feature_pricing)
+            )
+            updated.append(pricing_from_row(conn.execute(stmt).one()))
+        else:
+            values = new_pricing_row(fields, now)
+            created.append(
+                pricing_from_row(
+                    conn.execute(insert(feature_pricing).values(**values).returning(feature_pricing)).one()
+                )
+            )
+    return created, updated
