@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class OrgFromHeader:
     """What an app's auth layer does: put the paying organization (``X-Org``) and the user
-    (``X-User``, else ``user_9``) on request state. Test-only: never trust a client header."""
+    (``X-User``, else ``default_user``) on request state. Test-only: never trust a client header."""
+
+    #: The user recorded when the request names none (None: no user).
+    default_user: str | None = "user_9"
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -29,8 +32,17 @@ class OrgFromHeader:
             if org:
                 state = scope.setdefault("state", {})
                 state["organization_id"] = org.decode("utf-8", "surrogateescape")
-                state["user_id"] = headers.get(b"x-user", b"user_9").decode("utf-8", "surrogateescape")
+            user = headers.get(b"x-user")
+            if user or (org and self.default_user):
+                state = scope.setdefault("state", {})
+                state["user_id"] = user.decode("utf-8", "surrogateescape") if user else self.default_user
         await self.app(scope, receive, send)
+
+
+class OrgOnly(OrgFromHeader):
+    """The organization, and a user only when ``X-User`` names one."""
+
+    default_user = None
 
 
 def client(app: ASGIApp) -> httpx.AsyncClient:

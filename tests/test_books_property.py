@@ -301,7 +301,9 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 used = held + data.draw(st.integers(1, 40), label="used beyond")
             else:
                 used = 0 if usage == "none" else held
-            got = self.run(lambda: self.guard.settle_charge(charge_id, used_credits=used, max_overage_credits=max_extra))
+            got = self.run(
+                lambda: self.guard.settle_charge(charge_id, used_credits=used, max_overage_credits=max_extra)
+            )
             if not charge.open:  # settled, refunded, swept, or never a hold
                 assert got == (0, 0)
                 reached["settle no-op"] += 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Response
 from fastapi import Request as FastAPIRequest
@@ -20,6 +19,7 @@ from credit_guard import CreditGuard, requires_credits
 
 from . import litestar_handlers
 from .conftest import ledger_rows
+from .helpers import client
 
 pytestmark = pytest.mark.anyio
 
@@ -31,10 +31,6 @@ ran: list[str] = []
 def _reset() -> None:
     ran.clear()
     litestar_handlers.ran.clear()
-
-
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
 
 
 # -- Starlette ----------------------------------------------------------------------------

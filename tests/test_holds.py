@@ -27,13 +27,13 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, CreditGuardMiddleware, Rule, current_ticket, requires_credits
 from credit_guard.problems import PROBLEM_CONTENT_TYPE
 from credit_guard.schema import holds as holds_table
 
 from .conftest import ledger_rows
+from .helpers import OrgOnly, client
 
 pytestmark = pytest.mark.anyio
 
@@ -58,22 +58,7 @@ def aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-class Auth:
-    """What an app's auth layer does: put the paying organization on request state."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            org = dict(scope["headers"]).get(b"x-org")
-            if org:
-                scope.setdefault("state", {})["organization_id"] = org.decode()
-        await self.app(scope, receive, send)
-
-
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
+Auth = OrgOnly
 
 
 def guarded_app(

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, CreditGuardMiddleware, Rule, current_ticket
 from credit_guard._clock import utcnow
@@ -37,6 +35,7 @@ from credit_guard.events import (
 )
 
 from .conftest import ledger_rows, reset_postgres, seed_prices
+from .helpers import OrgFromHeader, client
 
 pytestmark = pytest.mark.anyio
 
@@ -57,19 +56,7 @@ class Recorder:
         self.events.append(event)
 
 
-class Auth:
-    """What an app's auth layer does: put the organization and user on request state."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            org = dict(scope["headers"]).get(b"x-org")
-            if org:
-                scope.setdefault("state", {})["organization_id"] = org.decode()
-                scope["state"]["user_id"] = "user_9"
-        await self.app(scope, receive, send)
+Auth = OrgFromHeader
 
 
 def build_app(guard: CreditGuard, gate: asyncio.Event | None = None) -> Starlette:
@@ -118,10 +105,6 @@ def build_app(guard: CreditGuard, gate: asyncio.Event | None = None) -> Starlett
     app.add_middleware(CreditGuardMiddleware, guard=guard, rules=rules)
     app.add_middleware(Auth)  # outermost: auth runs before the guard
     return app
-
-
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
 
 
 @asynccontextmanager
@@ -243,7 +226,10 @@ async def test_engine_settle_charge_fires_the_same_hooks(guard: CreditGuard) -> 
     assert under.charge_id is not None and over.charge_id is not None
     assert await guard.settle_charge(under.charge_id, used_credits=5) == (15, 0)  # 60 -> 75
     assert await guard.settle_charge(over.charge_id, used_credits=30, max_overage_credits=8) == (0, 8)  # 75 -> 67
-    assert await guard.settle_charge(over.charge_id, used_credits=40, max_overage_credits=8) == (0, 0)  # settled already
+    assert await guard.settle_charge(over.charge_id, used_credits=40, max_overage_credits=8) == (
+        0,
+        0,
+    )  # settled already
     await guard.flush()
     rows = await ledger_rows(guard, "org_2")
     [refund] = rows_of(rows, "refund")

@@ -29,7 +29,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard, CreditGuardMiddleware, Problem, Rule
 from credit_guard._clock import utcnow
@@ -40,6 +39,7 @@ from credit_guard.problems import PROBLEM_CONTENT_TYPE, TYPE_IDEMPOTENCY_CONFLIC
 from credit_guard.schema import idempotency_keys
 
 from .conftest import ledger_rows, reset_postgres, seed_prices
+from .helpers import OrgOnly, client
 from .litestar_handlers import DemoAuth as LitestarAuth
 
 pytestmark = pytest.mark.anyio
@@ -84,10 +84,6 @@ async def stored_keys(guard: CreditGuard) -> int:
         return int(await conn.scalar(select(func.count()).select_from(idempotency_keys)) or 0)
 
 
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
-
-
 def replayed(r: httpx.Response) -> bool:
     return bool(r.headers.get("idempotent-replayed") == "true")
 
@@ -114,21 +110,7 @@ def assert_problem(r: httpx.Response, status: int, problem_type: str | None = No
 # -- the middleware -------------------------------------------------------------------------
 
 
-class DemoAuth:
-    """The app's auth layer: the organization comes from ``x-org``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            org = dict(scope["headers"]).get(b"x-org")
-            if org:
-                scope.setdefault("state", {})["organization_id"] = org.decode()
-            user = dict(scope["headers"]).get(b"x-user")
-            if user:
-                scope.setdefault("state", {})["user_id"] = user.decode()
-        await self.app(scope, receive, send)
+DemoAuth = OrgOnly
 
 
 @dataclass

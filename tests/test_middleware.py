@@ -4,34 +4,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from credit_guard import CreditGuard, CreditGuardMiddleware
 
 from .conftest import ledger_rows
+from .helpers import OrgFromHeader, client
 
 pytestmark = pytest.mark.anyio
 
 
-class DemoAuth:
-    """What an app's auth layer does: put the organization on request state."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            if b"x-org" in headers:
-                scope.setdefault("state", {})["organization_id"] = headers[b"x-org"].decode()
-                scope["state"]["user_id"] = "user_9"
-        await self.app(scope, receive, send)
+DemoAuth = OrgFromHeader
 
 
 calls: list[str] = []
@@ -97,10 +85,6 @@ def build_app(guard: CreditGuard) -> Starlette:
     app.add_middleware(CreditGuardMiddleware, guard=guard, rules=RULES)
     app.add_middleware(DemoAuth)  # added last = outermost: auth runs before the guard
     return app
-
-
-def client(app: ASGIApp) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
 
 
 @pytest.fixture(autouse=True)

@@ -54,6 +54,7 @@ from credit_guard._storage.postgres import asyncpg_dsn
 from credit_guard.problems import HEADER_CHARGED, HEADER_REFUNDED, HEADER_REMAINING, PROBLEM_CONTENT_TYPE
 
 from .conftest import PG_URL, PRICES, REQUIRE_PG, ledger_rows, pg_problem, reset_postgres, seed_prices
+from .helpers import client
 from .pg_cluster import Cluster, ClusterUnavailable
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
@@ -107,11 +108,6 @@ def build_app(guard: CreditGuard) -> Starlette:
     )
     app.add_middleware(CreditGuardMiddleware, guard=guard, rules=RULES)
     return app
-
-
-def client(app: Starlette) -> httpx.AsyncClient:
-    # raise_app_exceptions=False: /crash must come back as the 500 a server would send.
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t")
 
 
 # -- what each request got, and the ledger's account of it ---------------------------------

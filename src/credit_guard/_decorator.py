@@ -12,56 +12,23 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._config import IdempotencyMode
-from ._flow import Rule
+from ._flow import RequiresCredits, Rule
 from ._guard import CreditGuard
-from ._units import UnitsOf
 from .contrib.starlette import decorate_starlette, type_hints
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def requires_credits(
-    feature_key: str,
-    *,
-    guard: CreditGuard | None = None,
-    units: UnitsOf | None = None,
-    idempotency: IdempotencyMode | None = None,
-    max_overage: float | None = None,
-    charge_client_errors: bool | None = None,
-) -> Callable[[F], F]:
-    """Charge ``feature_key``'s price before the handler runs; refund if it fails.
+def _decorate(fn: Any, rule: Rule, guard: CreditGuard | None) -> Any:
+    if _is_litestar(fn):
+        from .contrib.litestar import decorate_litestar
 
-    The guard is ``guard=`` or ``request.app.state.credit_guard``. Put the decorator
-    *below* the framework's route decorator (``@app.post(...)`` / ``@post(...)``).
+        return decorate_litestar(fn, rule, guard)
+    return decorate_starlette(fn, rule, guard)
 
-    ``units``: a callable of the request returning how many units this call reserves
-    (seconds of video...): the price is multiplied by it, rounded up, and charged before
-    the handler runs; the handler may ``current_ticket(request).report_usage(n)``.
-    ``idempotency``: honour ``Idempotency-Key`` here (True / "required"; None follows
-    the guard). ``max_overage``: how far above the reserve reported usage may be charged.
-    ``charge_client_errors``: keep the charge when the handler answers 4xx (None follows
-    the guard, which refunds them by default).
 
-    A request an outer guard already charged (a ``CreditGuardMiddleware`` rule, another
-    decorator) is not charged again: the handler runs under that charge.
-    """
-    rule = Rule(
-        feature_key,
-        units=units,
-        idempotency=idempotency,
-        max_overage=max_overage,
-        charge_client_errors=charge_client_errors,
-    )
-
-    def decorate(fn: F) -> F:
-        if _is_litestar(fn):
-            from .contrib.litestar import decorate_litestar
-
-            return decorate_litestar(fn, rule, guard)
-        return decorate_starlette(fn, rule, guard)
-
-    return decorate
+#: ``@requires_credits(feature_key, ...)`` for Starlette, FastAPI and Litestar handlers alike.
+requires_credits = RequiresCredits(_decorate)
 
 
 def _from_litestar(obj: Any) -> bool:

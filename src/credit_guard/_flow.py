@@ -17,9 +17,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 from starlette.datastructures import MutableHeaders
@@ -70,6 +71,54 @@ class Rule:
     def __post_init__(self) -> None:
         if self.idempotency not in (None, True, False, "required"):
             raise ValueError(f"idempotency must be True, False or 'required', got {self.idempotency!r}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+Decorate = Callable[[Any, Rule, "CreditGuard | None"], Any]
+
+
+class RequiresCredits:
+    """``requires_credits``: one decorator factory, whichever framework applies the rule.
+
+    Each framework adapter makes one with its own ``decorate(fn, rule, guard)``; the
+    options, their checks and their documentation are here once.
+    """
+
+    def __init__(self, decorate: Decorate) -> None:
+        self._decorate = decorate
+
+    def __call__(
+        self,
+        feature_key: str,
+        *,
+        guard: CreditGuard | None = None,
+        units: UnitsOf | None = None,
+        idempotency: IdempotencyMode | None = None,
+        max_overage: float | None = None,
+        charge_client_errors: bool | None = None,
+    ) -> Callable[[F], F]:
+        """Charge ``feature_key``'s price before the handler runs; refund if it fails.
+
+        The guard is ``guard=`` or ``request.app.state.credit_guard``. Put the decorator
+        *below* the framework's route decorator (``@app.post(...)`` / ``@post(...)``).
+
+        ``units``: a callable of the request returning how many units this call reserves
+        (seconds of video...): the price is multiplied by it, rounded up, and charged
+        before the handler runs; the handler may ``current_ticket(request).report_usage(n)``.
+        ``idempotency``: honour ``Idempotency-Key`` here (True / "required"; None follows
+        the guard). ``max_overage``: how far above the reserve reported usage may be
+        charged. ``charge_client_errors``: keep the charge when the handler answers 4xx
+        (None follows the guard, which refunds them by default).
+
+        A request an outer guard already charged (a ``CreditGuardMiddleware`` rule, another
+        decorator) is not charged again: the handler runs under that charge.
+        """
+        rule = Rule(feature_key, units, idempotency, max_overage, charge_client_errors)
+
+        def decorate(fn: F) -> F:
+            return typing.cast(F, self._decorate(fn, rule, guard))
+
+        return decorate
 
 
 def outer_ticket(scope: Mapping[str, Any]) -> Ticket | None:

@@ -83,15 +83,20 @@ class Ticket:
             out.append((Headers.REMAINING, str(self.remaining)))
         return out
 
+    def _end(self) -> Ledger | None:
+        """Mark the ticket ended; the ledger to end it with, None when there is nothing to
+        do (ended already, or a free ticket)."""
+        if self.ended:
+            return None
+        self.ended = True
+        return self.ledger
+
     async def refund(self, reason: str) -> None:
         """The request failed: give the charge back, exactly once (the database's UNIQUE
         ``refund_of`` makes a retry after a lost answer harmless). A refund that still
         fails after its retries is logged; the hold it still is goes back through the
         sweeper, so the credits come back either way."""
-        if self.ended:
-            return
-        self.ended = True
-        ledger = self.ledger
+        ledger = self._end()
         if ledger is None:
             return
         if self.charge_id is not None:
@@ -106,10 +111,7 @@ class Ticket:
         settlement (no round trip here), with the recorded response when the request
         carried an idempotency key. If the handler reported its usage, the difference is
         settled now, exactly once."""
-        if self.ended:
-            return
-        self.ended = True
-        ledger = self.ledger
+        ledger = self._end()
         if ledger is None:
             return
         completion = None

@@ -232,6 +232,24 @@ def claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, 
     return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, balance=outcome.balance)
 
 
+def answer_charge_in(
+    conn: Connection,
+    charge: Any,
+    kind: str,
+    amount: int,
+    balance: int,
+    reason: str | None,
+    now: datetime,
+    **points_at: int,
+) -> int:
+    """A ledger row answering a charge (its refund, or its overage: ``refund_of`` or
+    ``extra_of``), copying what the charge recorded; returns its id."""
+    row = {column.name: getattr(charge, column.name) for column in CHARGE_COLUMNS if column.name != "amount"}
+    values = {**row, "kind": kind, "amount": amount, "balance_after": balance, "created_at": now}
+    values["reason"] = reason[:500] if reason else reason
+    return int(conn.execute(insert(ledger).values(**values, **points_at).returning(ledger.c.id)).scalar_one())
+
+
 def refund_in(
     conn: Connection,
     charge_id: int,
@@ -269,23 +287,7 @@ def refund_in(
         .values(balance=accounts.c.balance + amount, updated_at=now)
         .returning(accounts.c.balance)
     ).scalar_one()
-    refund_id = conn.execute(
-        insert(ledger)
-        .values(
-            organization_id=charge.organization_id,
-            kind="refund",
-            amount=amount,
-            balance_after=balance,
-            feature_key=charge.feature_key,
-            user_id=charge.user_id,
-            request_method=charge.request_method,
-            request_path=charge.request_path,
-            reason=reason[:500] if reason else reason,
-            refund_of=charge_id,
-            created_at=now,
-        )
-        .returning(ledger.c.id)
-    ).scalar_one()
+    refund_id = answer_charge_in(conn, charge, "refund", amount, balance, reason, now, refund_of=charge_id)
     if credits is None:
         # A full refund means the request did not happen: its idempotency key is free
         # again, and a surcharge taken for its usage goes back with it.
@@ -383,21 +385,7 @@ def settle_usage_in(conn: Connection, charge_id: int, used: int, max_extra: int,
         .returning(accounts.c.balance)
     )
     assert balance is not None
-    conn.execute(
-        insert(ledger).values(
-            organization_id=charge.organization_id,
-            kind="charge",
-            amount=-taken,
-            balance_after=balance,
-            feature_key=charge.feature_key,
-            user_id=charge.user_id,
-            request_method=charge.request_method,
-            request_path=charge.request_path,
-            reason=reason[:500] if reason else reason,
-            extra_of=charge_id,
-            created_at=now,
-        )
-    )
+    answer_charge_in(conn, charge, "charge", -taken, balance, reason, now, extra_of=charge_id)
     return replace(moved, extra=taken, balance=int(balance))
 
 

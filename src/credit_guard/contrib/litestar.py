@@ -24,8 +24,8 @@ from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
 from litestar.utils.scope.state import ScopeState
 
-from .._config import IdempotencyMode
 from .._flow import (
+    RequiresCredits,
     Rule,
     call_paid,
     call_plain,
@@ -39,7 +39,6 @@ from .._flow import (
 from .._guard import CreditGuard
 from .._idempotency import Replay
 from .._ticket import Ticket
-from .._units import UnitsOf
 from ..problems import Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,33 +114,6 @@ def _declared_return(fn: Callable[..., Any]) -> Any:
     return returns
 
 
-def requires_credits(
-    feature_key: str,
-    *,
-    guard: CreditGuard | None = None,
-    units: UnitsOf | None = None,
-    idempotency: IdempotencyMode | None = None,
-    max_overage: float | None = None,
-    charge_client_errors: bool | None = None,
-) -> Callable[[F], F]:
-    """Charge ``feature_key``'s price before a Litestar handler runs; refund if it fails.
-
-    Options as for ``credit_guard.requires_credits``.
-    """
-    rule = Rule(
-        feature_key,
-        units=units,
-        idempotency=idempotency,
-        max_overage=max_overage,
-        charge_client_errors=charge_client_errors,
-    )
-
-    def decorate(fn: F) -> F:
-        return decorate_litestar(fn, rule, guard)
-
-    return decorate
-
-
 def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     signature = inspect.signature(fn)
     asks_for_request = "request" in signature.parameters
@@ -188,3 +160,7 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     wrapper.__annotations__ = annotations
     wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     return typing.cast(F, wrapper)
+
+
+#: ``requires_credits`` for Litestar handlers (options as for ``credit_guard.requires_credits``).
+requires_credits = RequiresCredits(decorate_litestar)

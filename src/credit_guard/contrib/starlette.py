@@ -29,9 +29,9 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .._config import IdempotencyMode
 from .._flow import (
     AsgiResponse,
+    RequiresCredits,
     Rule,
     call_paid,
     call_plain,
@@ -45,7 +45,6 @@ from .._flow import (
 )
 from .._guard import CreditGuard
 from .._ticket import Ticket
-from .._units import UnitsOf
 from ..problems import Problem
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,33 +52,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 _REQUEST_PARAM = "credit_guard_request"
 _RESPONSE_PARAM = "credit_guard_response"
 _TASKS_PARAM = "credit_guard_tasks"
-
-
-def requires_credits(
-    feature_key: str,
-    *,
-    guard: CreditGuard | None = None,
-    units: UnitsOf | None = None,
-    idempotency: IdempotencyMode | None = None,
-    max_overage: float | None = None,
-    charge_client_errors: bool | None = None,
-) -> Callable[[F], F]:
-    """Charge ``feature_key``'s price before a Starlette/FastAPI handler runs; refund if it fails.
-
-    Options as for ``credit_guard.requires_credits``.
-    """
-    rule = Rule(
-        feature_key,
-        units=units,
-        idempotency=idempotency,
-        max_overage=max_overage,
-        charge_client_errors=charge_client_errors,
-    )
-
-    def decorate(fn: F) -> F:
-        return decorate_starlette(fn, rule, guard)
-
-    return decorate
 
 
 class _PaidResponse(Response):
@@ -234,3 +206,7 @@ def _param_of_type(signature: inspect.Signature, hints: dict[str, Any], base: ty
         if isinstance(hint, type) and issubclass(hint, base):
             return name
     return None
+
+
+#: ``requires_credits`` for Starlette/FastAPI handlers (options as for ``credit_guard.requires_credits``).
+requires_credits = RequiresCredits(decorate_starlette)
