@@ -18,7 +18,7 @@ from .conftest import PG_URL, pg_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.postgres, pytest.mark.benchmark]
+pytestmark = [pytest.mark.postgres, pytest.mark.benchmark, pytest.mark.slow]
 
 
 def test_quick_benchmark_measures_every_variant_and_finds_no_overdraft() -> None:

@@ -32,6 +32,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -50,6 +51,8 @@ from credit_guard.errors import IdempotencyKeyReused
 from credit_guard.schema import accounts
 
 from .conftest import PRICES, reset_postgres, seed_prices
+
+pytestmark = pytest.mark.slow
 
 T = TypeVar("T")
 ORG_IDS = ("org_a", "org_b")

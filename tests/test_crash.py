@@ -47,7 +47,7 @@ from .crash_app import (
     SWEEP_INTERVAL_ENV,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 ORG = "org_crash"

@@ -225,6 +225,7 @@ def _books(db_url: str) -> tuple[int, list[dict[str, Any]], list[int], list[Any]
     return anyio.run(read)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/dec/slow-dict", "/dec/slow-response", "/mw/slow-dict", "/mw/slow-response"])
 def test_a_client_that_disconnects_before_the_answer_is_refunded_exactly_once(
     field_server: tuple[UvicornServer, str], path: str

@@ -63,7 +63,7 @@ from credit_guard.problems import HEADER_REMAINING
 
 from .conftest import PRICES, ledger_rows
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 BASE_URL = "http://test"
 ROLE_HEADER = "x-fuzz-role"

@@ -57,7 +57,7 @@ from .conftest import PG_URL, PRICES, REQUIRE_PG, ledger_rows, pg_problem, reset
 from .helpers import client
 from .pg_cluster import Cluster, ClusterUnavailable
 
-pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
+pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.slow]
 
 IMAGE = "seedream_text_to_image"
 PRICE = PRICES[IMAGE][2]

@@ -31,6 +31,8 @@ from .conftest import PG_SERVER_URL, PG_URL, fresh_tables, ledger_rows, pg_probl
 from .field_app import DB_ENV, FEATURE
 from .helpers import ROOT, UvicornServer
 
+pytestmark = pytest.mark.slow
+
 WORKERS = 4
 
 
