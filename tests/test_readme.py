@@ -1,0 +1,82 @@
+"""The README's Python samples run as written: every ```python block, in order, as one
+program (later samples use the app and guard the first one made), in an empty folder (the
+samples' SQLite file is made there). The client sample talks to the demo, so the FastAPI
+example is served for it, as ``bash scripts/demo`` serves it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import ROOT, UvicornServer
+
+pytestmark = pytest.mark.slow
+
+DEMO = "127.0.0.1:8000"
+
+
+def python_blocks() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```", readme, re.S | re.M)
+
+
+def test_the_readme_has_the_samples_this_test_runs() -> None:
+    blocks = python_blocks()
+    assert len(blocks) >= 8
+    assert any("def test_" in block for block in blocks)  # the testing recipe, called below
+    assert any("credit_guard.client" in block for block in blocks)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_every_python_sample_in_the_readme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocks = python_blocks()
+    demo = DEMO
+    if not _port_free(8000):  # the demo's port is taken here: serve it elsewhere, and say so
+        demo = "127.0.0.1:{}".format(UvicornServer("x", {}, tmp_path / "unused.log").port)
+    server = UvicornServer(
+        "examples.fastapi_app.app:app",
+        {"CREDIT_GUARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'demo.db'}"},
+        tmp_path / "demo.log",
+        factory=False,
+    )
+    server.port = int(demo.rsplit(":", 1)[1])
+    server.base = f"http://{demo}"
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    out = io.StringIO()
+    with server.start(health="/api/features/pricing"), contextlib.redirect_stdout(out):
+        sys.modules["readme"] = type(sys)("readme")  # FastAPI resolves annotations through the module
+        try:
+            for number, block in enumerate(blocks):
+                code = block.replace(DEMO, demo)
+                try:
+                    exec(compile(code, f"README.md python block {number}", "exec"), namespace)
+                except Exception as exc:
+                    raise AssertionError(f"README python block {number} failed: {exc!r}\n{block}") from exc
+            tests = [value for name, value in namespace.items() if name.startswith("test_") and callable(value)]
+            assert tests, "the testing recipe defines no test"
+            for test in tests:
+                test()
+        finally:
+            sys.modules.pop("readme", None)
+    printed = out.getvalue().splitlines()
+    assert "600 True" in printed  # the Python API sample's balance after its refund
+    assert "3 3" in printed and "needs 5, you have 3" in printed  # the client sample, against the demo
+    assert (tmp_path / "credit_guard.db").exists()
+    assert os.getcwd() == str(tmp_path)
