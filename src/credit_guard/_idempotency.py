@@ -68,7 +68,7 @@ def request_fingerprint(method: str, path: str, query: bytes, body: bytes, user_
 
 
 def call_fingerprint(feature_key: str, units: object) -> str:
-    """The engine API's fingerprint: the same key must mean the same feature and units."""
+    """The Python API's fingerprint: the same key must mean the same feature and units."""
     return hashlib.sha256(f"deduct\0{feature_key}\0{units}".encode()).hexdigest()
 
 

@@ -331,7 +331,7 @@ class Ledger:
             charge_id, used_credits, max_overage_credits, reason or "settled at reported usage"
         )
         self._usage_settled(charge_id, moved, None)
-        return moved.refunded, moved.extra
+        return moved.refunded, moved.overage
 
     async def settle_usage(
         self, charge_id: int, *, charged: int, used: int, overage_share: float, reason: str, user_id: str | None
@@ -350,13 +350,13 @@ class Ledger:
             )
             return None
         self._usage_settled(charge_id, moved, user_id)
-        if used > charged + moved.extra:
+        if used > charged + moved.overage:
             log.warning(
                 "credit_guard: charge %s used %s credits, %s reserved; %s beyond max_overage went unpaid",
                 charge_id,
                 used,
                 charged,
-                used - charged - moved.extra,
+                used - charged - moved.overage,
             )
         return moved
 
@@ -375,11 +375,11 @@ class Ledger:
                     "unused reserve",
                 )
             )
-        if moved.extra:
+        if moved.overage:
             self._charged(
                 moved.organization_id,
                 moved.feature_key or "",
-                moved.extra,
+                moved.overage,
                 moved.balance,
                 charge_id,
                 user_id or moved.user_id,

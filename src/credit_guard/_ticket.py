@@ -135,7 +135,7 @@ class Ticket:
                     user_id=self.user_id,
                 )
                 if moved is not None:
-                    self.adjustment = moved.extra - moved.refunded
+                    self.adjustment = moved.overage - moved.refunded
                     ledger.holds.forget(charge_id)
                     charge_id = None  # closed by the usage settlement: nothing left to batch
         ledger.keep_later(charge_id, completion)

@@ -1,4 +1,4 @@
-"""Exceptions raised by credit_guard's engine API.
+"""Exceptions raised by credit_guard's Python API.
 
 Business outcomes (not enough credits, unknown feature) are *results*, not exceptions:
 ``deduct_credits`` returns them so callers cannot forget the unhappy path. Exceptions

@@ -52,7 +52,7 @@ class KeyClaim:
     #: A running key whose lock ran out belonged to a process that died: it may be taken over.
     locked_until: datetime
     expires_at: datetime
-    #: Complete the key at once with the charge as its stored answer (the engine API).
+    #: Complete the key at once with the charge as its stored answer (the Python API).
     finish_now: bool = False
 
 
@@ -123,7 +123,7 @@ class UsageSettlement:
     """What settling a hold at its reported usage moved."""
 
     refunded: int = 0
-    extra: int = 0
+    overage: int = 0
     balance: int | None = None
     organization_id: str | None = None
     feature_key: str | None = None
@@ -168,7 +168,7 @@ class Store(Protocol):
         expired_before: datetime | None = None,
     ) -> RefundResult: ...
     async def settle_holds(self, charge_ids: Sequence[int], completions: Sequence[Completion] = ()) -> set[int]: ...
-    async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement: ...
+    async def settle_usage(self, charge_id: int, used: int, max_overage_credits: int, reason: str) -> UsageSettlement: ...
     async def extend_holds(self, charge_ids: Sequence[int], until: datetime) -> set[int]: ...
     async def expired_holds(self, now: datetime, limit: int) -> list[int]: ...
     async def open_holds(self, organization_id: str | None = None) -> list[int]: ...

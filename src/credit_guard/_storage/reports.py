@@ -99,7 +99,7 @@ def usage_query(
     else:
         raise ValueError(f"group_by must be day, feature or org, not {group_by!r}")
     is_charge = ledger.c.kind == "charge"
-    # A surcharge (usage beyond the reserve) adds credits to its charge, not a charge.
+    # An overage row (usage beyond the reserve) adds credits to its charge, not a charge.
     is_first_charge = and_(is_charge, ledger.c.extra_of.is_(None))
     is_refund = ledger.c.kind == "refund"
     query = (

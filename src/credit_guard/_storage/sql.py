@@ -302,12 +302,12 @@ class SqlStore:
         """
         return await self._write(partial(settle_holds_in, charge_ids=charge_ids, completions=completions))
 
-    async def settle_usage(self, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement:
+    async def settle_usage(self, charge_id: int, used: int, max_overage_credits: int, reason: str) -> UsageSettlement:
         """Close a hold at what the request really used: refund the unused part, or take up
-        to ``max_extra`` more (never more than the balance holds). Exactly once: the hold
+        to ``max_overage_credits`` more (never more than the balance holds). Exactly once: the hold
         is closed by a conditional DELETE in the same transaction. Returns what moved
         (nothing when the hold was already closed)."""
-        work = partial(settle_usage_in, charge_id=charge_id, used=used, max_extra=max_extra, reason=reason)
+        work = partial(settle_usage_in, charge_id=charge_id, used=used, max_overage_credits=max_overage_credits, reason=reason)
         try:
             return await self._write(work)
         except IntegrityError:

@@ -348,7 +348,7 @@ def settle_holds_in(conn: Connection, charge_ids: Sequence[int], completions: Se
     return settled
 
 
-def settle_usage_in(conn: Connection, charge_id: int, used: int, max_extra: int, reason: str) -> UsageSettlement:
+def settle_usage_in(conn: Connection, charge_id: int, used: int, max_overage_credits: int, reason: str) -> UsageSettlement:
     closed = conn.scalar(delete(holds).where(holds.c.charge_id == charge_id).returning(holds.c.charge_id))
     charge = conn.execute(select(*CHARGE_COLUMNS).where(ledger.c.id == charge_id, ledger.c.kind == "charge")).first()
     if closed is None or charge is None:
@@ -362,7 +362,7 @@ def settle_usage_in(conn: Connection, charge_id: int, used: int, max_extra: int,
         return replace(
             moved, refunded=refund.credits_refunded, balance=refund.remaining_credits, refund_id=refund.refund_id
         )
-    extra = min(used - held, max_extra)
+    extra = min(used - held, max_overage_credits)
     if extra <= 0:
         return moved
     # Lock the account row first (an UPDATE that changes nothing but the stamp): the
@@ -386,7 +386,7 @@ def settle_usage_in(conn: Connection, charge_id: int, used: int, max_extra: int,
     )
     assert balance is not None
     answer_charge_in(conn, charge, "charge", -taken, balance, reason, now, extra_of=charge_id)
-    return replace(moved, extra=taken, balance=int(balance))
+    return replace(moved, overage=taken, balance=int(balance))
 
 
 def extend_holds_in(conn: Connection, charge_ids: Sequence[int], until: datetime) -> set[int]:
