@@ -11,7 +11,10 @@ Starlette, so the only thing that differs between variants is the credit logic:
 * ``decorator``   ``@requires_credits`` on PostgreSQL;
 * ``middleware``  ``CreditGuardMiddleware`` on PostgreSQL (``/free`` is its unguarded route,
   ``/work-keyed`` the same paid route honouring ``Idempotency-Key``);
-* ``sqlite``      ``@requires_credits`` on SQLite.
+* ``sqlite``      ``@requires_credits`` on SQLite; ``sqlite_middleware`` the middleware on SQLite;
+* ``sqlite_tx``   the SQLite limit done simply: one connection in one thread, a transaction per request;
+* ``sqlite_group`` the SQLite limit: one writer thread commits every charge waiting at that
+  moment in one transaction (group commit).
 
 ``BENCH_COUNT=1`` adds ``GET /_bench/stats`` with the statements SQLAlchemy ran, for the
 SQLite round-trip count (PostgreSQL's are counted on the wire by ``run.py``'s proxy).
@@ -19,13 +22,19 @@ SQLite round-trip count (PostgreSQL's are counted on the wire by ``run.py``'s pr
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
+import sqlite3
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 from sqlalchemy import and_, event, insert, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -185,7 +194,112 @@ def naive_app(pg_url: str) -> ASGIApp:
     return OrgFromHeader(_app(charged, lifespan=lifespan))
 
 
-# -- 4, 5, 6. credit_guard ----------------------------------------------------------------
+# -- 10, 11. the SQLite limits: the same charge, hand-written on sqlite3 ---------------------
+
+SQLITE_DEBIT = (
+    f"UPDATE {accounts.name} SET balance = balance - ?, updated_at = CURRENT_TIMESTAMP"
+    " WHERE organization_id = ? AND balance >= ? RETURNING balance"
+)
+SQLITE_ENTRY = (
+    f"INSERT INTO {ledger.name} (organization_id, kind, amount, balance_after, feature_key, request_method,"
+    " request_path, created_at) VALUES (?, 'charge', ?, ?, ?, ?, ?, CURRENT_TIMESTAMP)"
+)
+
+
+def _sqlite_connect(url: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(make_url(url).database or "", isolation_level=None, check_same_thread=False, timeout=5)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def _sqlite_charge(conn: sqlite3.Connection, org: str, method: str, path: str) -> int | None:
+    """The charge without its transaction: the conditional debit, then its ledger row."""
+    row = conn.execute(SQLITE_DEBIT, (LIMIT_PRICE, org, LIMIT_PRICE)).fetchone()
+    if row is None:
+        return None
+    conn.execute(SQLITE_ENTRY, (org, -LIMIT_PRICE, row[0], FEATURE, method, path))
+    return int(row[0])
+
+
+def _charged_answer(remaining: int | None) -> Response:
+    if remaining is None:
+        return _payment_required(0)
+    return PlainTextResponse("ok", headers={HEADER_CHARGED: str(LIMIT_PRICE), HEADER_REMAINING: str(remaining)})
+
+
+def _stats_route(counts: dict[str, int]) -> Route:
+    async def stats(request: Request) -> Response:
+        return JSONResponse(counts)
+
+    return Route("/_bench/stats", stats)
+
+
+def sqlite_tx_app(url: str) -> ASGIApp:
+    """One connection owned by one thread; every request is its own BEGIN IMMEDIATE ... COMMIT."""
+    executor = ThreadPoolExecutor(max_workers=1)
+    conn = _sqlite_connect(url)
+    counts = {"statements": 0}
+
+    def charge(org: str, method: str, path: str) -> int | None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            remaining = _sqlite_charge(conn, org, method, path)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        counts["statements"] += 4 if remaining is not None else 3
+        return remaining
+
+    async def charged(request: Request) -> Response:
+        org = _org(request)
+        if org is None:
+            return PlainTextResponse("no organization", status_code=401)
+        loop = asyncio.get_running_loop()
+        return _charged_answer(await loop.run_in_executor(executor, charge, org, request.method, request.url.path))
+
+    return OrgFromHeader(_app(charged, extra=[_stats_route(counts)]))
+
+
+def sqlite_group_app(url: str) -> ASGIApp:
+    """One writer thread: it takes every charge waiting at that moment and commits them in
+    ONE transaction, each still a conditional debit, each answer delivered to its request."""
+    jobs: queue.SimpleQueue[tuple[str, str, str, asyncio.Future[int | None], asyncio.AbstractEventLoop]]
+    jobs = queue.SimpleQueue()
+    conn = _sqlite_connect(url)
+    counts = {"statements": 0}
+
+    def writer() -> None:
+        while True:
+            batch = [jobs.get()]
+            while True:
+                try:
+                    batch.append(jobs.get_nowait())
+                except queue.Empty:
+                    break
+            conn.execute("BEGIN IMMEDIATE")
+            results = [_sqlite_charge(conn, org, method, path) for org, method, path, _, _ in batch]
+            conn.execute("COMMIT")
+            counts["statements"] += 2 + sum(2 if remaining is not None else 1 for remaining in results)
+            for (_, _, _, future, loop), remaining in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(future.set_result, remaining)
+
+    threading.Thread(target=writer, daemon=True).start()
+
+    async def charged(request: Request) -> Response:
+        org = _org(request)
+        if org is None:
+            return PlainTextResponse("no organization", status_code=401)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int | None] = loop.create_future()
+        jobs.put((org, request.method, request.url.path, future, loop))
+        return _charged_answer(await future)
+
+    return OrgFromHeader(_app(charged, extra=[_stats_route(counts)]))
+
+
+# -- 4, 5, 6, 12. credit_guard ------------------------------------------------------------
 
 
 def _guard_lifespan(guard: CreditGuard) -> Any:
@@ -231,10 +345,11 @@ def decorator_app(database_url: str, *, count: bool = False) -> ASGIApp:
     return OrgFromHeader(_app(charged, lifespan=_guard_lifespan(guard), extra=extra))
 
 
-def middleware_app(database_url: str) -> ASGIApp:
+def middleware_app(database_url: str, *, count: bool = False) -> ASGIApp:
     guard = CreditGuard(database_url, max_connections=MAX_CONNECTIONS)
     keyed = Route("/work-keyed", work, methods=["POST"])
-    inner = _app(work, lifespan=_guard_lifespan(guard), extra=[keyed])
+    extra = [keyed, _statement_counter(guard)] if count else [keyed]
+    inner = _app(work, lifespan=_guard_lifespan(guard), extra=extra)
     rules: dict[str, str | Rule] = {"POST /work": FEATURE, "POST /work-keyed": Rule(FEATURE, idempotency=True)}
     return OrgFromHeader(CreditGuardMiddleware(inner, guard=guard, rules=rules))
 
@@ -258,6 +373,13 @@ def create_app() -> ASGIApp:
         return decorator_app(pg_url)
     if name in ("middleware", "passthrough"):
         return middleware_app(pg_url)
+    sqlite_url = os.environ.get("BENCH_SQLITE_URL", "")
     if name == "sqlite":
-        return decorator_app(os.environ["BENCH_SQLITE_URL"], count=os.environ.get("BENCH_COUNT") == "1")
+        return decorator_app(sqlite_url, count=os.environ.get("BENCH_COUNT") == "1")
+    if name == "sqlite_middleware":
+        return middleware_app(sqlite_url, count=os.environ.get("BENCH_COUNT") == "1")
+    if name == "sqlite_tx":
+        return sqlite_tx_app(sqlite_url)
+    if name == "sqlite_group":
+        return sqlite_group_app(sqlite_url)
     raise SystemExit(f"unknown BENCH_APP {name!r}")

@@ -81,14 +81,22 @@ VARIANTS = [
     Variant(7, "unguarded route under the middleware", "passthrough", path="/free", guarded=False),
     Variant(8, "hot row: one account, middleware, PG", "middleware", hot=True),
     Variant(9, "Idempotency-Key on each request, middleware, PG", "middleware", path="/work-keyed", keyed=True),
+    Variant(10, "SQLite limit: 1 thread, a transaction per request", "sqlite_tx"),
+    Variant(11, "SQLite limit: 1 writer thread, group commit", "sqlite_group"),
+    Variant(12, "credit_guard middleware, SQLite", "sqlite_middleware"),
+    Variant(13, "hot row: one account, the limit, PG", "limit", hot=True),
 ]
 
 # (numerator, denominator, minimum, what it says)
 TARGETS = [
-    (4, 2, 0.85, "decorator vs the limit"),
-    (5, 2, 0.85, "middleware vs the limit"),
+    (4, 2, 1.0, "decorator vs the limit"),
+    (5, 2, 1.0, "middleware vs the limit"),
     (4, 3, 3.0, "decorator vs the naive port"),
     (7, 1, 0.95, "pass-through vs no middleware"),
+    (6, 11, 0.7, "SQLite decorator vs SQLite group commit"),
+    (12, 11, 0.7, "SQLite middleware vs SQLite group commit"),
+    (8, 13, 1.5, "hot row: middleware vs the limit on that row"),
+    (9, 5, 0.9, "Idempotency-Key vs plain charge"),
 ]
 
 
@@ -475,7 +483,8 @@ async def count_round_trips(settings: Settings, sqlite_url: str, rows: dict[int,
         apps = {
             name: {"BENCH_PG_URL": proxied} for name in ("limit", "naive", "decorator", "middleware", "passthrough")
         }
-        apps["sqlite"] = {"BENCH_SQLITE_URL": sqlite_url, "BENCH_COUNT": "1"}
+        for name in ("sqlite", "sqlite_middleware", "sqlite_tx", "sqlite_group"):
+            apps[name] = {"BENCH_SQLITE_URL": sqlite_url, "BENCH_COUNT": "1"}
         # Started from a thread: the proxy serving their connections runs on this loop.
         started = await asyncio.to_thread(start_apps, apps)
         try:
@@ -493,7 +502,7 @@ async def count_round_trips(settings: Settings, sqlite_url: str, rows: dict[int,
                     await asyncio.sleep(1.5)
                     await drive(app.base, variant.path, warm, org=org, keyed=variant.keyed)
                     await asyncio.sleep(0.3)
-                if variant.app == "sqlite":
+                if variant.app.startswith("sqlite"):  # no wire: statements, counted in the app
                     async with httpx.AsyncClient() as client:
                         before = (await client.get(f"{app.base}/_bench/stats")).json()["statements"]
                         await drive(app.base, variant.path, n, org=org, keyed=variant.keyed)
@@ -543,7 +552,7 @@ def _has(module: str) -> bool:
 
 
 # Pairs whose ratio is a target run back to back, so the shared machine's load drifts little between them.
-MEASURE_ORDER = [1, 7, 2, 4, 5, 9, 3, 6, 8]
+MEASURE_ORDER = [1, 7, 2, 4, 5, 9, 3, 11, 6, 12, 10, 13, 8]
 
 
 def measure(settings: Settings, sqlite_url: str, rows: dict[int, Row]) -> None:
@@ -567,6 +576,12 @@ def measure(settings: Settings, sqlite_url: str, rows: dict[int, Row]) -> None:
                     f"{sample.rps:>8.0f} req/s  p99 {sample.p99_ms:6.1f} ms",
                     flush=True,
                 )
+
+
+async def audit_everything(url: str) -> tuple[int, int]:
+    """(audit issues, holds left) over every account, once every app has stopped."""
+    async with CreditGuard(url, sweep=False) as guard:
+        return len(await guard.audit()), len(await guard.open_holds())
 
 
 def drain_test(settings: Settings) -> tuple[Books, Sample]:
@@ -601,7 +616,14 @@ def spread(rows: dict[int, Row], a: int, b: int) -> str:
     return f"{min(values):.2f}-{max(values):.2f}"
 
 
-def report(settings: Settings, rows: dict[int, Row], info: dict[str, str], hot: Books, drain: Books) -> bool:
+def report(
+    settings: Settings,
+    rows: dict[int, Row],
+    info: dict[str, str],
+    hot: Books,
+    drain: Books,
+    books_after: dict[str, tuple[int, int]],
+) -> bool:
     print()
     for key, fact in info.items():
         print(f"- {key}: {fact}")
@@ -626,7 +648,8 @@ def report(settings: Settings, rows: dict[int, Row], info: dict[str, str], hot: 
     extra = (
         (8, 5, "hot row vs 1,000 accounts"),
         (6, 4, "SQLite vs PostgreSQL"),
-        (9, 5, "Idempotency-Key vs plain charge"),
+        (10, 11, "SQLite: a transaction per request vs group commit"),
+        (11, 2, "SQLite group commit vs the PostgreSQL limit"),
     )
     for a, b, label in extra:
         print(f"| {a}/{b} {label} | {ratio(rows, a, b):.2f} | {spread(rows, a, b)} | - | |")
@@ -642,6 +665,12 @@ def report(settings: Settings, rows: dict[int, Row], info: dict[str, str], hot: 
     if drain.charges != DRAIN_BUDGET or drain.balance != 0:
         ok = False
         print(f"drain: expected exactly {DRAIN_BUDGET} charges and balance 0: OVERDRAFT CHECK FAILED")
+    for label, audit in books_after.items():
+        books_ok = (
+            "balances == ledger, no hold left" if audit == (0, 0) else f"{audit[0]} audit issues, {audit[1]} holds left"
+        )
+        ok = ok and audit == (0, 0)
+        print(f"every account on {label} after the run: {books_ok}")
     print("VARIANT 8 NO OVERDRAFT: " + ("yes" if ok else "NO"))
     return ok
 
@@ -716,12 +745,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         hot = asyncio.run(books(settings.pg_url, HOT_ORG))
         print("counting round trips on the wire", flush=True)
         asyncio.run(count_round_trips(settings, sqlite_url, rows))
+        books_after = {
+            "PostgreSQL": asyncio.run(audit_everything(settings.pg_url)),
+            "SQLite": asyncio.run(audit_everything(sqlite_url)),
+        }
     print("drain test: 64 connections on one account", flush=True)
     drain, _ = drain_test(settings)
     load_after = os.getloadavg()
     info["load average (1 min) before / after"] = f"{load_before[0]:.2f} / {load_after[0]:.2f}"
     info["command"] = "benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    ok = report(settings, rows, info, hot, drain)
+    ok = report(settings, rows, info, hot, drain, books_after)
     print(f"\ntotal time {time.monotonic() - started:.0f}s")
     return 0 if ok else 1
 
