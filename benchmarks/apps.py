@@ -319,14 +319,17 @@ def _statement_counter(guard: CreditGuard) -> Route:
     def count(*_: Any, **__: Any) -> None:
         counts["statements"] += 1
 
-    engines = [guard.engine.sync_engine]
-    writer = getattr(guard.store, "writer", None)  # SQLite's one writer has an engine of its own
+    sync_engine = guard.engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", count)
+    event.listen(sync_engine, "commit", count)
+    event.listen(sync_engine, "rollback", count)
+    writer = getattr(guard.store, "writer", None)
     if writer is not None:
-        engines.append(writer.engine)
-    for sync_engine in engines:
-        event.listen(sync_engine, "before_cursor_execute", count)
-        event.listen(sync_engine, "commit", count)
-        event.listen(sync_engine, "rollback", count)
+        # SQLite's one writer runs raw sqlite3 calls too: count what SQLite itself executes.
+        def trace(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.set_trace_callback(count)
+
+        event.listen(writer.engine, "connect", trace)
 
     async def stats(request: Request) -> Response:
         return JSONResponse(counts)

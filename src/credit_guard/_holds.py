@@ -255,7 +255,13 @@ class HoldKeeper:
         """Stop the task, write what is queued, and forget the loop (``start`` may follow, on any loop)."""
         task, self._task = self._task, None
         if task is not None and self._loop is asyncio.get_running_loop():
-            task.cancel()
+            if self._flushing is not None:
+                # A batch being written is let finish: on SQLite its writer thread commits it
+                # whatever happens here, and the task must know it did.
+                async with self._flushing:
+                    task.cancel()
+            else:
+                task.cancel()
             await asyncio.wait([task])  # a cancel aimed at close() itself still propagates
         try:
             await self.flush()

@@ -307,7 +307,9 @@ class SqlStore:
         to ``max_overage_credits`` more (never more than the balance holds). Exactly once: the hold
         is closed by a conditional DELETE in the same transaction. Returns what moved
         (nothing when the hold was already closed)."""
-        work = partial(settle_usage_in, charge_id=charge_id, used=used, max_overage_credits=max_overage_credits, reason=reason)
+        work = partial(
+            settle_usage_in, charge_id=charge_id, used=used, max_overage_credits=max_overage_credits, reason=reason
+        )
         try:
             return await self._write(work)
         except IntegrityError:

@@ -348,7 +348,9 @@ def settle_holds_in(conn: Connection, charge_ids: Sequence[int], completions: Se
     return settled
 
 
-def settle_usage_in(conn: Connection, charge_id: int, used: int, max_overage_credits: int, reason: str) -> UsageSettlement:
+def settle_usage_in(
+    conn: Connection, charge_id: int, used: int, max_overage_credits: int, reason: str
+) -> UsageSettlement:
     closed = conn.scalar(delete(holds).where(holds.c.charge_id == charge_id).returning(holds.c.charge_id))
     charge = conn.execute(select(*CHARGE_COLUMNS).where(ledger.c.id == charge_id, ledger.c.kind == "charge")).first()
     if closed is None or charge is None:
