@@ -49,13 +49,14 @@ def test_quick_benchmark_measures_every_variant_and_finds_no_overdraft() -> None
     # A guarded request on PostgreSQL pays with the deduction alone: the price comes from the cache.
     guarded = next(line for line in table if line.startswith("| 5 | "))
     assert guarded.split("|")[7].strip() == "0.00", guarded
-    # ... and the deduction is ONE round trip on the wire (no BEGIN/COMMIT, no pool reset),
-    # for the decorator and the middleware alike (a stray keep-alive may add a hundredth);
-    # settling the holds is batched off the request path, a fraction of a trip per request.
-    for number in (4, 5):
+    # ... and the deduction is at most ONE round trip on the wire (no BEGIN/COMMIT, no pool
+    # reset), for the decorator and the middleware alike (a stray keep-alive may add a
+    # hundredth); under this load charges queued together share a batch statement, so it
+    # is often less. Settling the holds is batched off the request path.
+    for number in (4, 5, 8):
         row = next(line for line in table if line.startswith(f"| {number} | "))
         cell = row.split("|")[6].strip()
-        assert 1.0 <= float(cell.split()[0]) < 1.05, row
+        assert 0.0 < float(cell.split()[0]) < 1.05, row
         assert "batched" in cell and float(cell.split("+")[1].split()[0]) < 0.5, row
     # An Idempotency-Key charge on PostgreSQL is one statement too (claim, debit, ledger,
     # hold); storing its response for replays is batched with the hold settlement.

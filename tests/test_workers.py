@@ -88,7 +88,7 @@ def test_create_schema_from_four_processes_at_once_on_a_fresh_database(empty_db:
         assert process.stderr is not None
         errors.append(process.stderr.read().decode())
         process.wait(timeout=60)
-    assert [process.returncode for process in processes] == [0] * WORKERS, errors
+    assert [process.returncode for process in processes] == [0] * WORKERS, "\n".join(errors)  # whole tracebacks
 
     async def check() -> None:
         async with CreditGuard(empty_db) as guard:

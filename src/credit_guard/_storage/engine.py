@@ -7,6 +7,9 @@ is locked" instead of waiting its turn, and a request would be refused for nothi
 
 from __future__ import annotations
 
+import random
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import event
@@ -73,17 +76,38 @@ def _in_memory(url: URL) -> bool:
     return (url.database or "") in ("", ":memory:") or "mode=memory" in (url.database or "")
 
 
+def setup_sqlite_connection(dbapi_connection: Any, *, busy_ms: int, wal_wait: float = 10.0) -> None:
+    """The settings every SQLite connection of ours runs with (the readers' pool and the
+    writer thread alike): WAL, a busy timeout, foreign keys, NORMAL sync.
+
+    Switching a new file to WAL takes a lock that another process starting at the same
+    moment may hold (4 workers on a fresh file); SQLite can answer "database is locked"
+    at once there instead of waiting, so the switch is retried for up to ``wal_wait``.
+    """
+    # Let SQLAlchemy's "begin" event, not the driver, decide how a transaction starts.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        deadline = time.monotonic() + wal_wait
+        while True:
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.001, 0.005))
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
 def _make_sqlite_writers_queue(engine: AsyncEngine, *, busy_timeout: float) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy's "begin" event, not the driver, decide how a transaction starts.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+        setup_sqlite_connection(dbapi_connection, busy_ms=int(busy_timeout * 1000))
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ..errors import StorageUnavailable
 from ..schema import accounts, holds, idempotency_keys, ledger
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
+from .batching import ChargeBatcher
 from .sql import SqlStore
 
 log = logging.getLogger("credit_guard")
@@ -90,6 +91,48 @@ SELECT (SELECT id FROM entry) AS charge_id,
        EXISTS (SELECT 1 FROM claim) AS claimed,
        CASE WHEN EXISTS (SELECT 1 FROM claim) THEN 1 / (SELECT count(*)::int FROM entry) END AS abort_if_short
 """
+# Many charges in ONE statement, decided in arrival order (``ord``) exactly as they would be
+# one by one: the accounts are locked once (in key order, so two batches cannot deadlock),
+# then a recursive walk over each account's charges accepts one only while what is left
+# covers it; the accepted ones draw their ledger ids, and one UPDATE per account, their
+# ledger rows and holds are written together. A charge refused here is refused with what
+# was left at its turn (never "costs 5, you have 7").
+_CHARGE_MANY = f"""
+WITH RECURSIVE req AS (
+    SELECT r.*, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
+      FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
+           WITH ORDINALITY AS r(org, cost, feature, user_id, method, path, hold_until, ord)
+), acct AS MATERIALIZED (
+    SELECT organization_id, balance FROM {accounts.name}
+     WHERE organization_id IN (SELECT org FROM req)
+     ORDER BY organization_id
+       FOR UPDATE
+), walk(org, rn, remaining, accepted) AS (
+    SELECT organization_id, 0::bigint, balance, false FROM acct
+    UNION ALL
+    SELECT w.org, r.rn,
+           CASE WHEN r.cost <= w.remaining THEN w.remaining - r.cost ELSE w.remaining END,
+           r.cost <= w.remaining
+      FROM walk w JOIN req r ON r.org = w.org AND r.rn = w.rn + 1
+), decided AS MATERIALIZED (
+    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until,
+           coalesce(w.accepted, false) AS accepted, coalesce(w.remaining, 0) AS remaining,
+           CASE WHEN w.accepted THEN nextval(pg_get_serial_sequence('{ledger.name}', 'id')) END AS charge_id
+      FROM req r LEFT JOIN walk w ON w.org = r.org AND w.rn = r.rn
+), debit AS (
+    UPDATE {accounts.name} a SET balance = a.balance - t.total, updated_at = now()
+      FROM (SELECT org, sum(cost) AS total FROM decided WHERE accepted GROUP BY org) t
+     WHERE a.organization_id = t.org
+), entry AS (
+    INSERT INTO {ledger.name}
+           (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
+    SELECT charge_id, org, 'charge', -cost, remaining, feature, user_id, method, path FROM decided WHERE accepted
+), hold AS (
+    INSERT INTO {holds.name} (charge_id, expires_at)
+    SELECT charge_id, hold_until FROM decided WHERE accepted AND hold_until IS NOT NULL
+)
+SELECT charge_id, remaining FROM decided ORDER BY ord
+"""
 _KEY_ROW = f"SELECT * FROM {idempotency_keys.name} WHERE organization_id = $1 AND idempotency_key = $2"
 _HAS_SEQUENCE = f"SELECT pg_get_serial_sequence('{ledger.name}', 'id') IS NOT NULL"
 _BALANCE = f"SELECT balance FROM {accounts.name} WHERE organization_id = $1"
@@ -131,6 +174,7 @@ class PostgresStore(SqlStore):
         owns_engine: bool = True,
         pool_size: int = 10,
         timeout: float = 5.0,
+        charges_in_flight: int = 2,
         **pool_kwargs: Any,
     ) -> None:
         super().__init__(engine, owns_engine=owns_engine)
@@ -142,6 +186,11 @@ class PostgresStore(SqlStore):
         self._lock: asyncio.Lock | None = None
         self._timeout = timeout
         self._claims: bool | None = None
+        # Charges decided together under load (one batcher per event loop: its futures are the loop's).
+        self._batcher: ChargeBatcher | None = None
+        self._batcher_loop: asyncio.AbstractEventLoop | None = None
+        #: Charge statements in flight at once before the next charges queue for a batch.
+        self._in_flight = max(1, min(charges_in_flight, pool_size))
         self._pool_kwargs = {
             "min_size": 1,
             "max_size": pool_size,
@@ -186,6 +235,50 @@ class PostgresStore(SqlStore):
         await super().close()
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        """Alone, one statement; under load, in a batch with the charges queued beside it
+        (``batching.py``): one round trip either way."""
+        batcher = self._batcher
+        if batcher is None or self._batcher_loop is not asyncio.get_running_loop():
+            # Made with no await before it: every charge of this loop shares the one batcher.
+            batcher = self._batcher = ChargeBatcher(self._charge_one, self._charge_many, max_in_flight=self._in_flight)
+            self._batcher_loop = asyncio.get_running_loop()
+        return await batcher.charge(request)
+
+    async def _charge_many(self, requests: Sequence[ChargeRequest]) -> list[ChargeOutcome]:
+        """Many charges, one statement, one round trip (see ``_CHARGE_MANY``). Without a
+        ledger id sequence to draw from (a hand-made table), one statement each."""
+        if not await self._supports_claims():
+            return [await self._charge_one(request) for request in requests]
+        columns: list[list[Any]] = [[], [], [], [], [], [], []]
+        for r in requests:
+            for column, value in zip(
+                columns,
+                (
+                    r.organization_id,
+                    r.credits,
+                    r.feature_key,
+                    r.user_id,
+                    r.request_method,
+                    r.request_path,
+                    r.hold_until,
+                ),
+                strict=True,
+            ):
+                column.append(value)
+        try:
+            pool = await self._get_pool()
+            async with asyncio.timeout(self._timeout):
+                conn = await pool.acquire()
+            try:
+                rows = await conn.fetch(_CHARGE_MANY, *columns)
+            finally:
+                await pool.release(conn)
+        except _UNAVAILABLE as exc:
+            log.error("credit_guard: PostgreSQL batch of %d charges failed: %s", len(requests), exc, exc_info=exc)
+            raise StorageUnavailable(str(exc)) from exc
+        return [ChargeOutcome(int(row[0]) if row[0] is not None else None, int(row[1])) for row in rows]
+
+    async def _charge_one(self, request: ChargeRequest) -> ChargeOutcome:
         """One statement, one round trip (two only when short and the balance moved meanwhile)."""
         try:
             pool = (

@@ -57,6 +57,7 @@ from .._clock import utcnow
 from ..errors import StorageUnavailable
 from ..schema import accounts, holds, ledger
 from .base import ChargeOutcome, ChargeRequest, Completion
+from .engine import setup_sqlite_connection
 from .sql import SqlStore, T, Work, unavailable
 
 log = logging.getLogger("credit_guard")
@@ -381,13 +382,8 @@ class SqliteWriter:
 def _configure(engine: Any) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # SQLAlchemy's "begin" event decides
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={_ATTEMPT_BUSY_MS}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+        # A short busy timeout: ``_begin`` decides how to wait for the write lock.
+        setup_sqlite_connection(dbapi_connection, busy_ms=_ATTEMPT_BUSY_MS)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
