@@ -47,7 +47,7 @@ from sqlalchemy.engine import make_url  # noqa: E402
 
 from benchmarks.apps import FEATURE, ORG_HEADER  # noqa: E402
 from credit_guard import CreditGuard  # noqa: E402
-from credit_guard.schema import accounts, ledger  # noqa: E402
+from credit_guard.schema import accounts, grants, ledger, metadata  # noqa: E402
 
 LUA = Path(__file__).resolve().parent / "orgs.lua"
 ACCOUNTS = 1000
@@ -265,13 +265,7 @@ def org_args(variant: Variant) -> list[str]:
 # -- database -------------------------------------------------------------------------------
 
 
-BENCH_TABLES = (
-    "credit_guard_ledger",
-    "credit_guard_accounts",
-    "credit_guard_feature_pricing",
-    "credit_guard_holds",
-    "credit_guard_idempotency_keys",
-)
+BENCH_TABLES = tuple(table.name for table in reversed(metadata.sorted_tables))
 
 
 async def prepare(url: str) -> None:
@@ -294,6 +288,9 @@ async def prepare(url: str) -> None:
                     {"organization_id": org, "kind": "grant", "amount": FUNDING, "balance_after": FUNDING}
                     for org in orgs
                 ],
+            )
+            await conn.execute(
+                insert(grants), [{"organization_id": org, "amount": FUNDING, "remaining": FUNDING} for org in orgs]
             )
         if guard.engine.dialect.name == "postgresql":
             async with guard.engine.connect() as conn:

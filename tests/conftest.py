@@ -123,14 +123,11 @@ async def reset_postgres(guard: CreditGuard) -> None:
             await conn.run_sync(metadata.drop_all)
             await conn.run_sync(metadata.create_all)
         _PG_SCHEMA_FRESH = True
+    from credit_guard.schema import metadata
+
     async with guard.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "TRUNCATE credit_guard_ledger, credit_guard_accounts, credit_guard_feature_pricing,"
-                " credit_guard_idempotency_keys, credit_guard_holds"
-                " RESTART IDENTITY CASCADE"
-            )
-        )
+        tables = ", ".join(table.name for table in metadata.sorted_tables)
+        await conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
 
 
 async def seed_prices(guard: CreditGuard) -> None:

@@ -37,8 +37,13 @@ TABLES = {
     "credit_guard_ledger",
     "credit_guard_idempotency_keys",
     "credit_guard_holds",
+    "credit_guard_grants",
+    "credit_guard_grant_moves",
+    "credit_guard_reservations",
 }
 INDEXES = {
+    "ix_credit_guard_grants_organization_id",
+    "ix_credit_guard_grant_moves_grant_id",
     "ix_credit_guard_ledger_org_created",
     "ix_credit_guard_ledger_feature_created",
     "ix_credit_guard_idempotency_keys_charge_id",

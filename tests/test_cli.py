@@ -407,10 +407,14 @@ def test_audit_is_clean_until_a_balance_is_tampered_with(cli: Cli) -> None:
     with_guard(cli.url, tamper)
     code, out, err = cli("audit")
     assert code == 1
-    assert out == "org_1: balance differs from ledger (balance=101 ledger_sum=100)\n"
-    assert err == "credit-guard: error: audit found 1 issue(s)\n"
+    assert out == (
+        "org_1: balance differs from ledger (balance=101 ledger_sum=100)\n"
+        "org_1: balance differs from its grants (balance=101 ledger_sum=100)\n"
+    )
+    assert err == "credit-guard: error: audit found 2 issue(s)\n"
     assert json.loads(cli("audit", "--json")[1]) == [
-        {"organization_id": "org_1", "problem": "balance differs from ledger", "balance": 101, "ledger_sum": 100}
+        {"organization_id": "org_1", "problem": "balance differs from ledger", "balance": 101, "ledger_sum": 100},
+        {"organization_id": "org_1", "problem": "balance differs from its grants", "balance": 101, "ledger_sum": 100},
     ]
 
 

@@ -152,8 +152,13 @@ async def test_audit_reports_a_tampered_balance(guard: CreditGuard) -> None:
     assert await guard.audit() == []
     async with guard.engine.begin() as conn:
         await conn.execute(update(accounts).where(accounts.c.organization_id == "org_1").values(balance=11))
-    [issue] = await guard.audit()
-    assert (issue.organization_id, issue.balance, issue.ledger_sum) == ("org_1", 11, 10)
+    ledger_issue, grants_issue = await guard.audit()
+    assert (ledger_issue.organization_id, ledger_issue.balance, ledger_issue.ledger_sum) == ("org_1", 11, 10)
+    assert (grants_issue.problem, grants_issue.balance, grants_issue.ledger_sum) == (
+        "balance differs from its grants",
+        11,
+        10,
+    )
 
 
 async def test_check_credits_reports_required_and_available(guard: CreditGuard) -> None:

@@ -20,21 +20,33 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ._accounts_api import AccountsApi
 from ._config import DATABASE_URL_ENV, ConnectionBudget, IdempotencyMode, Resolver
+from ._grants import Grants
 from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
 from ._ledger import Ledger
 from ._pricing import Pricing
+from ._reservations import Reservations
 from ._storage import open_store
 from ._storage.engine import DEFAULT_DATABASE_URL, build_engine, parse_database_url
-from .events import ChargeEvent, Event, H, InsufficientCreditsEvent, LowBalanceEvent, RefundEvent
+from .events import (
+    ChargeEvent,
+    Event,
+    GrantExpiredEvent,
+    H,
+    InsufficientCreditsEvent,
+    LowBalanceEvent,
+    RefundEvent,
+)
 from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageGroup, UsageRow
 
 
-class CreditGuard:
+class CreditGuard(AccountsApi):
     """Pay-per-use credits in front of an ASGI app: the one object an app holds.
 
-    A thin facade: it wires the services (``pricing``, ``ledger``, ``holds``, ``hooks``)
+    A thin facade: it wires the services (``pricing``, ``ledger``, ``grants``,
+    ``reservations``, ``holds``, ``hooks``)
     over one store, runs them on an event loop (``start``/``close``, any number of times,
     on any loop) and offers the Python API, each method a call into one service.
 
@@ -149,6 +161,9 @@ class CreditGuard:
             refund_attempts=refund_attempts,
             low_balance_threshold=low_balance_threshold,
         )
+        self.grants = Grants(self.store, self.hooks, low_balance_threshold=low_balance_threshold)
+        self.reservations = Reservations(self.ledger, max_overage=max_overage)
+        self.holds.also_sweep = self.grants.expire
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -279,21 +294,6 @@ class CreditGuard:
 
     # -- credits (``_ledger.py``) -----------------------------------------------------------
 
-    async def grant_credits(
-        self, organization_id: str, amount: int, *, reason: str | None = None, idempotency_key: str | None = None
-    ) -> int:
-        """Top an organization up (creating its account); returns the new balance.
-
-        ``idempotency_key`` (a payment's or webhook event's id, a seeding step's name):
-        the same key grants once per organization, whatever the concurrency or the number
-        of processes, and every later call grants nothing and returns the current
-        balance. Reusing a key for another amount raises IdempotencyKeyReused.
-
-        Raises ValueError for a bad argument, and when the grant would take the balance
-        past ``MAX_BALANCE`` (nothing is written then).
-        """
-        return await self.ledger.grant(organization_id, amount, reason=reason, idempotency_key=idempotency_key)
-
     async def deduct_credits(
         self,
         organization_id: str,
@@ -423,6 +423,10 @@ class CreditGuard:
         if self.ledger.low_balance_threshold is None:
             raise ValueError("on_low_balance needs CreditGuard(low_balance_threshold=...)")
         return self.hooks.add(LowBalanceEvent, hook)
+
+    def on_grant_expired(self, hook: H) -> H:
+        """Register ``async def hook(event: GrantExpiredEvent)`` (unspent credits written off)."""
+        return self.hooks.add(GrantExpiredEvent, hook)
 
     def emit(self, event: Event) -> None:
         self.hooks.emit(event)

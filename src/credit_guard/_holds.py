@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from ._clock import utcnow
@@ -51,6 +51,8 @@ class HoldKeeper:
         self.settle_delay = settle_delay
         #: Told of every hold the sweeper refunds (the ledger fires the refund hooks).
         self.on_refund = on_refund
+        #: Run by every sweep after the holds (the guard's: expiring grants).
+        self.also_sweep: Callable[[datetime], Awaitable[object]] | None = None
         self._sweep_limit = sweep_limit
         #: Charge ids of this process's requests still running (the heartbeat keeps them).
         self.live: set[int] = set()
@@ -249,6 +251,8 @@ class HoldKeeper:
             if len(ids) < self._sweep_limit:
                 break
         await self.store.delete_expired_keys(now)
+        if self.also_sweep is not None:
+            await self.also_sweep(now)
         return released
 
     async def close(self) -> None:

@@ -29,7 +29,6 @@ from ._storage.base import (
     ClaimKind,
     ClaimOutcome,
     Completion,
-    GrantStatus,
     KeyClaim,
     Store,
     UsageSettlement,
@@ -80,30 +79,7 @@ class Ledger:
         self.idempotency_ttl = idempotency_ttl
         self.refund_attempts = max(1, refund_attempts)
         self.low_balance_threshold = low_balance_threshold
-        holds.on_refund = self._refunded
-
-    # -- grants ---------------------------------------------------------------------------
-
-    async def grant(self, organization_id: str, amount: int, *, reason: str | None, idempotency_key: str | None) -> int:
-        check_org(organization_id)
-        if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_GRANT:
-            raise ValueError(f"amount must be a positive integer up to {MAX_GRANT}, got {amount!r:.40}")
-        if reason is not None and (not isinstance(reason, str) or not is_storable_text(reason)):
-            raise ValueError(f"reason must be text without NUL characters or unpaired surrogates, got {reason!r:.80}")
-        check_key(idempotency_key)
-        outcome = await self.store.grant(organization_id, amount, reason[:500] if reason else reason, idempotency_key)
-        if outcome.status is GrantStatus.OVER_LIMIT:
-            raise ValueError(
-                f"granting {amount} would take {organization_id!r:.80}'s balance ({outcome.balance}) past the maximum"
-                f" of {MAX_BALANCE} credits; nothing was granted"
-            )
-        if outcome.status is GrantStatus.ALREADY_GRANTED:
-            if outcome.amount != amount:
-                raise IdempotencyKeyReused(idempotency_key or "")
-            log.info(
-                "credit_guard: grant %r to %s was already made; not granted again", idempotency_key, organization_id
-            )
-        return outcome.balance
+        holds.on_refund = self.refunded
 
     # -- charges --------------------------------------------------------------------------
 
@@ -225,7 +201,7 @@ class Ledger:
             ), outcome
         if hold:
             self.holds.track(charge_id)
-        self._charged(organization_id, feature_key, credits, balance, charge_id, user_id)
+        self.charged(organization_id, feature_key, credits, balance, charge_id, user_id)
         return DeductionResult(
             success=True,
             remaining_credits=balance,
@@ -235,7 +211,7 @@ class Ledger:
             unit_price=pricing.credits,
         ), outcome
 
-    def _charged(
+    def charged(
         self,
         organization_id: str,
         feature_key: str,
@@ -254,7 +230,7 @@ class Ledger:
 
     # -- refunds --------------------------------------------------------------------------
 
-    def _refunded(self, result: RefundResult, charge_id: int, reason: str | None) -> None:
+    def refunded(self, result: RefundResult, charge_id: int, reason: str | None) -> None:
         self.holds.forget(charge_id)
         if result.refunded and result.organization_id is not None:
             self.hooks.emit(
@@ -271,7 +247,7 @@ class Ledger:
 
     async def refund(self, charge_id: int, *, reason: str | None = None) -> RefundResult:
         result = await self.store.refund(charge_id, reason)
-        self._refunded(result, charge_id, reason)
+        self.refunded(result, charge_id, reason)
         return result
 
     async def refund_retrying(self, charge_id: int, *, reason: str | None, about: str) -> RefundResult | None:
@@ -330,7 +306,7 @@ class Ledger:
         moved = await self.store.settle_usage(
             charge_id, used_credits, max_overage_credits, reason or "settled at reported usage"
         )
-        self._usage_settled(charge_id, moved, None)
+        self.usage_settled(charge_id, moved, None)
         return moved.refunded, moved.overage
 
     async def settle_usage(
@@ -349,7 +325,7 @@ class Ledger:
                 charged,
             )
             return None
-        self._usage_settled(charge_id, moved, user_id)
+        self.usage_settled(charge_id, moved, user_id)
         if used > charged + moved.overage:
             log.warning(
                 "credit_guard: charge %s used %s credits, %s reserved; %s beyond max_overage went unpaid",
@@ -360,7 +336,7 @@ class Ledger:
             )
         return moved
 
-    def _usage_settled(self, charge_id: int, moved: UsageSettlement, user_id: str | None) -> None:
+    def usage_settled(self, charge_id: int, moved: UsageSettlement, user_id: str | None) -> None:
         if moved.organization_id is None or moved.balance is None:
             return
         if moved.refunded:
@@ -376,7 +352,7 @@ class Ledger:
                 )
             )
         if moved.overage:
-            self._charged(
+            self.charged(
                 moved.organization_id,
                 moved.feature_key or "",
                 moved.overage,

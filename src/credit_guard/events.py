@@ -53,7 +53,8 @@ class InsufficientCreditsEvent:
 
 @dataclass(frozen=True, slots=True)
 class LowBalanceEvent:
-    """A charge took the balance from at or above ``threshold`` to below it.
+    """A charge (or an expiry: ``feature_key`` None) took the balance from at or above
+    ``threshold`` to below it.
 
     Fired by the one charge that crossed the line (its balance before and after come from
     the same atomic statement), so once per crossing even across processes; a top-up
@@ -63,10 +64,20 @@ class LowBalanceEvent:
     organization_id: str
     balance: int
     threshold: int
-    feature_key: str
+    feature_key: str | None
 
 
-Event = ChargeEvent | RefundEvent | InsufficientCreditsEvent | LowBalanceEvent
+@dataclass(frozen=True, slots=True)
+class GrantExpiredEvent:
+    """A grant expired with ``credits`` unspent; they were written off (an expiry row)."""
+
+    organization_id: str
+    grant_id: int
+    credits: int
+    balance: int
+
+
+Event = ChargeEvent | RefundEvent | InsufficientCreditsEvent | LowBalanceEvent | GrantExpiredEvent
 Hook = Callable[[Any], Awaitable[None]]
 H = TypeVar("H", bound=Hook)
 

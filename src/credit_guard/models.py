@@ -69,6 +69,41 @@ class DeductionResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Grant:
+    """Credits granted to an organization: what is ``remaining`` of ``amount``, spendable
+    until ``expires_at`` (None: never expires), drawn from in order of ``priority``."""
+
+    id: int
+    amount: int
+    remaining: int
+    expires_at: datetime | None
+    priority: int
+    reason: str | None
+    created_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An async job's credits, held under ``job_id`` until captured or released.
+
+    ``state`` is ``open``, then ``captured``, ``released`` or ``expired`` (its TTL ran out
+    and the sweeper gave the credits back)."""
+
+    job_id: str
+    organization_id: str
+    feature_key: str
+    charge_id: int
+    credits: int
+    state: str
+    expires_at: datetime | None
+    unit_price: int = 0
+    max_overage_credits: int = 0
+    #: What this call moved: credits kept by a capture, credits given back.
+    captured_credits: int = 0
+    refunded_credits: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CreditCheck:
     """Outcome of :meth:`CreditGuard.check_credits` (the seed's ``checkCredits``).
 

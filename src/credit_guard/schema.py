@@ -6,13 +6,22 @@ name starts with ``credit_guard_`` so the library can share a database with the 
 
 Money invariants that the database itself enforces, so no code path can break them:
 
-* ``balance >= 0`` on every account (a CHECK constraint backs the conditional UPDATE);
+* an account's balance is the sum of its grants' ``remaining`` and of its ledger;
+* no grant goes below its floor: 0 for a grant, ``-overdraft limit`` for the account's
+  overdraft line (a CHECK constraint backs the charge's condition), so no account goes
+  below ``-limit``;
 * a charge is refunded at most once (``refund_of`` is UNIQUE), whether in full (a failed
   request, an expired hold) or in part (a request that used less than it reserved);
 * an over-use surcharge is taken at most once per charge (``extra_of`` is UNIQUE);
 * a refund row always points at a charge, and so does a surcharge;
 * a grant with an idempotency key happens once per organization and key;
 * no balance passes ``MAX_BALANCE``.
+
+Credits are kept as *grants* (``credit_guard_grants``): a charge draws from the live ones
+in spending order (lower ``priority``, then the soonest ``expires_at``, never-expiring
+last, then the oldest), and every draw, refund, repayment and expiry of a grant is a row
+of ``credit_guard_grant_moves`` pointing at the ledger row that caused it, so a grant's
+``remaining`` is always its ``amount`` plus its moves (``audit()`` checks it).
 
 A charge with a row in ``credit_guard_holds`` is a *hold*: its credits are taken, but the
 request that took them has not finished. Settling deletes the row; the sweeper refunds
@@ -84,7 +93,6 @@ accounts = Table(
     Column("balance", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    CheckConstraint("balance >= 0", name="balance_non_negative"),
     CheckConstraint(f"balance <= {MAX_BALANCE}", name="balance_at_most_max"),
 )
 
@@ -93,7 +101,8 @@ ledger = Table(
     metadata,
     Column("id", _LedgerId, primary_key=True, autoincrement=True),
     Column("organization_id", String(255), nullable=False),
-    # 'grant' (top-up, amount > 0), 'charge' (amount < 0) or 'refund' (amount > 0).
+    # 'grant' (top-up, amount > 0), 'charge' (amount < 0), 'refund' (amount > 0) or
+    # 'expiry' (what an expired grant still held, amount < 0).
     Column("kind", String(16), nullable=False),
     Column("amount", BigInteger, nullable=False),
     Column("balance_after", BigInteger, nullable=False),
@@ -121,18 +130,76 @@ ledger = Table(
     # below makes the same key grant once per organization, whatever the concurrency.
     Column("idempotency_key", String(255), nullable=True),
     UniqueConstraint("organization_id", "idempotency_key"),
-    CheckConstraint("kind IN ('grant', 'charge', 'refund')", name="kind_known"),
+    CheckConstraint("kind IN ('grant', 'charge', 'refund', 'expiry')", name="kind_known"),
     CheckConstraint(
         "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0)"
         " OR (kind = 'charge' AND refund_of IS NULL AND amount <= 0)"
-        " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0)",
+        " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0)"
+        " OR (kind = 'expiry' AND refund_of IS NULL AND extra_of IS NULL AND amount < 0)",
         name="kind_shape",
     ),
-    CheckConstraint("balance_after >= 0", name="balance_after_non_negative"),
 )
 
 Index(f"ix_{TABLE_PREFIX}ledger_org_created", ledger.c.organization_id, ledger.c.created_at)
 Index(f"ix_{TABLE_PREFIX}ledger_feature_created", ledger.c.feature_key, ledger.c.created_at)
+grants = Table(
+    f"{TABLE_PREFIX}grants",
+    metadata,
+    Column("id", _LedgerId, primary_key=True, autoincrement=True),
+    Column("organization_id", String(255), nullable=False, index=True),
+    # What was granted (0 for the overdraft line), and what is left of it now.
+    Column("amount", BigInteger, nullable=False),
+    Column("remaining", BigInteger, nullable=False),
+    # 0 for a grant; ``-limit`` for the account's overdraft line, the one grant that may go
+    # negative (its debt). A CHECK, so no code path can take an account below ``-limit``.
+    Column("floor", BigInteger, nullable=False, default=0),
+    # The account's overdraft line (at most one: made under the account's lock).
+    Column("overdraft", Boolean, nullable=False, default=False),
+    Column("priority", Integer, nullable=False, default=0),
+    # Never spendable from this instant on (None: never expires).
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("reason", String(500), nullable=True),
+    # The ledger row that granted it (None for the overdraft line and pre-grant balances).
+    Column("ledger_id", _LedgerId, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("remaining >= floor", name="remaining_above_floor"),
+    CheckConstraint("floor <= 0 AND amount >= 0", name="floor_and_amount"),
+    CheckConstraint("overdraft OR floor = 0", name="only_overdraft_below_zero"),
+)
+grant_moves = Table(
+    f"{TABLE_PREFIX}grant_moves",
+    metadata,
+    # The ledger row that moved credits in or out of the grant: a charge (negative), a
+    # refund (positive, back to the grants the charge drew from), an expiry (negative), a
+    # grant repaying the overdraft line (negative on itself, positive on the line).
+    Column("ledger_id", _LedgerId, nullable=False),
+    Column("grant_id", _LedgerId, nullable=False, index=True),
+    Column("amount", BigInteger, nullable=False),
+    PrimaryKeyConstraint("ledger_id", "grant_id"),
+)
+
+reservations = Table(
+    f"{TABLE_PREFIX}reservations",
+    metadata,
+    # An async job's credits, taken when it started and held under its id until the job's
+    # completion captures them (or releases them); the sweeper releases it after its TTL.
+    Column("job_id", String(255), primary_key=True),
+    Column("organization_id", String(255), nullable=False),
+    Column("feature_key", String(64), nullable=False),
+    Column("charge_id", _LedgerId, nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    # The price of one unit when it was reserved (a capture's units are priced at it), and
+    # how many credits beyond ``credits`` a capture may still take.
+    Column("unit_price", BigInteger, nullable=False),
+    Column("max_overage_credits", BigInteger, nullable=False, default=0),
+    # 'open', then 'captured', 'released' or 'expired'.
+    Column("state", String(16), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("closed_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("state IN ('open', 'captured', 'released', 'expired')", name="state_known"),
+)
+
 holds = Table(
     f"{TABLE_PREFIX}holds",
     metadata,

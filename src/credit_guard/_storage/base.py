@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
+from ..models import AuditIssue, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
 
 
 @dataclass(slots=True)  # not frozen: built on every paid request, and frozen __init__ costs more
@@ -100,6 +100,16 @@ class Completion:
     expires_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class ExpiredGrant:
+    """A grant whose unspent credits an expiry row wrote off."""
+
+    organization_id: str
+    grant_id: int
+    credits: int
+    balance: int
+
+
 class GrantStatus(enum.Enum):
     GRANTED = "granted"
     #: The idempotency key was used before: nothing was written this time.
@@ -155,8 +165,29 @@ class Store(Protocol):
     ) -> tuple[list[FeaturePricing], list[FeaturePricing]]: ...
 
     async def grant(
-        self, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None = None
+        self,
+        organization_id: str,
+        amount: int,
+        reason: str | None,
+        idempotency_key: str | None = None,
+        *,
+        expires_at: datetime | None = None,
+        priority: int = 0,
     ) -> GrantOutcome: ...
+    async def expire_grants(self, now: datetime) -> list[ExpiredGrant]: ...
+    async def list_grants(self, organization_id: str, now: datetime) -> list[Grant]: ...
+    async def set_overdraft(self, organization_id: str, limit: int) -> None: ...
+    async def overdraft(self, organization_id: str) -> tuple[int, int]: ...
+    async def reserve(
+        self, request: ChargeRequest, job_id: str, *, unit_price: int, max_overage_credits: int
+    ) -> tuple[Reservation | None, int]: ...
+    async def adopt_reservation(
+        self, job_id: str, charge_id: int, request: ChargeRequest, *, unit_price: int, max_overage_credits: int
+    ) -> Reservation: ...
+    async def reservation(self, job_id: str) -> Reservation | None: ...
+    async def close_reservation(
+        self, job_id: str, *, used: int | None, reason: str, capture: bool = True
+    ) -> tuple[Reservation, UsageSettlement | RefundResult | None]: ...
     async def charge(self, request: ChargeRequest) -> ChargeOutcome: ...
     async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome: ...
     async def refund(

@@ -7,15 +7,17 @@ guarded request, so it gets its own pool and is sent as ONE statement with no ex
 transaction: PostgreSQL runs it atomically (the CTE's UPDATE and INSERTs commit together
 or not at all). Everything else is ``SqlStore``'s, through SQLAlchemy.
 
-Correctness: under READ COMMITTED a concurrent UPDATE waits for the row lock and then
-re-checks ``balance >= cost`` against the committed row, so no interleaving overdraws.
+Correctness: the statement locks the account rows before it reads their grants
+(``pg_charge.py``), and the grants it reads are the committed ones, so no interleaving
+overdraws; the CHECK on each grant's floor backs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -23,119 +25,19 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .._clock import utcnow
 from ..errors import StorageUnavailable
-from ..schema import accounts, holds, idempotency_keys, ledger
+from ..schema import holds, idempotency_keys, ledger
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
 from .batching import ChargeBatcher
+from .pg_charge import CHARGE_MANY, CLAIM_AND_CHARGE
+from .pg_charge import ROOM as _ROOM
 from .sql import SqlStore
 
 log = logging.getLogger("credit_guard")
 
-_DEDUCT = f"""
-WITH debit AS (
-    UPDATE {accounts.name}
-       SET balance = balance - $2::bigint, updated_at = now()
-     WHERE organization_id = $1 AND balance >= $2::bigint
- RETURNING balance
-), entry AS (
-    INSERT INTO {ledger.name}
-           (organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
-    SELECT $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6 FROM debit
- RETURNING id, balance_after
-), hold AS (
-    INSERT INTO {holds.name} (charge_id, expires_at)
-    SELECT id, $7::timestamptz FROM entry WHERE $7::timestamptz IS NOT NULL
-)
-SELECT (SELECT id FROM entry) AS charge_id,
-       (SELECT balance_after FROM entry) AS balance_after,
-       (SELECT balance FROM {accounts.name} WHERE organization_id = $1) AS available
-"""
-# The idempotent charge, also ONE statement: claim the key (or take over a dead or expired
-# one), then debit, ledger and hold only if the claim succeeded. The charge's ledger id is
-# drawn first so the key row can name it in the same statement. A claim whose debit finds
-# the balance short must not stay (the key would block the retry after a top-up): the last
-# SELECT then divides by zero, which aborts the statement and so everything it wrote.
-_CLAIM_AND_DEDUCT = f"""
-WITH new_charge AS (
-    SELECT nextval(pg_get_serial_sequence('{ledger.name}', 'id')) AS id
-), claim AS (
-    INSERT INTO {idempotency_keys.name} AS k
-           (organization_id, idempotency_key, fingerprint, state, charge_id, status_code,
-            response_headers, response_body, body_stored, locked_until, expires_at, created_at)
-    SELECT $1, $8, $9, 'running', id, NULL, NULL, NULL, true, $10::timestamptz, $11::timestamptz, $12::timestamptz
-      FROM new_charge
-    ON CONFLICT (organization_id, idempotency_key) DO UPDATE
-       SET fingerprint = EXCLUDED.fingerprint, state = 'running', charge_id = EXCLUDED.charge_id,
-           status_code = NULL, response_headers = NULL, response_body = NULL, body_stored = true,
-           locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at
-     WHERE (k.state = 'done' AND k.expires_at < $12::timestamptz)
-        OR (k.state = 'running' AND k.locked_until < $12::timestamptz
-            AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = k.charge_id))
- RETURNING charge_id
-), debit AS (
-    UPDATE {accounts.name}
-       SET balance = balance - $2::bigint, updated_at = now()
-     WHERE organization_id = $1 AND balance >= $2::bigint AND EXISTS (SELECT 1 FROM claim)
- RETURNING balance
-), entry AS (
-    INSERT INTO {ledger.name}
-           (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
-    SELECT (SELECT charge_id FROM claim), $1, 'charge', -$2::bigint, balance, $3, $4, $5, $6 FROM debit
- RETURNING id, balance_after
-), hold AS (
-    INSERT INTO {holds.name} (charge_id, expires_at)
-    SELECT id, $7::timestamptz FROM entry WHERE $7::timestamptz IS NOT NULL
-)
-SELECT (SELECT id FROM entry) AS charge_id,
-       (SELECT balance_after FROM entry) AS balance_after,
-       EXISTS (SELECT 1 FROM claim) AS claimed,
-       CASE WHEN EXISTS (SELECT 1 FROM claim) THEN 1 / (SELECT count(*)::int FROM entry) END AS abort_if_short
-"""
-# Many charges in ONE statement, decided in arrival order (``ord``) exactly as they would be
-# one by one: the accounts are locked once (in key order, so two batches cannot deadlock),
-# then a recursive walk over each account's charges accepts one only while what is left
-# covers it; the accepted ones draw their ledger ids, and one UPDATE per account, their
-# ledger rows and holds are written together. A charge refused here is refused with what
-# was left at its turn (never "costs 5, you have 7").
-_CHARGE_MANY = f"""
-WITH RECURSIVE req AS (
-    SELECT r.*, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
-      FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-           WITH ORDINALITY AS r(org, cost, feature, user_id, method, path, hold_until, ord)
-), acct AS MATERIALIZED (
-    SELECT organization_id, balance FROM {accounts.name}
-     WHERE organization_id IN (SELECT org FROM req)
-     ORDER BY organization_id
-       FOR UPDATE
-), walk(org, rn, remaining, accepted) AS (
-    SELECT organization_id, 0::bigint, balance, false FROM acct
-    UNION ALL
-    SELECT w.org, r.rn,
-           CASE WHEN r.cost <= w.remaining THEN w.remaining - r.cost ELSE w.remaining END,
-           r.cost <= w.remaining
-      FROM walk w JOIN req r ON r.org = w.org AND r.rn = w.rn + 1
-), decided AS MATERIALIZED (
-    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until,
-           coalesce(w.accepted, false) AS accepted, coalesce(w.remaining, 0) AS remaining,
-           CASE WHEN w.accepted THEN nextval(pg_get_serial_sequence('{ledger.name}', 'id')) END AS charge_id
-      FROM req r LEFT JOIN walk w ON w.org = r.org AND w.rn = r.rn
-), debit AS (
-    UPDATE {accounts.name} a SET balance = a.balance - t.total, updated_at = now()
-      FROM (SELECT org, sum(cost) AS total FROM decided WHERE accepted GROUP BY org) t
-     WHERE a.organization_id = t.org
-), entry AS (
-    INSERT INTO {ledger.name}
-           (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
-    SELECT charge_id, org, 'charge', -cost, remaining, feature, user_id, method, path FROM decided WHERE accepted
-), hold AS (
-    INSERT INTO {holds.name} (charge_id, expires_at)
-    SELECT charge_id, hold_until FROM decided WHERE accepted AND hold_until IS NOT NULL
-)
-SELECT charge_id, remaining FROM decided ORDER BY ord
-"""
 _KEY_ROW = f"SELECT * FROM {idempotency_keys.name} WHERE organization_id = $1 AND idempotency_key = $2"
 _HAS_SEQUENCE = f"SELECT pg_get_serial_sequence('{ledger.name}', 'id') IS NOT NULL"
-_BALANCE = f"SELECT balance FROM {accounts.name} WHERE organization_id = $1"
 _SETTLE = f"""
 DELETE FROM {holds.name} WHERE charge_id = ANY(string_to_array($1::text, ',')::bigint[]) RETURNING charge_id
 """
@@ -245,77 +147,51 @@ class PostgresStore(SqlStore):
         return await batcher.charge(request)
 
     async def _charge_many(self, requests: Sequence[ChargeRequest]) -> list[ChargeOutcome]:
-        """Many charges, one statement, one round trip (see ``_CHARGE_MANY``). Without a
-        ledger id sequence to draw from (a hand-made table), one statement each."""
+        """Many charges, one statement, one round trip (``pg_charge.py``). Without a
+        ledger id sequence to draw from (a hand-made table), a transaction each."""
         if not await self._supports_claims():
-            return [await self._charge_one(request) for request in requests]
-        columns: list[list[Any]] = [[], [], [], [], [], [], []]
-        for r in requests:
-            for column, value in zip(
-                columns,
-                (
-                    r.organization_id,
-                    r.credits,
-                    r.feature_key,
-                    r.user_id,
-                    r.request_method,
-                    r.request_path,
-                    r.hold_until,
-                ),
-                strict=True,
-            ):
-                column.append(value)
+            return [await super(PostgresStore, self).charge(request) for request in requests]
         try:
-            pool = await self._get_pool()
-            async with asyncio.timeout(self._timeout):
-                conn = await pool.acquire()
-            try:
-                rows = await conn.fetch(_CHARGE_MANY, *columns)
-            finally:
-                await pool.release(conn)
+            async with self._connection() as conn:
+                rows = await conn.fetch(CHARGE_MANY, *_columns(requests), utcnow())
+                outcomes = [ChargeOutcome(_int_or_none(row[0]), int(row[1])) for row in rows]
+                for index, (request, outcome) in enumerate(zip(requests, outcomes, strict=True)):
+                    if outcome.charge_id is None:
+                        outcomes[index] = await self._recheck(conn, request, outcome)
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL batch of %d charges failed: %s", len(requests), exc, exc_info=exc)
+            log.error("credit_guard: PostgreSQL charge of %d failed: %s", len(requests), exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
-        return [ChargeOutcome(int(row[0]) if row[0] is not None else None, int(row[1])) for row in rows]
+        return outcomes
 
     async def _charge_one(self, request: ChargeRequest) -> ChargeOutcome:
-        """One statement, one round trip (two only when short and the balance moved meanwhile)."""
+        """One statement, one round trip (two only when refused: see ``_recheck``)."""
+        return (await self._charge_many([request]))[0]
+
+    async def _recheck(self, conn: Any, request: ChargeRequest, refused: ChargeOutcome) -> ChargeOutcome:
+        """A refusal is re-read once: the statement's snapshot was taken before it waited
+        for the account lock, so a grant or refund committed meanwhile went unseen. If the
+        committed grants cover the charge after all, it is sent again (once)."""
+        room, _ = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
+        if int(room) < request.credits:
+            return refused  # what was spendable at its turn
+        row = (await conn.fetch(CHARGE_MANY, *_columns([request]), utcnow()))[0]
+        return ChargeOutcome(_int_or_none(row[0]), int(row[1]))
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        pool = (
+            self._pool
+            if self._pool_loop is asyncio.get_running_loop() and self._pool is not None
+            else await self._get_pool()
+        )
+        # asyncio.timeout rather than acquire(timeout=): before Python 3.12 asyncpg
+        # implements the latter with asyncio.wait_for, which creates a Task per call.
+        async with asyncio.timeout(self._timeout):
+            conn = await pool.acquire()
         try:
-            pool = (
-                self._pool
-                if self._pool_loop is asyncio.get_running_loop() and self._pool is not None
-                else await self._get_pool()
-            )
-            # asyncio.timeout rather than acquire(timeout=): before Python 3.12 asyncpg
-            # implements the latter with asyncio.wait_for, which creates a Task per call.
-            async with asyncio.timeout(self._timeout):
-                conn = await pool.acquire()
-            try:
-                row = await conn.fetchrow(
-                    _DEDUCT,
-                    request.organization_id,
-                    request.credits,
-                    request.feature_key,
-                    request.user_id,
-                    request.request_method,
-                    request.request_path,
-                    request.hold_until,
-                )
-                assert row is not None
-                charge_id, balance_after, available = row
-                if charge_id is not None:
-                    return ChargeOutcome(int(charge_id), int(balance_after))
-                available = int(available or 0)
-                if available >= request.credits:
-                    # The scalar read saw the statement's snapshot, taken before we waited on
-                    # a racing charge; read the committed balance so a 402 never says "enough".
-                    available = int(await conn.fetchval(_BALANCE, request.organization_id) or 0)
-                return ChargeOutcome(None, available)
-            finally:
-                await pool.release(conn)
-        except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL charge failed: %s", exc, exc_info=exc)
-            raise StorageUnavailable(str(exc)) from exc
+            yield conn
+        finally:
+            await pool.release(conn)
 
     async def _supports_claims(self) -> bool:
         """Whether the ledger's id comes from a sequence the one-statement claim can draw
@@ -346,14 +222,9 @@ class PostgresStore(SqlStore):
                 for _ in range(3):
                     try:
                         row = await conn.fetchrow(
-                            _CLAIM_AND_DEDUCT,
-                            request.organization_id,
-                            request.credits,
-                            request.feature_key,
-                            request.user_id,
-                            request.request_method,
-                            request.request_path,
-                            request.hold_until,
+                            CLAIM_AND_CHARGE,
+                            *_columns([request]),
+                            utcnow(),
                             claim.key,
                             claim.fingerprint,
                             claim.locked_until,
@@ -362,8 +233,10 @@ class PostgresStore(SqlStore):
                         )
                     except asyncpg.DivisionByZeroError:
                         # Claimed but short: the statement was aborted, the key left free.
-                        balance = await conn.fetchval(_BALANCE, request.organization_id)
-                        return ClaimOutcome(ClaimKind.INSUFFICIENT, balance=int(balance or 0))
+                        room, spendable = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
+                        if int(room) >= request.credits:
+                            continue  # a grant committed while it waited: try again
+                        return ClaimOutcome(ClaimKind.INSUFFICIENT, balance=int(spendable))
                     assert row is not None
                     if row["claimed"]:
                         return ClaimOutcome(
@@ -402,3 +275,20 @@ class PostgresStore(SqlStore):
             log.error("credit_guard: PostgreSQL settlement failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
         return {int(row[0]) for row in rows}
+
+
+def _columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
+    """The charges as the statement's seven arrays."""
+    return [
+        [r.organization_id for r in requests],
+        [r.credits for r in requests],
+        [r.feature_key for r in requests],
+        [r.user_id for r in requests],
+        [r.request_method for r in requests],
+        [r.request_path for r in requests],
+        [r.hold_until for r in requests],
+    ]
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)

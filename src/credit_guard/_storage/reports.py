@@ -5,21 +5,24 @@ Queries only (SQLAlchemy Core, every dialect); ``SqlStore`` runs them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Connection, Select, and_, case, cast, func, literal, select
 from sqlalchemy import Date as SqlDate
-from sqlalchemy import Select, and_, case, cast, func, literal, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..models import UsageGroup
-from ..schema import accounts, holds, ledger
+from ..models import AuditIssue, UsageGroup
+from ..schema import accounts, grant_moves, grants, holds, ledger
 
 
 def audit_queries() -> dict[str, Select[Any]]:
     """Each way the books can fail to add up, as a query of the rows that fail it:
     balances that differ from their ledger, ledger rows without an account, refunds and
-    overage rows that do not point at a charge of theirs, holds that are not open charges."""
+    overage rows that do not point at a charge of theirs, holds that are not open charges,
+    grants whose ``remaining`` is not their amount plus their moves (what was drawn,
+    refunded, repaid and expired), and balances that are not the sum of their grants."""
     sums = (
         select(ledger.c.organization_id, func.sum(ledger.c.amount).label("total"))
         .group_by(ledger.c.organization_id)
@@ -70,13 +73,62 @@ def audit_queries() -> dict[str, Select[Any]]:
         )
         .where((charge.c.id.is_(None)) | (charge.c.kind != "charge") | (refund.c.id.isnot(None)))
     )
+    moved = (
+        select(grant_moves.c.grant_id, func.sum(grant_moves.c.amount).label("moved"))
+        .group_by(grant_moves.c.grant_id)
+        .subquery()
+    )
+    bad_grants = (
+        select(grants.c.organization_id, grants.c.id, grants.c.remaining, grants.c.amount)
+        .select_from(grants.outerjoin(moved, moved.c.grant_id == grants.c.id))
+        .where(grants.c.remaining != grants.c.amount + func.coalesce(moved.c.moved, 0))
+    )
+    kept = (
+        select(grants.c.organization_id, func.sum(grants.c.remaining).label("kept"))
+        .group_by(grants.c.organization_id)
+        .subquery()
+    )
+    unkept = (
+        select(accounts.c.organization_id, accounts.c.balance, func.coalesce(kept.c.kept, 0).label("kept"))
+        .select_from(accounts.outerjoin(kept, kept.c.organization_id == accounts.c.organization_id))
+        .where(accounts.c.balance != func.coalesce(kept.c.kept, 0))
+    )
     return {
+        "bad_grants": bad_grants,
+        "unkept": unkept,
         "mismatched": mismatched,
         "orphans": orphans,
         "bad_refunds": bad_refunds,
         "bad_extras": bad_extras,
         "bad_holds": bad_holds,
     }
+
+
+#: How each audit query's rows read as issues, in the order they are reported.
+_ISSUES: list[tuple[str, Callable[[Any], AuditIssue]]] = [
+    (
+        "mismatched",
+        lambda r: AuditIssue(r.organization_id, "balance differs from ledger", int(r.balance), int(r.total)),
+    ),
+    ("orphans", lambda r: AuditIssue(r.organization_id, "ledger rows without an account", None, int(r.total))),
+    ("bad_refunds", lambda r: AuditIssue(r.organization_id, f"refund {r.id} does not mirror its charge")),
+    ("bad_extras", lambda r: AuditIssue(r.organization_id, f"surcharge {r.id} does not point at a charge")),
+    ("bad_holds", lambda r: AuditIssue(r.organization_id or "?", f"hold {r.charge_id} is not an open charge")),
+    (
+        "bad_grants",
+        lambda r: AuditIssue(
+            r.organization_id, f"grant {r.id} holds {r.remaining}, not its amount {r.amount} plus its moves"
+        ),
+    ),
+    ("unkept", lambda r: AuditIssue(r.organization_id, "balance differs from its grants", int(r.balance), int(r.kept))),
+]
+
+
+def audit_in(conn: Connection) -> list[AuditIssue]:
+    """Every account whose balance is not the sum of its ledger or of its grants, and
+    every malformed refund, overage row, hold or grant."""
+    queries = audit_queries()
+    return [read(row) for name, read in _ISSUES for row in conn.execute(queries[name])]
 
 
 def usage_query(

@@ -22,7 +22,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._clock import utcnow
 from ..errors import DuplicateFeature, StorageUnavailable
-from ..models import AuditIssue, FeaturePricing, RefundResult, UsageGroup, UsageRow
+from ..models import AuditIssue, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
 from ..schema import feature_pricing, holds, idempotency_keys, ledger
 from .base import (
     ChargeOutcome,
@@ -45,11 +45,14 @@ from .base import (
     ClaimKind,
     ClaimOutcome,
     Completion,
+    ExpiredGrant,
     GrantOutcome,
     KeyClaim,
     UsageSettlement,
 )
-from .reports import audit_queries, usage_query
+from .grants import expire_in, list_grants_in, overdraft_in, set_overdraft_in
+from .reports import audit_in, usage_query
+from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
     Abandon,
     balance_in,
@@ -222,9 +225,16 @@ class SqlStore:
     # -- money ----------------------------------------------------------------------------
 
     async def grant(
-        self, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None = None
+        self,
+        organization_id: str,
+        amount: int,
+        reason: str | None,
+        idempotency_key: str | None = None,
+        *,
+        expires_at: datetime | None = None,
+        priority: int = 0,
     ) -> GrantOutcome:
-        """Top up (creating the account on first use), never past ``MAX_BALANCE``.
+        """Top up (creating the account on first use) with a new grant, never past ``MAX_BALANCE``.
 
         With ``idempotency_key`` the grant happens once per organization and key: the
         ledger's UNIQUE (organization, key) decides, so racing calls in any number of
@@ -238,6 +248,8 @@ class SqlStore:
             amount=amount,
             reason=reason,
             idempotency_key=idempotency_key,
+            expires_at=expires_at,
+            priority=priority,
         )
         try:
             return await self._write(work)
@@ -251,6 +263,76 @@ class SqlStore:
             if done is None:
                 raise
             return done
+
+    async def expire_grants(self, now: datetime) -> list[ExpiredGrant]:
+        """Write off what expired grants still hold (an 'expiry' ledger row each)."""
+        closed = await self._write(partial(expire_in, now=now))
+        return [ExpiredGrant(*row) for row in closed]
+
+    async def list_grants(self, organization_id: str, now: datetime) -> list[Grant]:
+        return await self._read(partial(list_grants_in, org=organization_id, now=now, to_datetime=self._datetime))
+
+    def _datetime(self, value: Any) -> Any:
+        if isinstance(value, str):  # SQLite through text(): stored as SQLAlchemy writes it
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+    async def set_overdraft(self, organization_id: str, limit: int) -> None:
+        try:
+            await self._write(partial(set_overdraft_in, org=organization_id, limit=limit, now=utcnow()))
+        except IntegrityError as exc:  # the floor CHECK: it owes more than the new limit
+            raise ValueError(f"{organization_id!r:.80} owes more than {limit} credits: pay it off first") from exc
+
+    async def overdraft(self, organization_id: str) -> tuple[int, int]:
+        return await self._read(partial(overdraft_in, org=organization_id))
+
+    async def reserve(
+        self, request: ChargeRequest, job_id: str, *, unit_price: int, max_overage_credits: int
+    ) -> tuple[Reservation | None, int]:
+        """Claim ``job_id`` and charge, in one transaction; ``(None, available)`` when
+        short; an existing reservation with ``-1`` (charging nothing)."""
+        work = partial(
+            reserve_in,
+            dialect=self.dialect,
+            request=request,
+            job_id=job_id,
+            unit_price=unit_price,
+            max_overage_credits=max_overage_credits,
+        )
+        try:
+            return await self._write(work)
+        except Abandon as short:
+            return None, short.balance
+        except IntegrityError:
+            return await self._write(work)  # a twin of the same job committed first: answer with it
+
+    async def adopt_reservation(
+        self, job_id: str, charge_id: int, request: ChargeRequest, *, unit_price: int, max_overage_credits: int
+    ) -> Reservation:
+        work = partial(
+            adopt_in,
+            job_id=job_id,
+            charge_id=charge_id,
+            request=request,
+            unit_price=unit_price,
+            max_overage_credits=max_overage_credits,
+        )
+        return await self._write(work)
+
+    async def reservation(self, job_id: str) -> Reservation | None:
+        return await self._read(partial(reservation_in, job_id=job_id))
+
+    async def close_reservation(
+        self, job_id: str, *, used: int | None, reason: str, capture: bool = True
+    ) -> tuple[Reservation, UsageSettlement | RefundResult | None]:
+        """Capture or release, once: the first close wins, a later one moves nothing."""
+        try:
+            return await self._write(partial(close_in, job_id=job_id, capture=capture, used=used, reason=reason))
+        except IntegrityError:
+            # A racing refund of the same charge committed first (the UNIQUE refund_of).
+            found = await self.reservation(job_id)
+            assert found is not None
+            return found, None
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
         """Take ``request.credits`` if the balance covers them; a hold when ``hold_until`` is set."""
@@ -360,32 +442,8 @@ class SqlStore:
         return await self._read(partial(balance_in, organization_id=organization_id))
 
     async def audit(self) -> list[AuditIssue]:
-        """Every account whose balance is not the sum of its ledger, and every malformed refund."""
-        queries = audit_queries()
-        mismatched, orphans = queries["mismatched"], queries["orphans"]
-        bad_refunds, bad_extras, bad_holds = queries["bad_refunds"], queries["bad_extras"], queries["bad_holds"]
-        async with self._tx() as conn:
-            issues = [
-                AuditIssue(row.organization_id, "balance differs from ledger", int(row.balance), int(row.total))
-                for row in await conn.execute(mismatched)
-            ]
-            issues += [
-                AuditIssue(row.organization_id, "ledger rows without an account", None, int(row.total))
-                for row in await conn.execute(orphans)
-            ]
-            issues += [
-                AuditIssue(row.organization_id, f"refund {row.id} does not mirror its charge")
-                for row in await conn.execute(bad_refunds)
-            ]
-            issues += [
-                AuditIssue(row.organization_id, f"surcharge {row.id} does not point at a charge")
-                for row in await conn.execute(bad_extras)
-            ]
-            issues += [
-                AuditIssue(row.organization_id or "?", f"hold {row.charge_id} is not an open charge")
-                for row in await conn.execute(bad_holds)
-            ]
-        return issues
+        """Every way the books fail to add up (``reports.audit_in``)."""
+        return await self._read(audit_in)
 
     async def usage(
         self,

@@ -55,7 +55,8 @@ from sqlalchemy.pool import NullPool
 
 from .._clock import utcnow
 from ..errors import StorageUnavailable
-from ..schema import accounts, holds, ledger
+from ..schema import holds, ledger
+from . import grants
 from .base import ChargeOutcome, ChargeRequest, Completion
 from .engine import setup_sqlite_connection
 from .sql import SqlStore, T, Work, unavailable
@@ -74,11 +75,6 @@ _YIELD_AFTER_CONTENTION = 0.002
 _STORE_DATETIME: Callable[[datetime | None], Any] = DateTime(timezone=True).bind_processor(
     sqlite_dialect.dialect()
 ) or (lambda value: value)
-_DEBIT = (
-    f"UPDATE {accounts.name} SET balance = balance - ?, updated_at = ?"
-    " WHERE organization_id = ? AND balance >= ? RETURNING balance"
-)
-_AVAILABLE = f"SELECT balance FROM {accounts.name} WHERE organization_id = ?"
 _ENTRY = (
     f"INSERT INTO {ledger.name} (organization_id, kind, amount, balance_after, feature_key, user_id,"
     " request_method, request_path, created_at) VALUES (?, 'charge', ?, ?, ?, ?, ?, ?, ?)"
@@ -94,30 +90,26 @@ def is_file_database(url: URL) -> bool:
 
 
 def charge_raw(db: sqlite3.Connection, request: ChargeRequest) -> ChargeOutcome:
-    """``writes.charge_in`` in three ``sqlite3`` calls: the conditional debit, its ledger row, its hold."""
+    """``writes.charge_in`` as ``sqlite3`` calls on the same SQL (``grants.py``): the
+    conditional debit, its ledger row, its draws from the grants, its hold."""
     now = _STORE_DATETIME(utcnow())
-    row = db.execute(_DEBIT, (request.credits, now, request.organization_id, request.credits)).fetchone()
+    org, cost = request.organization_id, request.credits
+    row = db.execute(grants.DEBIT, {"org": org, "cost": cost, "now": now}).fetchone()
     if row is None:
-        available = db.execute(_AVAILABLE, (request.organization_id,)).fetchone()
-        return ChargeOutcome(None, int(available[0]) if available else 0)
-    balance = int(row[0])
+        available = db.execute(f"SELECT {grants.SPENDABLE}", {"org": org, "now": now}).fetchone()
+        return ChargeOutcome(None, int(available[0]))
+    balance, spendable = int(row[0]), int(row[1])
     entry = db.execute(
         _ENTRY,
-        (
-            request.organization_id,
-            -request.credits,
-            balance,
-            request.feature_key,
-            request.user_id,
-            request.request_method,
-            request.request_path,
-            now,
-        ),
+        (org, -cost, balance, request.feature_key, request.user_id, request.request_method, request.request_path, now),
     )
     charge_id = int(entry.lastrowid or 0)
+    if cost > 0:
+        db.execute(grants.DRAW, {"lid": charge_id, "org": org, "cost": cost, "now": now})
+        db.execute(grants.APPLY, {"lid": charge_id})
     if request.hold_until is not None:
         db.execute(_HOLD, (charge_id, _STORE_DATETIME(request.hold_until)))
-    return ChargeOutcome(charge_id, balance)
+    return ChargeOutcome(charge_id, spendable)
 
 
 def settle_raw(db: sqlite3.Connection, charge_ids: Sequence[int]) -> set[int]:

@@ -15,12 +15,12 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, Row, bindparam, delete, exists, func, insert, select, update
 
 from .._clock import utcnow
 from ..errors import DuplicateFeature, PricingNotFound
 from ..models import FeaturePricing, RefundResult
-from ..schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata
+from ..schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata, reservations
 from .base import (
     ChargeOutcome,
     ChargeRequest,
@@ -32,6 +32,7 @@ from .base import (
     KeyClaim,
     UsageSettlement,
 )
+from .grants import add_grant_in, debit_in, draw_in, give_back_in, lock_account, room_in, spendable_in
 
 #: The PostgreSQL advisory lock ``create_schema`` holds (a constant: ``credit_g`` in ASCII).
 SCHEMA_LOCK_ID = 0x6372656469745F67
@@ -95,8 +96,8 @@ class Abandon(Exception):
 
 
 def balance_in(conn: Connection, organization_id: str) -> int:
-    value = conn.scalar(select(accounts.c.balance).where(accounts.c.organization_id == organization_id))
-    return int(value or 0)
+    """What the organization can spend now: its live grants (expired ones left out)."""
+    return spendable_in(conn, organization_id, utcnow())
 
 
 def granted_in(conn: Connection, organization_id: str, idempotency_key: str) -> GrantOutcome | None:
@@ -113,7 +114,14 @@ def granted_in(conn: Connection, organization_id: str, idempotency_key: str) -> 
 
 
 def grant_in(
-    conn: Connection, dialect: str, organization_id: str, amount: int, reason: str | None, idempotency_key: str | None
+    conn: Connection,
+    dialect: str,
+    organization_id: str,
+    amount: int,
+    reason: str | None,
+    idempotency_key: str | None,
+    expires_at: datetime | None = None,
+    priority: int = 0,
 ) -> GrantOutcome:
     if idempotency_key is not None:
         done = granted_in(conn, organization_id, idempotency_key)
@@ -128,7 +136,7 @@ def grant_in(
         set_={"balance": accounts.c.balance + values.excluded.balance, "updated_at": now},
         where=accounts.c.balance <= MAX_BALANCE - values.excluded.balance,
     ).returning(accounts.c.balance)
-    balance = conn.execute(stmt).scalar_one_or_none()
+    balance = conn.execute(stmt).scalar_one_or_none()  # the account row is locked from here
     if balance is None:
         return GrantOutcome(GrantStatus.OVER_LIMIT, balance_in(conn, organization_id))
     entry_id = conn.execute(
@@ -144,22 +152,34 @@ def grant_in(
         )
         .returning(ledger.c.id)
     ).scalar_one()
-    return GrantOutcome(GrantStatus.GRANTED, int(balance), int(entry_id), amount)
+    add_grant_in(
+        conn,
+        organization_id,
+        amount,
+        ledger_id=int(entry_id),
+        now=now,
+        priority=priority,
+        expires_at=expires_at,
+        reason=reason,
+    )
+    return GrantOutcome(GrantStatus.GRANTED, spendable_in(conn, organization_id, now), int(entry_id), amount)
 
 
-def charge_in(conn: Connection, request: ChargeRequest, charge_id: int | None = None) -> ChargeOutcome:
+def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
+    """The conditional debit (only if the live grants cover it), its ledger row, its
+    draws from the grants in spending order, its hold."""
     now = utcnow()
-    credits = request.credits
-    balance = conn.execute(
-        update(accounts)
-        .where(and_(accounts.c.organization_id == request.organization_id, accounts.c.balance >= credits))
-        .values(balance=accounts.c.balance - credits, updated_at=now)
-        .returning(accounts.c.balance)
-    ).scalar_one_or_none()
-    if balance is None:
-        return ChargeOutcome(None, balance_in(conn, request.organization_id))
+    org, credits = request.organization_id, request.credits
+    if conn.dialect.name == "postgresql":
+        # Lock first: the next statements then read the grants as committed by whoever
+        # held the lock before us (one statement's snapshot would predate the wait).
+        lock_account(conn, org, now)
+    debited = debit_in(conn, org, credits, now)
+    if debited is None:
+        return ChargeOutcome(None, spendable_in(conn, org, now))
+    balance, spendable = debited
     row = {
-        "organization_id": request.organization_id,
+        "organization_id": org,
         "kind": "charge",
         "amount": -credits,
         "balance_after": balance,
@@ -169,10 +189,11 @@ def charge_in(conn: Connection, request: ChargeRequest, charge_id: int | None = 
         "request_path": request.request_path,
         "created_at": now,
     }
-    new_id = conn.execute(insert(ledger).values(**row).returning(ledger.c.id)).scalar_one()
+    new_id = int(conn.execute(insert(ledger).values(**row).returning(ledger.c.id)).scalar_one())
+    draw_in(conn, org, credits, new_id, now)
     if request.hold_until is not None:
         conn.execute(insert(holds).values(charge_id=new_id, expires_at=request.hold_until))
-    return ChargeOutcome(int(new_id), int(balance))
+    return ChargeOutcome(new_id, spendable)
 
 
 def claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
@@ -281,17 +302,24 @@ def refund_in(
             conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
         return RefundResult(refunded=False, error="nothing to refund")
     now = utcnow()
-    balance = conn.execute(
+    book = conn.execute(
         update(accounts)
         .where(accounts.c.organization_id == charge.organization_id)
         .values(balance=accounts.c.balance + amount, updated_at=now)
         .returning(accounts.c.balance)
     ).scalar_one()
-    refund_id = answer_charge_in(conn, charge, "refund", amount, balance, reason, now, refund_of=charge_id)
+    refund_id = answer_charge_in(conn, charge, "refund", amount, book, reason, now, refund_of=charge_id)
+    give_back_in(conn, charge.organization_id, charge_id, amount, refund_id, now)
+    balance = spendable_in(conn, charge.organization_id, now)
     if credits is None:
         # A full refund means the request did not happen: its idempotency key is free
-        # again, and a surcharge taken for its usage goes back with it.
+        # again, a reservation it paid for is closed, and a surcharge goes back with it.
         conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
+        conn.execute(
+            update(reservations)
+            .where(reservations.c.charge_id == charge_id, reservations.c.state == "open")
+            .values(state="expired" if expired_before is not None else "released", closed_at=now)
+        )
         surcharge = conn.execute(
             select(ledger.c.id).where(ledger.c.extra_of == charge_id, ledger.c.kind == "charge")
         ).scalar_one_or_none()
@@ -367,28 +395,20 @@ def settle_usage_in(
     extra = min(used - held, max_overage_credits)
     if extra <= 0:
         return moved
-    # Lock the account row first (an UPDATE that changes nothing but the stamp): the
-    # balance it returns cannot move until we commit, and the debit below is still
-    # conditional, so even a wrong sum here could never overdraw.
+    # Lock the account row first: the room read next cannot change until we commit, and
+    # the debit is still conditional, so even a wrong sum here could never overdraw.
     now = utcnow()
-    locked = conn.scalar(
-        update(accounts)
-        .where(accounts.c.organization_id == charge.organization_id)
-        .values(updated_at=now)
-        .returning(accounts.c.balance)
-    )
-    taken = min(extra, int(locked or 0))
+    org = charge.organization_id
+    lock_account(conn, org, now)
+    taken = min(extra, room_in(conn, org, now))
     if taken <= 0:
         return moved
-    balance = conn.scalar(
-        update(accounts)
-        .where(accounts.c.organization_id == charge.organization_id, accounts.c.balance >= taken)
-        .values(balance=accounts.c.balance - taken)
-        .returning(accounts.c.balance)
-    )
-    assert balance is not None
-    answer_charge_in(conn, charge, "charge", -taken, balance, reason, now, extra_of=charge_id)
-    return replace(moved, overage=taken, balance=int(balance))
+    debited = debit_in(conn, org, taken, now)
+    assert debited is not None
+    book, spendable = debited
+    entry = answer_charge_in(conn, charge, "charge", -taken, book, reason, now, extra_of=charge_id)
+    draw_in(conn, org, taken, entry, now)
+    return replace(moved, overage=taken, balance=spendable)
 
 
 def extend_holds_in(conn: Connection, charge_ids: Sequence[int], until: datetime) -> set[int]:

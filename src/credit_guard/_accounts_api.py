@@ -1,0 +1,108 @@
+"""The Python API for an organization's credits: grants, overdraft, async-job reservations.
+
+A mixin of ``CreditGuard`` (kept apart so the facade stays small); each method is one
+call into the ``grants`` or ``reservations`` service.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+
+from ._grants import Grants
+from ._reservations import Reservations
+from .models import DeductionResult, Grant, Reservation
+
+
+class AccountsApi:
+    grants: Grants
+    reservations: Reservations
+
+    async def grant_credits(
+        self,
+        organization_id: str,
+        amount: int,
+        *,
+        reason: str | None = None,
+        expires_at: datetime | None = None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Grant credits (creating the account); returns the new spendable balance.
+
+        ``expires_at`` (timezone-aware): the credits stop being spendable at that instant,
+        whether or not ``expire_grants`` has run. ``priority``: charges draw from lower
+        priorities first, then the soonest expiry, never-expiring last, then the oldest.
+        A grant first repays what the organization owes on its overdraft line.
+        ``idempotency_key`` (a payment's or webhook event's id): the same key grants once
+        per organization, whatever the concurrency or the number of processes, and every
+        later call grants nothing and returns the current balance; reusing a key for
+        another amount raises IdempotencyKeyReused. ValueError for a bad argument, or when
+        the balance would pass ``MAX_BALANCE`` (nothing is written then).
+        """
+        return await self.grants.grant(
+            organization_id,
+            amount,
+            reason=reason,
+            expires_at=expires_at,
+            priority=priority,
+            idempotency_key=idempotency_key,
+        )
+
+    async def expire_grants(self, now: datetime | None = None) -> int:
+        """Write off what expired grants still hold (an 'expiry' ledger row each, so the
+        balance stays the sum of the ledger); returns how many grants it closed. The
+        guard's keeper and ``credit-guard sweep`` run it; expired credits are never
+        spendable meanwhile (charges and balances leave them out from the instant of expiry)."""
+        return await self.grants.expire(now)
+
+    async def list_grants(self, organization_id: str) -> list[Grant]:
+        """The organization's grants: live ones first, in spending order, then spent and expired ones."""
+        return await self.grants.list(organization_id)
+
+    async def set_overdraft_limit(self, organization_id: str, credits: int) -> None:
+        """Let charges take the balance down to ``-credits`` (a 402 only beyond); 0 (the
+        default) allows none. The database enforces the floor. ValueError when the
+        organization already owes more than ``credits``."""
+        await self.grants.set_overdraft(organization_id, credits)
+
+    async def get_overdraft(self, organization_id: str) -> tuple[int, int]:
+        """``(limit, owed)``: the organization's overdraft limit and what it owes on it."""
+        return await self.grants.overdraft(organization_id)
+
+    async def reserve(
+        self,
+        organization_id: str,
+        feature_key: str,
+        *,
+        job_id: str,
+        units: int | float | Decimal | str = 1,
+        ttl: float,
+        user_id: str | None = None,
+        max_overage: float | None = None,
+    ) -> DeductionResult:
+        """Take price x ``units`` now and hold it under ``job_id`` for up to ``ttl`` seconds,
+        whatever happens to this process (the price is fixed now). Reserving a ``job_id``
+        again charges nothing and returns the reservation (``replayed=True``). Close it
+        with ``capture`` or ``release``; after ``ttl`` the sweeper releases it.
+        ``max_overage`` (default: the guard's): how far above the reserve, as a share of
+        it, a capture may still charge."""
+        return await self.reservations.reserve(
+            organization_id,
+            feature_key,
+            job_id=job_id,
+            units=units,
+            ttl=ttl,
+            user_id=user_id,
+            max_overage=max_overage,
+        )
+
+    async def capture(self, job_id: str, *, units: int | float | Decimal | str | None = None) -> Reservation:
+        """Keep the job's charge for ``units`` (default: all reserved), refund the rest.
+        Idempotent, from any process: a second call moves nothing and returns the
+        reservation as closed. LookupError for an unknown ``job_id``."""
+        return await self.reservations.capture(job_id, units=units)
+
+    async def release(self, job_id: str) -> Reservation:
+        """Refund the job's whole reservation. Idempotent; LookupError for an unknown ``job_id``."""
+        return await self.reservations.release(job_id)

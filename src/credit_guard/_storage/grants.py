@@ -1,0 +1,316 @@
+"""Grants: where an organization's credits are kept, and the statements that move them.
+
+An account's credits are the ``remaining`` of its grants. A charge draws from the *live*
+ones (not expired at the charge's own ``now``) in spending order: lower ``priority``
+first, then the soonest ``expires_at``, never-expiring last, then the oldest; the
+account's overdraft line (a grant whose ``floor`` is ``-limit``) comes after all of them.
+Every movement of a grant is a row of ``grant_moves`` naming the ledger row that caused
+it, written first; one statement then applies a ledger row's moves to the grants. So the
+draws, refunds, expiries and repayments are each decided in SQL (window sums over the
+grants in spending order), and ``audit()`` can prove each grant's ``remaining``.
+
+The statements are plain SQL with ``:name`` parameters: the same text runs on SQLite's
+raw ``sqlite3`` fast path and through SQLAlchemy on both databases. Datetimes are bound
+as SQLAlchemy stores them (``bind_time``). Every body here runs with the account locked:
+on PostgreSQL by ``lock_account`` (a fresh snapshot follows, so the grants read are the
+committed ones), on SQLite by the writer's ``BEGIN IMMEDIATE``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, TextClause, bindparam, text
+
+from ..models import Grant
+from ..schema import accounts, grant_moves, grants, ledger
+
+A, G, M, L = accounts.name, grants.name, grant_moves.name, ledger.name
+
+#: Live at ``:now``: a grant stops being spendable at the instant it expires.
+LIVE = "(g.expires_at IS NULL OR g.expires_at > :now)"
+#: The spending order (the overdraft line last; NULL expiry after every date, both databases).
+ORDER = "g.overdraft, g.priority, (g.expires_at IS NULL), g.expires_at, g.id"
+REVERSE = "g.overdraft DESC, g.priority DESC, (g.expires_at IS NULL) DESC, g.expires_at DESC, g.id DESC"
+
+#: What a charge may still take: every live grant's room above its floor.
+ROOM = f"(SELECT coalesce(sum(g.remaining - g.floor), 0) FROM {G} g WHERE g.organization_id = :org AND g.remaining > g.floor AND {LIVE})"
+#: What the organization can spend now (negative while it owes on its overdraft line).
+SPENDABLE = f"(SELECT coalesce(sum(g.remaining), 0) FROM {G} g WHERE g.organization_id = :org AND {LIVE})"
+
+#: The charge's decision: the debit happens only if the live grants' room covers it.
+DEBIT = (
+    f"UPDATE {A} SET balance = balance - :cost, updated_at = :now"
+    f" WHERE organization_id = :org AND {ROOM} >= :cost"
+    f" RETURNING balance, {SPENDABLE} - :cost"
+)
+#: The charge's draws: ``:cost`` over the live grants in spending order.
+DRAW = f"""
+INSERT INTO {M} (ledger_id, grant_id, amount)
+SELECT :lid, id, -min_take FROM (
+    SELECT id, CASE WHEN room < :cost - (run - room) THEN room ELSE :cost - (run - room) END AS min_take
+      FROM (SELECT g.id, g.remaining - g.floor AS room,
+                   sum(g.remaining - g.floor) OVER (ORDER BY {ORDER} ROWS UNBOUNDED PRECEDING) AS run
+              FROM {G} g
+             WHERE g.organization_id = :org AND g.remaining > g.floor AND {LIVE}) w
+     WHERE run - room < :cost
+) t
+"""
+#: A refund's moves: ``:credits`` back to the grants charge ``:charge`` drew from, the
+#: last drawn first (so a partial refund undoes the overdraft part first).
+GIVE_BACK = f"""
+INSERT INTO {M} (ledger_id, grant_id, amount)
+SELECT :lid, grant_id, back FROM (
+    SELECT grant_id, CASE WHEN drawn < :credits - (run - drawn) THEN drawn ELSE :credits - (run - drawn) END AS back
+      FROM (SELECT m.grant_id, -m.amount AS drawn,
+                   sum(-m.amount) OVER (ORDER BY {REVERSE} ROWS UNBOUNDED PRECEDING) AS run
+              FROM {M} m JOIN {G} g ON g.id = m.grant_id
+             WHERE m.ledger_id = :charge AND m.amount < 0) w
+     WHERE run - drawn < :credits
+) t
+"""
+#: Apply ledger row ``:lid``'s moves to its grants (the floor CHECK backs every one).
+APPLY = (
+    f"UPDATE {G} SET remaining = remaining + (SELECT m.amount FROM {M} m"
+    f" WHERE m.ledger_id = :lid AND m.grant_id = {G}.id)"
+    f" WHERE id IN (SELECT m.grant_id FROM {M} m WHERE m.ledger_id = :lid)"
+)
+MOVED = f"SELECT coalesce(sum(amount), 0) FROM {M} WHERE ledger_id = :lid"
+MOVE = f"INSERT INTO {M} (ledger_id, grant_id, amount) VALUES (:lid, :grant, :amount)"
+#: A new grant repays what the overdraft line owes, first.
+REPAY = f"""
+INSERT INTO {M} (ledger_id, grant_id, amount)
+SELECT :lid, o.id, CASE WHEN -o.remaining < :amount THEN -o.remaining ELSE :amount END
+  FROM {G} o WHERE o.organization_id = :org AND o.overdraft AND o.remaining < 0
+UNION ALL
+SELECT :lid, :grant, -(CASE WHEN -o.remaining < :amount THEN -o.remaining ELSE :amount END)
+  FROM {G} o WHERE o.organization_id = :org AND o.overdraft AND o.remaining < 0
+"""
+LOCK = f"UPDATE {A} SET updated_at = :now WHERE organization_id = :org RETURNING balance"
+ADD_GRANT = (
+    f"INSERT INTO {G} (organization_id, amount, remaining, floor, overdraft, priority, expires_at, reason,"
+    " ledger_id, created_at) VALUES (:org, :amount, :amount, 0, false, :priority, :expires_at, :reason, :lid, :now)"
+    " RETURNING id"
+)
+#: Where a refund goes that no draw records (a charge made before grants existed).
+KEEPER = (
+    f"SELECT g.id FROM {G} g WHERE g.organization_id = :org AND NOT g.overdraft AND g.expires_at IS NULL"
+    " ORDER BY g.id LIMIT 1"
+)
+EXPIRED = (
+    f"SELECT g.id, g.organization_id, g.remaining FROM {G} g"
+    " WHERE g.expires_at IS NOT NULL AND g.expires_at <= :now AND g.remaining > 0 AND NOT g.overdraft"
+)
+
+#: Parameter types: SQLAlchemy binds datetimes as it stores them (SQLite) and casts every
+#: parameter on asyncpg, which would otherwise guess one type per ``$n`` from its first use.
+_TYPES: dict[str, Any] = {
+    "now": DateTime(timezone=True),
+    "expires_at": DateTime(timezone=True),
+    **dict.fromkeys(("cost", "credits", "amount", "lid", "charge", "grant", "floor", "id", "balance"), BigInteger()),
+    "priority": Integer(),
+    **dict.fromkeys(("org", "reason"), String()),
+}
+
+
+def sql(statement: str) -> TextClause:
+    """``statement`` for SQLAlchemy, each parameter typed."""
+    names = set(re.findall(r"(?<![:\w]):([a-z_]+)", statement))
+    return text(statement).bindparams(*(bindparam(name, type_=_TYPES[name]) for name in sorted(names)))
+
+
+_COMPILED: dict[str, TextClause] = {}
+
+
+def run(conn: Connection, statement: str, **params: Any) -> Any:
+    clause = _COMPILED.get(statement)
+    if clause is None:
+        clause = _COMPILED[statement] = sql(statement)
+    return conn.execute(clause, params)
+
+
+# -- bodies on a SQLAlchemy Connection (both databases) -------------------------------------
+
+
+def lock_account(conn: Connection, org: str, now: datetime) -> int | None:
+    """Lock the account row (the first write of every body that moves its grants)."""
+    value = run(conn, LOCK, org=org, now=now).scalar()
+    return None if value is None else int(value)
+
+
+def spendable_in(conn: Connection, org: str, now: datetime) -> int:
+    return int(run(conn, f"SELECT {SPENDABLE}", org=org, now=now).scalar() or 0)
+
+
+def room_in(conn: Connection, org: str, now: datetime) -> int:
+    return int(run(conn, f"SELECT {ROOM}", org=org, now=now).scalar() or 0)
+
+
+def debit_in(conn: Connection, org: str, cost: int, now: datetime) -> tuple[int, int] | None:
+    """The conditional debit: ``(book balance, spendable)`` after it, or None when short."""
+    row = run(conn, DEBIT, org=org, cost=cost, now=now).first()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def draw_in(conn: Connection, org: str, cost: int, ledger_id: int, now: datetime) -> None:
+    """Take ``cost`` from the live grants for ledger row ``ledger_id`` (after its debit)."""
+    if cost > 0:
+        run(conn, DRAW, lid=ledger_id, org=org, cost=cost, now=now)
+        run(conn, APPLY, lid=ledger_id)
+
+
+def give_back_in(conn: Connection, org: str, charge_id: int, credits: int, refund_id: int, now: datetime) -> None:
+    """Return ``credits`` of charge ``charge_id`` to the grants it drew from (refund ``refund_id``).
+
+    A grant that has expired since gets them back as expired: not spendable, and the next
+    ``expire_grants`` writes them off. What no draw records (a charge from before grants)
+    goes to the organization's first never-expiring grant (made if it has none).
+    """
+    run(conn, GIVE_BACK, lid=refund_id, charge=charge_id, credits=credits)
+    left = credits - int(run(conn, MOVED, lid=refund_id).scalar() or 0)
+    if left > 0:
+        keeper = run(conn, KEEPER, org=org).scalar()
+        if keeper is None:
+            keeper = add_grant_in(conn, org, 0, ledger_id=None, now=now, reason="refunds")
+        run(conn, MOVE, lid=refund_id, grant=int(keeper), amount=left)
+    run(conn, APPLY, lid=refund_id)
+
+
+def add_grant_in(
+    conn: Connection,
+    org: str,
+    amount: int,
+    *,
+    ledger_id: int | None,
+    now: datetime,
+    priority: int = 0,
+    expires_at: datetime | None = None,
+    reason: str | None = None,
+) -> int:
+    """A new grant (after its ledger row); it repays the overdraft line's debt first."""
+    result = run(
+        conn,
+        ADD_GRANT,
+        org=org,
+        amount=amount,
+        priority=priority,
+        expires_at=expires_at,
+        reason=reason,
+        lid=ledger_id,
+        now=now,
+    )
+    grant_id = int(result.scalar_one())
+    if ledger_id is not None and amount > 0 and (expires_at is None or expires_at > now):
+        run(conn, REPAY, lid=ledger_id, org=org, grant=grant_id, amount=amount)
+        run(conn, APPLY, lid=ledger_id)
+    return grant_id
+
+
+def expire_in(conn: Connection, now: datetime) -> list[tuple[str, int, int, int]]:
+    """Write off what expired grants still hold: one 'expiry' ledger row per grant.
+
+    Returns ``(organization, grant id, credits, spendable after)`` per grant closed.
+    Accounts are locked one at a time, in order (two sweepers cannot deadlock).
+    """
+    closed: list[tuple[str, int, int, int]] = []
+    for org in sorted({str(row[1]) for row in run(conn, EXPIRED, now=now)}):
+        if lock_account(conn, org, now) is None:
+            continue
+        expired = run(conn, EXPIRED + " AND g.organization_id = :org ORDER BY g.id", org=org, now=now).all()
+        for grant_id, _, remaining in expired:
+            credits = int(remaining)
+            balance = run(
+                conn,
+                f"UPDATE {A} SET balance = balance - :credits WHERE organization_id = :org RETURNING balance",
+                credits=credits,
+                org=org,
+            ).scalar_one()
+            entry = run(
+                conn,
+                f"INSERT INTO {L} (organization_id, kind, amount, balance_after, reason, created_at)"
+                " VALUES (:org, 'expiry', :amount, :balance, :reason, :now) RETURNING id",
+                org=org,
+                amount=-credits,
+                balance=int(balance),
+                reason=f"grant {grant_id} expired",
+                now=now,
+            ).scalar_one()
+            run(conn, MOVE, lid=int(entry), grant=int(grant_id), amount=-credits)
+            run(conn, APPLY, lid=int(entry))
+        spendable = spendable_in(conn, org, now)
+        closed += [(org, int(grant_id), int(remaining), spendable) for grant_id, _, remaining in expired]
+    return closed
+
+
+def set_overdraft_in(conn: Connection, org: str, limit: int, now: datetime) -> None:
+    """The account's overdraft line at ``-limit`` (made with the account if need be).
+
+    Raises ValueError when the organization owes more than ``limit`` (the floor CHECK).
+    """
+    run(
+        conn,
+        f"INSERT INTO {A} (organization_id, balance, created_at, updated_at) VALUES (:org, 0, :now, :now)"
+        " ON CONFLICT (organization_id) DO NOTHING",
+        org=org,
+        now=now,
+    )
+    lock_account(conn, org, now)
+    line = run(conn, f"SELECT id, remaining FROM {G} WHERE organization_id = :org AND overdraft", org=org).first()
+    if line is None:
+        run(
+            conn,
+            f"INSERT INTO {G} (organization_id, amount, remaining, floor, overdraft, priority, reason, created_at)"
+            " VALUES (:org, 0, 0, :floor, true, 0, 'overdraft', :now)",
+            org=org,
+            floor=-limit,
+            now=now,
+        )
+        return
+    if int(line.remaining) < -limit:
+        raise ValueError(f"{org!r} owes {-int(line.remaining)} credits: the limit cannot go below that")
+    run(conn, f"UPDATE {G} SET floor = :floor WHERE id = :id", floor=-limit, id=int(line.id))
+
+
+def overdraft_in(conn: Connection, org: str) -> tuple[int, int]:
+    """``(limit, owed)`` of the account's overdraft line ((0, 0) without one)."""
+    line = run(conn, f"SELECT floor, remaining FROM {G} WHERE organization_id = :org AND overdraft", org=org).first()
+    if line is None:
+        return 0, 0
+    return -int(line.floor), max(0, -int(line.remaining))
+
+
+def list_grants_in(conn: Connection, org: str, now: datetime, to_datetime: Callable[[Any], Any]) -> list[Grant]:
+    """The organization's grants: live ones with credits left first, in spending order,
+    then the spent and expired ones, newest first. The overdraft line is not a grant."""
+    rows = run(
+        conn,
+        f"SELECT g.id, g.amount, g.remaining, g.expires_at, g.priority, g.reason, g.created_at,"
+        f" CASE WHEN g.remaining > 0 AND {LIVE} THEN 0 ELSE 1 END AS spent"
+        f" FROM {G} g WHERE g.organization_id = :org AND NOT g.overdraft",
+        org=org,
+        now=now,
+    ).all()
+    items = [
+        (
+            int(row.spent),
+            Grant(
+                id=int(row.id),
+                amount=int(row.amount),
+                remaining=int(row.remaining),
+                expires_at=to_datetime(row.expires_at),
+                priority=int(row.priority),
+                reason=row.reason,
+                created_at=to_datetime(row.created_at),
+            ),
+        )
+        for row in rows
+    ]
+    live = sorted(
+        (grant for spent, grant in items if not spent),
+        key=lambda g: (g.priority, g.expires_at is None, g.expires_at or now, g.id),
+    )
+    done = sorted((grant for spent, grant in items if spent), key=lambda g: -g.id)
+    return live + done
