@@ -74,7 +74,43 @@ def test_demo_admin_login_opens_the_admin_page_in_a_browser(example: TestClient)
     assert listed.status_code == 200 and len(listed.json()) == 3
 
 
-def test_example_video_is_priced_by_length_refunds_unrendered_seconds_and_replays(example: TestClient) -> None:
+@pytest.mark.parametrize("example", ["fastapi_app"], indirect=True)
+def test_fastapi_example_video_is_a_job_reserved_then_captured_or_released(example: TestClient) -> None:
+    """The FastAPI example's video route is an async job: 10 s reserve 40 credits under the
+    job's id; the provider's completion captures the 8 s rendered (32) and refunds 8, once
+    however often it calls; a failed job is released whole. A retry with the same
+    Idempotency-Key gets the same job back, unpaid."""
+    keyed = {**RICH, "Idempotency-Key": "video-42"}
+    started = example.post("/v1/videos", json={"image_url": "https://e.x/b.png", "seconds": 10}, headers=keyed)
+    assert (started.status_code, started.headers["x-credits-charged"], started.headers["x-credits-remaining"]) == (
+        202,
+        "40",
+        "60",
+    )
+    job = started.json()["job_id"]
+    again = example.post("/v1/videos", json={"image_url": "https://e.x/b.png", "seconds": 10}, headers=keyed)
+    assert (again.status_code, again.headers["idempotent-replayed"], again.json()["job_id"]) == (202, "true", job)
+    assert example.portal is not None
+    example.portal.call(example.app.state.credit_guard.flush)  # the request's end lands
+    assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 60  # still reserved
+    for _ in range(2):  # the provider calls twice: the second moves nothing
+        done = example.post(f"/v1/videos/{job}/complete", json={"status": "succeeded", "seconds_rendered": 10})
+        assert done.status_code == 200 and done.json()["state"] == "captured"
+    assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 68
+    failed_job = example.post("/v1/videos", json={"image_url": "https://e.x/c.png", "seconds": 5}, headers=RICH)
+    assert failed_job.headers["x-credits-remaining"] == "48"
+    failed = example.post(f"/v1/videos/{failed_job.json()['job_id']}/complete", json={"status": "failed"})
+    assert (failed.json()["state"], failed.json()["credits_refunded"]) == ("released", 20)
+    assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 68
+    unknown = example.post("/v1/videos/vid_nope/complete", json={"status": "failed"})
+    assert unknown.status_code == 404
+    assert example.portal.call(example.app.state.credit_guard.audit) == []
+
+
+@pytest.mark.parametrize("example", ["litestar_app"], indirect=True)
+def test_litestar_example_video_is_priced_by_length_refunds_unrendered_seconds_and_replays(
+    example: TestClient,
+) -> None:
     """Five seconds cost 20 credits: 7 s reserve 28 (1.4 units, rounded up); 10 s reserve 40,
     of which the 2 s the model did not render (8 s max) go back. A retry with the same
     Idempotency-Key is answered again and charged nothing."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -25,7 +26,7 @@ from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key,
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
 log = logging.getLogger("credit_guard.demo")
-#: The model renders at most this many seconds, whatever was asked (to show usage refunds).
+#: The model renders at most this many seconds, whatever was asked (to show a partial capture).
 MAX_RENDERED_SECONDS = 8
 
 
@@ -96,13 +97,45 @@ async def five_second_blocks(request: Request) -> float:
 @app.post("/v1/videos", status_code=202)
 @requires_credits("kling_image_to_video", units=five_second_blocks, idempotency=True)
 async def image_to_video(body: VideoRequest, request: Request) -> JSONResponse:
-    """Idempotent: a retry with the same Idempotency-Key gets this answer again, unpaid.
-    Returns a Response (not a dict) so the replay carries the body too."""
-    rendered = min(body.seconds, MAX_RENDERED_SECONDS)
+    """An async job: the provider answers with a task id and finishes minutes later.
+
+    The charge becomes a reservation held under the job's id (for up to an hour, whatever
+    happens to this process); the provider's completion call below captures what was
+    rendered, or releases it all. Idempotent: a retry with the same Idempotency-Key gets
+    this answer (the same job) again, unpaid. Returns a Response so the replay has the body.
+    """
+    job_id = f"vid_{uuid.uuid4().hex}"
     ticket = current_ticket(request)
-    if ticket is not None and rendered < body.seconds:
-        ticket.report_usage(rendered / 5)  # the unrendered seconds are refunded, exactly once
-    return JSONResponse({"job_id": "vid_123", "status": "queued", "seconds": rendered}, status_code=202)
+    if ticket is not None:
+        await ticket.reserve_for(job_id, ttl=3600)
+    return JSONResponse({"job_id": job_id, "status": "queued", "seconds": body.seconds}, status_code=202)
+
+
+class VideoCompletion(BaseModel):
+    status: Literal["succeeded", "failed"]
+    seconds_rendered: float = Field(default=0, ge=0, le=60)
+
+
+@app.post("/v1/videos/{job_id}/complete")
+async def video_completed(job_id: str, body: VideoCompletion, request: Request) -> dict[str, Any]:
+    """What the video provider calls when the job ends (a real provider signs this call:
+    verify its signature here). Captures the rendered seconds at the reserved price and
+    refunds the rest, or releases everything when the job failed. Calling it again (a
+    provider's retry) moves nothing."""
+    guard: CreditGuard = request.app.state.credit_guard
+    try:
+        if body.status == "succeeded":
+            done = await guard.capture(job_id, units=min(body.seconds_rendered, MAX_RENDERED_SECONDS) / 5)
+        else:
+            done = await guard.release(job_id)
+    except LookupError:
+        raise HTTPException(status_code=404, detail=f"no job {job_id}") from None
+    return {
+        "job_id": job_id,
+        "state": done.state,
+        "credits_kept": done.captured_credits,
+        "credits_refunded": done.refunded_credits,
+    }
 
 
 @app.post("/v1/voice/fail")

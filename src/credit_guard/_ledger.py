@@ -16,6 +16,7 @@ import logging
 import math
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -49,6 +50,9 @@ from .models import (
 )
 from .schema import MAX_BALANCE
 
+if TYPE_CHECKING:
+    from ._reservations import Reservations
+
 log = logging.getLogger("credit_guard")
 
 #: Column widths of the ledger (schema.py); longer values are refused or clipped up front.
@@ -80,6 +84,8 @@ class Ledger:
         self.refund_attempts = max(1, refund_attempts)
         self.low_balance_threshold = low_balance_threshold
         holds.on_refund = self.refunded
+        #: Set by the reservations service (a ticket hands its charge to a job through it).
+        self.reservations: Reservations
 
     # -- charges --------------------------------------------------------------------------
 

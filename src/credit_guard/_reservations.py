@@ -30,6 +30,7 @@ class Reservations:
     def __init__(self, ledger: Ledger, *, max_overage: float) -> None:
         self.ledger, self.store = ledger, ledger.store
         self.max_overage = max_overage
+        ledger.reservations = self
 
     async def reserve(
         self,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._idempotency import ResponseRecorder
 from ._units import cost_of, units_value
-from .models import RefundResult
+from .models import RefundResult, Reservation
 from .problems import Headers
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ class Ticket:
     ended: bool = False
     #: Credits taken (+) or given back (-) when usage was settled.
     adjustment: int = 0
+    #: The async job this charge now pays for (``reserve_for``): the reservation owns it.
+    job_id: str | None = None
 
     def fails(self, status: int) -> bool:
         """Whether an answer with this status is refunded: a 5xx always; a 4xx unless the
@@ -70,6 +72,26 @@ class Ticket:
         once. Raises ValueError for anything but a number from 0 to MAX_UNITS.
         """
         self.used_units = units_value(units, allow_zero=True)
+
+    async def reserve_for(self, job_id: str, *, ttl: float) -> Reservation:
+        """Hand this request's charge to the async job it started: the credits stay held
+        under ``job_id`` for up to ``ttl`` seconds, whatever happens to this process, until
+        the job's completion calls ``guard.capture(job_id, units=...)`` (or ``release``).
+        Answer 202 after it. If this request still fails (an exception, a 5xx), the
+        reservation is released: the job is taken not to have started. LookupError when
+        the charge is gone; ValueError for a bad ``job_id``/``ttl`` or one already reserved."""
+        if self.ledger is None or self.charge_id is None:
+            raise LookupError("this request was served free: there is no charge to reserve")
+        if self.ended or self.job_id is not None:
+            raise LookupError("this request's charge was already settled or reserved")
+        from ._storage.base import ChargeRequest
+
+        request = ChargeRequest(self.organization_id, self.credits, self.feature_key)
+        reservation = await self.ledger.reservations.adopt(
+            job_id, request, self.charge_id, ttl=ttl, unit_price=self.unit_price, max_overage=self.max_overage
+        )
+        self.job_id = job_id
+        return reservation
 
     def headers(self) -> list[tuple[str, str]]:
         """The credit headers the response carries, reflecting a refund if one happened."""
@@ -99,6 +121,9 @@ class Ticket:
         ledger = self._end()
         if ledger is None:
             return
+        if self.job_id is not None:
+            await ledger.reservations.release(self.job_id)
+            return
         if self.charge_id is not None:
             about = f"{self.credits} credits, org {self.organization_id}"
             self.refunded = await ledger.refund_retrying(self.charge_id, reason=reason, about=about)
@@ -123,6 +148,9 @@ class Ticket:
                 recorder = ResponseRecorder(0, status=status or 200, overflow=True)
             completion = ledger.completion(self.organization_id, self.idempotency_key, recorder.stored())
         charge_id = self.charge_id
+        if self.job_id is not None:  # the reservation owns the charge now; its capture settles it
+            ledger.keep_later(None, completion)
+            return
         if charge_id is not None and self.used_units is not None:
             used = cost_of(self.unit_price, self.used_units)
             if used != self.credits:
