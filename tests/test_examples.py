@@ -135,3 +135,31 @@ def test_litestar_example_video_is_priced_by_length_refunds_unrendered_seconds_a
     other = example.post("/v1/videos", json={"image_url": "https://e.x/c.png", "seconds": 10}, headers=keyed)
     assert other.status_code == 422 and other.headers["content-type"] == "application/problem+json"
     assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 40
+
+
+@pytest.mark.parametrize("example", ["fastapi_app"], indirect=True)
+def test_fastapi_example_grants_a_paid_checkout_once(example: TestClient) -> None:
+    """The example's Stripe webhook: a paid checkout.session.completed grants the pack in
+    its metadata, once however often Stripe delivers it; a bad signature grants nothing."""
+    import hashlib
+    import hmac
+    import json
+    import time
+
+    session = {
+        "object": "checkout.session",
+        "payment_status": "paid",
+        "metadata": {"organization_id": "org_demo", "credits": "250"},
+    }
+    payload = json.dumps(
+        {"id": "evt_pack_1", "object": "event", "type": "checkout.session.completed", "data": {"object": session}}
+    ).encode()
+    stamp = int(time.time())
+    mac = hmac.new(b"whsec_demo", f"{stamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    before = example.get("/api/credits/balance", headers=RICH).json()["credits"]
+    for _ in range(2):
+        paid = example.post("/webhooks/stripe", content=payload, headers={"Stripe-Signature": f"t={stamp},v1={mac}"})
+        assert paid.status_code == 200, paid.text
+    forged = example.post("/webhooks/stripe", content=payload, headers={"Stripe-Signature": f"t={stamp},v1={'0' * 64}"})
+    assert forged.status_code == 400
+    assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == before + 250

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, current_ticket, requires_credits
 from credit_guard.admin import admin_app
+from credit_guard.contrib.stripe import stripe_webhook
 from credit_guard.events import LowBalanceEvent
 from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
@@ -47,19 +48,23 @@ class DemoApiKeyAuth:
         await self.app(scope, receive, send)
 
 
+guard = CreditGuard(DATABASE_URL, low_balance_threshold=50)
+
+
+@guard.on_low_balance
+async def warn_low_balance(event: LowBalanceEvent) -> None:
+    # A real app sends an e-mail or a webhook here; a slow or failing hook never
+    # slows or breaks the request that crossed the line.
+    log.warning("organization %s is down to %s credits", event.organization_id, event.balance)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # `async with` starts the guard on the serving loop (hold keeper, hooks, pricing listener)
-    # and closes it at shutdown; seeding is safe from every worker at once.
-    async with CreditGuard(DATABASE_URL, low_balance_threshold=50) as guard:
+    # and closes it at shutdown (a test client per module may start it again); seeding is
+    # safe from every worker at once.
+    async with guard:
         await seed(guard)
-
-        @guard.on_low_balance
-        async def warn_low_balance(event: LowBalanceEvent) -> None:
-            # A real app sends an e-mail or a webhook here; a slow or failing hook never
-            # slows or breaks the request that crossed the line.
-            log.warning("organization %s is down to %s credits", event.organization_id, event.balance)
-
         app.state.credit_guard = guard
         yield
 
@@ -144,6 +149,25 @@ async def voice_that_fails() -> dict[str, Any]:
     """Fails on purpose, to show the automatic refund (X-Credits-Refunded)."""
     raise HTTPException(status_code=502, detail="voice model is down (on purpose)")
 
+
+def credit_pack(event: Any) -> tuple[str, int] | None:
+    """A paid Stripe Checkout session grants the credit pack its metadata names (set when
+    the session was created: ``metadata={"organization_id": ..., "credits": "500"}``)."""
+    if event["type"] != "checkout.session.completed":
+        return None
+    session = event["data"]["object"]
+    if session["payment_status"] != "paid":
+        return None
+    return session["metadata"]["organization_id"], int(session["metadata"]["credits"])
+
+
+# Stripe top-ups: the endpoint's signing secret from the Stripe dashboard (a demo one by
+# default); each event grants once, however often Stripe delivers it.
+app.add_route(
+    "/webhooks/stripe",
+    stripe_webhook(guard, secret=os.environ.get("STRIPE_WEBHOOK_SECRET", "whsec_demo"), credits_for=credit_pack),
+    methods=["POST"],
+)
 
 # GET /api/credits/balance and /api/credits/check?feature=KEY for the signed-in organization.
 app.mount("/api/credits", credit_endpoints())
