@@ -496,3 +496,35 @@ def test_sweep_releases_the_holds_of_a_process_that_died(cli: Cli) -> None:
     assert sorted(row["refund_of"] for row in refunds) == charged
     assert {row["reason"] for row in refunds} == {"hold expired"}
     assert cli.ok("audit").startswith("audit ok")
+
+
+def test_grants_with_expiry_priority_overdraft_and_release(cli: Cli) -> None:
+    add_image_and_video(cli)
+    assert cli.ok("grant", "org_1", "30", "--expires-at", "2999-01-01T00:00:00+00:00", "--reason", "plan").endswith(
+        "balance 30\n"
+    )
+    assert cli.ok("grant", "org_1", "5", "--priority", "-1", "--reason", "promo") == "granted 5 to org_1: balance 35\n"
+    listed = json.loads(cli.ok("grants", "org_1", "--json"))
+    assert [(g["reason"], g["remaining"], g["priority"], g["expires_at"]) for g in listed] == [
+        ("promo", 5, -1, None),
+        ("plan", 30, 0, "2999-01-01T00:00:00+00:00"),
+    ]
+    table = cli.ok("grants", "org_1")
+    assert "promo" in table and "never" in table and "spendable: 35 (org_1)" in table
+    assert cli.ok("overdraft", "org_1", "10") == "overdraft limit of org_1: 10\n"
+
+    async def reserve(guard: CreditGuard) -> None:
+        assert (await guard.reserve("org_1", IMAGE, job_id="job-7", ttl=600)).success
+
+    with_guard(cli.url, reserve)
+    assert cli.ok("balance", "org_1") == "30\n"
+    assert cli.ok("release", "job-7") == "released job job-7: 5 credits back\n"
+    assert cli.ok("release", "job-7") == "job job-7 was already released: nothing moved\n"
+    code, _, err = cli("release", "job-nope")
+    assert (code, err) == (1, "credit-guard: error: no reservation for job 'job-nope'\n")
+    code, _, err = cli("grant", "org_1", "5", "--expires-at", "yesterday")
+    assert code == 2 and "not an ISO date" in err
+    code, _, err = cli("grant", "org_1", "5", "--expires-at", "2001-01-01")
+    assert code == 1 and "has passed" in err
+    assert cli.ok("balance", "org_1") == "35\n"
+    assert cli.ok("audit").startswith("audit ok")

@@ -29,12 +29,14 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 
 from ._cli_files import CliError, guess_format, parse_csv, parse_json, read_text
+from ._cli_grants import add_commands as add_credit_commands
+from ._cli_grants import expiry, priority
 from ._config import DATABASE_URL_ENV
 from ._guard import CreditGuard
-from ._ledger import MAX_GRANT
 from ._storage.engine import DEFAULT_DATABASE_URL
 from .errors import DuplicateFeature, InvalidPricing, StorageUnavailable
 from .models import FeaturePricing, validate_pricing_rows
+from .schema import MAX_BALANCE as MAX_GRANT
 from .schema import metadata
 
 PROG = "credit-guard"
@@ -188,11 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("organization_id", metavar="ORG")
     p.add_argument("amount", metavar="AMOUNT", type=_positive_int)
     p.add_argument("--reason", help="recorded on the ledger row")
+    p.add_argument("--expires-at", type=expiry, metavar="ISO", help="not spendable from then on (UTC if no offset)")
+    p.add_argument("--priority", type=priority, default=0, metavar="N", help="lower is spent first (default 0)")
     p.add_argument(
         "--idempotency-key",
         metavar="KEY",
         help="grant once per organization and key (a payment's id): repeating the command grants nothing",
     )
+
+    add_credit_commands(commands, command)
 
     p = command(commands, "balance", cmd_balance, "print an organization's balance")
     p.add_argument("organization_id", metavar="ORG")
@@ -212,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "sweep",
         cmd_sweep,
-        "refund holds whose process died (expired) and forget expired idempotency keys",
+        "refund holds whose process died (and expired reservations), forget expired keys, expire grants",
     )
     p.add_argument(
         "--every",
@@ -387,7 +393,14 @@ async def cmd_pricing_import(guard: CreditGuard, args: argparse.Namespace) -> in
 async def cmd_grant(guard: CreditGuard, args: argparse.Namespace) -> int:
     key = args.idempotency_key
     try:
-        balance = await guard.grant_credits(args.organization_id, args.amount, reason=args.reason, idempotency_key=key)
+        balance = await guard.grant_credits(
+            args.organization_id,
+            args.amount,
+            reason=args.reason,
+            expires_at=args.expires_at,
+            priority=args.priority,
+            idempotency_key=key,
+        )
     except ValueError as exc:  # the guard's own checks: an empty organization id, the balance maximum, a reused key
         raise CliError(str(exc)) from None
     if key is None:
