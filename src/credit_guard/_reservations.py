@@ -57,7 +57,7 @@ class Reservations:
             organization_id, credits, feature_key, user_id, None, None, utcnow() + timedelta(seconds=ttl)
         )
         share = self.max_overage if max_overage is None else max_overage
-        reservation, balance = await self.store.reserve(
+        reservation, balance, new = await self.store.reserve(
             request, job_id, unit_price=pricing.credits, max_overage_credits=math.floor(credits * share)
         )
         if reservation is None:
@@ -71,8 +71,8 @@ class Reservations:
             )
         if reservation.organization_id != organization_id:
             raise ValueError(f"job {job_id!r:.80} is reserved by another organization")
-        replayed = balance < 0
-        if not replayed:
+        replayed = not new
+        if new:
             self.ledger.charged(organization_id, feature_key, credits, balance, reservation.charge_id, user_id)
         return DeductionResult(
             success=True,

@@ -40,9 +40,10 @@ def reservation_from_row(row: Any, **moved: int) -> Reservation:
 
 def reserve_in(
     conn: Connection, dialect: str, request: ChargeRequest, job_id: str, unit_price: int, max_overage_credits: int
-) -> tuple[Reservation | None, int]:
-    """Claim the job id, then charge (a hold until ``request.hold_until``); an existing
-    reservation is returned as it is, charging nothing. Raises Abandon when short."""
+) -> tuple[Reservation | None, int, bool]:
+    """Claim the job id, then charge (a hold until ``request.hold_until``): the
+    reservation, the spendable balance, and whether it is new. An existing reservation
+    is returned as it is, charging nothing. Raises Abandon when short."""
     assert request.hold_until is not None
     now = utcnow()
     claimed = conn.execute(
@@ -64,14 +65,14 @@ def reserve_in(
     ).first()
     if claimed is None:
         row = conn.execute(select(reservations).where(R.job_id == job_id)).one()
-        return reservation_from_row(row), -1
+        return reservation_from_row(row), 0, False
     outcome = charge_in(conn, request)
     if outcome.charge_id is None:
         raise Abandon(outcome.balance)
     row = conn.execute(
         update(reservations).where(R.job_id == job_id).values(charge_id=outcome.charge_id).returning(reservations)
     ).one()
-    return reservation_from_row(row), outcome.balance
+    return reservation_from_row(row), outcome.balance, True
 
 
 def adopt_in(

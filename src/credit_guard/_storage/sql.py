@@ -288,9 +288,9 @@ class SqlStore:
 
     async def reserve(
         self, request: ChargeRequest, job_id: str, *, unit_price: int, max_overage_credits: int
-    ) -> tuple[Reservation | None, int]:
-        """Claim ``job_id`` and charge, in one transaction; ``(None, available)`` when
-        short; an existing reservation with ``-1`` (charging nothing)."""
+    ) -> tuple[Reservation | None, int, bool]:
+        """Claim ``job_id`` and charge, in one transaction: ``(reservation, balance, new)``;
+        ``(None, available, False)`` when short; an existing one charges nothing."""
         work = partial(
             reserve_in,
             dialect=self.dialect,
@@ -302,7 +302,7 @@ class SqlStore:
         try:
             return await self._write(work)
         except Abandon as short:
-            return None, short.balance
+            return None, short.balance, False
         except IntegrityError:
             return await self._write(work)  # a twin of the same job committed first: answer with it
 
