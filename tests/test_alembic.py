@@ -13,6 +13,7 @@ import importlib
 import sys
 import textwrap
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -250,3 +251,84 @@ def test_upgrading_tables_made_before_grant_keys_keeps_every_balance(db: Db) -> 
             return await guard.get_balance("org_1"), len(await guard.open_holds()), await guard.audit()
 
     assert anyio.run(after) == (12, 0, [])
+
+
+def test_upgrading_tables_made_before_grants_keeps_every_balance_as_a_grant(db: Db) -> None:
+    """Tables of the previous version (no grants, a non-negative balance CHECK, a ledger
+    without 'expiry') holding money: the documented migration adds the three tables,
+    relaxes the two CHECKs, and ``create_schema()`` turns each balance into one
+    never-expiring grant; then charges, refunds, expiry and overdraft all work."""
+    import sqlalchemy as sa
+
+    from credit_guard._clock import reset_travel, travel
+
+    async def before() -> None:
+        async with CreditGuard(db.async_url) as guard:
+            await guard.create_schema()
+            await guard.create_pricing(feature_key="ping", feature_name="Ping", category="c", credits=3)
+            await guard.grant_credits("org_1", 10)
+            assert (await guard.deduct_credits("org_1", "ping")).success
+
+    anyio.run(before)
+
+    def downgrade(op: Any) -> None:  # back to the previous version: no grants, the old checks
+        for table in ("credit_guard_grant_moves", "credit_guard_grants", "credit_guard_reservations"):
+            op.drop_table(table)
+        with op.batch_alter_table("credit_guard_accounts") as batch:
+            batch.create_check_constraint("ck_credit_guard_accounts_balance_non_negative", "balance >= 0")
+        with op.batch_alter_table("credit_guard_ledger") as batch:
+            batch.drop_constraint("ck_credit_guard_ledger_kind_known", type_="check")
+            batch.create_check_constraint("ck_credit_guard_ledger_kind_known", "kind IN ('grant', 'charge', 'refund')")
+            batch.create_check_constraint("ck_credit_guard_ledger_balance_after_non_negative", "balance_after >= 0")
+
+    _migrate(db, downgrade)
+    assert sorted(diff[0] for diff in db.diffs(credit_guard_metadata)) == ["add_index"] * 2 + ["add_table"] * 3
+
+    def upgrade(op: Any) -> None:  # the migration docs/alembic.md shows
+        from credit_guard.schema import grant_moves, grants, reservations
+
+        for table in (grants, grant_moves, reservations):
+            table.create(op.get_bind(), checkfirst=True)
+        with op.batch_alter_table("credit_guard_accounts") as batch:
+            batch.drop_constraint("ck_credit_guard_accounts_balance_non_negative", type_="check")
+        with op.batch_alter_table("credit_guard_ledger") as batch:
+            batch.drop_constraint("ck_credit_guard_ledger_balance_after_non_negative", type_="check")
+            batch.drop_constraint("ck_credit_guard_ledger_kind_known", type_="check")
+            batch.create_check_constraint(
+                "ck_credit_guard_ledger_kind_known", "kind IN ('grant', 'charge', 'refund', 'expiry')"
+            )
+            batch.drop_constraint("ck_credit_guard_ledger_kind_shape", type_="check")
+            batch.create_check_constraint(
+                "ck_credit_guard_ledger_kind_shape",
+                "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0)"
+                " OR (kind = 'charge' AND refund_of IS NULL AND amount <= 0)"
+                " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0)"
+                " OR (kind = 'expiry' AND refund_of IS NULL AND extra_of IS NULL AND amount < 0)",
+            )
+        assert sa  # the migration file imports it for its own columns
+
+    _migrate(db, upgrade)
+    assert db.diffs(credit_guard_metadata) == []
+
+    async def after() -> tuple[Any, ...]:
+        async with CreditGuard(db.async_url) as guard:
+            await guard.create_schema()  # the opening grants (once: a second call finds none)
+            await guard.create_schema()
+            opening = [(g.amount, g.remaining, g.expires_at, g.reason) for g in await guard.list_grants("org_1")]
+            charge = await guard.deduct_credits("org_1", "ping")
+            assert (await guard.refund_credits(charge.charge_id or 0)).refunded
+            await guard.set_overdraft_limit("org_1", 5)
+            spent = [(await guard.deduct_credits("org_1", "ping")).remaining_credits for _ in range(4)]
+            assert await guard.grant_credits("org_1", 10) == 5  # repays the 5 owed first
+            await guard.grant_credits("org_1", 4, expires_at=datetime.now(UTC) + timedelta(minutes=1))
+            travel(timedelta(minutes=2))
+            try:
+                expired = await guard.expire_grants()
+            finally:
+                reset_travel()
+            return opening, spent, expired, await guard.get_balance("org_1"), await guard.audit()
+
+    opening, spent, expired, balance, issues = anyio.run(after)
+    assert opening == [(7, 7, None, "balance before grants")]
+    assert spent == [4, 1, -2, -5]  # down to the overdraft limit of 5
+    assert (expired, balance, issues) == (1, 5, [])

@@ -15,12 +15,35 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Row,
+    bindparam,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 
 from .._clock import utcnow
 from ..errors import DuplicateFeature, PricingNotFound
 from ..models import FeaturePricing, RefundResult
-from ..schema import MAX_BALANCE, accounts, feature_pricing, holds, idempotency_keys, ledger, metadata, reservations
+from ..schema import (
+    MAX_BALANCE,
+    accounts,
+    feature_pricing,
+    grants,
+    holds,
+    idempotency_keys,
+    ledger,
+    metadata,
+    reservations,
+)
 from .base import (
     ChargeOutcome,
     ChargeRequest,
@@ -446,6 +469,25 @@ def create_schema_in(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
     metadata.create_all(conn, checkfirst=True)
+    conn.execute(opening_grants(utcnow()))
+
+
+def opening_grants(now: datetime) -> Any:
+    """Accounts from before grants keep their balance as one never-expiring grant (an
+    account of this version always has grants, so this finds nothing twice)."""
+    has_grants = exists(select(grants.c.id).where(grants.c.organization_id == accounts.c.organization_id))
+    opening = select(
+        accounts.c.organization_id,
+        accounts.c.balance,
+        accounts.c.balance,
+        literal(0),
+        false(),
+        literal(0),
+        literal("balance before grants"),
+        literal(now, DateTime(timezone=True)),
+    ).where(accounts.c.balance > 0, ~has_grants)
+    columns = ["organization_id", "amount", "remaining", "floor", "overdraft", "priority", "reason", "created_at"]
+    return insert(grants).from_select(columns, opening)
 
 
 def update_pricing_in(conn: Connection, pricing_id: str, changes: Mapping[str, Any]) -> tuple[FeaturePricing, str]:
