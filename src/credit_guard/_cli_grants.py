@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ._cli_files import CliError
+from ._cli_output import print_json, shown, table
 
 if TYPE_CHECKING:
     from ._guard import CreditGuard
@@ -45,15 +46,13 @@ def add_commands(commands: Any, command: Any) -> None:
 
 
 async def cmd_grants(guard: CreditGuard, args: argparse.Namespace) -> int:
-    from .cli import _print_json, _shown, _table
-
     try:
         grants = await guard.list_grants(args.organization_id)
         limit, owed = await guard.get_overdraft(args.organization_id)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if args.json:
-        _print_json(
+        print_json(
             [
                 {
                     "id": g.id,
@@ -71,33 +70,29 @@ async def cmd_grants(guard: CreditGuard, args: argparse.Namespace) -> int:
         (g.id, g.amount, g.remaining, g.expires_at.isoformat() if g.expires_at else "never", g.priority, g.reason or "")
         for g in grants
     ]
-    print(_table(("ID", "AMOUNT", "REMAINING", "EXPIRES", "PRIORITY", "REASON"), rows, right={0, 1, 2, 4}))
+    print(table(("ID", "AMOUNT", "REMAINING", "EXPIRES", "PRIORITY", "REASON"), rows, right={0, 1, 2, 4}))
     if limit or owed:
         print(f"overdraft: limit {limit}, owed {owed}")
-    print(f"spendable: {await guard.get_balance(args.organization_id)} ({_shown(args.organization_id)})")
+    print(f"spendable: {await guard.get_balance(args.organization_id)} ({shown(args.organization_id)})")
     return 0
 
 
 async def cmd_overdraft(guard: CreditGuard, args: argparse.Namespace) -> int:
-    from .cli import _shown
-
     try:
         await guard.set_overdraft_limit(args.organization_id, args.credits)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    print(f"overdraft limit of {_shown(args.organization_id)}: {args.credits}")
+    print(f"overdraft limit of {shown(args.organization_id)}: {args.credits}")
     return 0
 
 
 async def cmd_release(guard: CreditGuard, args: argparse.Namespace) -> int:
-    from .cli import _shown
-
     try:
         done = await guard.release(args.job_id)
     except (LookupError, ValueError) as exc:
         raise CliError(str(exc)) from None
     if done.refunded_credits:
-        print(f"released job {_shown(args.job_id)}: {done.refunded_credits} credits back")
+        print(f"released job {shown(args.job_id)}: {done.refunded_credits} credits back")
     else:
-        print(f"job {_shown(args.job_id)} was already {done.state}: nothing moved")
+        print(f"job {shown(args.job_id)} was already {done.state}: nothing moved")
     return 0

@@ -16,7 +16,6 @@ import logging
 import math
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
 import anyio
 
@@ -44,14 +43,12 @@ from .models import (
     CreditCheck,
     DeductionResult,
     RefundResult,
+    Reservation,
     UsageGroup,
     UsageRow,
     is_storable_text,
 )
 from .schema import MAX_BALANCE
-
-if TYPE_CHECKING:
-    from ._reservations import Reservations
 
 log = logging.getLogger("credit_guard")
 
@@ -84,8 +81,6 @@ class Ledger:
         self.refund_attempts = max(1, refund_attempts)
         self.low_balance_threshold = low_balance_threshold
         holds.on_refund = self.refunded
-        #: Set by the reservations service (a ticket hands its charge to a job through it).
-        self.reservations: Reservations
 
     # -- charges --------------------------------------------------------------------------
 
@@ -369,6 +364,29 @@ class Ledger:
             )
 
     # -- holds and reads ------------------------------------------------------------------
+
+    # -- async jobs (``_reservations.py`` holds the rest) -------------------------------------
+
+    async def hand_to_job(
+        self, job_id: str, request: ChargeRequest, charge_id: int, *, unit_price: int, max_overage_credits: int
+    ) -> Reservation:
+        """A request's open hold becomes the reservation of the job it started: the hold's
+        expiry becomes the reservation's, and this process stops keeping it alive."""
+        reservation = await self.store.adopt_reservation(
+            job_id, charge_id, request, unit_price=unit_price, max_overage_credits=max_overage_credits
+        )
+        self.holds.forget(charge_id)
+        return reservation
+
+    async def close_job(self, job_id: str, *, used: int | None, capture: bool) -> Reservation:
+        """Capture (``used`` credits, None: all reserved) or release a job's reservation, once."""
+        reason = f"job {job_id} {'captured' if capture else 'released'}"
+        reservation, moved = await self.store.close_reservation(job_id, used=used, reason=reason, capture=capture)
+        if isinstance(moved, RefundResult) and moved.refunded:
+            self.refunded(moved, reservation.charge_id, reason)
+        elif isinstance(moved, UsageSettlement):
+            self.usage_settled(reservation.charge_id, moved, None)
+        return reservation
 
     async def release_expired_holds(self, now: datetime | None) -> int:
         return await self.holds.sweep(now)

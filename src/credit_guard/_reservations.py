@@ -16,21 +16,18 @@ from datetime import timedelta
 from decimal import Decimal
 
 from ._clock import utcnow
+from ._jobs import check_job, check_ttl
 from ._ledger import Ledger, check_org
-from ._storage.base import ChargeRequest, UsageSettlement
+from ._storage.base import ChargeRequest
 from ._units import cost_of, units_value
 from .events import InsufficientCreditsEvent
-from .models import DeductionResult, RefundResult, Reservation, is_storable_text
-
-#: Column width of a job id.
-JOB_ID_MAX = 255
+from .models import DeductionResult, Reservation
 
 
 class Reservations:
     def __init__(self, ledger: Ledger, *, max_overage: float) -> None:
         self.ledger, self.store = ledger, ledger.store
         self.max_overage = max_overage
-        ledger.reservations = self
 
     async def reserve(
         self,
@@ -84,35 +81,6 @@ class Reservations:
             unit_price=reservation.unit_price,
         )
 
-    async def adopt(
-        self,
-        job_id: str,
-        ticket_charge: ChargeRequest,
-        charge_id: int,
-        *,
-        ttl: float,
-        unit_price: int,
-        max_overage: float,
-    ) -> Reservation:
-        """A paid request's charge becomes the reservation of the job it started."""
-        check_job(job_id)
-        check_ttl(ttl)
-        request = ChargeRequest(
-            ticket_charge.organization_id,
-            ticket_charge.credits,
-            ticket_charge.feature_key,
-            hold_until=utcnow() + timedelta(seconds=ttl),
-        )
-        reservation = await self.store.adopt_reservation(
-            job_id,
-            charge_id,
-            request,
-            unit_price=unit_price,
-            max_overage_credits=math.floor(ticket_charge.credits * max_overage),
-        )
-        self.ledger.holds.forget(charge_id)
-        return reservation
-
     async def capture(self, job_id: str, *, units: int | float | Decimal | str | None) -> Reservation:
         """Keep ``units`` at the reserved price (None: all reserved); refund the rest, or
         take what goes beyond within the reservation's overage limit."""
@@ -131,20 +99,4 @@ class Reservations:
         return await self._close(job_id, used=None, capture=False)
 
     async def _close(self, job_id: str, *, used: int | None, capture: bool) -> Reservation:
-        reason = f"job {job_id} {'captured' if capture else 'released'}"
-        reservation, moved = await self.store.close_reservation(job_id, used=used, reason=reason, capture=capture)
-        if isinstance(moved, RefundResult) and moved.refunded:
-            self.ledger.refunded(moved, reservation.charge_id, reason)
-        elif isinstance(moved, UsageSettlement):
-            self.ledger.usage_settled(reservation.charge_id, moved, None)
-        return reservation
-
-
-def check_job(job_id: object) -> None:
-    if not isinstance(job_id, str) or not job_id or len(job_id) > JOB_ID_MAX or not is_storable_text(job_id):
-        raise ValueError(f"job_id must be 1 to {JOB_ID_MAX} characters of text, got {job_id!r:.80}")
-
-
-def check_ttl(ttl: object) -> None:
-    if not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl <= 366 * 86400 or math.isnan(ttl):
-        raise ValueError(f"ttl must be a number of seconds from 0 to a year, got {ttl!r:.40}")
+        return await self.ledger.close_job(job_id, used=used, capture=capture)

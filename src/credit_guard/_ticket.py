@@ -10,12 +10,17 @@ opened by the outer guard and ended by it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from ._clock import utcnow
 from ._idempotency import ResponseRecorder
+from ._jobs import check_job, check_ttl
+from ._storage.base import ChargeRequest
 from ._units import cost_of, units_value
 from .models import RefundResult, Reservation
 from .problems import Headers
@@ -84,11 +89,17 @@ class Ticket:
             raise LookupError("this request was served free: there is no charge to reserve")
         if self.ended or self.job_id is not None:
             raise LookupError("this request's charge was already settled or reserved")
-        from ._storage.base import ChargeRequest
-
-        request = ChargeRequest(self.organization_id, self.credits, self.feature_key)
-        reservation = await self.ledger.reservations.adopt(
-            job_id, request, self.charge_id, ttl=ttl, unit_price=self.unit_price, max_overage=self.max_overage
+        check_job(job_id)
+        check_ttl(ttl)
+        request = ChargeRequest(
+            self.organization_id, self.credits, self.feature_key, hold_until=utcnow() + timedelta(seconds=ttl)
+        )
+        reservation = await self.ledger.hand_to_job(
+            job_id,
+            request,
+            self.charge_id,
+            unit_price=self.unit_price,
+            max_overage_credits=math.floor(self.credits * self.max_overage),
         )
         self.job_id = job_id
         return reservation
@@ -122,7 +133,7 @@ class Ticket:
         if ledger is None:
             return
         if self.job_id is not None:
-            await ledger.reservations.release(self.job_id)
+            await ledger.close_job(self.job_id, used=None, capture=False)
             return
         if self.charge_id is not None:
             about = f"{self.credits} credits, org {self.organization_id}"

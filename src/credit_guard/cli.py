@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +30,9 @@ from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
 from ._cli_files import CliError, guess_format, parse_csv, parse_json, read_text
 from ._cli_grants import add_commands as add_credit_commands
 from ._cli_grants import expiry, priority
+from ._cli_output import print_json as _print_json
+from ._cli_output import shown as _shown
+from ._cli_output import table as _table
 from ._config import DATABASE_URL_ENV
 from ._guard import CreditGuard
 from ._storage.engine import DEFAULT_DATABASE_URL
@@ -498,28 +500,3 @@ def _describe(verb: str, pricing: FeaturePricing) -> str:
 
 def _yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
-
-
-def _print_json(data: object) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _shown(value: object) -> str:
-    """Text safe to put on a terminal: control and format characters (an ANSI escape, a
-    newline that would forge a table row, a right-to-left override) are shown escaped."""
-    text = str(value)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Collection[int] = ()) -> str:
-    cells = [list(headers), *[[_shown(value) for value in row] for row in rows]]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(
-            cell.rjust(width) if i in right else cell.ljust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ).rstrip()
-        for line in cells
-    )
