@@ -248,7 +248,10 @@ ADMIN_ROUTES = [
     ("PATCH", f"{PRICING}/some-id"),
     ("DELETE", f"{PRICING}/some-id"),
     ("GET", "/api/admin/usage"),
-    *([("GET", "/admin/feature-pricing")] if HAS_PAGE else []),
+    ("GET", "/api/admin/organizations"),
+    ("GET", "/api/admin/organizations/org_1"),
+    ("POST", "/api/admin/organizations/org_1/grants"),
+    *([("GET", "/admin/feature-pricing"), ("GET", "/admin/organizations")] if HAS_PAGE else []),
 ]
 
 
@@ -443,7 +446,10 @@ async def test_openapi_document_is_valid_and_describes_every_route(client: httpx
     documented = {
         (path, method.upper()) for path, item in served["paths"].items() for method in item if method != "parameters"
     }
-    routed = {(path.replace("/some-id", "/{pricing_id}"), method) for method, path in ADMIN_ROUTES}
+    routed = {
+        (path.replace("/some-id", "/{pricing_id}").replace("/org_1", "/{organization_id}"), method)
+        for method, path in ADMIN_ROUTES
+    }
     assert documented == routed | {("/api/features/pricing", "GET")}
     create = served["components"]["schemas"]["FeaturePricingCreate"]
     assert create["properties"]["credits"]["maximum"] == CREDITS_MAX and create["additionalProperties"] is False
@@ -492,3 +498,48 @@ async def test_hostile_edge_inputs_get_4xx_not_500(client: httpx.AsyncClient, gu
         r = await client.get(USAGE, params={"since": bound}, headers=ADMIN)
         assert "since" in assert_problem(r, 422)["errors"]
     assert await snapshot(guard) == before
+
+
+# -- organizations -------------------------------------------------------------------------
+
+
+async def test_operator_finds_an_organization_reads_its_credits_and_grants_once(
+    client: httpx.AsyncClient, guard: CreditGuard
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await guard.grant_credits("org_1", 30, reason="plan", expires_at=datetime.now(UTC) + timedelta(days=30))
+    await guard.grant_credits("org_10", 5)
+    await guard.grant_credits("other", 5)
+    assert (await guard.reserve("org_1", "kling_image_to_video", job_id="vid_9", ttl=600)).success
+    found = (await client.get("/api/admin/organizations", params={"q": "org_1"}, headers=ADMIN)).json()
+    assert found == {
+        "organizations": [{"organization_id": "org_1", "balance": 10}, {"organization_id": "org_10", "balance": 5}]
+    }
+    wildcard = (await client.get("/api/admin/organizations", params={"q": "org%"}, headers=ADMIN)).json()
+    assert wildcard == {"organizations": []}  # typed text, not a LIKE pattern
+    detail = (await client.get("/api/admin/organizations/org_1", headers=ADMIN)).json()
+    assert (detail["balance"], detail["overdraft"]) == (10, {"limit": 0, "owed": 0})
+    assert [(g["reason"], g["remaining"], g["amount"]) for g in detail["grants"]] == [("plan", 10, 30)]
+    assert [(r["job_id"], r["credits"]) for r in detail["reservations"]] == [("vid_9", 20)]
+    assert [(e["kind"], e["amount"]) for e in detail["ledger"]] == [("charge", -20), ("grant", 30)]
+    assert_problem(await client.get("/api/admin/organizations/nobody", headers=ADMIN), 404)
+
+    body = {"amount": 25, "reason": "support credit", "expires_at": "2999-01-01T00:00:00Z"}
+    keyed = {**ADMIN, "Idempotency-Key": "ticket-4711"}
+    for _ in range(2):  # a double click grants once
+        granted = await client.post("/api/admin/organizations/org_1/grants", json=body, headers=keyed)
+        assert (granted.status_code, granted.json()) == (201, {"organization_id": "org_1", "balance": 35})
+    assert await guard.get_balance("org_1") == 35
+    naive = await client.post(
+        "/api/admin/organizations/org_1/grants", json={**body, "expires_at": "2999-01-01T00:00"}, headers=ADMIN
+    )
+    assert "timezone" in assert_problem(naive, 422)["errors"]["expires_at"]
+    past = await client.post(
+        "/api/admin/organizations/org_1/grants", json={**body, "expires_at": "2001-01-01T00:00:00Z"}, headers=ADMIN
+    )
+    assert "has passed" in assert_problem(past, 422)["detail"]
+    for bad in ({"amount": 0}, {"amount": 2.5}, {"amount": "5"}, {"amount": 5, "extra": 1}, {"amount": True}):
+        assert_problem(await client.post("/api/admin/organizations/org_1/grants", json=bad, headers=ADMIN), 422)
+    assert await guard.get_balance("org_1") == 35
+    assert await guard.audit() == []

@@ -260,11 +260,29 @@ async def test_operator_adds_copies_edits_toggles_and_deletes_a_feature(guard: C
     await expect(page.locator("#form-title")).to_have_text("Add feature")
     assert (await guard.get_pricing(stored["id"])).credits == 12  # type: ignore[union-attr]
 
-    # toggle active off
+    # toggle active off: the operator is asked first; declining changes nothing
     switch = row.get_by_role("switch")
     await expect(switch).to_have_attribute("aria-checked", "true")
+    toggled: list[str] = []
+
+    async def decline(dialog: Dialog) -> None:
+        toggled.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", decline)
+    await switch.click()
+    await expect(page.locator("#toast")).to_contain_text("stays active")
+    await expect(switch).to_have_attribute("aria-checked", "true")
+    assert (await guard.get_pricing(stored["id"])).is_active is True  # type: ignore[union-attr]
+
+    async def confirm(dialog: Dialog) -> None:
+        toggled.append(dialog.message)
+        await dialog.accept()
+
+    page.once("dialog", confirm)
     await switch.click()
     await expect(switch).to_have_attribute("aria-checked", "false")
+    assert len(toggled) == 2 and all("Deactivate" in m and "flux_upscale" in m for m in toggled)
     await expect(row).to_have_class(re.compile(r"\bis-inactive\b"))
     await expect(row.locator(".badge")).to_be_visible()
     await expect(page.locator("#summary")).to_have_text("4 features · 3 categories · 2 inactive")
@@ -298,6 +316,11 @@ async def test_declined_confirmation_deletes_nothing(guard: CreditGuard, browser
     await browser.row("seedream_text_to_image").get_by_role("button", name="Delete SeeDream Text to Image").click()
     # a later change round-trips, so a DELETE sent on dismissal would have been seen before it
     switch = browser.row("kling_image_to_video").get_by_role("switch")
+
+    async def accept(dialog: Dialog) -> None:
+        await dialog.accept()
+
+    page.once("dialog", accept)
     await switch.click()
     await expect(switch).to_have_attribute("aria-checked", "false")
     assert "DELETE" not in methods and "PATCH" in methods
@@ -411,3 +434,59 @@ async def test_user_text_is_escaped_and_the_page_fits_a_phone(guard: CreditGuard
         # nothing wider than the phone: no sideways scrolling
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         await browser.screenshot("admin-pricing-narrow", guard, full_page=True)
+
+
+async def test_operator_finds_an_organization_and_grants_credits_with_a_confirmation(
+    guard: CreditGuard, browser: Browser
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    page = browser.page
+    await guard.grant_credits("acme", 40, reason="Pro plan", expires_at=datetime.now(UTC) + timedelta(days=30))
+    await guard.grant_credits("acme-labs", 7, reason="<b>promo</b>")
+    assert (await guard.reserve("acme", "kling_image_to_video", job_id="vid_42", ttl=600)).success
+    await page.goto(browser.base + TENANT + "/admin/organizations")
+    await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
+    await page.get_by_label("Find an organization (id starts with)").fill("acme-")
+    await page.get_by_role("button", name="Find").click()
+    await expect(page.locator("#results button")).to_have_text(["acme-labs"])
+    await page.get_by_role("button", name="acme-labs").click()
+    await expect(page.locator("#org-name")).to_have_text("acme-labs")
+    await expect(page.locator("#grants tbody td").first).to_have_text("<b>promo</b>")  # shown, not parsed
+
+    await page.get_by_label("Find an organization (id starts with)").fill("acme")
+    await page.get_by_role("button", name="Find").click()
+    await page.get_by_role("button", name="acme", exact=True).click()
+    await expect(page.locator("#org-name")).to_have_text("acme")
+    await expect(page.locator("#org-balance")).to_have_text("20")
+    await expect(page.locator("#reservations tbody tr")).to_have_count(1)
+    await expect(page.locator("#reservations tbody td").first).to_have_text("vid_42")
+    await expect(page.locator("#ledger tbody tr")).to_have_count(2)
+
+    # declining the confirmation grants nothing
+    asked: list[str] = []
+
+    async def decline(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", decline)
+    await page.get_by_label("Amount").fill("15")
+    await page.get_by_label("Reason").fill("support ticket 4711")
+    await page.get_by_role("button", name="Grant", exact=True).click()
+    await expect(page.locator("#status")).to_have_text("Nothing granted.")
+    assert await guard.get_balance("acme") == 20
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.once("dialog", accept)
+    await page.get_by_role("button", name="Grant", exact=True).click()
+    await expect(page.locator("#org-balance")).to_have_text("35")
+    await expect(page.locator("#status")).to_contain_text("Granted 15 credits to acme")
+    assert asked == ["Grant 15 credits to acme?"] * 2
+    assert await guard.get_balance("acme") == 35
+    assert [g.reason for g in await guard.list_grants("acme")] == ["Pro plan", "support ticket 4711"]
+    await browser.screenshot("admin-organizations", guard, full_page=True)
+    assert await guard.audit() == []

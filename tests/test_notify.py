@@ -40,7 +40,7 @@ async def two_processes(pg_url: str) -> AsyncIterator[tuple[CreditGuard, CreditG
         yield a, b
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 5.0) -> bool:
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 15.0) -> bool:
     """Poll until ``check`` holds or ``within`` seconds pass; no fixed sleep decides the outcome."""
     with anyio.move_on_after(within):
         while True:

@@ -78,7 +78,11 @@ def test_every_python_sample_in_the_readme_runs(tmp_path: Path, monkeypatch: pyt
     printed = out.getvalue().splitlines()
     assert "600 True" in printed  # the Python API sample's balance after its refund
     # The grants sample: the promotion (priority -1) paid the charge; the plan and pack are whole.
-    assert printed[printed.index("welcome promo 45") :][:3] == ["welcome promo 45", "Pro plan, November 1000", "credit pack 500"]
+    assert printed[printed.index("welcome promo 45") :][:3] == [
+        "welcome promo 45",
+        "Pro plan, November 1000",
+        "credit pack 500",
+    ]
     assert "3 3" in printed and "needs 5, you have 3" in printed  # the client sample, against the demo
     assert (tmp_path / "credit_guard.db").exists()
     assert os.getcwd() == str(tmp_path)

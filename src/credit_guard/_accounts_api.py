@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from ._grants import Grants
+from ._ledger import check_org
 from ._reservations import Reservations
-from .models import DeductionResult, Grant, Reservation
+from ._storage.base import Store
+from .models import DeductionResult, Grant, Reservation, is_storable_text
 
 
 class AccountsApi:
     grants: Grants
     reservations: Reservations
+    store: Store
 
     async def grant_credits(
         self,
@@ -106,3 +110,16 @@ class AccountsApi:
     async def release(self, job_id: str) -> Reservation:
         """Refund the job's whole reservation. Idempotent; LookupError for an unknown ``job_id``."""
         return await self.reservations.release(job_id)
+
+    async def find_organizations(self, prefix: str = "", *, limit: int = 50) -> list[tuple[str, int]]:
+        """``(organization_id, balance)`` of the accounts whose id starts with ``prefix``."""
+        if not isinstance(prefix, str) or not is_storable_text(prefix) or not 0 < limit <= 1000:
+            raise ValueError("prefix must be storable text and limit from 1 to 1000")
+        return await self.store.organizations(prefix, limit)
+
+    async def organization_activity(
+        self, organization_id: str, *, limit: int = 50
+    ) -> tuple[list[dict[str, Any]], list[Reservation]]:
+        """An organization's latest ledger rows (newest first) and its open reservations."""
+        check_org(organization_id)
+        return await self.store.activity(organization_id, limit)

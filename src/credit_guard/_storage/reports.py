@@ -13,8 +13,8 @@ from sqlalchemy import Connection, Select, and_, case, cast, func, literal, sele
 from sqlalchemy import Date as SqlDate
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..models import AuditIssue, UsageGroup
-from ..schema import accounts, grant_moves, grants, holds, ledger
+from ..models import AuditIssue, UsageGroup, UsageRow
+from ..schema import accounts, grant_moves, grants, holds, ledger, reservations
 
 
 def audit_queries() -> dict[str, Select[Any]]:
@@ -179,3 +179,49 @@ def usage_query(
         else query.order_by(func.sum(case((is_charge, -ledger.c.amount), else_=0)).desc(), key)
     )
     return query
+
+
+def usage_row(row: Any) -> UsageRow:
+    return UsageRow(
+        key=str(row.key),
+        charges=int(row.charges or 0),
+        credits_charged=int(row.credits_charged or 0),
+        refunds=int(row.refunds or 0),
+        credits_refunded=int(row.credits_refunded or 0),
+    )
+
+
+def organizations_query(prefix: str, limit: int) -> Select[Any]:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return (
+        select(accounts.c.organization_id, accounts.c.balance)
+        .where(accounts.c.organization_id.like(escaped + "%", escape="\\"))
+        .order_by(accounts.c.organization_id)
+        .limit(limit)
+    )
+
+
+def activity_in(conn: Connection, organization_id: str, limit: int) -> tuple[list[dict[str, Any]], list[Any]]:
+    from .reservations import reservation_from_row
+
+    rows = conn.execute(
+        select(
+            ledger.c.id,
+            ledger.c.kind,
+            ledger.c.amount,
+            ledger.c.balance_after,
+            ledger.c.feature_key,
+            ledger.c.reason,
+            ledger.c.created_at,
+        )
+        .where(ledger.c.organization_id == organization_id)
+        .order_by(ledger.c.id.desc())
+        .limit(limit)
+    )
+    entries = [dict(row._mapping) for row in rows]
+    open_jobs = conn.execute(
+        select(reservations)
+        .where(reservations.c.organization_id == organization_id, reservations.c.state == "open")
+        .order_by(reservations.c.created_at)
+    )
+    return entries, [reservation_from_row(row) for row in open_jobs]

@@ -51,7 +51,7 @@ from .base import (
     UsageSettlement,
 )
 from .grants import expire_in, list_grants_in, overdraft_in, set_overdraft_in
-from .reports import audit_in, usage_query
+from .reports import activity_in, audit_in, organizations_query, usage_query, usage_row
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
     Abandon,
@@ -463,15 +463,14 @@ class SqlStore:
             since=since,
             until=until,
         )
-        async with self._tx() as conn:
-            rows = (await conn.execute(query)).all()
-        return [
-            UsageRow(
-                key=str(row.key),
-                charges=int(row.charges or 0),
-                credits_charged=int(row.credits_charged or 0),
-                refunds=int(row.refunds or 0),
-                credits_refunded=int(row.credits_refunded or 0),
-            )
-            for row in rows
-        ]
+        return await self._read(lambda conn: [usage_row(row) for row in conn.execute(query)])
+
+    async def organizations(self, prefix: str, limit: int) -> list[tuple[str, int]]:
+        """Accounts whose id starts with ``prefix`` (as typed: no wildcards), by id."""
+        return await self._read(
+            lambda conn: [(r[0], int(r[1])) for r in conn.execute(organizations_query(prefix, limit))]
+        )
+
+    async def activity(self, organization_id: str, limit: int) -> tuple[list[dict[str, Any]], list[Reservation]]:
+        """An organization's latest ledger rows (newest first) and its open reservations."""
+        return await self._read(partial(activity_in, organization_id=organization_id, limit=limit))

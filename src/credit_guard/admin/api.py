@@ -7,9 +7,10 @@ mountable Starlette app.
     PATCH  /api/admin/feature-pricing/{id}                             admin
     DELETE /api/admin/feature-pricing/{id}                             admin
     GET    /api/admin/usage[?org=&feature=&since=&until=&group_by=]    admin
+    GET    /api/admin/organizations[?q=], .../{org}, POST .../{org}/grants  admin (organizations.py)
     GET    /api/features/pricing[?key=]                                public
     GET    /openapi.json                                               public
-    GET    /admin/feature-pricing                                      admin (the HTML page)
+    GET    /admin/feature-pricing, /admin/organizations                admin (the HTML pages)
 
 Paths are relative to wherever the app is mounted, so ``Mount("/{tenant}", admin_app())``
 serves ``/acme/api/admin/feature-pricing``.
@@ -30,10 +31,8 @@ prices from another site (cookie-based auth stays safe without a CSRF token).
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
 from typing import Any, get_args
 from urllib.parse import quote
 
@@ -50,14 +49,22 @@ from ..errors import DuplicateFeature, InvalidPricing, PricingNotFound, StorageU
 from ..models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
-    UNSTORABLE_TEXT,
-    FeaturePricing,
     UsageGroup,
-    is_storable_text,
     validate_pricing_fields,
 )
 from ..problems import Problem
+from . import organizations
+from ._http import (
+    Refusal,
+    json_object,
+    parse_bool,
+    parse_when,
+    public_view,
+    refuse_if,
+    refuse_unstorable,
+)
 from .openapi import openapi_document
+from .organizations import ORGANIZATIONS_PATH
 
 log = logging.getLogger("credit_guard.admin")
 
@@ -73,21 +80,12 @@ OPENAPI_PATH = "/openapi.json"
 GUARD_SCOPE_KEY = "credit_guard"
 #: Seconds browsers and CDNs may reuse the public pricing; a price change shows after this.
 PUBLIC_MAX_AGE = 60
-PUBLIC_FIELDS = ("feature_key", "feature_name", "category", "credits", "description")
 USAGE_GROUPS: tuple[str, ...] = get_args(UsageGroup)
 
 _PRIVATE = {"Cache-Control": "no-store"}
 _PUBLIC = {"Cache-Control": f"public, max-age={PUBLIC_MAX_AGE}"}
 
 Handler = Callable[[Request, CreditGuard], Awaitable[Response]]
-
-
-class _Refusal(Exception):
-    """A request this module answers with a problem instead of a result."""
-
-    def __init__(self, problem: Problem) -> None:
-        self.problem = problem
-        super().__init__(problem.detail)
 
 
 def default_is_admin(request: Request) -> bool | None:
@@ -120,14 +118,14 @@ async def list_pricing(request: Request, guard: CreditGuard) -> Response:
     category = params.get("category")
     if category is not None and not category.strip():
         errors["category"] = "must not be empty"
-    active = _parse_bool(params.get("active"), "active", errors)
-    _refuse_if(errors)
+    active = parse_bool(params.get("active"), "active", errors)
+    refuse_if(errors)
     features = await guard.list_pricing(category=category, is_active=active)
     return JSONResponse([f.to_dict() for f in features], headers=_PRIVATE)
 
 
 async def create_pricing(request: Request, guard: CreditGuard) -> Response:
-    fields = validate_pricing_fields(await _json_object(request))
+    fields = validate_pricing_fields(await json_object(request))
     pricing = await guard.create_pricing(**fields)
     log.info("credit_guard admin: created pricing %s (%s credits)", pricing.feature_key, pricing.credits)
     location = request.url.path.rstrip("/") + "/" + quote(pricing.id, safe="")
@@ -145,7 +143,7 @@ async def get_pricing(request: Request, guard: CreditGuard) -> Response:
 async def update_pricing(request: Request, guard: CreditGuard) -> Response:
     pricing_id = request.path_params["pricing_id"]
     # Validated before the call: a body key must never reach the method as a keyword of its own.
-    fields = validate_pricing_fields(await _json_object(request), partial=True)
+    fields = validate_pricing_fields(await json_object(request), partial=True)
     pricing = await guard.update_pricing(pricing_id, **fields)
     log.info(
         "credit_guard admin: updated pricing %s (%s)", pricing.feature_key, ", ".join(sorted(fields)) or "no change"
@@ -165,9 +163,9 @@ async def usage(request: Request, guard: CreditGuard) -> Response:
     group_by = params.get("group_by", "day")
     if group_by not in USAGE_GROUPS:
         errors["group_by"] = f"must be one of {', '.join(USAGE_GROUPS)}"
-    since = _parse_when(params.get("since"), "since", errors)
-    until = _parse_when(params.get("until"), "until", errors)
-    _refuse_if(errors)
+    since = parse_when(params.get("since"), "since", errors)
+    until = parse_when(params.get("until"), "until", errors)
+    refuse_if(errors)
     rows = await guard.usage_report(
         group_by=group_by,  # type: ignore[arg-type]  # checked against USAGE_GROUPS above
         organization_id=params.get("org") or None,
@@ -184,93 +182,19 @@ async def public_pricing(request: Request, guard: CreditGuard) -> Response:
     if key is None:
         groups: dict[str, list[dict[str, Any]]] = {}
         for pricing in await guard.list_pricing(is_active=True):
-            groups.setdefault(pricing.category, []).append(_public(pricing))
+            groups.setdefault(pricing.category, []).append(public_view(pricing))
         body = {"categories": [{"category": category, "features": features} for category, features in groups.items()]}
         return JSONResponse(body, headers=_PUBLIC)
     if not key:
-        _refuse_if({"key": "must not be empty"})
+        refuse_if({"key": "must not be empty"})
     # A key that cannot exist is answered without a lookup, so anonymous requests cannot
     # fill the pricing cache with misses and push real prices out of it.
     found = (
         await guard.get_feature_pricing(key) if len(key) <= FEATURE_KEY_MAX and FEATURE_KEY_RE.fullmatch(key) else None
     )
     if found is None:
-        raise _Refusal(problems.unknown_feature(key))
-    return JSONResponse(_public(found), headers=_PUBLIC)
-
-
-# -- plumbing ----------------------------------------------------------------------------
-
-
-def _public(pricing: FeaturePricing) -> dict[str, Any]:
-    data = pricing.to_dict()
-    return {name: data[name] for name in PUBLIC_FIELDS}
-
-
-def _refuse_unstorable(request: Request) -> None:
-    """A parameter the database cannot even compare (a NUL) is the client's error, not an outage."""
-    params = [*request.query_params.multi_items(), *request.path_params.items()]
-    _refuse_if(
-        {name: UNSTORABLE_TEXT for name, value in params if isinstance(value, str) and not is_storable_text(value)}
-    )
-
-
-def _refuse_if(errors: dict[str, str]) -> None:
-    if errors:
-        raise _Refusal(problems.invalid_request(errors, status=422))
-
-
-def _parse_bool(raw: str | None, name: str, errors: dict[str, str]) -> bool | None:
-    if raw is None:
-        return None
-    value = {"true": True, "false": False}.get(raw.lower())
-    if value is None:
-        errors[name] = "must be true or false"
-    return value
-
-
-def _parse_when(raw: str | None, name: str, errors: dict[str, str]) -> datetime | None:
-    """An ISO 8601 date or datetime, as an aware UTC datetime (naive means UTC).
-
-    UTC because SQLite stores the ledger's timestamps as UTC wall-clock text: a bound in
-    another zone would be compared hours off.
-    """
-    if raw is None:
-        return None
-    try:
-        value = datetime.fromisoformat(raw.upper())  # RFC 3339 allows a lowercase "t" and "z"
-    except ValueError:
-        errors[name] = "must be an ISO 8601 date or datetime, e.g. 2025-01-31 or 2025-01-31T12:00:00Z"
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:  # 9999-12-31T23:00-05:00 is past the last representable UTC instant
-        errors[name] = "is out of the representable range of dates"
-        return None
-
-
-def _json_number(text: str) -> int | float:
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
-async def _json_object(request: Request) -> dict[str, Any]:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise _Refusal(problems.invalid_request({"content-type": "must be application/json"}, status=415))
-    raw = await request.body()
-    try:
-        # JSON has one number type: 8.0 is the integer 8 (as JSON Schema says), 8.5 is not.
-        data = json.loads(raw, parse_float=_json_number)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _Refusal(problems.invalid_request({"body": f"is not valid JSON ({exc})"})) from exc
-    except RecursionError as exc:
-        raise _Refusal(problems.invalid_request({"body": "is nested too deeply"})) from exc
-    if not isinstance(data, dict):
-        raise _Refusal(problems.invalid_request({"body": "must be a JSON object"}))
-    return data
+        raise Refusal(problems.unknown_feature(key))
+    return JSONResponse(public_view(found), headers=_PUBLIC)
 
 
 async def _check_admin(request: Request, is_admin: IsAdmin) -> Problem | None:
@@ -292,9 +216,9 @@ def _endpoint(handler: Handler, *, is_admin: IsAdmin | None) -> Callable[[Reques
         try:
             problem = await _check_admin(request, is_admin) if is_admin is not None else None
             if problem is None:
-                _refuse_unstorable(request)
+                refuse_unstorable(request)
                 return await handler(request, guard)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             problem = refusal.problem
         except InvalidPricing as exc:
             problem = problems.invalid_request(exc.errors, status=422)
@@ -304,6 +228,8 @@ def _endpoint(handler: Handler, *, is_admin: IsAdmin | None) -> Callable[[Reques
             problem = problems.pricing_not_found(exc.pricing_id)
         except StorageUnavailable:
             problem = problems.unavailable(guard.retry_after, nothing_was="changed")
+        except ValueError as exc:  # an argument the guard refused (an organization id it cannot store)
+            problem = problems.invalid_request({"request": str(exc)}, status=422)
         _log_refusal(request, problem)
         response = problem_response(problem)
         response.headers.setdefault("Cache-Control", "no-store")
@@ -349,7 +275,13 @@ def _page_routes(is_admin: IsAdmin) -> list[BaseRoute]:
             _admin_only_page(page.feature_pricing_page, is_admin),
             methods=["GET"],
             name="credit_guard_admin_page",
-        )
+        ),
+        Route(
+            page.ORGANIZATIONS_PAGE_PATH,
+            _admin_only_page(page.organizations_page, is_admin),
+            methods=["GET"],
+            name="credit_guard_admin_organizations_page",
+        ),
     ]
     static_routes = getattr(page, "static_routes", None)
     if callable(static_routes):
@@ -430,6 +362,9 @@ def admin_app(
             {"GET": get_pricing, "PATCH": update_pricing, "DELETE": delete_pricing},
         ),
         route(USAGE_PATH, "usage", {"GET": usage}),
+        route(ORGANIZATIONS_PATH, "organizations", {"GET": organizations.find}),
+        route(ORGANIZATIONS_PATH + "/{organization_id}", "organization", {"GET": organizations.detail}),
+        route(ORGANIZATIONS_PATH + "/{organization_id}/grants", "organization_grants", {"POST": organizations.grant}),
         route(PUBLIC_PRICING_PATH, "public_pricing", {"GET": public_pricing}, admin=False),
     ]
     page_routes = _page_routes(check) if include_page else []

@@ -316,7 +316,20 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
             },
         },
     }
+    paths.update(_organization_paths(admin))
+    schemas.update(_ORGANIZATION_SCHEMAS)
     if include_page:
+        paths["/admin/organizations"] = {
+            "get": {
+                "operationId": "organizationsPage",
+                "summary": "The organizations view (HTML)",
+                "tags": admin,
+                "responses": {
+                    "200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    **_errors("401", "403"),
+                },
+            }
+        }
         paths["/admin/feature-pricing"] = {
             "get": {
                 "operationId": "featurePricingPage",
@@ -345,6 +358,108 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
         ],
         "paths": paths,
         "components": {"schemas": schemas, "responses": responses},
+    }
+
+
+_ORG_ID = {"type": "string", "minLength": 1, "maxLength": 255, "pattern": _NO_NUL}
+_ORGANIZATION_SCHEMAS: dict[str, Any] = {
+    "OrganizationList": {
+        "type": "object",
+        "properties": {
+            "organizations": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"organization_id": {"type": "string"}, "balance": {"type": "integer"}},
+                    "required": ["organization_id", "balance"],
+                },
+            }
+        },
+        "required": ["organizations"],
+    },
+    "Organization": {
+        "type": "object",
+        "description": "Spendable balance, overdraft, grants (live first, in spending order), open "
+        "reservations and the latest ledger rows (newest first).",
+        "properties": {
+            "organization_id": {"type": "string"},
+            "balance": {"type": "integer"},
+            "overdraft": {"type": "object"},
+            "grants": {"type": "array", "items": {"type": "object"}},
+            "reservations": {"type": "array", "items": {"type": "object"}},
+            "ledger": {"type": "array", "items": {"type": "object"}},
+        },
+        "required": ["organization_id", "balance", "overdraft", "grants", "reservations", "ledger"],
+    },
+    "GrantCreate": {
+        "type": "object",
+        "properties": {
+            "amount": {"type": "integer", "minimum": 1, "maximum": 2**53 - 1},
+            "expires_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "RFC 3339 (with its offset), in the future; null: never expires.",
+            },
+            "priority": {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
+            "reason": {"type": ["string", "null"], "maxLength": 500},
+        },
+        "required": ["amount"],
+        "additionalProperties": False,
+    },
+    "Granted": {
+        "type": "object",
+        "properties": {"organization_id": {"type": "string"}, "balance": {"type": "integer"}},
+        "required": ["organization_id", "balance"],
+    },
+}
+
+
+def _organization_paths(admin: list[str]) -> dict[str, Any]:
+    org_param = {"name": "organization_id", "in": "path", "required": True, "schema": _ORG_ID}
+    return {
+        "/api/admin/organizations": {
+            "get": {
+                "operationId": "findOrganizations",
+                "summary": "Organizations whose id starts with q (at most 50)",
+                "tags": admin,
+                "parameters": [
+                    _query("q", "The id's beginning.", {"type": "string", "maxLength": 255, "pattern": _NO_NUL})
+                ],
+                "responses": {"200": _json("OrganizationList", "The matches."), **_errors("401", "403", "422", "503")},
+            }
+        },
+        "/api/admin/organizations/{organization_id}": {
+            "get": {
+                "operationId": "getOrganization",
+                "summary": "An organization's credits: balance, grants, reservations, ledger",
+                "tags": admin,
+                "parameters": [org_param],
+                "responses": {
+                    "200": _json("Organization", "The organization."),
+                    "404": _problem_response("No organization with credits has this id."),
+                    **_errors("401", "403", "422", "503"),
+                },
+            }
+        },
+        "/api/admin/organizations/{organization_id}/grants": {
+            "post": {
+                "operationId": "grantCredits",
+                "summary": "Grant credits (an Idempotency-Key header grants once per key)",
+                "tags": admin,
+                "parameters": [
+                    org_param,
+                    {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string"}},
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": _REF + "GrantCreate"}}},
+                },
+                "responses": {
+                    "201": _json("Granted", "Granted; the new spendable balance."),
+                    **_errors("400", "401", "403", "415", "422", "503"),
+                },
+            }
+        },
     }
 
 

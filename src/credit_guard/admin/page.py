@@ -60,6 +60,9 @@ def _version(name: str) -> str:
 
 _CSS_VERSION = _version("admin.css")
 _JS_VERSION = _version("admin.js")
+_ORGS_JS_VERSION = _version("organizations.js")
+_ORGS_TEMPLATE = Template((_HERE / "templates" / "organizations.html").read_text(encoding="utf-8"))
+ORGANIZATIONS_PAGE_PATH = "/admin/organizations"
 
 
 def static_routes() -> list[BaseRoute]:
@@ -83,6 +86,16 @@ async def feature_pricing_page(request: Request) -> Response:
         except StorageUnavailable:
             log.warning("credit_guard admin: database unavailable; the page will load pricing from the API")
     body = render_page(features, base_path=base)
+    return HTMLResponse(body, headers=_SECURITY_HEADERS)
+
+
+async def organizations_page(request: Request) -> Response:
+    """The organizations view: a shell the script fills from the API next to it."""
+    path = request.url.path.rstrip("/")
+    base = path[: -len(ORGANIZATIONS_PAGE_PATH)] if path.endswith(ORGANIZATIONS_PAGE_PATH) else ""
+    body = _ORGS_TEMPLATE.substitute(
+        static=_e(base + STATIC_PATH), css_version=_CSS_VERSION, js_version=_ORGS_JS_VERSION, base=_e(base)
+    )
     return HTMLResponse(body, headers=_SECURITY_HEADERS)
 
 

@@ -234,6 +234,11 @@
   }
 
   function onToggle(button, f) {
+    if (f.is_active) {
+      var question = 'Deactivate "' + f.feature_name + '" (' + f.feature_key + ")?\n\n" +
+        "Requests for this feature will be refused (nothing charged) until it is switched back on.";
+      if (!window.confirm(question)) { toast(f.feature_name + " stays active"); return; }
+    }
     button.disabled = true;
     request("PATCH", "/feature-pricing/" + encodeURIComponent(f.id), { is_active: !f.is_active }).then(function (res) {
       button.disabled = false;
