@@ -17,6 +17,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, current_ticket, requires_credits
@@ -163,10 +164,14 @@ def credit_pack(event: Any) -> tuple[str, int] | None:
 
 # Stripe top-ups: the endpoint's signing secret from the Stripe dashboard (a demo one by
 # default); each event grants once, however often Stripe delivers it.
-app.add_route(
-    "/webhooks/stripe",
-    stripe_webhook(guard, secret=os.environ.get("STRIPE_WEBHOOK_SECRET", "whsec_demo"), credits_for=credit_pack),
-    methods=["POST"],
+# A Route to an ASGI app (Starlette serves an object with __call__ as one), before the admin
+# app's catch-all mount below.
+app.router.routes.append(
+    Route(
+        "/webhooks/stripe",
+        stripe_webhook(guard, secret=os.environ.get("STRIPE_WEBHOOK_SECRET", "whsec_demo"), credits_for=credit_pack),
+        methods=["POST"],
+    )
 )
 
 # GET /api/credits/balance and /api/credits/check?feature=KEY for the signed-in organization.

@@ -1,7 +1,7 @@
 """Paid top-ups from Stripe: a webhook endpoint that grants credits once per event.
 
-    app.add_route("/webhooks/stripe", stripe_webhook(guard, secret=os.environ["STRIPE_WEBHOOK_SECRET"],
-                                                     credits_for=credits_for_checkout), methods=["POST"])
+    routes.append(Route("/webhooks/stripe", stripe_webhook(guard, secret=os.environ["STRIPE_WEBHOOK_SECRET"],
+                                                           credits_for=credits_for_checkout), methods=["POST"]))
 
 The ``Stripe-Signature`` header is verified by the official ``stripe`` package
 (``pip install credit_guard[stripe]``); nothing here re-implements it. For each verified
