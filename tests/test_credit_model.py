@@ -243,3 +243,18 @@ async def test_three_hundred_concurrent_charges_across_grants_leave_exact_grants
         await one.flush()
         await two.flush()
         assert await one.audit() == []
+
+
+async def test_expiry_writes_off_every_organization_each_in_its_own_transaction(guard: CreditGuard) -> None:
+    for i in range(5):
+        await guard.grant_credits(f"org_{i}", 10 + i, expires_at=later(minutes=1))
+        await guard.grant_credits(f"org_{i}", 1)
+    travel(timedelta(minutes=2))
+    assert await guard.expire_grants() == 5
+    assert [await guard.get_balance(f"org_{i}") for i in range(5)] == [1] * 5
+    rows = [row for row in await ledger_rows(guard) if row["kind"] == "expiry"]
+    assert sorted((row["organization_id"], row["amount"]) for row in rows) == [
+        (f"org_{i}", -(10 + i)) for i in range(5)
+    ]
+    assert await guard.expire_grants() == 0
+    assert await guard.audit() == []

@@ -209,40 +209,41 @@ def add_grant_in(
     return grant_id
 
 
-def expire_in(conn: Connection, now: datetime) -> list[tuple[str, int, int, int]]:
-    """Write off what expired grants still hold: one 'expiry' ledger row per grant.
+def expiring_in(conn: Connection, now: datetime, limit: int = 1000) -> list[str]:
+    """Organizations holding credits in grants expired at ``now`` (a read: no lock)."""
+    return sorted({str(row[1]) for row in run(conn, EXPIRED + f" LIMIT {int(limit)}", now=now)})
 
-    Returns ``(organization, grant id, credits, spendable after)`` per grant closed.
-    Accounts are locked one at a time, in order (two sweepers cannot deadlock).
-    """
-    closed: list[tuple[str, int, int, int]] = []
-    for org in sorted({str(row[1]) for row in run(conn, EXPIRED, now=now)}):
-        if lock_account(conn, org, now) is None:
-            continue
-        expired = run(conn, EXPIRED + " AND g.organization_id = :org ORDER BY g.id", org=org, now=now).all()
-        for grant_id, _, remaining in expired:
-            credits = int(remaining)
-            balance = run(
-                conn,
-                f"UPDATE {A} SET balance = balance - :credits WHERE organization_id = :org RETURNING balance",
-                credits=credits,
-                org=org,
-            ).scalar_one()
-            entry = run(
-                conn,
-                f"INSERT INTO {L} (organization_id, kind, amount, balance_after, reason, created_at)"
-                " VALUES (:org, 'expiry', :amount, :balance, :reason, :now) RETURNING id",
-                org=org,
-                amount=-credits,
-                balance=int(balance),
-                reason=f"grant {grant_id} expired",
-                now=now,
-            ).scalar_one()
-            run(conn, MOVE, lid=int(entry), grant=int(grant_id), amount=-credits)
-            run(conn, APPLY, lid=int(entry))
-        spendable = spendable_in(conn, org, now)
-        closed += [(org, int(grant_id), int(remaining), spendable) for grant_id, _, remaining in expired]
-    return closed
+
+def expire_in(conn: Connection, org: str, now: datetime) -> list[tuple[str, int, int, int]]:
+    """Write off what the organization's expired grants still hold: one 'expiry' ledger row
+    per grant. Returns ``(organization, grant id, credits, spendable after)`` per grant.
+    One organization per transaction, so a month-end sweep never holds many accounts'
+    locks (or SQLite's write lock) for long."""
+    if lock_account(conn, org, now) is None:
+        return []
+    expired = run(conn, EXPIRED + " AND g.organization_id = :org ORDER BY g.id", org=org, now=now).all()
+    for grant_id, _, remaining in expired:
+        credits = int(remaining)
+        balance = run(
+            conn,
+            f"UPDATE {A} SET balance = balance - :credits WHERE organization_id = :org RETURNING balance",
+            credits=credits,
+            org=org,
+        ).scalar_one()
+        entry = run(
+            conn,
+            f"INSERT INTO {L} (organization_id, kind, amount, balance_after, reason, created_at)"
+            " VALUES (:org, 'expiry', :amount, :balance, :reason, :now) RETURNING id",
+            org=org,
+            amount=-credits,
+            balance=int(balance),
+            reason=f"grant {grant_id} expired",
+            now=now,
+        ).scalar_one()
+        run(conn, MOVE, lid=int(entry), grant=int(grant_id), amount=-credits)
+        run(conn, APPLY, lid=int(entry))
+    spendable = spendable_in(conn, org, now)
+    return [(org, int(grant_id), int(remaining), spendable) for grant_id, _, remaining in expired]
 
 
 def set_overdraft_in(conn: Connection, org: str, limit: int, now: datetime) -> None:

@@ -50,7 +50,7 @@ from .base import (
     KeyClaim,
     UsageSettlement,
 )
-from .grants import expire_in, list_grants_in, overdraft_in, set_overdraft_in
+from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, set_overdraft_in
 from .reports import activity_in, audit_in, organizations_query, usage_query, usage_row
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
@@ -265,9 +265,16 @@ class SqlStore:
             return done
 
     async def expire_grants(self, now: datetime) -> list[ExpiredGrant]:
-        """Write off what expired grants still hold (an 'expiry' ledger row each)."""
-        closed = await self._write(partial(expire_in, now=now))
-        return [ExpiredGrant(*row) for row in closed]
+        """Write off what expired grants still hold (an 'expiry' ledger row each), one
+        organization per transaction."""
+        closed: list[ExpiredGrant] = []
+        for _ in range(1000):  # each round clears every organization it found; bounded all the same
+            orgs = await self._read(partial(expiring_in, now=now))
+            if not orgs:
+                break
+            for org in orgs:
+                closed += [ExpiredGrant(*row) for row in await self._write(partial(expire_in, org=org, now=now))]
+        return closed
 
     async def list_grants(self, organization_id: str, now: datetime) -> list[Grant]:
         return await self._read(partial(list_grants_in, org=organization_id, now=now, to_datetime=self._datetime))
