@@ -145,6 +145,38 @@ async def test_the_batch_statement_decides_in_arrival_order_on_postgresql(pg_gua
     assert await guard.audit() == []
 
 
+async def test_a_grant_committed_while_the_charge_waited_for_the_lock_is_seen(pg_guard: CreditGuard) -> None:
+    """The charge statement's snapshot predates its wait for the account lock, so a grant
+    committed meanwhile is not in the grants it reads: it refuses, sees that the locked
+    account no longer matches the grants it read (stale), and looks again: charged, not a 402.
+    Without that second look this charge would be refused with credits in the account."""
+    from sqlalchemy import select, text
+
+    from credit_guard._storage.writes import grant_in
+    from credit_guard.schema import accounts
+
+    guard, store = pg_guard, pg_guard.store
+    assert isinstance(store, PostgresStore)
+    await guard.grant_credits("org_1", 2)
+    async with guard.engine.connect() as conn:
+        tx = await conn.begin()
+        await conn.execute(select(accounts.c.balance).where(accounts.c.organization_id == "org_1").with_for_update())
+        charging = asyncio.create_task(store.charge(ChargeRequest("org_1", 5, IMAGE, "u", "POST", "/a")))
+        await asyncio.sleep(0.3)  # the statement has its snapshot and waits for the lock
+        waiting = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+        )
+        assert waiting == 1
+        await conn.run_sync(lambda sync: grant_in(sync, "postgresql", "org_1", 10, "late", None))
+        await tx.commit()
+    outcome = await charging
+    assert (outcome.charge_id is not None, outcome.balance) == (True, 7)
+    assert await guard.get_balance("org_1") == 7
+    assert await guard.audit() == []
+
+
 async def test_a_write_that_fails_inside_a_sqlite_batch_fails_alone(sqlite_guard: CreditGuard) -> None:
     guard = sqlite_guard
     assert isinstance(guard.store, SqliteStore)

@@ -14,7 +14,9 @@ charges were sent one by one:
 4. one UPDATE per account and per grant drawn from, the ledger rows, the grant moves and
    the holds are written by the same statement.
 
-A refused charge learns what was spendable at its turn (never "costs 5, you have 7").
+A refused charge learns what was spendable at its turn (never "costs 5, you have 7"), and
+whether the grants it was judged on were stale (see ``stale``): only then does the store
+look again, so a 402 is one round trip too.
 The keyed variant first claims the idempotency key (or takes over a dead or expired one)
 and charges only if the claim succeeded; a claim whose charge is refused aborts the whole
 statement (a division by zero), so the key stays free for the retry after a top-up.
@@ -59,7 +61,7 @@ def charge_statement(*, claim: bool = False) -> str:
        CASE WHEN EXISTS (SELECT 1 FROM claim)
             THEN 1 / (SELECT count(*)::int FROM decided WHERE accepted) END AS abort_if_short"""
         if claim
-        else "SELECT charge_id, spendable FROM decided ORDER BY ord"
+        else "SELECT charge_id, spendable, stale FROM decided ORDER BY ord"
     )
     return f"""
 WITH RECURSIVE {_CLAIM if claim else ""} req AS (
@@ -96,7 +98,15 @@ WITH RECURSIVE {_CLAIM if claim else ""} req AS (
            coalesce(w.accepted, false) AS accepted, coalesce(w.spent, 0) AS spent,
            a.balance - coalesce(w.spent, 0) AS book,
            coalesce(t.spendable, 0) - coalesce(w.spent, 0) AS spendable,
-           CASE WHEN w.accepted THEN {new_id} END AS charge_id
+           CASE WHEN w.accepted THEN {new_id} END AS charge_id,
+           -- A refusal whose grants were read stale: the account row (locked, as last
+           -- committed) no longer equals its grants as this statement's snapshot saw them
+           -- (a grant or refund committed while it waited for the lock). Only then is the
+           -- refusal worth a second look; computed for refused charges only.
+           CASE WHEN NOT coalesce(w.accepted, false) AND a.organization_id IS NOT NULL
+                THEN a.balance <> (SELECT coalesce(sum(x.remaining), 0) FROM {grants.name} x
+                                    WHERE x.organization_id = r.org)
+           END AS stale
       FROM req r
       LEFT JOIN walk w ON w.org = r.org AND w.rn = r.rn
       LEFT JOIN acct a ON a.organization_id = r.org

@@ -155,22 +155,23 @@ class PostgresStore(SqlStore):
             async with self._connection() as conn:
                 rows = await conn.fetch(CHARGE_MANY, *_columns(requests), utcnow())
                 outcomes = [ChargeOutcome(_int_or_none(row[0]), int(row[1])) for row in rows]
-                for index, (request, outcome) in enumerate(zip(requests, outcomes, strict=True)):
-                    if outcome.charge_id is None:
-                        outcomes[index] = await self._recheck(conn, request, outcome)
+                for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
+                    if row["stale"]:
+                        outcomes[index] = await self._recheck(conn, request, outcomes[index])
         except _UNAVAILABLE as exc:
             log.error("credit_guard: PostgreSQL charge of %d failed: %s", len(requests), exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
         return outcomes
 
     async def _charge_one(self, request: ChargeRequest) -> ChargeOutcome:
-        """One statement, one round trip (two only when refused: see ``_recheck``)."""
+        """One statement, one round trip (two only when refused on stale grants: ``_recheck``)."""
         return (await self._charge_many([request]))[0]
 
     async def _recheck(self, conn: Any, request: ChargeRequest, refused: ChargeOutcome) -> ChargeOutcome:
-        """A refusal is re-read once: the statement's snapshot was taken before it waited
-        for the account lock, so a grant or refund committed meanwhile went unseen. If the
-        committed grants cover the charge after all, it is sent again (once)."""
+        """A refusal judged on stale grants is looked at again, once: the statement's
+        snapshot was taken before it waited for the account lock, so a grant or refund
+        committed meanwhile went unseen. If the committed grants cover the charge after
+        all, it is sent again."""
         room, _ = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
         if int(room) < request.credits:
             return refused  # what was spendable at its turn
