@@ -12,6 +12,7 @@ which case the whole run fails: a green CI must never hide untested PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -52,7 +53,9 @@ def _probe_postgres() -> str | None:
             await conn.close()
 
     try:
-        asyncio.run(create())
+        # In a thread of its own: the first test to ask may be running on an event loop.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, create()).result()
     except Exception as exc:  # any failure means "not usable", with its reason
         return f"PostgreSQL at {PG_SERVER_URL} unusable ({type(exc).__name__}: {exc})"
     global _PG_CREATED
