@@ -120,6 +120,77 @@ def test_four_workers_starting_the_example_on_a_fresh_database_seed_it_once(empt
     assert "Traceback" not in log, log
 
 
+def test_four_workers_take_a_redelivered_stripe_event_and_a_retried_job_completion_once(
+    empty_db: str, tmp_path: Path
+) -> None:
+    """What Stripe and a video provider do: deliver the same event again while the first is
+    still in flight, and call a completion twice. Under 4 real worker processes, 8 copies of
+    one paid-checkout event grant its pack once, and 8 completions of one job capture once."""
+    import concurrent.futures
+    import hashlib
+    import hmac
+    import json
+
+    import httpx
+
+    session = {"payment_status": "paid", "metadata": {"organization_id": "org_demo", "credits": "250"}}
+    event = {"id": "evt_twice", "object": "event", "type": "checkout.session.completed", "data": {"object": session}}
+    payload = json.dumps(event).encode()
+    stamp = int(time.time())
+    mac = hmac.new(b"whsec_demo", f"{stamp}.".encode() + payload, hashlib.sha256).hexdigest()
+    rich = {"X-API-Key": "demo-key-rich"}
+    server = UvicornServer(
+        "examples.fastapi_app.app:app",
+        {"CREDIT_GUARD_DATABASE_URL": empty_db},
+        tmp_path / "uvicorn.log",
+        workers=WORKERS,
+        factory=False,
+    )
+    with server.start(health="/api/features/pricing"):
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            webhook = [
+                pool.submit(
+                    httpx.post,
+                    server.base + "/webhooks/stripe",
+                    content=payload,
+                    headers={"Stripe-Signature": f"t={stamp},v1={mac}"},
+                    timeout=30,
+                )
+                for _ in range(8)
+            ]
+            assert [f.result().status_code for f in webhook] == [200] * 8
+            started = httpx.post(
+                server.base + "/v1/videos", json={"image_url": "https://e.x/a.png", "seconds": 10}, headers=rich
+            )
+            assert (started.status_code, started.headers["x-credits-charged"]) == (202, "40")
+            job = started.json()["job_id"]
+            done = [
+                pool.submit(
+                    httpx.post,
+                    f"{server.base}/v1/videos/{job}/complete",
+                    json={"status": "succeeded", "seconds_rendered": 5},
+                    timeout=30,
+                )
+                for _ in range(8)
+            ]
+            answers = [f.result().json() for f in done]
+        log = server.log()
+    assert all(a["state"] == "captured" for a in answers), answers
+    assert sorted(a["credits_refunded"] for a in answers) == [0] * 7 + [20]  # one close moved money
+
+    async def books() -> None:
+        async with CreditGuard(empty_db) as guard:
+            rows = await ledger_rows(guard, "org_demo")
+            assert [row["amount"] for row in rows if row["kind"] == "grant"] == [100, 250]
+            assert [row["amount"] for row in rows if row["kind"] == "refund"] == [20]
+            assert await guard.get_balance("org_demo") == 100 + 250 - 40 + 20
+            assert await guard.open_holds() == []
+            assert await guard.audit() == []
+
+    anyio.run(books)
+    assert "Traceback" not in log, log
+
+
 # -- connections ------------------------------------------------------------------------------
 
 
