@@ -48,7 +48,6 @@ from .models import (
     UsageRow,
     is_storable_text,
 )
-from .schema import MAX_BALANCE
 
 log = logging.getLogger("credit_guard")
 
@@ -56,8 +55,6 @@ log = logging.getLogger("credit_guard")
 ORGANIZATION_ID_MAX = 255
 USER_ID_MAX = 255
 REQUEST_PATH_MAX = 2048
-#: The largest grant: the largest balance (a bigger one is a typo, and could not be held).
-MAX_GRANT = MAX_BALANCE
 #: A keyed charge: (key, fingerprint, finish_now: store the answer at once, as the Python API does).
 Idempotency = tuple[str, str, bool]
 
