@@ -20,6 +20,7 @@ import logging
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -40,6 +41,7 @@ from ._idempotency import (
     validate_key,
 )
 from ._ledger import ORGANIZATION_ID_MAX
+from ._metrics import outcome_of
 from ._storage.base import ClaimKind
 from ._ticket import TICKET_SCOPE_KEY, Ticket, current_ticket
 from ._units import ONE, UnitsOf, units_value
@@ -244,7 +246,8 @@ async def open_charge(
                 return problems.invalid_request({IDEMPOTENCY_HEADER: "must be 1 to 255 visible ASCII characters"})
             method, path = str(scope.get("method", "")), str(scope.get("path", ""))
             fingerprint = request_fingerprint(method, path, scope.get("query_string") or b"", body or b"", user_id)
-    ledger = guard.ledger
+    ledger, metrics = guard.ledger, guard.ledger.metrics
+    started = perf_counter() if metrics is not None else 0.0
     try:
         for attempt in range(2):
             result, outcome = await ledger.charge(
@@ -263,10 +266,16 @@ async def open_charge(
             assert key is not None
             await _await_finished_response(guard, organization_id, key)
     except StorageUnavailable:
+        if metrics is not None:
+            metrics.decided(
+                rule.feature_key, "served_free" if guard.fail_open else "unavailable", perf_counter() - started
+            )
         if guard.fail_open:
             log.warning("credit_guard: database down, %r served FREE (fail_open=True)", rule.feature_key)
             return Ticket(rule.feature_key, organization_id, 0, None, None)
         return problems.unavailable(guard.retry_after)
+    if metrics is not None:
+        metrics.decided(rule.feature_key, outcome_of(result, outcome), perf_counter() - started)
     if outcome is not None and outcome.kind not in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
         assert key is not None and outcome.stored is not None
         if outcome.kind is ClaimKind.REPLAY:

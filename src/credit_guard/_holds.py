@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from ._clock import utcnow
+from ._metrics import Metrics
 from ._storage.base import Completion, Store
 from .errors import StorageUnavailable
 from .models import RefundResult
@@ -67,6 +68,8 @@ class HoldKeeper:
         self._flushing: asyncio.Lock | None = None
         self._task: asyncio.Task[None] | None = None
         self.sweeping = True
+        #: Told how many holds each sweep released (``_metrics.py``); None reports nothing.
+        self.metrics: Metrics | None = None
 
     def hold_until(self) -> datetime:
         return utcnow() + timedelta(seconds=self.hold_timeout)
@@ -250,6 +253,8 @@ class HoldKeeper:
                         self.on_refund(result, charge_id, HOLD_EXPIRED_REASON)
             if len(ids) < self._sweep_limit:
                 break
+        if released and self.metrics is not None:
+            self.metrics.swept(released)
         await self.store.delete_expired_keys(now)
         if self.also_sweep is not None:
             await self.also_sweep(now)

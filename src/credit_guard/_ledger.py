@@ -23,6 +23,7 @@ from ._clock import utcnow
 from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
 from ._idempotency import call_fingerprint, validate_key
+from ._metrics import Metrics
 from ._pricing import Pricing
 from ._storage.base import (
     ChargeRequest,
@@ -78,6 +79,8 @@ class Ledger:
         self.refund_attempts = max(1, refund_attempts)
         self.low_balance_threshold = low_balance_threshold
         holds.on_refund = self.refunded
+        #: What this process reports (``_metrics.py``); None (the default) reports nothing.
+        self.metrics: Metrics | None = None
 
     # -- charges --------------------------------------------------------------------------
 
@@ -220,6 +223,8 @@ class Ledger:
         *,
         overage: bool = False,
     ) -> None:
+        if self.metrics is not None:
+            self.metrics.charged(feature_key, credits, overage=overage)
         if self.hooks.wants(ChargeEvent):
             self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, overage))
         threshold = self.low_balance_threshold
@@ -230,6 +235,8 @@ class Ledger:
 
     def refunded(self, result: RefundResult, charge_id: int, reason: str | None) -> None:
         self.holds.forget(charge_id)
+        if result.refunded and self.metrics is not None:
+            self.metrics.refunded(result.feature_key, result.credits_refunded)
         if result.refunded and result.organization_id is not None:
             self.hooks.emit(
                 RefundEvent(
@@ -338,6 +345,8 @@ class Ledger:
         if moved.organization_id is None or moved.balance is None:
             return
         if moved.refunded:
+            if self.metrics is not None:
+                self.metrics.refunded(moved.feature_key, moved.refunded)
             self.hooks.emit(
                 RefundEvent(
                     moved.organization_id,

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 from cachetools import TTLCache
 
+from ._metrics import Metrics
 from ._notify import PricingNotifier
 from ._storage.base import Store
 from .errors import InvalidPricing, PricingNotFound
@@ -51,13 +52,20 @@ class PricingCache:
         # Bumped by every invalidation, so a load that started before a write does not
         # put the stale row it read back into the cache after the write cleared it.
         self._generation = 0
+        #: Told of every hit and miss (``_metrics.py``); None reports nothing.
+        self.metrics: Metrics | None = None
 
     async def get(self, feature_key: str) -> FeaturePricing | None:
         """The pricing row for a key (active or not), or None if there is none."""
         try:
-            return self._cache[feature_key]
+            found = self._cache[feature_key]
         except KeyError:
-            pass
+            if self.metrics is not None:  # a miss: loaded here, or awaited from the load in flight
+                self.metrics.priced(False)
+        else:
+            if self.metrics is not None:
+                self.metrics.priced(True)
+            return found
         flight = self._flights.get(feature_key)
         if flight is not None:
             await flight.done.wait()
