@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, current_ticket, requires_credits
 from credit_guard.admin import admin_app
+from credit_guard.contrib.fastapi import document_credits
 from credit_guard.contrib.stripe import stripe_webhook
 from credit_guard.events import LowBalanceEvent
 from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
@@ -71,6 +72,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 app = FastAPI(title="credit_guard demo: AI media API", lifespan=lifespan)
+# /openapi.json shows each paid route's 402/401/403/503, X-Credits-* headers and price source.
+document_credits(app, guard=guard)
 # Added last = runs first: auth puts the organization on request state before any guard
 # looks, and CORS, outermost, answers preflights and decorates every answer (402s included).
 app.add_middleware(DemoApiKeyAuth)

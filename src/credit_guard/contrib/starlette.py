@@ -44,6 +44,7 @@ from .._flow import (
     wants_body,
 )
 from .._guard import CreditGuard
+from .._openapi import mark
 from .._ticket import Ticket
 from ..problems import Problem
 
@@ -155,6 +156,7 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
         return result
 
     wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    mark(wrapper, rule, guard)
     return typing.cast(F, wrapper)
 
 

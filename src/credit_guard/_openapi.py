@@ -1,0 +1,233 @@
+"""What a paid route adds to its OpenAPI operation, for any framework.
+
+A route that costs credits answers things its own code never mentions: a 402 when the
+balance is short, 401/403/503 refusals, ``X-Credits-*`` headers on its successes, an
+``Idempotency-Key`` it honours. Generated clients and API docs only know what the
+document says, so the adapters (``contrib.fastapi.document_credits``, the Litestar plugin)
+merge this module's fragments into the operations of guarded routes. The fragments are
+plain dicts built from the same constants the request path uses (``problems``,
+``_idempotency.KEY_MAX``), so the document cannot drift from the answers.
+
+The ``x-credit-guard`` extension names the feature key and where its price comes from,
+so a UI can show "costs N credits" (``priceCheck`` is the mounted ``credit_endpoints``'
+check URL when the adapter found one).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from . import problems
+from ._flow import Rule
+from ._idempotency import KEY_MAX
+from .models import FEATURE_KEY_MAX
+
+if TYPE_CHECKING:
+    from ._guard import CreditGuard
+
+EXTENSION = "x-credit-guard"
+PROBLEM_SCHEMA = "CreditGuardProblem"
+_MARK = "__credit_guard_rule__"
+_PROBLEM_REF = {"$ref": f"#/components/schemas/{PROBLEM_SCHEMA}"}
+_COUNT = {"type": "integer", "minimum": 0}
+
+
+def mark(wrapper: Callable[..., Any], rule: Rule, guard: CreditGuard | None) -> None:
+    """Remember on a decorated handler what it charges, for the OpenAPI adapters."""
+    setattr(wrapper, _MARK, (rule, guard))
+
+
+def marked(endpoint: object) -> tuple[Rule, CreditGuard | None] | None:
+    """The rule (and explicit guard) a ``@requires_credits`` handler charges, or None."""
+    found = getattr(endpoint, _MARK, None)
+    return found if isinstance(found, tuple) else None
+
+
+def problem_schema() -> dict[str, Any]:
+    """RFC 9457 problem details, with the members credit_guard's refusals add."""
+    return {
+        "type": "object",
+        "description": "RFC 9457 problem details (application/problem+json).",
+        "properties": {
+            "type": {"type": "string", "format": "uri-reference", "examples": [problems.TYPE_INSUFFICIENT]},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "feature": {"type": "string", "maxLength": FEATURE_KEY_MAX, "description": "The feature key priced."},
+            "required": {**_COUNT, "description": "402: the credits this request costs."},
+            "available": {"type": "integer", "description": "402: the credits the organization has now."},
+            "idempotency_key": {"type": "string", "description": "409/422: the Idempotency-Key concerned."},
+            "errors": {
+                "type": "object",
+                "description": "Each bad field or parameter, and what is wrong with it.",
+                "additionalProperties": {"type": "string"},
+            },
+        },
+        "required": ["type", "title", "status", "detail"],
+    }
+
+
+def _header(description: str, schema: dict[str, Any], *, required: bool = False) -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": schema}
+
+
+def success_headers(*, idempotent: bool) -> dict[str, Any]:
+    """The headers a paid route's successful answers carry."""
+    headers = {
+        problems.HEADER_CHARGED: _header("Credits this request took.", _COUNT, required=True),
+        problems.HEADER_REMAINING: _header(
+            "The organization's balance after this request (absent when it is not known: fail-open, unpriced).",
+            {"type": "integer"},
+        ),
+        problems.HEADER_REFUNDED: _header("Credits given back (unused units, or a failed request).", _COUNT),
+    }
+    if idempotent:
+        headers[problems.HEADER_REPLAYED] = _header(
+            "true when this is the stored answer to an earlier request with the same Idempotency-Key (not charged).",
+            {"type": "string", "enum": ["true"]},
+        )
+    return headers
+
+
+def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {problems.PROBLEM_CONTENT_TYPE: {"schema": dict(_PROBLEM_REF)}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def refusals(rule: Rule, *, idempotency: str) -> dict[str, dict[str, Any]]:
+    """The problem responses a paid route can answer with, by status code."""
+    retry_after = {"Retry-After": _header("Seconds to wait before retrying.", _COUNT, required=True)}
+    found = {
+        "401": _problem("No organization to charge: the request is not signed in (the app's auth decides)."),
+        "402": _problem(
+            "Insufficient credits: `required` is the price, `available` the balance. Nothing was charged.",
+            {
+                problems.HEADER_REQUIRED: _header("The price of this request.", _COUNT, required=True),
+                problems.HEADER_REMAINING: _header("The organization's balance.", {"type": "integer"}, required=True),
+            },
+        ),
+        "403": _problem("The feature this route charges for is switched off in the pricing table."),
+        "503": _problem("The credit ledger cannot be reached; nothing was charged. Retry later.", retry_after),
+    }
+    invalid = []
+    if rule.units is not None:
+        invalid.append("the request's units are not a number the price can be multiplied by")
+    if idempotency != "off":
+        found["400"] = _problem(
+            "A malformed Idempotency-Key"
+            + (", or none (this route requires one)." if idempotency == "required" else ".")
+        )
+        found["409"] = _problem("The first request with this Idempotency-Key is still running.", retry_after)
+        invalid.append("the Idempotency-Key was used for a different request")
+    if invalid:
+        found["422"] = _problem("Refused, nothing charged: " + "; or ".join(invalid) + ".")
+    return found
+
+
+def idempotency_of(rule: Rule, guard: CreditGuard | None) -> str:
+    """``off``, ``optional`` or ``required``: how the route treats Idempotency-Key."""
+    mode = rule.idempotency if rule.idempotency is not None else (guard.idempotency if guard is not None else False)
+    return "required" if mode == "required" else "optional" if mode else "off"
+
+
+def extension(rule: Rule, *, idempotency: str, check_url: str | None) -> dict[str, Any]:
+    """The ``x-credit-guard`` extension: what the route costs and where to look the price up."""
+    found: dict[str, Any] = {
+        "feature": rule.feature_key,
+        "priceSource": "pricing-table",
+        "units": "fixed" if rule.units is None else "variable",
+        "idempotency": idempotency,
+    }
+    if check_url is not None:
+        found["priceCheck"] = f"{check_url}?feature={rule.feature_key}"
+    return found
+
+
+def document_operation(
+    document: dict[str, Any], operation: dict[str, Any], rule: Rule, guard: CreditGuard | None, check_url: str | None
+) -> None:
+    """Merge a paid route's responses, headers, parameter and extension into ``operation``
+    (part of ``document``, whose components get the problem schema). Idempotent."""
+    document.setdefault("components", {}).setdefault("schemas", {}).setdefault(PROBLEM_SCHEMA, problem_schema())
+    idempotency = idempotency_of(rule, guard)
+    responses: dict[str, Any] = operation.setdefault("responses", {})
+    for status, response in responses.items():
+        if str(status).startswith("2") and isinstance(response, dict):
+            response.setdefault("headers", {}).update(copy.deepcopy(success_headers(idempotent=idempotency != "off")))
+    for status, refusal in refusals(rule, idempotency=idempotency).items():
+        existing = responses.get(status)
+        if isinstance(existing, dict) and "$ref" not in existing:
+            # FastAPI's own 422 (validation) stays; ours is another content type of it.
+            existing.setdefault("content", {}).update(refusal["content"])
+            if "headers" in refusal:
+                existing.setdefault("headers", {}).update(refusal["headers"])
+            if refusal["description"] not in existing.get("description", ""):
+                existing["description"] = (
+                    f"{existing.get('description', '')}; or (problem+json) {refusal['description']}"
+                )
+        else:
+            responses[status] = refusal
+    if idempotency != "off":
+        parameters: list[dict[str, Any]] = operation.setdefault("parameters", [])
+        if not any(p.get("in") == "header" and p.get("name", "").lower() == "idempotency-key" for p in parameters):
+            parameters.append(
+                {
+                    "name": problems.Headers.IDEMPOTENCY_KEY,
+                    "in": "header",
+                    "required": idempotency == "required",
+                    "description": "Retry safely: a request repeated with the same key is answered again, not charged again.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": KEY_MAX, "pattern": "^[!-~]+$"},
+                }
+            )
+    operation[EXTENSION] = extension(rule, idempotency=idempotency, check_url=check_url)
+
+
+def template(path: str) -> str:
+    """A Starlette route template as OpenAPI writes it: ``{id:int}`` -> ``{id}``."""
+    out, depth, skipping = [], 0, False
+    for char in path:
+        if char == "{":
+            depth, skipping = depth + 1, False
+        elif char == "}":
+            depth, skipping = depth - 1, False
+        elif char == ":" and depth:
+            skipping = True
+            continue
+        if not skipping:
+            out.append(char)
+    return "".join(out)
+
+
+def rule_specs(rules: Iterable[tuple[str, str | Rule]]) -> dict[tuple[str, str], Rule]:
+    """Middleware rules (``"POST /v1/images"`` -> key or Rule) by (method, OpenAPI path)."""
+    found: dict[tuple[str, str], Rule] = {}
+    for spec, target in rules:
+        method, _, path = spec.strip().partition(" ")
+        rule = target if isinstance(target, Rule) else Rule(target)
+        found[(method.lower(), template(path.strip()))] = rule
+        if method.upper() == "GET":
+            found.setdefault(("head", template(path.strip())), rule)
+    return found
+
+
+__all__ = [
+    "EXTENSION",
+    "PROBLEM_SCHEMA",
+    "document_operation",
+    "extension",
+    "idempotency_of",
+    "mark",
+    "marked",
+    "problem_schema",
+    "refusals",
+    "rule_specs",
+    "success_headers",
+    "template",
+]
