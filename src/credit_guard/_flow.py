@@ -492,13 +492,17 @@ async def end_returned(ticket: Ticket, status: int, receive: Receive | None) -> 
     """End now what a handler's plain value answered, when that is already decided:
     refunded if its status fails, or if the client hung up while it ran (its framework
     would send the answer into the void). True when ended here; False leaves a kept
-    ticket to the caller (kept on delivery, or at once)."""
+    ticket to the caller (kept on delivery, or at once). The framework serialises the
+    value unseen, so an idempotent replay of it is its status and credit headers, no body."""
     if ticket.fails(status):
         await ticket.refund(f"handler answered {status}")
         return True
     if receive is not None and await client_gone(receive):
         await ticket.refund("client disconnected")
         return True
+    if ticket.recorder is not None and ticket.recorder.status is None:
+        ticket.recorder.start(status, [(name.encode(), value.encode()) for name, value in ticket.headers()])
+        ticket.recorder.overflow = True
     return False
 
 
