@@ -1,7 +1,8 @@
 """A small AI-media API paid for in credits, on FastAPI.
 
 Run it:  uvicorn examples.fastapi_app.app:app   (SQLite file credit_guard_demo.db;
-set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL).
+set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL; CREDIT_GUARD_METRICS=prometheus
+adds GET /metrics).
 """
 
 from __future__ import annotations
@@ -187,6 +188,28 @@ async def demo_admin_login() -> RedirectResponse:
     response = RedirectResponse("/admin/feature-pricing", status_code=303)
     response.set_cookie(DEMO_COOKIE, "demo-key-admin", httponly=True, samesite="strict")
     return response
+
+
+# Metrics, opt-in: CREDIT_GUARD_METRICS=prometheus reports the guard's OpenTelemetry metrics
+# through the Prometheus exporter, served at GET /metrics (before the catch-all mount below).
+# Needs: pip install "credit_guard[otel]" opentelemetry-exporter-prometheus
+metrics_provider: Any = None  # the MeterProvider, when enabled
+if os.environ.get("CREDIT_GUARD_METRICS") == "prometheus":
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.responses import Response
+
+    from credit_guard.contrib.opentelemetry import instrument
+
+    metrics_provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    instrument(guard, meter_provider=metrics_provider)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        # A plain def: FastAPI runs it in a thread, where the open-holds gauges can wait for
+        # their count (one query per scrape, on the guard's loop; never on a paid request).
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 # Pricing admin API (/api/admin/...), public prices (/api/features/pricing) and the admin
