@@ -125,6 +125,7 @@ class CreditGuard(AccountsApi):
             owns_engine=self._owns_engine,
             timeout=timeout,
             pg_pool_size=budget.asyncpg,
+            url=url,
             **dict(asyncpg_pool_kwargs or {}),
         )
         #: The event loop ``start()`` ran on; paid requests are refused on any other (see ``started``).

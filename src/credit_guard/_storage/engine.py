@@ -8,6 +8,7 @@ is locked" instead of waiting its turn, and a request would be refused for nothi
 from __future__ import annotations
 
 import random
+import re
 import sqlite3
 import time
 from typing import Any
@@ -43,6 +44,23 @@ def parse_database_url(url: str | URL) -> URL:
     return parsed
 
 
+#: A PostgreSQL schema name credit_guard accepts in ``?schema=`` (a plain identifier).
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def pg_schema(url: str | URL) -> str | None:
+    """The ``?schema=NAME`` of a PostgreSQL URL (Prisma's spelling): the tables live in
+    that schema (``search_path``), created by ``create_schema()`` if missing. A name that
+    is not a lower-case identifier is refused rather than quoted."""
+    parsed = make_url(url)
+    name = parsed.query.get("schema")
+    if name is None or parsed.get_backend_name() != "postgresql":
+        return None
+    if not isinstance(name, str) or not _SCHEMA_RE.fullmatch(name):
+        raise ValueError(f"?schema= must be one lower-case identifier (letters, digits, _), got {name!r}")
+    return name
+
+
 def build_engine(
     url: str | URL, *, connect_timeout: float = 5.0, pool_size: int | None = None, **engine_kwargs: Any
 ) -> AsyncEngine:
@@ -57,12 +75,16 @@ def build_engine(
         engine_kwargs.setdefault("max_overflow", 0)
         engine_kwargs.setdefault("pool_timeout", connect_timeout)
     if parsed.get_backend_name() == "sqlite":
-        connect_args = {"timeout": connect_timeout, **engine_kwargs.pop("connect_args", {})}
-        engine = create_async_engine(parsed, connect_args=connect_args, **engine_kwargs)
+        sqlite_args = {"timeout": connect_timeout, **engine_kwargs.pop("connect_args", {})}
+        engine = create_async_engine(parsed, connect_args=sqlite_args, **engine_kwargs)
         _make_sqlite_writers_queue(engine, busy_timeout=connect_timeout)
         return engine
     if parsed.drivername == "postgresql+asyncpg":
-        connect_args = {"timeout": connect_timeout, "command_timeout": connect_timeout * 2}
+        connect_args: dict[str, Any] = {"timeout": connect_timeout, "command_timeout": connect_timeout * 2}
+        schema = pg_schema(parsed)
+        if schema is not None:
+            parsed = parsed.difference_update_query(["schema"])
+            connect_args["server_settings"] = {"search_path": schema}
         connect_args.update(engine_kwargs.pop("connect_args", {}))
         engine_kwargs.setdefault("pool_pre_ping", True)
         engine_kwargs.setdefault("pool_timeout", connect_timeout)

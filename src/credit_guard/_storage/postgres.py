@@ -30,6 +30,7 @@ from ..errors import StorageUnavailable
 from ..schema import holds, idempotency_keys, ledger
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
 from .batching import ChargeBatcher
+from .engine import pg_schema
 from .pg_charge import CHARGE_MANY, CLAIM_AND_CHARGE
 from .pg_charge import ROOM as _ROOM
 from .sql import SqlStore
@@ -54,8 +55,13 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 
 
 def asyncpg_dsn(url: str | URL) -> str:
-    """The SQLAlchemy URL as a DSN asyncpg understands (driver suffix removed)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """The SQLAlchemy URL as a DSN asyncpg understands (driver suffix removed; a
+    ``?schema=`` becomes the ``search_path`` server setting, which asyncpg reads from a DSN)."""
+    parsed = make_url(url)
+    schema = pg_schema(parsed)
+    if schema is not None:
+        parsed = parsed.difference_update_query(["schema"]).update_query_dict({"search_path": schema})
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -77,10 +83,12 @@ class PostgresStore(SqlStore):
         pool_size: int = 10,
         timeout: float = 5.0,
         charges_in_flight: int = 2,
+        url: URL | None = None,
         **pool_kwargs: Any,
     ) -> None:
         super().__init__(engine, owns_engine=owns_engine)
-        self._dsn = asyncpg_dsn(engine.url)
+        # ``url`` keeps what the engine's URL lost (``?schema=``: a server setting there).
+        self._dsn = asyncpg_dsn(url or engine.url)
         # An asyncpg pool belongs to the loop that made it: ``_pool_loop`` tells whether the
         # running loop may use it (a guard started again on a new loop makes a new pool).
         self._pool: asyncpg.Pool | None = None

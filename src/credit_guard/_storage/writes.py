@@ -27,6 +27,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     update,
 )
 
@@ -468,6 +469,10 @@ def delete_expired_keys_in(conn: Connection, now: datetime) -> int:
 def create_schema_in(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_ID)))
+        if conn.execute(select(func.current_schema())).scalar() is None:
+            # ``?schema=NAME`` names a schema that does not exist yet (checked an identifier).
+            first = str(conn.execute(text("SHOW search_path")).scalar()).split(",")[0].strip().strip('"')
+            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{first}"'))
     metadata.create_all(conn, checkfirst=True)
     conn.execute(opening_grants(utcnow()))
 
