@@ -1,4 +1,5 @@
-"""The same AI-media API on Litestar.
+"""The same AI-media API on Litestar, wired by ``CreditGuardPlugin``: routes pay through
+their ``opt`` (one keeps the ``@requires_credits`` decorator, which works as well).
 
 Run it:  uvicorn examples.litestar_app.app:app   (SQLite file credit_guard_demo.db;
 set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL).
@@ -7,8 +8,6 @@ set CREDIT_GUARD_DATABASE_URL=postgresql+asyncpg://... for PostgreSQL).
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -23,9 +22,12 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import EXPOSE_HEADERS, CreditGuard, credit_endpoints, current_ticket, requires_credits
 from credit_guard.admin.litestar import admin_handlers
+from credit_guard.contrib.litestar import CreditGuardPlugin
 from examples.demo import DEMO_COOKIE, api_key_from, demo_user, resolve_api_key, seed
 
 DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///credit_guard_demo.db")
+#: Started and closed in the app's lifespan by CreditGuardPlugin, on whatever loop serves it.
+guard = CreditGuard(DATABASE_URL)
 
 
 class DemoApiKeyAuth(ASGIMiddleware):
@@ -53,8 +55,7 @@ class VideoRequest:
     seconds: int = 5
 
 
-@post("/v1/images")
-@requires_credits("seedream_text_to_image")
+@post("/v1/images", opt={"credits": "seedream_text_to_image"})
 async def text_to_image(data: Annotated[ImageRequest, Body()]) -> dict[str, Any]:
     return {"image_url": f"https://cdn.example/{abs(hash(data.prompt)) % 10**8}.png", "size": data.size}
 
@@ -68,11 +69,14 @@ async def five_second_blocks(request: Request[Any, Any, Any]) -> float:
     return int((await request.json()).get("seconds", 5)) / 5
 
 
-@post("/v1/videos", status_code=202)
-@requires_credits("kling_image_to_video", units=five_second_blocks, idempotency=True)
+@post(
+    "/v1/videos",
+    status_code=202,
+    opt={"credits": "kling_image_to_video", "credits_units": five_second_blocks, "credits_idempotency": True},
+)
 async def image_to_video(data: Annotated[VideoRequest, Body()], request: Request[Any, Any, Any]) -> dict[str, Any]:
-    """Idempotent: a retry with the same Idempotency-Key is answered again, unpaid (status
-    and headers; the body is replayed for routes under CreditGuardMiddleware)."""
+    """Idempotent: a retry with the same Idempotency-Key gets the first answer again
+    (status, credit headers and body), unpaid."""
     rendered = min(data.seconds, MAX_RENDERED_SECONDS)
     ticket = current_ticket(request)
     if ticket is not None and rendered < data.seconds:
@@ -81,7 +85,7 @@ async def image_to_video(data: Annotated[VideoRequest, Body()], request: Request
 
 
 @post("/v1/voice/fail")
-@requires_credits("ai_voice_generation")
+@requires_credits("ai_voice_generation")  # the decorator works under the plugin too
 async def voice_that_fails() -> dict[str, Any]:
     """Fails on purpose, to show the automatic refund (X-Credits-Refunded)."""
     raise HTTPException(status_code=502, detail="voice model is down (on purpose)")
@@ -103,19 +107,15 @@ async def demo_admin_login() -> Redirect:
     return Redirect("/admin/feature-pricing", status_code=303, cookies=[cookie])
 
 
-@asynccontextmanager
-async def lifespan(app: Litestar) -> AsyncIterator[None]:
-    # `async with` starts the guard on the serving loop and closes it at shutdown.
-    async with CreditGuard(DATABASE_URL) as guard:
-        await seed(guard)
-        app.state.credit_guard = guard
-        yield
+async def seed_demo(app: Litestar) -> None:
+    await seed(guard)  # the plugin has started the guard (its lifespan runs first)
 
 
 app = Litestar(
     # admin_handlers(): the pricing admin API, public prices, OpenAPI document and admin page.
     [text_to_image, image_to_video, voice_that_fails, credits, demo_admin_login, *admin_handlers()],
-    middleware=[DemoApiKeyAuth()],
+    middleware=[DemoApiKeyAuth()],  # app middleware runs before the plugin's: the organization is known
+    plugins=[CreditGuardPlugin(guard)],
     cors_config=CORSConfig(allow_origins=["*"], expose_headers=list(EXPOSE_HEADERS)),
-    lifespan=[lifespan],
+    on_startup=[seed_demo],
 )

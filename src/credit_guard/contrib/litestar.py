@@ -1,6 +1,11 @@
-"""``requires_credits`` for Litestar handlers.
+"""Litestar: ``CreditGuardPlugin`` (routes paid by their ``opt``) and ``requires_credits``.
 
-Litestar hands a handler its request through the reserved keyword ``request``; if the
+``Litestar(route_handlers=[...], plugins=[CreditGuardPlugin(guard)])`` starts the guard in
+the app's lifespan, puts it on ``app.state`` and charges routes whose ``opt`` names a
+feature (``@post("/v1/images", opt={"credits": "key"})``) around everything Litestar does
+for them, through the same flow as ``CreditGuardMiddleware``: see ``CreditGuardPlugin``.
+
+The decorator: Litestar hands a handler its request through the reserved keyword ``request``; if the
 handler does not ask for it, one is added to ``__signature__`` and popped before the
 call. A returned value is wrapped in a ``litestar.Response`` with the route's own status
 code and media type, so the credit headers can ride on it. On a route with a
@@ -8,7 +13,9 @@ code and media type, so the credit headers can ride on it. On a route with a
 instead of returned, so it never tries to read them as the handler's model.
 
 Streaming: a ``Stream`` whose body fails after its headers went out is not refunded by
-the decorator; put such routes under ``CreditGuardMiddleware``, which sees the failure.
+the decorator; pay for such routes by ``opt`` (or ``CreditGuardMiddleware``), which sees
+the failure. Its idempotent replays are the status and credit headers, without the body
+(Litestar serialises the value after the decorator returns); ``opt`` routes replay it all.
 """
 
 from __future__ import annotations
