@@ -112,6 +112,17 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return PG_URL
 
 
+def kit_base_url(backend: str) -> str | None:
+    """For credit_guard.testing's ``credit_guard_base_url`` override: None (a SQLite file)
+    or this run's PostgreSQL database (each test then gets a schema of its own there)."""
+    if backend == "sqlite":
+        return None
+    problem = pg_problem()
+    if problem:
+        pytest.skip(problem)
+    return PG_URL
+
+
 _PG_SCHEMA_FRESH = False
 
 

@@ -6,49 +6,45 @@ import importlib
 from collections.abc import Iterator
 from typing import Any
 
-import anyio
 import pytest
 from starlette.testclient import TestClient
 
-from credit_guard import CreditGuard
+from credit_guard.testing import CreditKit, assert_charged, assert_refunded, assert_refused
 
-from .conftest import reset_postgres
+from .conftest import kit_base_url
 
 RICH = {"X-API-Key": "demo-key-rich"}
 POOR = {"X-API-Key": "demo-key-poor"}
 
 
-async def _reset(db_url: str) -> None:
-    async with CreditGuard(db_url) as g:
-        await g.create_schema()
-        if g.engine.dialect.name == "postgresql":
-            await reset_postgres(g)
+@pytest.fixture(params=["sqlite", "postgres"])
+def credit_guard_base_url(request: pytest.FixtureRequest) -> str | None:
+    """credit_guard.testing's override: each example test on SQLite and on a PostgreSQL schema."""
+    return kit_base_url(request.param)
 
 
 @pytest.fixture(params=["fastapi_app", "litestar_app"])
-def example(request: pytest.FixtureRequest, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    anyio.run(_reset, db_url)
-    monkeypatch.setenv("CREDIT_GUARD_DATABASE_URL", db_url)
+def example(request: pytest.FixtureRequest, credit_guard_url: str) -> Iterator[TestClient]:
+    # The test kit's isolated database is in CREDIT_GUARD_DATABASE_URL, which the example reads.
     module: Any = importlib.reload(importlib.import_module(f"examples.{request.param}.app"))
     with TestClient(module.app) as client:
         yield client
 
 
 def test_example_charges_refuses_and_refunds(example: TestClient) -> None:
-    ok = example.post("/v1/images", json={"prompt": "a red fox"}, headers=RICH)
-    assert ok.status_code in (200, 201)
-    assert (ok.headers["x-credits-charged"], ok.headers["x-credits-remaining"]) == ("5", "95")
+    assert_charged(example.post("/v1/images", json={"prompt": "a red fox"}, headers=RICH), 5, remaining=95)
 
     video = example.post("/v1/videos", json={"image_url": "https://example.com/cat.png"}, headers=RICH)
     assert (video.status_code, video.headers["x-credits-remaining"]) == (202, "75")
 
     short = example.post("/v1/images", json={"prompt": "a red fox"}, headers=POOR)
-    assert short.status_code == 402
+    assert_refused(short, required=5, available=3)
     assert short.headers["content-type"] == "application/problem+json"
     assert (short.json()["required"], short.json()["available"]) == (5, 3)
 
     failed = example.post("/v1/voice/fail", headers=RICH)
     assert failed.status_code == 502
+    assert_refunded(failed, 2)
     assert (failed.headers["x-credits-refunded"], failed.headers["x-credits-remaining"]) == ("2", "75")
 
     assert example.get("/api/credits/balance", headers=RICH).json() == {"organization_id": "org_demo", "credits": 75}
@@ -56,6 +52,7 @@ def test_example_charges_refuses_and_refunds(example: TestClient) -> None:
     assert check.json() == {"feature": "kling_image_to_video", "has_enough": False, "required": 20, "available": 3}
     anonymous = example.post("/v1/images", json={"prompt": "a red fox"})
     assert anonymous.status_code == 401
+    CreditKit.of(example).audit()
 
 
 def test_example_exposes_credit_headers_to_browsers(example: TestClient) -> None:

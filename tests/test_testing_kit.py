@@ -33,7 +33,7 @@ from credit_guard.testing import (
     set_price,
 )
 
-from .conftest import PG_URL, pg_problem
+from .conftest import kit_base_url
 from .helpers import OrgFromHeader
 
 ORG = {"X-Org": "org_kit"}
@@ -42,12 +42,7 @@ ORG = {"X-Org": "org_kit"}
 @pytest.fixture(params=["sqlite", "postgres"])
 def credit_guard_base_url(request: pytest.FixtureRequest) -> str | None:
     """The kit's documented override: each test below runs on SQLite and on PostgreSQL."""
-    if request.param == "sqlite":
-        return None
-    problem = pg_problem()
-    if problem:
-        pytest.skip(problem)
-    return PG_URL
+    return kit_base_url(request.param)
 
 
 def fastapi_app(guard: CreditGuard) -> FastAPI:
