@@ -24,12 +24,13 @@ from credit_guard.contrib.opentelemetry import DURATION_BUCKETS, CreditGuardMetr
 
 from .conftest import reset_postgres, seed_prices
 from .helpers import ROOT, client
-from .test_examples import POOR, RICH, _reset
 from .test_holds import far_future
 from .test_middleware import ORG, build_app
 from .test_outage import Outage
 from .test_structure import imports_of, modules
 
+RICH = {"X-API-Key": "demo-key-rich"}
+POOR = {"X-API-Key": "demo-key-poor"}
 FEATURE = "credit_guard.feature_key"
 IMAGE = "seedream_text_to_image"
 VIDEO = "kling_image_to_video"
@@ -187,12 +188,48 @@ async def test_a_database_outage_is_counted_as_a_503(outage_db: Outage) -> None:
     assert at(found, "credit_guard.refusals", feature=IMAGE, reason="insufficient_credits") == 0
 
 
+async def test_an_outage_served_free_is_no_refusal(outage_db: Outage) -> None:
+    async with CreditGuard(outage_db.url, timeout=0.5, fail_open=True) as guard:
+        reading = Reading(guard)
+        async with client(build_app(guard)) as c:
+            assert (await c.post("/v1/images", headers=ORG)).status_code == 200
+            await outage_db.down()
+            free = await c.post("/v1/images", headers=ORG)
+            await outage_db.up()
+        found = await reading.collect()
+        reading.provider.shutdown()
+    assert (free.status_code, free.headers["x-credits-charged"]) == (200, "0")
+    assert at(found, "credit_guard.charge.duration", feature=IMAGE, outcome="served_free") == 1
+    assert "credit_guard.refusals" not in found
+    assert at(found, "credit_guard.charges", feature=IMAGE) == 1
+
+
+async def test_uninstrument_stops_every_report(guard: CreditGuard, reading: Reading) -> None:
+    await guard.grant_credits("org_1", 100)
+    async with client(build_app(guard)) as c:
+        assert (await c.post("/v1/images", headers=ORG)).status_code == 200
+        uninstrument(guard)
+        assert (await c.post("/v1/images", headers=ORG)).status_code == 200
+    found = await reading.collect()
+    assert at(found, "credit_guard.charges", feature=IMAGE) == 1
+    assert "credit_guard.holds.open" not in found
+    assert guard.ledger.metrics is guard.holds.metrics is guard.pricing.cache.metrics is None
+
+
 # -- the example app, scraped by Prometheus ---------------------------------------------------
+
+
+async def empty_tables(db_url: str) -> None:
+    """The example seeds its own prices and grants: the tables are only made and emptied."""
+    async with CreditGuard(db_url) as g:
+        await g.create_schema()
+        if g.engine.dialect.name == "postgresql":
+            await reset_postgres(g)
 
 
 @pytest.fixture
 def metered_example(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    anyio.run(_reset, db_url)
+    anyio.run(empty_tables, db_url)
     monkeypatch.setenv("CREDIT_GUARD_DATABASE_URL", db_url)
     monkeypatch.setenv("CREDIT_GUARD_METRICS", "prometheus")
     module: Any = importlib.reload(importlib.import_module("examples.fastapi_app.app"))

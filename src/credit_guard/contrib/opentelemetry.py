@@ -205,13 +205,15 @@ class OpenCounts:
     def __init__(self, guard: CreditGuard, *, timeout: float = 2.0, fresh: float = 1.0) -> None:
         self.guard, self.timeout, self.fresh = guard, timeout, fresh
         self.last: tuple[int, int] | None = None
+        #: Set by ``uninstrument``: the gauges report nothing more (their provider may live on).
+        self.stopped = False
         self._at = -math.inf
         self._lock = threading.Lock()
         self._refreshing: asyncio.Task[None] | None = None
 
     def read(self) -> tuple[int, int] | None:
         loop = self.guard._started_on
-        if loop is None or loop.is_closed():
+        if loop is None or loop.is_closed() or self.stopped:
             return None
         try:
             on_loop = asyncio.get_running_loop() is loop
@@ -267,7 +269,10 @@ def instrument(guard: CreditGuard, meter_provider: MeterProvider | None = None) 
 
 
 def uninstrument(guard: CreditGuard) -> None:
-    """Stop reporting ``guard``'s metrics: it is back to one ``is None`` check per place."""
+    """Stop reporting ``guard``'s metrics: it is back to one ``is None`` check per place, and
+    its gauges observe nothing more."""
+    if isinstance(guard.ledger.metrics, CreditGuardMetrics):
+        guard.ledger.metrics.open_counts.stopped = True
     _plug(guard, None)
 
 
