@@ -136,8 +136,9 @@ async def test_refusals_are_problem_json(guard: CreditGuard, build: Any) -> None
         )
         unknown = await c.get(f"{PREFIX}/check", params={"feature": "no_such_feature"}, headers=ORG)
         inactive = await c.get(f"{PREFIX}/check", params={"feature": "retired_feature"}, headers=ORG)
-    problem(anonymous_balance, 401, TYPE_NO_ORGANIZATION)
-    problem(anonymous_check, 401, TYPE_NO_ORGANIZATION)
+    for anonymous in (anonymous_balance, anonymous_check):
+        detail = problem(anonymous, 401, TYPE_NO_ORGANIZATION)["detail"]
+        assert "Sign in" in detail and "paid" not in detail  # reading credits costs nothing
     assert problem(missing, 400, TYPE_INVALID_REQUEST)["errors"] == {"feature": "required query parameter"}
     assert list(problem(invalid, 400, TYPE_INVALID_REQUEST)["errors"]) == ["feature"]
     assert list(problem(too_long, 400, TYPE_INVALID_REQUEST)["errors"]) == ["feature"]

@@ -160,3 +160,15 @@ def test_fastapi_example_grants_a_paid_checkout_once(example: TestClient) -> Non
     forged = example.post("/webhooks/stripe", content=payload, headers={"Stripe-Signature": f"t={stamp},v1={'0' * 64}"})
     assert forged.status_code == 400
     assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == before + 250
+
+
+def test_admin_page_without_a_session_hints_at_signing_in(example: TestClient) -> None:
+    """A browser gets a page that says how to sign in; an API client still gets the problem."""
+    browser = example.get("/admin/feature-pricing", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert browser.status_code == 401
+    assert browser.headers["content-type"].startswith("text/html")
+    assert 'href="/demo/admin"' in browser.text and "administrator" in browser.text
+    api = example.get("/admin/feature-pricing", headers={"Accept": "application/json"})
+    assert (api.status_code, api.headers["content-type"]) == (401, "application/problem+json")
+    signed_in = example.get("/admin/feature-pricing", headers={"X-API-Key": "demo-key-admin", "Accept": "text/html"})
+    assert signed_in.status_code == 200 and "<form" in signed_in.text.lower()

@@ -216,4 +216,4 @@ if os.environ.get("CREDIT_GUARD_METRICS") == "prometheus":
 # page (/admin/feature-pricing), for users whose request.state.user has is_admin=True.
 # Mounted last, so FastAPI's own routes match first; its OpenAPI document moves aside
 # because FastAPI already serves /openapi.json.
-app.mount("/", admin_app(openapi_path="/api/admin/openapi.json"))
+app.mount("/", admin_app(openapi_path="/api/admin/openapi.json", sign_in_url="/demo/admin"))

@@ -113,7 +113,14 @@ async def seed_demo(app: Litestar) -> None:
 
 app = Litestar(
     # admin_handlers(): the pricing admin API, public prices, OpenAPI document and admin page.
-    [text_to_image, image_to_video, voice_that_fails, credits, demo_admin_login, *admin_handlers()],
+    [
+        text_to_image,
+        image_to_video,
+        voice_that_fails,
+        credits,
+        demo_admin_login,
+        *admin_handlers(sign_in_url="/demo/admin"),
+    ],
     middleware=[DemoApiKeyAuth()],  # app middleware runs before the plugin's: the organization is known
     plugins=[CreditGuardPlugin(guard)],
     cors_config=CORSConfig(allow_origins=["*"], expose_headers=list(EXPOSE_HEADERS)),

@@ -47,6 +47,7 @@ CHECK_PATH = "/check"
 OPENAPI_PATH = "/openapi.json"
 ALLOW = "GET, HEAD"
 _PRIVATE = {"Cache-Control": "no-store"}
+NOT_SIGNED_IN = "Sign in to an organization to see its credits: the request is not signed in to one."
 
 Endpoint = Callable[[CreditGuard, str, Request], Awaitable[Response]]
 
@@ -127,6 +128,9 @@ class CreditEndpoints:
             return problem_response(guard)
         organization_id = await paying_organization(guard, request.scope, request)
         if isinstance(organization_id, Problem):
+            if organization_id.detail == problems.no_organization().detail:
+                # The charge's wording ("this route is paid for") is wrong here: nothing is paid.
+                organization_id = problems.no_organization(NOT_SIGNED_IN)
             return problem_response(organization_id)
         try:
             return await endpoint(guard, organization_id, request)

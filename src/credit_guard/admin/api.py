@@ -30,6 +30,7 @@ prices from another site (cookie-based auth stays safe without a CSRF token).
 
 from __future__ import annotations
 
+import html
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,7 +39,7 @@ from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -249,18 +250,36 @@ def _log_refusal(request: Request, problem: Problem) -> None:
     )
 
 
-def _admin_only_page(page: Callable[[Request], Awaitable[Response]], is_admin: IsAdmin) -> Callable[..., Any]:
+def _admin_only_page(
+    page: Callable[[Request], Awaitable[Response]], is_admin: IsAdmin, sign_in_url: str | None
+) -> Callable[..., Any]:
     async def endpoint(request: Request) -> Response:
         problem = await _check_admin(request, is_admin)
         if problem is not None:
             _log_refusal(request, problem)
+            if "text/html" in request.headers.get("accept", ""):
+                return _sign_in_hint(problem, sign_in_url)  # a browser: a page, not a JSON document
             return problem_response(problem)
         return await page(request)
 
     return endpoint
 
 
-def _page_routes(is_admin: IsAdmin) -> list[BaseRoute]:
+def _sign_in_hint(problem: Problem, sign_in_url: str | None) -> HTMLResponse:
+    """What a person who opened the admin page without being an administrator reads."""
+    link = (
+        f'<p><a href="{html.escape(sign_in_url, quote=True)}">Sign in</a> as an administrator, then come back.</p>'
+        if sign_in_url
+        else "<p>Sign in to this app as an administrator, then open this page again.</p>"
+    )
+    body = (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Sign in: credit_guard admin</title></head>'
+        f"<body><main><h1>{html.escape(problem.title)}</h1><p>{html.escape(problem.detail)}</p>{link}</main></body></html>"
+    )
+    return HTMLResponse(body, status_code=problem.status)
+
+
+def _page_routes(is_admin: IsAdmin, sign_in_url: str | None) -> list[BaseRoute]:
     """The HTML page, when its module is installed; a page that fails to import is logged,
     not fatal, since the JSON API works without it."""
     try:
@@ -272,13 +291,13 @@ def _page_routes(is_admin: IsAdmin) -> list[BaseRoute]:
     routes: list[BaseRoute] = [
         Route(
             getattr(page, "PAGE_PATH", "/admin/feature-pricing"),
-            _admin_only_page(page.feature_pricing_page, is_admin),
+            _admin_only_page(page.feature_pricing_page, is_admin, sign_in_url),
             methods=["GET"],
             name="credit_guard_admin_page",
         ),
         Route(
             page.ORGANIZATIONS_PAGE_PATH,
-            _admin_only_page(page.organizations_page, is_admin),
+            _admin_only_page(page.organizations_page, is_admin, sign_in_url),
             methods=["GET"],
             name="credit_guard_admin_organizations_page",
         ),
@@ -330,6 +349,7 @@ def admin_app(
     is_admin: IsAdmin | None = None,
     openapi_path: str | None = OPENAPI_PATH,
     include_page: bool = True,
+    sign_in_url: str | None = None,
 ) -> AdminApp:
     """The pricing admin API, public pricing endpoint, OpenAPI document and admin page.
 
@@ -342,6 +362,8 @@ def admin_app(
             the root of a FastAPI app, pick another path: FastAPI's own ``/openapi.json``
             answers first.
         include_page: serve the HTML admin page when ``credit_guard.admin.page`` exists.
+        sign_in_url: where the page sends a browser that is not signed in as an
+            administrator (it gets a short HTML page saying so, not a problem document).
     """
     check = is_admin or default_is_admin
 
@@ -367,7 +389,7 @@ def admin_app(
         route(ORGANIZATIONS_PATH + "/{organization_id}/grants", "organization_grants", {"POST": organizations.grant}),
         route(PUBLIC_PRICING_PATH, "public_pricing", {"GET": public_pricing}, admin=False),
     ]
-    page_routes = _page_routes(check) if include_page else []
+    page_routes = _page_routes(check, sign_in_url) if include_page else []
     with_page = bool(page_routes)
     if openapi_path is not None:
 
