@@ -8,6 +8,7 @@ a handler, or a route charged twice, shows.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
@@ -396,6 +397,24 @@ def test_the_guard_runs_on_a_new_event_loop_for_each_test_client(fresh_db: str) 
             assert portal.call(guard.audit) == []
         assert not guard.started
     assert ran == ["image", "image"]
+
+
+def test_an_app_lifespan_that_also_runs_the_guard_does_not_clash_with_the_plugin(fresh_db: str) -> None:
+    """The plugin's lifespan comes first: the app's own ``async with guard:`` finds it
+    running (a no-op) and closes it at shutdown; the plugin does not close it twice."""
+    guard = CreditGuard(fresh_db)
+
+    @asynccontextmanager
+    async def own_lifespan(app: Litestar) -> AsyncIterator[None]:
+        assert guard.started
+        async with guard:
+            yield
+
+    app = Litestar([image], middleware=[DemoAuth()], plugins=[CreditGuardPlugin(guard)], lifespan=[own_lifespan])
+    with TestClient(app) as c:
+        c.blocking_portal.call(partial(guard.grant_credits, "org_1", 5))
+        assert c.post("/image", headers=ORG).headers["x-credits-remaining"] == "0"
+    assert not guard.started
 
 
 def test_without_its_lifespan_a_paid_route_answers_500_and_runs_nothing(fresh_db: str) -> None:

@@ -270,7 +270,8 @@ class CreditGuardPlugin(InitPluginProtocol, ReceiveRoutePlugin):
         try:
             yield
         finally:
-            await guard.close()
+            if guard.started:  # unless the app's own lifespan closed it already (`async with guard:`)
+                await guard.close()
 
 
 def _where(handler: BaseRouteHandler) -> str:
