@@ -219,6 +219,42 @@ async def test_a_stream_that_breaks_after_its_headers_is_refunded(guard: CreditG
     assert await guard.audit() == []
 
 
+async def test_a_client_that_hung_up_before_the_answer_is_refunded(guard: CreditGuard) -> None:
+    """The server would drop the answer without a word: once the request body is read, the
+    guard asks before the last chunk, finds the client gone, and refunds."""
+    await guard.grant_credits("org_1", 20)
+    messages: list[dict[str, Any]] = [{"type": "http.request", "body": b'{"seconds": 5}', "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/video",
+        "raw_path": b"/video",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"t"), (b"x-org", b"org_1"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("t", 80),
+    }
+    await build(guard)(scope, receive, send)
+    assert ran == ["video 5"]
+    assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)  # never delivered
+    await guard.flush()
+    assert await guard.get_balance("org_1") == 20
+    assert await kinds(guard) == ["grant", "charge", "refund"]
+    assert await guard.audit() == []
+
+
 async def test_a_short_balance_is_refused_with_402_and_the_handler_never_runs(guard: CreditGuard) -> None:
     await guard.grant_credits("org_1", 3)
     async with client(build(guard)) as c:
