@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from litestar.params import Parameter  # module level: older Litestar resolves annotations here
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.routing import Mount
@@ -415,7 +416,6 @@ async def test_mounted_in_litestar_under_a_router_prefix(guard: CreditGuard) -> 
     from typing import Annotated
 
     from litestar import Litestar, Router, get
-    from litestar.params import Parameter
 
     from credit_guard.admin.litestar import admin_handlers
 

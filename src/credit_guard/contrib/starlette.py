@@ -85,7 +85,7 @@ class _PaidResponse(Response):
 
 def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
     rule = rule if isinstance(rule, Rule) else Rule(rule)
-    signature = inspect.signature(fn)
+    signature = _resolved(inspect.signature(fn), fn)
     hints = type_hints(fn)
     request_name = _param_of_type(signature, hints, HTTPConnection) or (
         "request" if "request" in signature.parameters and "request" not in hints else None
@@ -193,6 +193,26 @@ def _keep_on_delivery(ticket: Ticket, scope: Scope, tasks: BackgroundTasks | Non
     tasks.tasks.insert(0, BackgroundTask(delivered))
     stack.push_async_exit(on_exit)
     return True
+
+
+def _resolved(signature: inspect.Signature, fn: Callable[..., Any]) -> inspect.Signature:
+    """``signature`` with its string annotations (``from __future__ import annotations``)
+    resolved in the handler's own module. The wrapper lives in this module, so a framework
+    that resolves the wrapper's strings against the wrapper's globals (FastAPI before 0.1xx
+    did) would not find ``JSONResponse`` or the app's models; resolved types need no lookup.
+    Annotations that cannot be resolved yet stay strings, as before."""
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception:
+        return signature
+    params = [
+        p.replace(annotation=hints[p.name]) if isinstance(p.annotation, str) and p.name in hints else p
+        for p in signature.parameters.values()
+    ]
+    returns = signature.return_annotation
+    if isinstance(returns, str) and "return" in hints:
+        returns = hints["return"]
+    return signature.replace(parameters=params, return_annotation=returns)
 
 
 def type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
