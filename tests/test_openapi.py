@@ -223,3 +223,48 @@ def test_a_client_generated_from_the_example_reads_problems_and_credit_headers(t
             sys.path.remove(str(tmp_path))
             for name in [m for m in sys.modules if m == "media_client" or m.startswith("media_client.")]:
                 del sys.modules[name]
+
+
+def test_litestar_plugin_documents_opt_and_decorated_routes(tmp_path: Path) -> None:
+    from litestar import Litestar, get, post
+    from litestar.testing import TestClient as LitestarTestClient
+
+    from credit_guard.contrib.litestar import CreditGuardPlugin
+    from credit_guard.contrib.litestar import requires_credits as litestar_requires_credits
+    from credit_guard.testing import CreditKit, assert_refused
+
+    guard = CreditGuard(f"sqlite+aiosqlite:///{tmp_path / 'litestar.db'}")
+
+    @post("/v1/images", opt={"credits": "image"})
+    async def image() -> dict[str, str]:
+        return {"url": "https://cdn.example/cat.png"}
+
+    @post("/v1/videos", status_code=202)
+    @litestar_requires_credits("video", idempotency=True)
+    async def video() -> dict[str, str]:
+        return {"job": "queued"}
+
+    @get("/health")
+    async def health() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app = Litestar([image, video, health], plugins=[CreditGuardPlugin(guard, create_schema=True)], middleware=[Signed])
+    with LitestarTestClient(app) as client:
+        document = client.get("/schema/openapi.json").json()
+        validate(document)
+        images = document["paths"]["/v1/images"]["post"]
+        assert images["x-credit-guard"]["feature"] == "image"
+        assert {"401", "402", "403", "503"} <= set(images["responses"])
+        assert images["responses"]["201"]["headers"]["X-Credits-Charged"]["required"] is True
+        videos = document["paths"]["/v1/videos"]["post"]
+        assert (videos["x-credit-guard"]["feature"], videos["x-credit-guard"]["idempotency"]) == ("video", "optional")
+        assert any(p["name"] == "Idempotency-Key" and p["in"] == "header" for p in videos["parameters"])
+        assert "Idempotent-Replayed" in videos["responses"]["202"]["headers"]
+        assert "x-credit-guard" not in document["paths"]["/health"]["get"]
+
+        credits = CreditKit.of(client)
+        credits.set_price("image", 5)
+        refused = client.post("/v1/images", headers={"X-Org": "org_ls"})
+        assert_refused(refused, required=5, available=0)
+        schema = images["responses"]["402"]["content"]["application/problem+json"]["schema"]
+        OAS31Validator(schema).validate(refused.json())

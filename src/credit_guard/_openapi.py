@@ -151,17 +151,25 @@ def extension(rule: Rule, *, idempotency: str, check_url: str | None) -> dict[st
 
 
 def document_operation(
-    document: dict[str, Any], operation: dict[str, Any], rule: Rule, guard: CreditGuard | None, check_url: str | None
+    document: dict[str, Any] | None,
+    operation: dict[str, Any],
+    rule: Rule,
+    guard: CreditGuard | None,
+    check_url: str | None,
 ) -> None:
     """Merge a paid route's responses, headers, parameter and extension into ``operation``
-    (part of ``document``, whose components get the problem schema). Idempotent."""
-    document.setdefault("components", {}).setdefault("schemas", {}).setdefault(PROBLEM_SCHEMA, problem_schema())
+    (part of ``document``, whose components get the problem schema; with no document the
+    schema is written inline in each response). Idempotent."""
+    if document is not None:
+        document.setdefault("components", {}).setdefault("schemas", {}).setdefault(PROBLEM_SCHEMA, problem_schema())
     idempotency = idempotency_of(rule, guard)
     responses: dict[str, Any] = operation.setdefault("responses", {})
     for status, response in responses.items():
         if str(status).startswith("2") and isinstance(response, dict):
             response.setdefault("headers", {}).update(copy.deepcopy(success_headers(idempotent=idempotency != "off")))
     for status, refusal in refusals(rule, idempotency=idempotency).items():
+        if document is None:
+            refusal["content"][problems.PROBLEM_CONTENT_TYPE]["schema"] = problem_schema()
         existing = responses.get(status)
         if isinstance(existing, dict) and "$ref" not in existing:
             # FastAPI's own 422 (validation) stays; ours is another content type of it.

@@ -55,11 +55,13 @@ from .._flow import (
 )
 from .._guard import CreditGuard
 from .._idempotency import Replay
+from .._openapi import mark, marked
 from .._ticket import Ticket
 from .._units import UnitsOf, units_value
 from ..middleware import BodyTooLarge, ClientDisconnected, read_body
 from ..models import FEATURE_KEY_MAX, FEATURE_KEY_RE
 from ..problems import Problem
+from ._litestar_openapi import credit_operation
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -181,7 +183,7 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
         signature = signature.replace(return_annotation=annotations["return"])
     wrapper.__annotations__ = annotations
     wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    wrapper.__credit_guard_rule__ = rule  # type: ignore[attr-defined]  # seen by CreditGuardPlugin
+    mark(wrapper, rule, guard)  # seen by CreditGuardPlugin (its checks and OpenAPI)
     return typing.cast(F, wrapper)
 
 
@@ -244,14 +246,18 @@ class CreditGuardPlugin(InitPluginProtocol, ReceiveRoutePlugin):
             if isinstance(handler, HTTPRouteHandler) and handler.http_methods <= {"OPTIONS"}:
                 continue  # a preflight, or Litestar's own OPTIONS handler inheriting a Router's opt
             rule = rule_from_opt(handler.opt, _where(handler))
+            found = marked(handler.fn)
+            if isinstance(handler, HTTPRouteHandler) and (rule or found):
+                paid, own_guard = (rule, self.guard) if rule is not None else found  # type: ignore[misc]
+                handler.operation_class = credit_operation(handler.operation_class, paid, own_guard or self.guard)
             if rule is None:
                 continue
             if isinstance(route, WebSocketRoute):
                 raise ValueError(
                     f"credit_guard: {_where(handler)}: opt {OPT_CREDITS!r} is for HTTP routes, not websockets"
                 )
-            decorated = getattr(handler.fn, "__credit_guard_rule__", None)
-            if isinstance(decorated, Rule) and decorated.feature_key != rule.feature_key:
+            decorated = found[0] if found is not None else None
+            if decorated is not None and decorated.feature_key != rule.feature_key:
                 raise ValueError(
                     f"credit_guard: {_where(handler)} pays for {rule.feature_key!r} by its opt and for"
                     f" {decorated.feature_key!r} by @requires_credits: a request is charged once, so keep one"
