@@ -528,3 +528,48 @@ def test_grants_with_expiry_priority_overdraft_and_release(cli: Cli) -> None:
     assert code == 1 and "has passed" in err
     assert cli.ok("balance", "org_1") == "35\n"
     assert cli.ok("audit").startswith("audit ok")
+
+
+@pytest.mark.slow
+def test_the_session_in_docs_cli_md_is_true(tmp_path: Path) -> None:
+    """docs/cli.md's sample session, run command by command on a new SQLite file: every
+    line it shows is what the command prints (ids aside); and every command is in it."""
+    import re
+    import shlex
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    session = doc.split("```console\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "prices.csv").write_text(doc.split("```csv\n", 1)[1].split("```", 1)[0])
+    uuid = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+    env = {k: v for k, v in os.environ.items() if k != "CREDIT_GUARD_DATABASE_URL"}
+    shown: list[tuple[str, list[str]]] = []
+    for line in session.splitlines():
+        if line.startswith("$ "):
+            shown.append((line[2:], []))
+        else:
+            shown[-1][1].append(line)
+    for command, expected in shown:
+        args = shlex.split(command)
+        assert args[0] == "credit-guard"
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("credit-guard")), *args[1:]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        printed = (done.stdout + done.stderr).rstrip("\n").splitlines()
+        assert [uuid.sub("<id>", x) for x in printed] == [uuid.sub("<id>", x) for x in expected], command
+    commands = {shlex.split(command)[1] for command, _ in shown}
+    assert commands == {
+        "init",
+        "pricing",
+        "grant",
+        "grants",
+        "overdraft",
+        "release",
+        "balance",
+        "usage",
+        "audit",
+        "sweep",
+    }
