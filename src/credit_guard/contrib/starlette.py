@@ -172,6 +172,7 @@ def _keep_on_delivery(ticket: Ticket, scope: Scope, tasks: BackgroundTasks | Non
     FastAPI's request-scoped exit stack refunds it if an exception got there first. False
     when the request does not come from FastAPI's request handler (keep it now).
     """
+    # FastAPI 0.118+ (the floor: before it, no stack of the request reached the endpoint).
     stack = scope.get("fastapi_inner_astack")
     if tasks is None or not isinstance(stack, AsyncExitStack):
         return False
