@@ -23,6 +23,7 @@ SQLite round-trip count (PostgreSQL's are counted on the wire by ``run.py``'s pr
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import queue
 import sqlite3
@@ -376,6 +377,9 @@ def create_app() -> ASGIApp:
     ``BENCH_SQLITE_URL`` the databases ``run.py`` prepared."""
     name = os.environ["BENCH_APP"]
     pg_url = os.environ.get("BENCH_PG_URL", "")
+    if os.environ.get("BENCH_GC_THRESHOLD"):
+        # ``run.py --gc-threshold N``: every variant alike (see docs/benchmarks.md, "Python's GC").
+        gc.set_threshold(int(os.environ["BENCH_GC_THRESHOLD"]))
     if name == "plain":
         return plain_app()
     if name == "limit":

@@ -539,7 +539,8 @@ def machine() -> dict[str, str]:
     return {
         "cpu": f"{cpu}, {os.cpu_count()} cores, {int(mem) // 1024} MiB RAM",
         "os": platform.platform(),
-        "python": platform.python_version(),
+        "python": platform.python_version()
+        + f" (cyclic GC gen-0 threshold {os.environ.get('BENCH_GC_THRESHOLD') or 'default, 700'})",
         "server": f"uvicorn {uvicorn.__version__} (1 worker, loop={loop}, http={http})",
         "load generator": f"{wrk_version.strip()} (1 thread)",
     }
@@ -723,7 +724,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, help="seconds measured per variant and round (default 3)")
     parser.add_argument("--rounds", type=int, help="rounds per variant, alternating (default 5)")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--gc-threshold",
+        type=int,
+        help="gen-0 threshold of CPython's cyclic GC in every variant app (default: Python's, 700)",
+    )
     args = parser.parse_args(argv)
+    if args.gc_threshold:
+        os.environ["BENCH_GC_THRESHOLD"] = str(args.gc_threshold)  # the apps inherit it
     ensure_wrk()
     settings = Settings(
         pg_url=args.pg_url,
