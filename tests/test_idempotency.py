@@ -741,7 +741,7 @@ async def test_decorator_on_starlette_replays_the_response(guard: CreditGuard) -
 async def test_decorator_on_fastapi_dict_replays_the_status_without_the_body(guard: CreditGuard) -> None:
     """A handler returning a dict is serialised by FastAPI *after* the decorator returns, so
     the decorator never sees its bytes: the replay carries the status with
-    ``Idempotent-Body-Omitted: true`` and an empty body (and no credit headers). What
+    ``Idempotent-Body-Omitted: true``, the first answer's credit headers and an empty body. What
     matters is kept: the retry is not run and not charged. Return a Response object to
     have the body replayed."""
     await guard.grant_credits("org_1", 20)
@@ -753,6 +753,7 @@ async def test_decorator_on_fastapi_dict_replays_the_status_without_the_body(gua
     assert first.headers["x-credits-charged"] == "5"
     assert retry.status_code == 200 and replayed(retry)
     assert retry.headers["idempotent-body-omitted"] == "true"
+    assert (retry.headers["x-credits-charged"], retry.headers["x-credits-remaining"]) == ("5", "15")
     assert retry.content == b""
     assert deco_calls == ["fastapi"]
     assert await kinds(guard) == ["grant", "charge"]
