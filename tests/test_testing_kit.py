@@ -189,3 +189,44 @@ def test_kit_of_a_client_that_has_not_started_says_so(credit_guard: CreditGuard)
 def test_a_schema_that_is_not_a_plain_identifier_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="schema="):
         CreditGuard(f"postgresql+asyncpg://postgres@127.0.0.1:5432/db?schema={name}")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def module_client(request: pytest.FixtureRequest, credit_guard_factory: Any) -> Any:
+    """One TestClient for the whole module, as most projects write them."""
+    guard = credit_guard_factory(base_url=kit_base_url(request.param))
+    with TestClient(fastapi_app(guard)) as client:
+        yield client
+
+
+def test_a_module_scoped_client_charges(module_client: Any) -> None:
+    credits = CreditKit.of(module_client)
+    credits.set_price("image", 5)
+    before = credits.fund("org_module_a", 10)
+    assert_charged(module_client.post("/v1/images", headers={"X-Org": "org_module_a"}), 5, remaining=before - 5)
+
+
+def test_another_test_on_the_same_module_client(module_client: Any) -> None:
+    credits = CreditKit.of(module_client)
+    credits.set_price("image", 5)
+    credits.fund("org_module_b", 5)
+    assert_charged(module_client.post("/v1/images", headers={"X-Org": "org_module_b"}), 5, remaining=0)
+    assert_refused(module_client.post("/v1/images", headers={"X-Org": "org_module_b"}), required=5, available=0)
+    credits.audit()
+
+
+def test_a_guard_built_before_the_fixture_is_called_out(credit_guard_url: str, tmp_path: Any) -> None:
+    """The trap a module-level ``CreditGuard()`` sets: built at import, it keeps its own
+    database while the test believes it runs on its isolated one."""
+    from credit_guard.testing import CreditGuardTestWarning
+
+    elsewhere = CreditGuard(f"sqlite+aiosqlite:///{tmp_path / 'developers_real.db'}")
+    with TestClient(fastapi_app(elsewhere)) as client, pytest.warns(CreditGuardTestWarning, match="module-level"):
+        CreditKit.of(client)
+    here = CreditGuard(credit_guard_url)
+    with TestClient(fastapi_app(here)) as client:
+        import warnings as w
+
+        with w.catch_warnings():
+            w.simplefilter("error", CreditGuardTestWarning)
+            CreditKit.of(client)  # the test's own database: no warning

@@ -508,7 +508,7 @@ async def end_returned(ticket: Ticket, status: int, receive: Receive | None) -> 
 
 # -- finding the guard; rendering for Starlette ------------------------------------------------
 
-NO_GUARD = "credit_guard found no CreditGuard: pass guard=... or set app.state.credit_guard in the app's lifespan"
+NO_GUARD = "found no CreditGuard: pass guard=... or set app.state.credit_guard in the app's lifespan"
 
 
 def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard | Problem:
@@ -524,7 +524,8 @@ def find_guard(explicit: CreditGuard | None, app: Any) -> CreditGuard | Problem:
     return problems.not_started(
         "This route is paid for in credits, but no CreditGuard was found for it (no guard= and no"
         " app.state.credit_guard: did the app's lifespan run?), so nothing was charged and the handler did"
-        " not run. In tests, use `with TestClient(app) as client:`."
+        " not run. In tests, use `with TestClient(app) as client:` (it runs the lifespan); an httpx"
+        " ASGITransport does not run it: set app.state.credit_guard yourself."
     )
 
 

@@ -105,7 +105,10 @@ def refusals(rule: Rule, *, idempotency: str) -> dict[str, dict[str, Any]]:
     """The problem responses a paid route can answer with, by status code."""
     retry_after = {"Retry-After": _header("Seconds to wait before retrying.", _COUNT, required=True)}
     found = {
-        "401": _problem("No organization to charge: the request is not signed in (the app's auth decides)."),
+        "401": _problem(
+            "credit_guard: no organization to charge (a request the app's own auth let through without"
+            " one; the app's own 401/403 come first)."
+        ),
         "402": _problem(
             "Insufficient credits: `required` is the price, `available` the balance. Nothing was charged.",
             {
@@ -113,7 +116,7 @@ def refusals(rule: Rule, *, idempotency: str) -> dict[str, dict[str, Any]]:
                 problems.HEADER_REMAINING: _header("The organization's balance.", {"type": "integer"}, required=True),
             },
         ),
-        "403": _problem("The feature this route charges for is switched off in the pricing table."),
+        "403": _problem("credit_guard: the feature this route charges for is switched off in the pricing table."),
         "503": _problem("The credit ledger cannot be reached; nothing was charged. Retry later.", retry_after),
     }
     invalid = []

@@ -133,7 +133,8 @@ def not_started(detail: str | None = None) -> Problem:
         or (
             "This route is paid for in credits, but the app's CreditGuard is not running on this event loop,"
             " so nothing was charged and the handler did not run. Start it in the app's lifespan"
-            " (`await guard.start()`, or `async with guard:`); in tests, use `with TestClient(app) as client:`."
+            " (`await guard.start()`, or `async with guard:`); in tests, use `with TestClient(app) as client:`"
+            " (an httpx ASGITransport runs no lifespan: start the guard in the test, `async with guard:`)."
         ),
     )
 

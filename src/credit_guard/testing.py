@@ -11,6 +11,8 @@ any project that has credit_guard installed:
   app's lifespan starts it on the app's loop; an async test may ``async with`` it).
 - ``credit_guard_base_url``: override it in a ``conftest.py`` to test on PostgreSQL
   (default: the ``CREDIT_GUARD_TEST_DATABASE_URL`` environment variable, else SQLite).
+- ``credit_guard_factory`` (session-scoped): ``make()`` makes such guards for fixtures of any
+  scope, a TestClient per module or per session.
 
 The guard of a running app lives on the app's event loop (``with TestClient(app)`` runs
 one in a thread); ``CreditKit.of(client)`` reaches it there from a synchronous test, for
@@ -30,6 +32,7 @@ import concurrent.futures
 import itertools
 import os
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -42,6 +45,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 BASE_URL_ENV = "CREDIT_GUARD_TEST_DATABASE_URL"
+#: Set by ``credit_guard_url`` for its test: the database the app's guard should be on.
+TESTING_URL_ENV = "CREDIT_GUARD_TESTING_DATABASE_URL"
 _funding = itertools.count(1)
 
 
@@ -99,6 +104,7 @@ class CreditKit:
             guard = getattr(getattr(client.app, "state", None), "credit_guard", None)
         if guard is None:
             raise RuntimeError("no guard on app.state.credit_guard: pass CreditKit.of(client, guard=...)")
+        _warn_if_elsewhere(guard)
         return cls(guard, portal.call)  # type: ignore[union-attr]
 
     def run(self, work: Callable[[], Awaitable[T]]) -> T:
@@ -118,6 +124,31 @@ class CreditKit:
         """Fail the test unless every balance equals its ledger and its grants."""
         problems = self.run(self.guard.audit)
         assert not problems, f"credit_guard audit found: {problems}"
+
+
+class CreditGuardTestWarning(UserWarning):
+    """The app's guard is not on the database the test kit made for this test."""
+
+
+def _warn_if_elsewhere(guard: CreditGuard) -> None:
+    """A module-level ``CreditGuard()`` built at import, before ``credit_guard_url`` set the
+    variable, keeps its own URL (``./credit_guard.db`` by default): a test would then fund and
+    charge a developer's real database without a word. Say so."""
+    wanted = os.environ.get(TESTING_URL_ENV)
+    if not wanted:
+        return
+    from sqlalchemy.engine import make_url
+
+    expected = make_url(wanted).difference_update_query(["schema"]).render_as_string(hide_password=False)
+    actual = guard.engine.url.render_as_string(hide_password=False)
+    if actual != expected:
+        warnings.warn(
+            f"the app's CreditGuard uses {guard.engine.url!r}, not this test's database {wanted!r}: it was"
+            " built before credit_guard_url set CREDIT_GUARD_DATABASE_URL (a module-level guard?). Build it"
+            " in an app factory, or set the variable before importing the app.",
+            CreditGuardTestWarning,
+            stacklevel=3,
+        )
 
 
 # -- assertions on responses -------------------------------------------------------------
@@ -220,8 +251,38 @@ def credit_guard_url(
 
     url = isolated_url(tmp_path, credit_guard_base_url)
     monkeypatch.setenv(DATABASE_URL_ENV, url)
+    monkeypatch.setenv(TESTING_URL_ENV, url)
     yield url
     _run(drop_isolated(url))
+
+
+@pytest.fixture(scope="session")
+def credit_guard_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., CreditGuard]]:
+    """``make(base_url=..., **guard_options)``: a CreditGuard on a database of its own, tables
+    created, not started, for fixtures of ANY scope (a TestClient per module or per session,
+    which the function-scoped ``credit_guard`` cannot serve). ``base_url``: None for a SQLite
+    file, a PostgreSQL URL for a schema of its own there (default: ``CREDIT_GUARD_TEST_DATABASE_URL``).
+    Every guard made is closed, and its schema dropped, when the session ends."""
+    from ._guard import CreditGuard
+
+    made: list[tuple[CreditGuard, str]] = []
+
+    def make(*, base_url: str | None = os.environ.get(BASE_URL_ENV) or None, **options: Any) -> CreditGuard:
+        url = isolated_url(tmp_path_factory.mktemp("credit_guard"), base_url)
+        guard = CreditGuard(url, **options)
+
+        async def create() -> None:
+            await guard.create_schema()
+            await guard.close()
+
+        _run(create())
+        made.append((guard, url))
+        return guard
+
+    yield make
+    for guard, url in made:
+        _run(guard.close())
+        _run(drop_isolated(url))
 
 
 @pytest.fixture
@@ -241,12 +302,14 @@ def credit_guard(credit_guard_url: str) -> Iterator[CreditGuard]:
 
 
 __all__ = [
+    "CreditGuardTestWarning",
     "CreditKit",
     "assert_charged",
     "assert_refunded",
     "assert_refused",
     "credit_guard",
     "credit_guard_base_url",
+    "credit_guard_factory",
     "credit_guard_url",
     "drop_isolated",
     "fund",
