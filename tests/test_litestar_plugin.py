@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 from typing import Annotated, Any
@@ -20,7 +19,6 @@ from fastapi import Depends, FastAPI
 from fastapi import Request as FastAPIRequest
 from litestar import Litestar, Request, Router, get, post, websocket
 from litestar.connection import WebSocket
-from litestar.dto import DataclassDTO, DTOConfig
 from litestar.exceptions import HTTPException
 from litestar.params import Body
 from litestar.response import Stream
@@ -33,7 +31,7 @@ from credit_guard.contrib.starlette import requires_credits as starlette_require
 
 from .conftest import ledger_rows
 from .helpers import client
-from .litestar_handlers import DemoAuth
+from .litestar_handlers import Account, AccountDTO, DemoAuth
 
 pytestmark = pytest.mark.anyio
 
@@ -126,16 +124,6 @@ async def stream() -> Stream:
         raise RuntimeError("the encoder died mid-stream")
 
     return Stream(frames())
-
-
-@dataclass
-class Account:
-    name: str
-    api_secret: str
-
-
-class AccountDTO(DataclassDTO[Account]):
-    config = DTOConfig(exclude={"api_secret"})
 
 
 @post("/account", return_dto=AccountDTO)
