@@ -13,9 +13,10 @@ whenever FastAPI builds its document (lazily, on the first ``/openapi.json`` or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import fastapi.openapi.utils
 import fastapi.routing
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -86,15 +87,28 @@ def _document(
 def _api_routes(app: FastAPI) -> Iterator[tuple[str, set[str], Any]]:
     """(OpenAPI path, methods, endpoint) of each documented route, included routers too.
 
-    FastAPI 0.130+ keeps an included router as one entry (``_IncludedRouter``) and walks
-    it with ``iter_route_contexts``; older versions copied its routes into ``app.routes``.
+    FastAPI before 0.137 copied an included router's routes into ``app.routes``; since, it
+    keeps the router as one entry (``_IncludedRouter``), walked by ``iter_route_contexts``
+    (0.140+) or by ``_iter_routes_with_context`` with ``_get_api_route_for_openapi`` (0.137-0.139).
     """
-    walk = getattr(fastapi.routing, "iter_route_contexts", None)
-    contexts: Iterable[Any] = walk(app.routes) if walk is not None else app.routes
-    for context in contexts:
-        route = getattr(context, "original_route", context)
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    if contexts is not None:
+        for context in contexts(app.routes):
+            route = getattr(context, "original_route", context)
+            if isinstance(route, APIRoute) and route.include_in_schema:
+                yield context.path_format, set(context.methods or ()), context.endpoint
+        return
+    pairs = getattr(fastapi.routing, "_iter_routes_with_context", None)
+    effective = getattr(fastapi.openapi.utils, "_get_api_route_for_openapi", None)
+    if pairs is not None and effective is not None:
+        for route, context in pairs(app.routes):
+            api_route = effective(route, context)
+            if isinstance(route, APIRoute) and api_route is not None and api_route.include_in_schema:
+                yield api_route.path_format, set(api_route.methods or ()), route.endpoint
+        return
+    for route in app.routes:
         if isinstance(route, APIRoute) and route.include_in_schema:
-            yield context.path_format, set(context.methods or ()), context.endpoint
+            yield route.path_format, set(route.methods or ()), route.endpoint
 
 
 def _check_url(app: FastAPI) -> str | None:
