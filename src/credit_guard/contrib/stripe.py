@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._guard import CreditGuard
 from ..errors import StorageUnavailable
+from ..middleware import BodyTooLarge, ClientDisconnected, read_body
 from ..problems import Problem
 
 try:
@@ -67,8 +68,11 @@ class StripeWebhook:
         if scope["method"] != "POST":
             await _problem(405, "Method not allowed", "Stripe delivers events with POST.")(scope, receive, send)
             return
-        body = await _read(receive)
-        if body is None:
+        try:
+            body, _ = await read_body(receive, MAX_BODY)
+        except ClientDisconnected:  # Stripe hung up mid-event: nothing to verify, it will retry
+            return
+        except BodyTooLarge:
             await _problem(413, "Too large", f"An event is under {MAX_BODY} bytes.")(scope, receive, send)
             return
         signature = dict(scope["headers"]).get(b"stripe-signature", b"").decode("latin-1") or None
@@ -109,22 +113,6 @@ async def _grant(guard: CreditGuard, event: Any, credits_for: CreditsFor) -> Cal
         "credit_guard: Stripe event %s granted %s to %s", event_id, arguments["amount"], arguments["organization_id"]
     )
     return _ok({"received": True, "granted": arguments["amount"], "balance": balance})
-
-
-async def _read(receive: Receive) -> bytes | None:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return b"".join(chunks)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _problem(status: int, title: str, detail: str) -> Problem:
