@@ -88,6 +88,18 @@ async def test_bad_missing_or_stale_signatures_are_400_and_grant_nothing(guard: 
     assert await ledger_rows(guard) == []
 
 
+async def test_an_oversized_event_or_another_method_is_refused_and_grants_nothing(
+    guard: CreditGuard, webhook: Any
+) -> None:
+    from credit_guard.contrib.stripe import MAX_BODY
+
+    huge = json.dumps({"id": "evt_big", "padding": "x" * MAX_BODY}).encode()
+    too_large = await webhook.post("/", content=huge, headers=signed(huge))
+    assert (too_large.status_code, too_large.headers["content-type"]) == (413, "application/problem+json")
+    assert (await webhook.get("/")).status_code == 405
+    assert await ledger_rows(guard) == []
+
+
 async def test_a_failing_mapping_is_500_so_stripe_retries_and_grants_nothing(guard: CreditGuard, webhook: Any) -> None:
     payload = event("evt_3", credits="boom")
     answer = await webhook.post("/", content=payload, headers=signed(payload))
