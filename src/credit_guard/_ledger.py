@@ -125,6 +125,17 @@ class Ledger:
             replayed=True,
         )
 
+    def refused(self, organization_id: str, feature_key: str, credits: int, balance: int) -> DeductionResult:
+        """The answer to a charge (or a reservation) the balance cannot cover, its hook told."""
+        self.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, balance))
+        return DeductionResult(
+            success=False,
+            remaining_credits=balance,
+            error=f"Insufficient credits. Required: {credits}, Available: {balance}",
+            required=credits,
+            error_code="insufficient_credits",
+        )
+
     async def charge(
         self,
         organization_id: str,
@@ -192,14 +203,7 @@ class Ledger:
             # A free feature for an organization that has no account yet: nothing to take.
             return DeductionResult(success=True, remaining_credits=balance, credits_deducted=0, required=0), outcome
         if charge_id is None:
-            self.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, balance))
-            return DeductionResult(
-                success=False,
-                remaining_credits=balance,
-                error=f"Insufficient credits. Required: {credits}, Available: {balance}",
-                required=credits,
-                error_code="insufficient_credits",
-            ), outcome
+            return self.refused(organization_id, feature_key, credits, balance), outcome
         if hold:
             self.holds.track(charge_id)
         self.charged(organization_id, feature_key, credits, balance, charge_id, user_id)

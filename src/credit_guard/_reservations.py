@@ -20,7 +20,6 @@ from ._jobs import check_job, check_ttl
 from ._ledger import Ledger, check_org
 from ._storage.base import ChargeRequest
 from ._units import cost_of, units_value
-from .events import InsufficientCreditsEvent
 from .models import DeductionResult, Reservation
 
 
@@ -58,14 +57,7 @@ class Reservations:
             request, job_id, unit_price=pricing.credits, max_overage_credits=math.floor(credits * share)
         )
         if reservation is None:
-            self.ledger.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, balance))
-            return DeductionResult(
-                success=False,
-                remaining_credits=balance,
-                error=f"Insufficient credits. Required: {credits}, Available: {balance}",
-                required=credits,
-                error_code="insufficient_credits",
-            )
+            return self.ledger.refused(organization_id, feature_key, credits, balance)
         if reservation.organization_id != organization_id:
             raise ValueError(f"job {job_id!r:.80} is reserved by another organization")
         replayed = not new
