@@ -19,6 +19,8 @@ import copy
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from starlette.routing import compile_path
+
 from . import problems
 from ._flow import Rule
 from ._idempotency import KEY_MAX
@@ -200,31 +202,17 @@ def document_operation(
     operation[EXTENSION] = extension(rule, idempotency=idempotency, check_url=check_url)
 
 
-def template(path: str) -> str:
-    """A Starlette route template as OpenAPI writes it: ``{id:int}`` -> ``{id}``."""
-    out, depth, skipping = [], 0, False
-    for char in path:
-        if char == "{":
-            depth, skipping = depth + 1, False
-        elif char == "}":
-            depth, skipping = depth - 1, False
-        elif char == ":" and depth:
-            skipping = True
-            continue
-        if not skipping:
-            out.append(char)
-    return "".join(out)
-
-
 def rule_specs(rules: Iterable[tuple[str, str | Rule]]) -> dict[tuple[str, str], Rule]:
     """Middleware rules (``"POST /v1/images"`` -> key or Rule) by (method, OpenAPI path)."""
     found: dict[tuple[str, str], Rule] = {}
     for spec, target in rules:
         method, _, path = spec.strip().partition(" ")
         rule = target if isinstance(target, Rule) else Rule(target)
-        found[(method.lower(), template(path.strip()))] = rule
+        # Starlette's own path_format: "{id:int}" -> "{id}", as OpenAPI writes it.
+        _, path_format, _ = compile_path(path.strip())
+        found[(method.lower(), path_format)] = rule
         if method.upper() == "GET":
-            found.setdefault(("head", template(path.strip())), rule)
+            found.setdefault(("head", path_format), rule)
     return found
 
 
@@ -240,5 +228,4 @@ __all__ = [
     "refusals",
     "rule_specs",
     "success_headers",
-    "template",
 ]
