@@ -236,6 +236,21 @@ async def drop_isolated(url: str) -> None:
         await engine.dispose()
 
 
+def _with_tables(url: str, **options: Any) -> CreditGuard:
+    """A CreditGuard on ``url`` with its tables created, not started (closed again: its
+    connections belong to this loop; the app's loop opens its own)."""
+    from ._guard import CreditGuard
+
+    guard = CreditGuard(url, **options)
+
+    async def create() -> None:
+        await guard.create_schema()
+        await guard.close()
+
+    _run(create())
+    return guard
+
+
 @pytest.fixture
 def credit_guard_base_url() -> str | None:
     """None (SQLite), or a PostgreSQL URL on which each test gets a schema of its own."""
@@ -263,19 +278,11 @@ def credit_guard_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
     which the function-scoped ``credit_guard`` cannot serve). ``base_url``: None for a SQLite
     file, a PostgreSQL URL for a schema of its own there (default: ``CREDIT_GUARD_TEST_DATABASE_URL``).
     Every guard made is closed, and its schema dropped, when the session ends."""
-    from ._guard import CreditGuard
-
     made: list[tuple[CreditGuard, str]] = []
 
     def make(*, base_url: str | None = os.environ.get(BASE_URL_ENV) or None, **options: Any) -> CreditGuard:
         url = isolated_url(tmp_path_factory.mktemp("credit_guard"), base_url)
-        guard = CreditGuard(url, **options)
-
-        async def create() -> None:
-            await guard.create_schema()
-            await guard.close()
-
-        _run(create())
+        guard = _with_tables(url, **options)
         made.append((guard, url))
         return guard
 
@@ -288,15 +295,7 @@ def credit_guard_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
 @pytest.fixture
 def credit_guard(credit_guard_url: str) -> Iterator[CreditGuard]:
     """A CreditGuard on ``credit_guard_url``, tables created, not started."""
-    from ._guard import CreditGuard
-
-    guard = CreditGuard(credit_guard_url)
-
-    async def create() -> None:
-        await guard.create_schema()
-        await guard.close()  # its connections belong to this loop; the app's loop opens its own
-
-    _run(create())
+    guard = _with_tables(credit_guard_url)
     yield guard
     _run(guard.close())
 
