@@ -1,6 +1,6 @@
 """The Litestar plugin under a real uvicorn, on real sockets, on both databases: a client
-that hangs up mid-handler is refunded exactly once; two worker processes racing on one
-account never overdraw it; an idempotent retry that lands on the other worker is a replay
+that hangs up mid-handler is refunded exactly once; four worker processes racing on one
+account never overdraw it; an idempotent retry that lands on another worker is a replay
 with the first answer's credit headers."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _books(db_url: str, organization_id: str) -> tuple[int, list[dict[str, Any]]
 def litestar_server(fresh_db: str, tmp_path: Path) -> Iterator[tuple[UvicornServer, str]]:
     _fund(fresh_db, "org_1", 100)
     env = {DB_ENV: fresh_db, SLOW_ENV: "0.8"}
-    with UvicornServer(TARGET, env, tmp_path / "uvicorn.log", workers=2) as server:
+    with UvicornServer(TARGET, env, tmp_path / "uvicorn.log", workers=4) as server:
         yield server, fresh_db
 
 
@@ -77,7 +77,7 @@ def test_a_client_that_hangs_up_on_an_opt_route_is_refunded_exactly_once(
     assert issues == []
 
 
-def test_two_workers_racing_on_one_account_never_overdraw_and_retries_replay(
+def test_four_workers_racing_on_one_account_never_overdraw_and_retries_replay(
     litestar_server: tuple[UvicornServer, str],
 ) -> None:
     server, db_url = litestar_server
@@ -95,7 +95,7 @@ def test_two_workers_racing_on_one_account_never_overdraw_and_retries_replay(
 
     headers = {"x-org": "org_1", "Idempotency-Key": "clip-1"}
     first = httpx.post(server.base + "/ls/fast", headers=headers, timeout=30)
-    retries = [httpx.post(server.base + "/ls/fast", headers=headers, timeout=30) for _ in range(6)]  # both workers
+    retries = [httpx.post(server.base + "/ls/fast", headers=headers, timeout=30) for _ in range(6)]  # across workers
     assert (first.status_code, first.headers["x-credits-charged"]) == (201, "5")
     for retry in retries:
         assert retry.status_code == 201 and retry.headers["idempotent-replayed"] == "true"
