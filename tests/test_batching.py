@@ -116,7 +116,7 @@ async def test_a_batch_decides_charges_of_different_prices_in_arrival_order() ->
     batcher._launch()
     results = await asyncio.gather(*waiting)
     assert [r.charge_id is not None for r in results] == [True, False, True]
-    assert [r.balance for r in results] == [7, 7, 2]
+    assert [r.spendable for r in results] == [7, 7, 2]
 
 
 async def test_the_batch_statement_decides_in_arrival_order_on_postgresql(pg_guard: CreditGuard) -> None:
@@ -132,7 +132,7 @@ async def test_the_batch_statement_decides_in_arrival_order_on_postgresql(pg_gua
         ChargeRequest("org_1", 5, IMAGE, "u", "POST", "/e"),  # fits in what is left
     ]
     outcomes = await store._charge_many(requests)
-    assert [(o.charge_id is not None, o.balance) for o in outcomes] == [
+    assert [(o.charge_id is not None, o.spendable) for o in outcomes] == [
         (True, 7),
         (False, 3),
         (False, 7),
@@ -172,7 +172,7 @@ async def test_a_grant_committed_while_the_charge_waited_for_the_lock_is_seen(pg
         await conn.run_sync(lambda sync: grant_in(sync, "postgresql", "org_1", 10, "late", None))
         await tx.commit()
     outcome = await charging
-    assert (outcome.charge_id is not None, outcome.balance) == (True, 7)
+    assert (outcome.charge_id is not None, outcome.spendable) == (True, 7)
     assert await guard.get_balance("org_1") == 7
     assert await guard.audit() == []
 

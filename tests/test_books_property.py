@@ -16,6 +16,10 @@ ones are exactly the model's. The model is the specification:
 * a refund goes back to the grants its charge drew from, the last drawn first; one that
   lands on an expired grant stays unspendable and is written off by the next expiry;
 * a grant first repays what the overdraft line owes; a limit below what is owed is refused;
+* the line takes back only what it still owes: the rest of a refund's share for it goes
+  to the grants that repaid it, the newest repayment first, each up to what it repaid and
+  has not had back, and expires with them (the line never holds credits of its own, so
+  no grant holds more than it was granted);
 * a reservation is a hold no process keeps: captured or released once, swept after its TTL;
 * a refund gives a charge's reserve back once and only once: any refund after a refund
   (asked for, of the unused reserve, or of an expired hold) is a no-op;
@@ -124,6 +128,7 @@ MUST_REACH = {
     "sweep skipped a live hold",
     "grants expired",
     "debt repaid by a grant",
+    "refund went back to the grant that repaid the debt",
     "overdraft limit below debt refused",
     "reserved",
     "reserve replayed",
@@ -143,6 +148,8 @@ class Grant:
     expires: datetime | None = None
     overdraft: bool = False
     floor: int = 0
+    amount: int = 0  # what was granted (the line: 0)
+    repaid: int = 0  # what it paid of the line's debt and has not had back
 
     def live(self, now: datetime) -> bool:
         return self.expires is None or self.expires > now
@@ -226,17 +233,33 @@ class Model:
         assert left == 0
         return draws
 
-    def give_back(self, org: str, draws: dict[int, int], credits: int) -> bool:
-        """Back to the grants drawn from, the last drawn first; whether one had expired."""
+    def give_back(self, org: str, draws: dict[int, int], credits: int) -> tuple[bool, bool]:
+        """Back to the grants drawn from, the last drawn first; the line only up to its
+        debt, the rest to the grants that repaid it (newest first). Whether one of them
+        had expired, and whether a repaying grant got credits back."""
         by_seq = {g.seq: g for g in self.grants[org]}
-        left, onto_expired = credits, False
+        left, onto_expired, to_repayer = credits, False, False
+        backs: dict[int, int] = {}
         for seq in sorted(draws, key=lambda s: by_seq[s].order(), reverse=True):
-            back = min(left, draws[seq])
+            backs[seq] = min(left, draws[seq])
+            left -= backs[seq]
+        assert left == 0
+        line = self.line(org)
+        if line is not None and line.seq in backs and line.remaining + backs[line.seq] > 0:
+            over = line.remaining + backs[line.seq]
+            backs[line.seq] -= over
+            for g in sorted(self.grants[org], key=lambda g: -g.seq):
+                take = min(over, g.repaid)
+                if take > 0:
+                    backs[g.seq] = backs.get(g.seq, 0) + take
+                    g.repaid -= take
+                    over -= take
+                    to_repayer = True
+            assert over == 0
+        for seq, back in backs.items():
             by_seq[seq].remaining += back
             onto_expired |= back > 0 and not by_seq[seq].live(utcnow())
-            left -= back
-        assert left == 0
-        return onto_expired
+        return onto_expired, to_repayer
 
     def line(self, org: str) -> Grant | None:
         return next((g for g in self.grants.get(org, []) if g.overdraft), None)
@@ -275,10 +298,15 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             """A full refund (asked for, or by the sweeper): the reserve back, the hold closed,
             the key freed (the request counts as never having happened)."""
             charge = self.charges[charge_id]
-            if self.model.give_back(charge.org, charge.draws, charge.credits):
-                reached["refund onto an expired grant"] += 1
-            if charge.surcharge:
-                self.model.give_back(charge.org, charge.surcharge_draws, charge.surcharge)
+            # The reserve first, then the surcharge (a refund row of its own), as the store does.
+            for draws, credits in ((charge.draws, charge.credits), (charge.surcharge_draws, charge.surcharge)):
+                if not credits:
+                    continue
+                onto_expired, to_repayer = self.model.give_back(charge.org, draws, credits)
+                if onto_expired:
+                    reached["refund onto an expired grant"] += 1
+                if to_repayer:
+                    reached["refund went back to the grant that repaid the debt"] += 1
             charge.refunded, charge.open, charge.live = True, False, False
             if charge.job is not None and self.jobs[charge.job].state == "open":
                 self.jobs[charge.job].state = "expired" if swept else "released"
@@ -313,7 +341,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 for org, amount in zip(ORG_IDS, start, strict=True):
                     if amount:
                         await self.guard.grant_credits(org, amount)
-                        self.model.add(org, Grant(self.model.next_seq(), amount))
+                        self.model.add(org, Grant(self.model.next_seq(), amount, amount=amount))
                         self.accounts.add(org)
 
             self.run(setup)
@@ -322,12 +350,13 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
         def grant(self, org: str, amount: int, expires: int | None, priority: int) -> None:
             when = utcnow() + timedelta(minutes=expires, seconds=30) if expires else None
             balance = self.run(lambda: self.guard.grant_credits(org, amount, expires_at=when, priority=priority))
-            grant = Grant(self.model.next_seq(), amount, priority, when)
+            grant = Grant(self.model.next_seq(), amount, priority, when, amount=amount)
             line = self.model.line(org)
             if line is not None and line.remaining < 0:
                 repay = min(-line.remaining, amount)
                 line.remaining += repay
                 grant.remaining -= repay
+                grant.repaid = repay
                 reached["debt repaid by a grant"] += 1
             self.model.add(org, grant)
             self.accounts.add(org)
@@ -546,7 +575,8 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             """(refunded, taken) of settling an open hold at ``used`` credits."""
             held = charge.credits
             if used < held:
-                self.model.give_back(charge.org, charge.draws, held - used)
+                if self.model.give_back(charge.org, charge.draws, held - used)[1]:
+                    reached["refund went back to the grant that repaid the debt"] += 1
                 charge.refunded = True  # but the key stands: the request happened, at its usage
                 reached["usage: unused part refunded" if used else "usage: nothing used, all refunded"] += 1
                 return held - used, 0
@@ -703,6 +733,11 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                     for org, left in rows:
                         kept.setdefault(org, []).append(int(left))
                 spendable = {org: await self.guard.get_balance(org) for org in ORG_IDS}
+                # What a 402 would say is available is the same number (one definition).
+                checked = {
+                    org: (await self.guard.check_credits(org, "seedream_text_to_image")).available for org in ORG_IDS
+                }
+                assert checked == spendable
                 return balances, kept, spendable, await self.guard.audit(), await self.guard.open_holds()
 
             balances, kept, spendable, issues, open_holds = self.run(read)
@@ -710,6 +745,9 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             assert issues == []
             assert balances == {org: self.model.book(org) for org in self.accounts}
             assert kept == {org: [g.remaining for g in gs] for org, gs in self.model.grants.items() if gs}
+            # No grant holds more than it was granted: the line never holds credits, so
+            # nothing outlives the grant it belongs to (audit() proves it of the database).
+            assert all(g.remaining <= g.amount for gs in self.model.grants.values() for g in gs)
             assert spendable == {org: self.model.spendable(org, now) for org in ORG_IDS}
             assert open_holds == self.open_holds()
             assert self.guard.holds.live == {cid for cid, charge in self.charges.items() if charge.live}

@@ -61,8 +61,8 @@ class Grants:
         )
         if outcome.status is GrantStatus.OVER_LIMIT:
             raise ValueError(
-                f"granting {amount} would take {organization_id!r:.80}'s balance ({outcome.balance}) past the maximum"
-                f" of {MAX_BALANCE} credits; nothing was granted"
+                f"granting {amount} would take {organization_id!r:.80}'s balance past the maximum of"
+                f" {MAX_BALANCE} credits (it can spend {outcome.spendable} now); nothing was granted"
             )
         if outcome.status is GrantStatus.ALREADY_GRANTED:
             if outcome.amount != amount:
@@ -70,7 +70,7 @@ class Grants:
             log.info(
                 "credit_guard: grant %r to %s was already made; not granted again", idempotency_key, organization_id
             )
-        return outcome.balance
+        return outcome.spendable
 
     async def expire(self, now: datetime | None = None) -> int:
         """Write off what expired grants still hold; how many grants were closed."""
@@ -84,13 +84,13 @@ class Grants:
                 grant.organization_id,
                 grant.credits,
             )
-            self.hooks.emit(GrantExpiredEvent(grant.organization_id, grant.grant_id, grant.credits, grant.balance))
+            self.hooks.emit(GrantExpiredEvent(grant.organization_id, grant.grant_id, grant.credits, grant.spendable))
             by_org[grant.organization_id] = by_org.get(grant.organization_id, 0) + grant.credits
         threshold = self.low_balance_threshold
         for grant in {g.organization_id: g for g in closed}.values():
-            if crossed_below(threshold, grant.balance, by_org[grant.organization_id]):
+            if crossed_below(threshold, grant.spendable, by_org[grant.organization_id]):
                 assert threshold is not None
-                self.hooks.emit(LowBalanceEvent(grant.organization_id, grant.balance, threshold, None))
+                self.hooks.emit(LowBalanceEvent(grant.organization_id, grant.spendable, threshold, None))
         return len(closed)
 
     async def list(self, organization_id: str) -> list[Grant]:

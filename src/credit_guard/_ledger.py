@@ -183,7 +183,7 @@ class Ledger:
         outcome: ClaimOutcome | None = None
         if idempotency is None:
             charged = await self.store.charge(request)
-            charge_id, balance = charged.charge_id, charged.balance
+            charge_id, balance = charged.charge_id, charged.spendable
         else:
             key, fingerprint, finish_now = idempotency
             now = utcnow()
@@ -198,7 +198,7 @@ class Ledger:
             outcome = await self.store.claim_and_charge(request, claim)
             if outcome.kind not in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
                 return DeductionResult(success=False, error=f"idempotency key {outcome.kind.value}"), outcome
-            charge_id, balance = outcome.charge_id, outcome.balance
+            charge_id, balance = outcome.charge_id, outcome.spendable
         if charge_id is None and credits == 0:
             # A free feature for an organization that has no account yet: nothing to take.
             return DeductionResult(success=True, remaining_credits=balance, credits_deducted=0, required=0), outcome
@@ -346,7 +346,7 @@ class Ledger:
         return moved
 
     def usage_settled(self, charge_id: int, moved: UsageSettlement, user_id: str | None) -> None:
-        if moved.organization_id is None or moved.balance is None:
+        if moved.organization_id is None or moved.spendable is None:
             return
         if moved.refunded:
             if self.metrics is not None:
@@ -356,7 +356,7 @@ class Ledger:
                     moved.organization_id,
                     moved.feature_key,
                     moved.refunded,
-                    moved.balance,
+                    moved.spendable,
                     charge_id,
                     moved.refund_id,
                     "unused reserve",
@@ -367,7 +367,7 @@ class Ledger:
                 moved.organization_id,
                 moved.feature_key or "",
                 moved.overage,
-                moved.balance,
+                moved.spendable,
                 charge_id,
                 user_id or moved.user_id,
                 overage=True,
@@ -407,14 +407,14 @@ class Ledger:
     async def check(self, organization_id: str, feature_key: str) -> CreditCheck:
         check_org(organization_id)
         pricing = await self.pricing.active(feature_key)
-        available = await self.store.balance(organization_id)
+        available = await self.store.spendable(organization_id)
         if pricing is None:
             return CreditCheck(False, 0, available, error=f"Feature pricing not found: {feature_key}")
         return CreditCheck(available >= pricing.credits, pricing.credits, available)
 
     async def balance(self, organization_id: str) -> int:
         check_org(organization_id)
-        return await self.store.balance(organization_id)
+        return await self.store.spendable(organization_id)
 
     async def usage(
         self,

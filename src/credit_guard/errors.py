@@ -20,6 +20,16 @@ class StorageUnavailable(CreditGuardError):
     """
 
 
+class IntegrityViolation(CreditGuardError):
+    """The database refused a money write because it broke one of the constraints that
+    back the rules (a grant below its floor or above its amount...). Nothing was written.
+
+    The rules are decided so that this cannot happen: it is a bug, never an outage, so
+    the web layer answers ``500`` and never serves the request free, whatever
+    ``fail_open`` says. It is logged with the database's message.
+    """
+
+
 class InvalidPricing(CreditGuardError, ValueError):
     """Pricing fields failed validation; ``errors`` maps each field to what is wrong."""
 

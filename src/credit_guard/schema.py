@@ -163,7 +163,14 @@ grants = Table(
     # The ledger row that granted it (None for the overdraft line and pre-grant balances).
     Column("ledger_id", _LedgerId, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # What this grant paid toward the overdraft line's debt when it was made, less what
+    # refunds have given back to it since: a refund of a charge the line paid for returns
+    # to the grant that repaid it (and expires with it), never to the line, which never
+    # expires. ``audit()`` checks it against the grant's repayment move.
+    Column("repaid", BigInteger, nullable=False, default=0, server_default="0"),
     CheckConstraint("remaining >= floor", name="remaining_above_floor"),
+    CheckConstraint("remaining <= amount", name="remaining_at_most_amount"),
+    CheckConstraint("repaid >= 0", name="repaid_non_negative"),
     CheckConstraint("floor <= 0 AND amount >= 0", name="floor_and_amount"),
     CheckConstraint("overdraft OR floor = 0", name="only_overdraft_below_zero"),
 )

@@ -21,7 +21,7 @@ from ..models import AuditIssue, FeaturePricing, Grant, RefundResult, Reservatio
 
 @dataclass(slots=True)  # not frozen: built on every paid request, and frozen __init__ costs more
 class ChargeRequest:
-    """One charge to decide: ``credits`` taken only if the balance covers them."""
+    """One charge to decide: ``credits`` taken only if the live grants cover them."""
 
     organization_id: str
     credits: int
@@ -31,15 +31,20 @@ class ChargeRequest:
     request_path: str | None = None
     #: The charge is a hold until then (the sweeper refunds it after, unless settled first).
     hold_until: datetime | None = None
+    #: A surcharge: the charge whose reported usage went beyond its reserve (``extra_of``).
+    extra_of: int | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ChargeOutcome:
-    """``charge_id`` is None when the balance was short; ``balance`` is after the charge,
-    or what was available (0 for an organization without an account)."""
+    """``charge_id`` is None when the live grants could not cover it. ``spendable``: what
+    the organization can spend after the charge, or, refused, what it could spend at its
+    turn (0 for an organization without an account). Never the book balance, which also
+    counts expired credits not yet written off."""
 
     charge_id: int | None
-    balance: int
+    spendable: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +76,12 @@ class ClaimKind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ClaimOutcome:
-    """What claiming an idempotency key led to; ``stored`` is the key's row when it was taken."""
+    """What claiming an idempotency key led to; ``stored`` is the key's row when it was taken;
+    ``spendable`` as for ``ChargeOutcome``."""
 
     kind: ClaimKind
     charge_id: int | None = None
-    balance: int = 0
+    spendable: int = 0
     stored: Mapping[str, Any] | None = None
 
     @classmethod
@@ -107,7 +113,8 @@ class ExpiredGrant:
     organization_id: str
     grant_id: int
     credits: int
-    balance: int
+    #: What the organization can spend once its expired grants are written off.
+    spendable: int
 
 
 class GrantStatus(enum.Enum):
@@ -120,10 +127,11 @@ class GrantStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class GrantOutcome:
-    """What a grant did; ``amount`` is what the key's grant gave (this call's or the first one's)."""
+    """What a grant did; ``amount`` is what the key's grant gave (this call's or the first one's);
+    ``spendable``: what the organization can spend after it."""
 
     status: GrantStatus
-    balance: int
+    spendable: int
     entry_id: int | None = None
     amount: int | None = None
 
@@ -134,7 +142,7 @@ class UsageSettlement:
 
     refunded: int = 0
     overage: int = 0
-    balance: int | None = None
+    spendable: int | None = None
     organization_id: str | None = None
     feature_key: str | None = None
     user_id: str | None = None
@@ -210,7 +218,7 @@ class Store(Protocol):
     async def release_key(self, organization_id: str, idempotency_key: str) -> None: ...
     async def delete_expired_keys(self, now: datetime) -> int: ...
 
-    async def balance(self, organization_id: str) -> int: ...
+    async def spendable(self, organization_id: str) -> int: ...
     async def audit(self) -> list[AuditIssue]: ...
     async def usage(
         self,

@@ -9,10 +9,11 @@ trip per charge.
 How: while fewer than ``max_in_flight`` charge statements are running, a charge goes out
 at once, alone (no added latency at low load). Beyond that it queues; when a statement
 returns, everything queued (up to ``max_batch``) leaves as ONE batch statement. The
-statement decides each charge in arrival order against the balance left by the ones
-before it (``postgres.py``'s ``_CHARGE_MANY``), exactly as charges sent one by one would
-be: the same no-overdraft guarantee, each caller its own outcome. A caller cancelled
-while queued is left out before its batch is sent.
+statement decides each charge in arrival order against the room left by the ones before
+it (``pg_charge.CHARGE_MANY``), exactly as charges sent one by one would be: the same
+no-overdraft guarantee, each caller its own outcome (or its own exception: one charge
+that fails alone fails no other). A caller cancelled while queued is left out before its
+batch is sent.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from .base import ChargeOutcome, ChargeRequest
 
 One = Callable[[ChargeRequest], Awaitable[ChargeOutcome]]
-Many = Callable[[Sequence[ChargeRequest]], Awaitable[list[ChargeOutcome]]]
+#: Each charge's outcome, or the exception that charge alone ran into.
+Many = Callable[[Sequence[ChargeRequest]], Awaitable[Sequence[ChargeOutcome | Exception]]]
 
 
 class ChargeBatcher:
@@ -61,6 +63,7 @@ class ChargeBatcher:
 
     async def _send(self, batch: list[tuple[ChargeRequest, asyncio.Future[ChargeOutcome]]]) -> None:
         try:
+            outcomes: Sequence[ChargeOutcome | Exception]
             if len(batch) == 1:
                 outcomes = [await self._one(batch[0][0])]
             else:
@@ -75,7 +78,11 @@ class ChargeBatcher:
                 raise
         else:
             for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
                     future.set_result(outcome)
         finally:
             self._in_flight -= 1

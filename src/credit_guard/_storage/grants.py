@@ -27,38 +27,20 @@ from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, TextCl
 
 from ..models import Grant
 from ..schema import accounts, grant_moves, grants, ledger
+from . import spending
 
 A, G, M, L = accounts.name, grants.name, grant_moves.name, ledger.name
 
 #: Live at ``:now``: a grant stops being spendable at the instant it expires.
-LIVE = "(g.expires_at IS NULL OR g.expires_at > :now)"
-#: The spending order (the overdraft line last; NULL expiry after every date, both databases).
-ORDER = "g.overdraft, g.priority, (g.expires_at IS NULL), g.expires_at, g.id"
-REVERSE = "g.overdraft DESC, g.priority DESC, (g.expires_at IS NULL) DESC, g.expires_at DESC, g.id DESC"
-
+LIVE = spending.live("g", ":now")
 #: What a charge may still take: every live grant's room above its floor.
-ROOM = f"(SELECT coalesce(sum(g.remaining - g.floor), 0) FROM {G} g WHERE g.organization_id = :org AND g.remaining > g.floor AND {LIVE})"
+ROOM = (
+    f"(SELECT coalesce(sum({spending.room('g')}), 0) FROM {G} g"
+    f" WHERE g.organization_id = :org AND {spending.has_room('g')} AND {LIVE})"
+)
 #: What the organization can spend now (negative while it owes on its overdraft line).
 SPENDABLE = f"(SELECT coalesce(sum(g.remaining), 0) FROM {G} g WHERE g.organization_id = :org AND {LIVE})"
 
-#: The charge's decision: the debit happens only if the live grants' room covers it.
-DEBIT = (
-    f"UPDATE {A} SET balance = balance - :cost, updated_at = :now"
-    f" WHERE organization_id = :org AND {ROOM} >= :cost"
-    f" RETURNING balance, {SPENDABLE} - :cost"
-)
-#: The charge's draws: ``:cost`` over the live grants in spending order.
-DRAW = f"""
-INSERT INTO {M} (ledger_id, grant_id, amount)
-SELECT :lid, id, -min_take FROM (
-    SELECT id, CASE WHEN room < :cost - (run - room) THEN room ELSE :cost - (run - room) END AS min_take
-      FROM (SELECT g.id, g.remaining - g.floor AS room,
-                   sum(g.remaining - g.floor) OVER (ORDER BY {ORDER} ROWS UNBOUNDED PRECEDING) AS run
-              FROM {G} g
-             WHERE g.organization_id = :org AND g.remaining > g.floor AND {LIVE}) w
-     WHERE run - room < :cost
-) t
-"""
 #: A refund's moves: ``:credits`` back to the grants charge ``:charge`` drew from, the
 #: last drawn first (so a partial refund undoes the overdraft part first).
 GIVE_BACK = f"""
@@ -66,7 +48,7 @@ INSERT INTO {M} (ledger_id, grant_id, amount)
 SELECT :lid, grant_id, back FROM (
     SELECT grant_id, CASE WHEN drawn < :credits - (run - drawn) THEN drawn ELSE :credits - (run - drawn) END AS back
       FROM (SELECT m.grant_id, -m.amount AS drawn,
-                   sum(-m.amount) OVER (ORDER BY {REVERSE} ROWS UNBOUNDED PRECEDING) AS run
+                   sum(-m.amount) OVER (ORDER BY {spending.reverse("g")} ROWS UNBOUNDED PRECEDING) AS run
               FROM {M} m JOIN {G} g ON g.id = m.grant_id
              WHERE m.ledger_id = :charge AND m.amount < 0) w
      WHERE run - drawn < :credits
@@ -79,7 +61,6 @@ APPLY = (
     f" WHERE id IN (SELECT m.grant_id FROM {M} m WHERE m.ledger_id = :lid)"
 )
 MOVED = f"SELECT coalesce(sum(amount), 0) FROM {M} WHERE ledger_id = :lid"
-MOVE = f"INSERT INTO {M} (ledger_id, grant_id, amount) VALUES (:lid, :grant, :amount)"
 #: A new grant repays what the overdraft line owes, first.
 REPAY = f"""
 INSERT INTO {M} (ledger_id, grant_id, amount)
@@ -89,16 +70,37 @@ UNION ALL
 SELECT :lid, :grant, -(CASE WHEN -o.remaining < :amount THEN -o.remaining ELSE :amount END)
   FROM {G} o WHERE o.organization_id = :org AND o.overdraft AND o.remaining < 0
 """
+#: The repaying grant remembers what it paid (its own move under its own ledger row).
+REPAID = (
+    f"UPDATE {G} SET repaid = coalesce((SELECT -m.amount FROM {M} m"
+    f" WHERE m.ledger_id = :lid AND m.grant_id = :grant), 0) WHERE id = :grant"
+)
+#: How far refund ``:lid``'s move would lift the overdraft line above zero (None: no line move).
+LINE_OVERFLOW = (
+    f"SELECT o.id, o.remaining + m.amount FROM {G} o JOIN {M} m ON m.grant_id = o.id AND m.ledger_id = :lid"
+    " WHERE o.organization_id = :org AND o.overdraft"
+)
+#: The grants that repaid the line and have not had it all back, newest repayment first,
+#: with what each takes back of ``:over``.
+_UNREPAY = f"""
+SELECT id, CASE WHEN repaid < :over - (run - repaid) THEN repaid ELSE :over - (run - repaid) END AS back FROM (
+    SELECT g.id, g.repaid, sum(g.repaid) OVER (ORDER BY g.id DESC ROWS UNBOUNDED PRECEDING) AS run
+      FROM {G} g WHERE g.organization_id = :org AND g.repaid > 0
+) w WHERE run - repaid < :over
+"""
+UNREPAY = f"UPDATE {G} SET repaid = repaid - :amount WHERE id = :grant"
+MOVE = f"INSERT INTO {M} (ledger_id, grant_id, amount) VALUES (:lid, :grant, :amount)"
+#: Add to a move this ledger row already made (a grant both drawn from and repaid back).
+MOVE_MORE = (
+    f"INSERT INTO {M} (ledger_id, grant_id, amount) VALUES (:lid, :grant, :amount)"
+    f" ON CONFLICT (ledger_id, grant_id) DO UPDATE SET amount = {M}.amount + excluded.amount"
+)
 LOCK = f"UPDATE {A} SET updated_at = :now WHERE organization_id = :org RETURNING balance"
 ADD_GRANT = (
     f"INSERT INTO {G} (organization_id, amount, remaining, floor, overdraft, priority, expires_at, reason,"
-    " ledger_id, created_at) VALUES (:org, :amount, :amount, 0, false, :priority, :expires_at, :reason, :lid, :now)"
+    " ledger_id, created_at, repaid)"
+    " VALUES (:org, :amount, :amount, 0, false, :priority, :expires_at, :reason, :lid, :now, 0)"
     " RETURNING id"
-)
-#: Where a refund goes that no draw records (a charge made before grants existed).
-KEEPER = (
-    f"SELECT g.id FROM {G} g WHERE g.organization_id = :org AND NOT g.overdraft AND g.expires_at IS NULL"
-    " ORDER BY g.id LIMIT 1"
 )
 EXPIRED = (
     f"SELECT g.id, g.organization_id, g.remaining FROM {G} g"
@@ -110,7 +112,9 @@ EXPIRED = (
 _TYPES: dict[str, Any] = {
     "now": DateTime(timezone=True),
     "expires_at": DateTime(timezone=True),
-    **dict.fromkeys(("cost", "credits", "amount", "lid", "charge", "grant", "floor", "id", "balance"), BigInteger()),
+    **dict.fromkeys(
+        ("cost", "credits", "amount", "lid", "charge", "grant", "floor", "id", "balance", "over"), BigInteger()
+    ),
     "priority": Integer(),
     **dict.fromkeys(("org", "reason"), String()),
 }
@@ -149,34 +153,34 @@ def room_in(conn: Connection, org: str, now: datetime) -> int:
     return int(run(conn, f"SELECT {ROOM}", org=org, now=now).scalar() or 0)
 
 
-def debit_in(conn: Connection, org: str, cost: int, now: datetime) -> tuple[int, int] | None:
-    """The conditional debit: ``(book balance, spendable)`` after it, or None when short."""
-    row = run(conn, DEBIT, org=org, cost=cost, now=now).first()
-    return None if row is None else (int(row[0]), int(row[1]))
-
-
-def draw_in(conn: Connection, org: str, cost: int, ledger_id: int, now: datetime) -> None:
-    """Take ``cost`` from the live grants for ledger row ``ledger_id`` (after its debit)."""
-    if cost > 0:
-        run(conn, DRAW, lid=ledger_id, org=org, cost=cost, now=now)
-        run(conn, APPLY, lid=ledger_id)
-
-
 def give_back_in(conn: Connection, org: str, charge_id: int, credits: int, refund_id: int, now: datetime) -> None:
-    """Return ``credits`` of charge ``charge_id`` to the grants it drew from (refund ``refund_id``).
+    """Return ``credits`` of charge ``charge_id`` to where they came from (refund ``refund_id``).
 
-    A grant that has expired since gets them back as expired: not spendable, and the next
-    ``expire_grants`` writes them off. What no draw records (a charge from before grants)
-    goes to the organization's first never-expiring grant (made if it has none).
+    To the grants it drew from, the last drawn first. A grant that has expired since gets
+    them back as expired: not spendable, and the next ``expire_grants`` writes them off.
+    The overdraft line takes back only what it still owes: the rest of its part was paid
+    by the grants that repaid the line since, so it goes back to them (newest repayment
+    first, each up to what it repaid) and expires with them; the line never holds
+    credits, which would never expire. What no draw records (a charge from before grants)
+    becomes a never-expiring grant of its own.
     """
     run(conn, GIVE_BACK, lid=refund_id, charge=charge_id, credits=credits)
     left = credits - int(run(conn, MOVED, lid=refund_id).scalar() or 0)
-    if left > 0:
-        keeper = run(conn, KEEPER, org=org).scalar()
-        if keeper is None:
-            keeper = add_grant_in(conn, org, 0, ledger_id=None, now=now, reason="refunds")
-        run(conn, MOVE, lid=refund_id, grant=int(keeper), amount=left)
+    line = run(conn, LINE_OVERFLOW, lid=refund_id, org=org).first()
+    over = 0 if line is None else int(line[1])
+    if over > 0:
+        run(conn, MOVE_MORE, lid=refund_id, grant=int(line[0]), amount=-over)
+        run(conn, f"DELETE FROM {M} WHERE ledger_id = :lid AND amount = 0", lid=refund_id)
+        for grant_id, back in run(conn, _UNREPAY, org=org, over=over).all():
+            run(conn, MOVE_MORE, lid=refund_id, grant=int(grant_id), amount=int(back))
+            run(conn, UNREPAY, grant=int(grant_id), amount=int(back))
+            over -= int(back)
+        if over:  # impossible while every repayment is recorded: refuse rather than invent credits
+            raise RuntimeError(f"refund {refund_id}: {over} credits repaid by no grant")
     run(conn, APPLY, lid=refund_id)
+    if left > 0:
+        reason = f"refund of charge {charge_id}, made before grants"
+        add_grant_in(conn, org, left, ledger_id=refund_id, now=now, reason=reason, repay=False)
 
 
 def add_grant_in(
@@ -189,8 +193,10 @@ def add_grant_in(
     priority: int = 0,
     expires_at: datetime | None = None,
     reason: str | None = None,
+    repay: bool = True,
 ) -> int:
-    """A new grant (after its ledger row); it repays the overdraft line's debt first."""
+    """A new grant (after its ledger row); it repays the overdraft line's debt first (and
+    remembers how much, ``repaid``), unless ``repay`` is False."""
     result = run(
         conn,
         ADD_GRANT,
@@ -203,9 +209,10 @@ def add_grant_in(
         now=now,
     )
     grant_id = int(result.scalar_one())
-    if ledger_id is not None and amount > 0 and (expires_at is None or expires_at > now):
+    if repay and ledger_id is not None and amount > 0 and (expires_at is None or expires_at > now):
         run(conn, REPAY, lid=ledger_id, org=org, grant=grant_id, amount=amount)
         run(conn, APPLY, lid=ledger_id)
+        run(conn, REPAID, lid=ledger_id, grant=grant_id)
     return grant_id
 
 

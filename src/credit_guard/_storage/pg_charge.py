@@ -7,12 +7,23 @@ charges were sent one by one:
    read only after that lock (their scan takes its organization list from the locked
    rows, a value PostgreSQL computes first), and ``FOR UPDATE`` returns each grant as last
    committed, not as the statement's snapshot saw it before the wait;
-2. each account's *room* is what its live grants (not expired at ``$8``) hold above their
-   floor; a recursive walk accepts each charge only while the room left covers it;
-3. the accepted charges, laid end to end, are cut across the grants laid end to end in
-   spending order (the overlap of two intervals: a charge may span several grants);
+2. each account's *room* is what its live grants hold above their floor; "live" is
+   judged at the moment of the decision, after the lock (``at``: the app's clock when the
+   statement was sent plus the time PostgreSQL has spent on it since, so a grant that
+   expired while the charge waited for the lock is not spent, and a test clock still
+   moves it); a recursive walk accepts each charge only while the room left covers it;
+3. the accepted charges (each dated by that moment, ``created_at``), laid end to end,
+   are cut across the grants laid end to end in spending order (the overlap of two
+   intervals: a charge may span several grants);
 4. one UPDATE per account and per grant drawn from, the ledger rows, the grant moves and
-   the holds are written by the same statement.
+   the holds are written by the same statement. Each new value is computed from the row
+   as this statement LOCKED it, never from the row as its snapshot saw it: PostgreSQL
+   checks a CHECK constraint on the value an UPDATE computes from the snapshot's version
+   BEFORE it notices a concurrent update and recomputes, so ``remaining - take`` on a
+   version a refund has since changed failed the floor CHECK spuriously (a whole batch
+   answered 503) although the recomputed value was fine.
+
+The spending rules (live, room, order) come from ``spending.py``, as SQLite's charge's do.
 
 A refused charge learns what was spendable at its turn (never "costs 5, you have 7"), and
 whether the grants it was judged on were stale (see ``stale``): only then does the store
@@ -24,7 +35,18 @@ statement (a division by zero), so the key stays free for the retry after a top-
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from ..schema import accounts, grant_moves, grants, holds, idempotency_keys, ledger
+from . import spending
+from .base import ChargeRequest
+
+#: The statement's parameters, in order: the charges as arrays (``charge_columns``), then
+#: the app's clock when it was sent; the keyed variant adds its key's ``$11..$15``.
+COLUMNS = ("org", "cost", "feature", "user_id", "method", "path", "hold_until", "extra_of", "reason")
+_TYPES = ("text", "bigint", "text", "text", "text", "text", "timestamptz", "bigint", "text")
+SENT_AT = "$10::timestamptz"
 
 _CLAIM = f"""
 new_charge AS (
@@ -33,58 +55,58 @@ new_charge AS (
     INSERT INTO {idempotency_keys.name} AS k
            (organization_id, idempotency_key, fingerprint, state, charge_id, status_code,
             response_headers, response_body, body_stored, locked_until, expires_at, created_at)
-    SELECT ($1::text[])[1], $9, $10, 'running', id, NULL, NULL, NULL, true,
-           $11::timestamptz, $12::timestamptz, $13::timestamptz
+    SELECT ($1::text[])[1], $11, $12, 'running', id, NULL, NULL, NULL, true,
+           $13::timestamptz, $14::timestamptz, $15::timestamptz
       FROM new_charge
     ON CONFLICT (organization_id, idempotency_key) DO UPDATE
        SET fingerprint = EXCLUDED.fingerprint, state = 'running', charge_id = EXCLUDED.charge_id,
            status_code = NULL, response_headers = NULL, response_body = NULL, body_stored = true,
            locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at
-     WHERE (k.state = 'done' AND k.expires_at < $13::timestamptz)
-        OR (k.state = 'running' AND k.locked_until < $13::timestamptz
+     WHERE (k.state = 'done' AND k.expires_at < $15::timestamptz)
+        OR (k.state = 'running' AND k.locked_until < $15::timestamptz
             AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = k.charge_id))
  RETURNING charge_id
 ),"""
 
-_SPENDING_ORDER = "overdraft, priority, (expires_at IS NULL), expires_at, id"
-
 
 def charge_statement(*, claim: bool = False) -> str:
-    """The statement: ``$1..$7`` are arrays (organization, cost, feature, user, method,
-    path, hold until), ``$8`` the moment expiry is judged at; the keyed variant adds the
-    key's ``$9..$13`` and takes one charge."""
+    """The statement: ``$1..$9`` are arrays (``COLUMNS``), ``$10`` the app's clock when it
+    was sent; the keyed variant adds the key's ``$11..$15`` and takes one charge."""
     new_id = "(SELECT charge_id FROM claim)" if claim else f"nextval(pg_get_serial_sequence('{ledger.name}', 'id'))"
     answer = (
         """SELECT (SELECT charge_id FROM decided WHERE accepted) AS charge_id,
-       (SELECT spendable FROM decided) AS balance_after,
+       (SELECT spendable FROM decided) AS spendable,
        EXISTS (SELECT 1 FROM claim) AS claimed,
        CASE WHEN EXISTS (SELECT 1 FROM claim)
             THEN 1 / (SELECT count(*)::int FROM decided WHERE accepted) END AS abort_if_short"""
         if claim
         else "SELECT charge_id, spendable, stale FROM decided ORDER BY ord"
     )
+    arrays = ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(_TYPES, start=1))
     return f"""
 WITH RECURSIVE {_CLAIM if claim else ""} req AS (
     SELECT r.*, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
-      FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[], $7::timestamptz[])
-           WITH ORDINALITY AS r(org, cost, feature, user_id, method, path, hold_until, ord)
+      FROM unnest({arrays}) WITH ORDINALITY AS r({", ".join(COLUMNS)}, ord)
      {"WHERE EXISTS (SELECT 1 FROM claim)" if claim else ""}
 ), acct AS MATERIALIZED (
     SELECT organization_id, balance FROM {accounts.name}
      WHERE organization_id IN (SELECT org FROM req)
      ORDER BY organization_id
        FOR UPDATE
+), at AS MATERIALIZED (
+    -- The moment of the decision: after every account lock above was granted.
+    SELECT {SENT_AT} + (clock_timestamp() - statement_timestamp()) AS now FROM (SELECT count(*) FROM acct) locked
 ), g AS MATERIALIZED (
-    SELECT id, organization_id AS org, remaining, floor, overdraft, priority, expires_at
-      FROM {grants.name}
-     WHERE organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
-       AND (expires_at IS NULL OR expires_at > $8::timestamptz)
-       AND (remaining > floor OR remaining <> 0)
+    SELECT x.id, x.organization_id AS org, x.remaining, x.floor, x.overdraft, x.priority, x.expires_at
+      FROM {grants.name} x
+     WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
+       AND {spending.live("x", "(SELECT now FROM at)")}
+       AND ({spending.has_room("x")} OR x.remaining <> 0)
        FOR UPDATE
 ), totals AS (
-    SELECT org, coalesce(sum(remaining - floor) FILTER (WHERE remaining > floor), 0)::bigint AS room,
-           sum(remaining)::bigint AS spendable
-      FROM g GROUP BY org
+    SELECT g.org, coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint AS room,
+           sum(g.remaining)::bigint AS spendable
+      FROM g GROUP BY g.org
 ), walk(org, rn, room, spent, accepted) AS (
     SELECT a.organization_id, 0::bigint, coalesce(t.room, 0), 0::bigint, false
       FROM acct a LEFT JOIN totals t ON t.org = a.organization_id
@@ -94,46 +116,51 @@ WITH RECURSIVE {_CLAIM if claim else ""} req AS (
            r.cost <= w.room - w.spent
       FROM walk w JOIN req r ON r.org = w.org AND r.rn = w.rn + 1
 ), decided AS MATERIALIZED (
-    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until,
+    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until, r.extra_of, r.reason,
            coalesce(w.accepted, false) AS accepted, coalesce(w.spent, 0) AS spent,
            a.balance - coalesce(w.spent, 0) AS book,
            coalesce(t.spendable, 0) - coalesce(w.spent, 0) AS spendable,
            CASE WHEN w.accepted THEN {new_id} END AS charge_id,
            -- A refusal whose grants were read stale: the account row (locked, as last
            -- committed) no longer equals its grants as this statement's snapshot saw them
-           -- (a grant or refund committed while it waited for the lock). Only then is the
-           -- refusal worth a second look; computed for refused charges only.
+           -- (a grant committed while it waited for the lock: a new row, which no lock
+           -- can show it). Only then is the refusal worth a second look; computed for
+           -- refused charges only.
            CASE WHEN NOT coalesce(w.accepted, false) AND a.organization_id IS NOT NULL
-                THEN a.balance <> (SELECT coalesce(sum(x.remaining), 0) FROM {grants.name} x
-                                    WHERE x.organization_id = r.org)
+                THEN a.balance <> (SELECT coalesce(sum(y.remaining), 0) FROM {grants.name} y
+                                    WHERE y.organization_id = r.org)
            END AS stale
       FROM req r
       LEFT JOIN walk w ON w.org = r.org AND w.rn = r.rn
       LEFT JOIN acct a ON a.organization_id = r.org
       LEFT JOIN totals t ON t.org = r.org
 ), gw AS (
-    SELECT id, org, remaining - floor AS groom,
-           sum(remaining - floor) OVER (PARTITION BY org ORDER BY {_SPENDING_ORDER} ROWS UNBOUNDED PRECEDING) AS grun
-      FROM g WHERE remaining > floor
+    SELECT g.id, g.org, g.remaining AS locked, {spending.room("g")} AS groom,
+           sum({spending.room("g")}) OVER (PARTITION BY g.org ORDER BY {spending.order("g")} ROWS UNBOUNDED PRECEDING) AS grun
+      FROM g WHERE {spending.has_room("g")}
 ), draws AS MATERIALIZED (
-    SELECT d.charge_id, gw.id AS grant_id,
+    SELECT d.charge_id, gw.id AS grant_id, gw.locked,
            (least(d.spent, gw.grun) - greatest(d.spent - d.cost, gw.grun - gw.groom))::bigint AS take
       FROM decided d JOIN gw ON gw.org = d.org
      WHERE d.accepted AND least(d.spent, gw.grun) > greatest(d.spent - d.cost, gw.grun - gw.groom)
 ), debit AS (
-    UPDATE {accounts.name} a SET balance = a.balance - t.total, updated_at = now()
-      FROM (SELECT org, sum(cost) AS total FROM decided WHERE accepted GROUP BY org) t
-     WHERE a.organization_id = t.org
+    UPDATE {accounts.name} x SET balance = t.book, updated_at = now()
+      FROM (SELECT d.org, min(a.balance) - sum(d.cost) AS book
+              FROM decided d JOIN acct a ON a.organization_id = d.org WHERE d.accepted GROUP BY d.org) t
+     WHERE x.organization_id = t.org
 ), drawn AS (
-    UPDATE {grants.name} x SET remaining = x.remaining - t.total
-      FROM (SELECT grant_id, sum(take) AS total FROM draws GROUP BY grant_id) t
+    UPDATE {grants.name} x SET remaining = t.locked - t.total
+      FROM (SELECT grant_id, min(locked) AS locked, sum(take) AS total FROM draws GROUP BY grant_id) t
      WHERE x.id = t.grant_id
 ), moves AS (
     INSERT INTO {grant_moves.name} (ledger_id, grant_id, amount) SELECT charge_id, grant_id, -take FROM draws
 ), entry AS (
     INSERT INTO {ledger.name}
-           (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path)
-    SELECT charge_id, org, 'charge', -cost, book, feature, user_id, method, path FROM decided WHERE accepted
+           (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path,
+            extra_of, reason, created_at)
+    SELECT charge_id, org, 'charge', -cost, book, feature, user_id, method, path, extra_of, reason,
+           (SELECT now FROM at)
+      FROM decided WHERE accepted
 ), hold AS (
     INSERT INTO {holds.name} (charge_id, expires_at)
     SELECT charge_id, hold_until FROM decided WHERE accepted AND hold_until IS NOT NULL
@@ -142,12 +169,27 @@ WITH RECURSIVE {_CLAIM if claim else ""} req AS (
 """
 
 
+def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
+    """The charges as the statement's arrays, in ``COLUMNS`` order."""
+    return [
+        [r.organization_id for r in requests],
+        [r.credits for r in requests],
+        [r.feature_key for r in requests],
+        [r.user_id for r in requests],
+        [r.request_method for r in requests],
+        [r.request_path for r in requests],
+        [r.hold_until for r in requests],
+        [r.extra_of for r in requests],
+        [r.reason for r in requests],
+    ]
+
+
 CHARGE_MANY = charge_statement()
 CLAIM_AND_CHARGE = charge_statement(claim=True)
 #: What a refused charge re-reads (its statement's snapshot may predate a grant).
 ROOM = f"""
-SELECT coalesce(sum(remaining - floor) FILTER (WHERE remaining > floor), 0)::bigint,
-       coalesce(sum(remaining), 0)::bigint
-  FROM {grants.name}
- WHERE organization_id = $1 AND (expires_at IS NULL OR expires_at > $2::timestamptz)
+SELECT coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint,
+       coalesce(sum(g.remaining), 0)::bigint
+  FROM {grants.name} g
+ WHERE g.organization_id = $1 AND {spending.live("g", "$2::timestamptz")}
 """

@@ -26,12 +26,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .._clock import utcnow
-from ..errors import StorageUnavailable
+from ..errors import IntegrityViolation, StorageUnavailable
 from ..schema import holds, idempotency_keys, ledger
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
 from .batching import ChargeBatcher
 from .engine import pg_schema
-from .pg_charge import CHARGE_MANY, CLAIM_AND_CHARGE
+from .pg_charge import CHARGE_MANY, CLAIM_AND_CHARGE, charge_columns
 from .pg_charge import ROOM as _ROOM
 from .sql import SqlStore
 
@@ -95,7 +95,6 @@ class PostgresStore(SqlStore):
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._lock: asyncio.Lock | None = None
         self._timeout = timeout
-        self._claims: bool | None = None
         # Charges decided together under load (one batcher per event loop: its futures are the loop's).
         self._batcher: ChargeBatcher | None = None
         self._batcher_loop: asyncio.AbstractEventLoop | None = None
@@ -121,7 +120,17 @@ class PostgresStore(SqlStore):
         async with self._lock:
             if self._pool is None:
                 with anyio.fail_after(self._timeout):
-                    self._pool = await asyncpg.create_pool(self._dsn, timeout=self._timeout, **self._pool_kwargs)
+                    pool = await asyncpg.create_pool(self._dsn, timeout=self._timeout, **self._pool_kwargs)
+                    has_sequence = await pool.fetchval(_HAS_SEQUENCE)
+                if not has_sequence:
+                    await pool.close()
+                    # The charge statement takes each ledger id from the table's sequence
+                    # (create_schema and the documented migrations make one).
+                    raise RuntimeError(
+                        f"credit_guard: {ledger.name}.id has no sequence (a table made by hand?):"
+                        " create the tables with create_schema() or the migration in docs/alembic.md"
+                    )
+                self._pool = pool
         return self._pool
 
     def _abandon(self) -> None:
@@ -154,37 +163,55 @@ class PostgresStore(SqlStore):
             self._batcher_loop = asyncio.get_running_loop()
         return await batcher.charge(request)
 
-    async def _charge_many(self, requests: Sequence[ChargeRequest]) -> list[ChargeOutcome]:
-        """Many charges, one statement, one round trip (``pg_charge.py``). Without a
-        ledger id sequence to draw from (a hand-made table), a transaction each."""
-        if not await self._supports_claims():
-            return [await super(PostgresStore, self).charge(request) for request in requests]
+    async def _charge_many(self, requests: Sequence[ChargeRequest]) -> list[ChargeOutcome | IntegrityViolation]:
+        """Many charges, one statement, one round trip (``pg_charge.py``); each its own
+        outcome, or the IntegrityViolation that one of them alone ran into."""
         try:
             async with self._connection() as conn:
-                rows = await conn.fetch(CHARGE_MANY, *_columns(requests), utcnow())
-                outcomes = [ChargeOutcome(_int_or_none(row[0]), int(row[1])) for row in rows]
-                for index, (request, row) in enumerate(zip(requests, rows, strict=True)):
-                    if row["stale"]:
-                        outcomes[index] = await self._recheck(conn, request, outcomes[index])
+                try:
+                    rows = await conn.fetch(CHARGE_MANY, *charge_columns(requests), utcnow())
+                except asyncpg.IntegrityConstraintViolationError as exc:
+                    if len(requests) == 1:
+                        return [_violation(exc)]
+                    # A constraint is the books' last line, never a control path: the
+                    # batch rolled back whole, so each charge is decided again alone, and
+                    # only one that still breaks it fails (the others are innocent).
+                    log.error("credit_guard: a batch of %d charges broke a constraint: %s", len(requests), exc)
+                    return [await self._charge_alone(conn, request) for request in requests]
+                outcomes: list[ChargeOutcome | IntegrityViolation] = []
+                for request, row in zip(requests, rows, strict=True):
+                    outcome = ChargeOutcome(_int_or_none(row[0]), int(row[1]))
+                    outcomes.append(await self._recheck(conn, request, outcome) if row["stale"] else outcome)
         except _UNAVAILABLE as exc:
             log.error("credit_guard: PostgreSQL charge of %d failed: %s", len(requests), exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
         return outcomes
 
+    async def _charge_alone(self, conn: Any, request: ChargeRequest) -> ChargeOutcome | IntegrityViolation:
+        try:
+            row = (await conn.fetch(CHARGE_MANY, *charge_columns([request]), utcnow()))[0]
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            return _violation(exc)
+        return ChargeOutcome(_int_or_none(row[0]), int(row[1]))
+
     async def _charge_one(self, request: ChargeRequest) -> ChargeOutcome:
         """One statement, one round trip (two only when refused on stale grants: ``_recheck``)."""
-        return (await self._charge_many([request]))[0]
+        outcome = (await self._charge_many([request]))[0]
+        if isinstance(outcome, IntegrityViolation):
+            raise outcome
+        return outcome
 
-    async def _recheck(self, conn: Any, request: ChargeRequest, refused: ChargeOutcome) -> ChargeOutcome:
+    async def _recheck(
+        self, conn: Any, request: ChargeRequest, refused: ChargeOutcome
+    ) -> ChargeOutcome | IntegrityViolation:
         """A refusal judged on stale grants is looked at again, once: the statement's
-        snapshot was taken before it waited for the account lock, so a grant or refund
-        committed meanwhile went unseen. If the committed grants cover the charge after
-        all, it is sent again."""
+        snapshot was taken before it waited for the account lock, so a grant committed
+        meanwhile (a new row: no lock shows it) went unseen. If the committed grants cover
+        the charge after all, it is sent again."""
         room, _ = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
         if int(room) < request.credits:
             return refused  # what was spendable at its turn
-        row = (await conn.fetch(CHARGE_MANY, *_columns([request]), utcnow()))[0]
-        return ChargeOutcome(_int_or_none(row[0]), int(row[1]))
+        return await self._charge_alone(conn, request)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
@@ -202,26 +229,12 @@ class PostgresStore(SqlStore):
         finally:
             await pool.release(conn)
 
-    async def _supports_claims(self) -> bool:
-        """Whether the ledger's id comes from a sequence the one-statement claim can draw
-        from (a table created by ``create_schema`` or the documented migration has one);
-        if not, keyed charges take ``SqlStore``'s transaction."""
-        if self._claims is None:
-            try:
-                pool = await self._get_pool()
-                async with asyncio.timeout(self._timeout):
-                    self._claims = bool(await pool.fetchval(_HAS_SEQUENCE))
-            except _UNAVAILABLE as exc:
-                raise StorageUnavailable(str(exc)) from exc
-            if not self._claims:
-                log.warning("credit_guard: %s.id has no sequence; idempotent charges take the slower path", ledger.name)
-        return self._claims
-
     async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
         """The keyed charge in one round trip when the key is free (two when it is taken:
         the stored row is read, or the balance when short). A free feature, or the engine
-        API's immediate answer (``finish_now``), takes ``SqlStore``'s transaction."""
-        if request.credits <= 0 or claim.finish_now or not await self._supports_claims():
+        API's immediate answer (``finish_now``), takes ``SqlStore``'s transaction (the
+        same charge statement, sent on its connection)."""
+        if request.credits <= 0 or claim.finish_now:
             return await super().claim_and_charge(request, claim)
         try:
             pool = await self._get_pool()
@@ -232,7 +245,7 @@ class PostgresStore(SqlStore):
                     try:
                         row = await conn.fetchrow(
                             CLAIM_AND_CHARGE,
-                            *_columns([request]),
+                            *charge_columns([request]),
                             utcnow(),
                             claim.key,
                             claim.fingerprint,
@@ -245,11 +258,11 @@ class PostgresStore(SqlStore):
                         room, spendable = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
                         if int(room) >= request.credits:
                             continue  # a grant committed while it waited: try again
-                        return ClaimOutcome(ClaimKind.INSUFFICIENT, balance=int(spendable))
+                        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=int(spendable))
                     assert row is not None
                     if row["claimed"]:
                         return ClaimOutcome(
-                            ClaimKind.CLAIMED, charge_id=int(row["charge_id"]), balance=int(row["balance_after"])
+                            ClaimKind.CLAIMED, charge_id=int(row["charge_id"]), spendable=int(row["spendable"])
                         )
                     stored = await conn.fetchrow(_KEY_ROW, request.organization_id, claim.key)
                     if stored is None:
@@ -259,6 +272,8 @@ class PostgresStore(SqlStore):
                 return ClaimOutcome(ClaimKind.RUNNING, stored={})
             finally:
                 await pool.release(conn)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise _violation(exc) from exc
         except _UNAVAILABLE as exc:
             log.error("credit_guard: PostgreSQL idempotent charge failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
@@ -286,17 +301,9 @@ class PostgresStore(SqlStore):
         return {int(row[0]) for row in rows}
 
 
-def _columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
-    """The charges as the statement's seven arrays."""
-    return [
-        [r.organization_id for r in requests],
-        [r.credits for r in requests],
-        [r.feature_key for r in requests],
-        [r.user_id for r in requests],
-        [r.request_method for r in requests],
-        [r.request_path for r in requests],
-        [r.hold_until for r in requests],
-    ]
+def _violation(exc: BaseException) -> IntegrityViolation:
+    log.error("credit_guard: PostgreSQL refused a charge (a constraint, not an outage): %s", exc, exc_info=exc)
+    return IntegrityViolation(str(exc))
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -18,11 +18,8 @@ from ..schema import accounts, grant_moves, grants, holds, ledger, reservations
 
 
 def audit_queries() -> dict[str, Select[Any]]:
-    """Each way the books can fail to add up, as a query of the rows that fail it:
-    balances that differ from their ledger, ledger rows without an account, refunds and
-    overage rows that do not point at a charge of theirs, holds that are not open charges,
-    grants whose ``remaining`` is not their amount plus their moves (what was drawn,
-    refunded, repaid and expired), and balances that are not the sum of their grants."""
+    """Each way the books can fail to add up, as a query of the rows that fail it (the
+    list, with why each holds, is in docs/architecture.md: "What audit() proves")."""
     sums = (
         select(ledger.c.organization_id, func.sum(ledger.c.amount).label("total"))
         .group_by(ledger.c.organization_id)
@@ -83,6 +80,47 @@ def audit_queries() -> dict[str, Select[Any]]:
         .select_from(grants.outerjoin(moved, moved.c.grant_id == grants.c.id))
         .where(grants.c.remaining != grants.c.amount + func.coalesce(moved.c.moved, 0))
     )
+    # A grant never holds more than it was granted (the overdraft line, granted 0, never
+    # holds credits): what a refund gives back beyond the line's debt belongs to the
+    # grants that repaid it. Credits that outlived their grant would show here.
+    over_granted = select(grants.c.organization_id, grants.c.id, grants.c.remaining, grants.c.amount).where(
+        grants.c.remaining > grants.c.amount
+    )
+    repay = grant_moves.alias("repay")
+    repaid_move = (
+        select(literal(0) - repay.c.amount)
+        .where(repay.c.ledger_id == grants.c.ledger_id, repay.c.grant_id == grants.c.id, repay.c.amount < 0)
+        .scalar_subquery()
+    )
+    # What a grant still counts as repaid is never more than it repaid when it was made.
+    bad_repaid = select(grants.c.organization_id, grants.c.id, grants.c.repaid).where(
+        (grants.c.repaid < 0) | (grants.c.repaid > func.coalesce(repaid_move, 0))
+    )
+    row_moves = (
+        select(grant_moves.c.ledger_id, func.sum(grant_moves.c.amount).label("moved"))
+        .group_by(grant_moves.c.ledger_id)
+        .subquery()
+    )
+    made = (
+        select(grants.c.ledger_id, func.sum(grants.c.amount).label("made"))
+        .where(grants.c.ledger_id.isnot(None))
+        .group_by(grants.c.ledger_id)
+        .subquery()
+    )
+    # Every ledger row that touched the grants moved exactly its amount through them: what
+    # it drew, gave back, repaid or wrote off, plus the grant it created.
+    unmoved = (
+        select(ledger.c.organization_id, ledger.c.id, ledger.c.amount)
+        .select_from(
+            ledger.outerjoin(row_moves, row_moves.c.ledger_id == ledger.c.id).outerjoin(
+                made, made.c.ledger_id == ledger.c.id
+            )
+        )
+        .where(
+            (row_moves.c.ledger_id.isnot(None)) | (made.c.ledger_id.isnot(None)),
+            func.coalesce(row_moves.c.moved, 0) + func.coalesce(made.c.made, 0) != ledger.c.amount,
+        )
+    )
     kept = (
         select(grants.c.organization_id, func.sum(grants.c.remaining).label("kept"))
         .group_by(grants.c.organization_id)
@@ -94,6 +132,9 @@ def audit_queries() -> dict[str, Select[Any]]:
         .where(accounts.c.balance != func.coalesce(kept.c.kept, 0))
     )
     return {
+        "over_granted": over_granted,
+        "bad_repaid": bad_repaid,
+        "unmoved": unmoved,
         "bad_grants": bad_grants,
         "unkept": unkept,
         "mismatched": mismatched,
@@ -121,6 +162,18 @@ _ISSUES: list[tuple[str, Callable[[Any], AuditIssue]]] = [
         ),
     ),
     ("unkept", lambda r: AuditIssue(r.organization_id, "balance differs from its grants", int(r.balance), int(r.kept))),
+    (
+        "over_granted",
+        lambda r: AuditIssue(r.organization_id, f"grant {r.id} holds {r.remaining}, more than its amount {r.amount}"),
+    ),
+    (
+        "bad_repaid",
+        lambda r: AuditIssue(r.organization_id, f"grant {r.id} counts {r.repaid} as repaid, more than it repaid"),
+    ),
+    (
+        "unmoved",
+        lambda r: AuditIssue(r.organization_id, f"ledger row {r.id} ({r.amount}) is not what it moved in grants"),
+    ),
 ]
 
 

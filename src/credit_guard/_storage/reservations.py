@@ -18,7 +18,8 @@ from .._clock import utcnow
 from ..models import RefundResult, Reservation
 from ..schema import holds, reservations
 from .base import ChargeRequest, UsageSettlement
-from .writes import Abandon, charge_in, refund_in, settle_usage_in, upsert
+from .charge import charge_in
+from .writes import Abandon, refund_in, settle_usage_in, upsert
 
 R = reservations.c
 
@@ -68,11 +69,11 @@ def reserve_in(
         return reservation_from_row(row), 0, False
     outcome = charge_in(conn, request)
     if outcome.charge_id is None:
-        raise Abandon(outcome.balance)
+        raise Abandon(outcome.spendable)
     row = conn.execute(
         update(reservations).where(R.job_id == job_id).values(charge_id=outcome.charge_id).returning(reservations)
     ).one()
-    return reservation_from_row(row), outcome.balance, True
+    return reservation_from_row(row), outcome.spendable, True
 
 
 def adopt_in(

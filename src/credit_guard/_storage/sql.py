@@ -50,13 +50,12 @@ from .base import (
     KeyClaim,
     UsageSettlement,
 )
+from .charge import charge_in
 from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, set_overdraft_in
 from .reports import activity_in, audit_in, organizations_query, usage_query, usage_row
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
     Abandon,
-    balance_in,
-    charge_in,
     claim_and_charge_in,
     create_schema_in,
     delete_expired_keys_in,
@@ -69,6 +68,7 @@ from .writes import (
     refund_in,
     settle_holds_in,
     settle_usage_in,
+    spendable_now_in,
     update_pricing_in,
 )
 
@@ -309,7 +309,7 @@ class SqlStore:
         try:
             return await self._write(work)
         except Abandon as short:
-            return None, short.balance, False
+            return None, short.spendable, False
         except IntegrityError:
             return await self._write(work)  # a twin of the same job committed first: answer with it
 
@@ -357,7 +357,7 @@ class SqlStore:
         try:
             return await self._write(partial(claim_and_charge_in, dialect=self.dialect, request=request, claim=claim))
         except Abandon as short:
-            return ClaimOutcome(ClaimKind.INSUFFICIENT, balance=short.balance)
+            return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=short.spendable)
 
     async def refund(
         self,
@@ -445,8 +445,9 @@ class SqlStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def balance(self, organization_id: str) -> int:
-        return await self._read(partial(balance_in, organization_id=organization_id))
+    async def spendable(self, organization_id: str) -> int:
+        """What the organization can spend now: its live grants (expired credits left out)."""
+        return await self._read(partial(spendable_now_in, organization_id=organization_id))
 
     async def audit(self) -> list[AuditIssue]:
         """Every way the books fail to add up (``reports.audit_in``)."""

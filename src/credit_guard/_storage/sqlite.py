@@ -14,8 +14,8 @@ UPDATE decided by the database, in arrival order.
 Two kinds of writes share a batch:
 
 * the hot ones (a charge, the settlement of holds) are plain ``sqlite3`` calls with fixed
-  SQL (``charge_raw``...): the thread's Python time per charge is what caps throughput,
-  since it shares the interpreter with the event loop;
+  SQL (``charge.charge_sqlite``, ``settle_raw``): the thread's Python time per charge is
+  what caps throughput, since it shares the interpreter with the event loop;
 * everything else is a ``writes.py`` body on SQLAlchemy, each in a savepoint of its own.
 
 A write that fails alone (a constraint: a twin refund, a duplicate key) fails only its
@@ -43,21 +43,18 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, DateTime, create_engine, event
-from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from .._clock import utcnow
-from ..errors import StorageUnavailable
-from ..schema import holds, ledger
-from . import grants
+from ..errors import IntegrityViolation, StorageUnavailable
+from ..schema import holds
 from .base import ChargeOutcome, ChargeRequest, Completion
+from .charge import charge_sqlite
 from .engine import setup_sqlite_connection
 from .sql import SqlStore, T, Work, unavailable
 
@@ -70,16 +67,9 @@ MAX_BATCH = 512
 _ATTEMPT_BUSY_MS = 1
 #: How long a writer that had to wait for the lock rests after its commit (the others' turn).
 _YIELD_AFTER_CONTENTION = 0.002
+#: How long past the guard's ``timeout`` a caller waits for an answer the writer owes it.
+_NO_ANSWER_GRACE = 1.0
 
-#: Datetimes as SQLAlchemy stores them in SQLite, so raw rows read back like the others.
-_STORE_DATETIME: Callable[[datetime | None], Any] = DateTime(timezone=True).bind_processor(
-    sqlite_dialect.dialect()
-) or (lambda value: value)
-_ENTRY = (
-    f"INSERT INTO {ledger.name} (organization_id, kind, amount, balance_after, feature_key, user_id,"
-    " request_method, request_path, created_at) VALUES (?, 'charge', ?, ?, ?, ?, ?, ?, ?)"
-)
-_HOLD = f"INSERT INTO {holds.name} (charge_id, expires_at) VALUES (?, ?)"
 #: Holds closed per statement (well under SQLite's 32,766 bound parameters).
 _SETTLE_CHUNK = 500
 
@@ -88,29 +78,6 @@ def is_file_database(url: URL) -> bool:
     """Whether ``url`` names a file another connection (the writer's) can open too."""
     name = url.database or ""
     return url.get_backend_name() == "sqlite" and name not in ("", ":memory:") and "mode=memory" not in name
-
-
-def charge_raw(db: sqlite3.Connection, request: ChargeRequest) -> ChargeOutcome:
-    """``writes.charge_in`` as ``sqlite3`` calls on the same SQL (``grants.py``): the
-    conditional debit, its ledger row, its draws from the grants, its hold."""
-    now = _STORE_DATETIME(utcnow())
-    org, cost = request.organization_id, request.credits
-    row = db.execute(grants.DEBIT, {"org": org, "cost": cost, "now": now}).fetchone()
-    if row is None:
-        available = db.execute(f"SELECT {grants.SPENDABLE}", {"org": org, "now": now}).fetchone()
-        return ChargeOutcome(None, int(available[0]))
-    balance, spendable = int(row[0]), int(row[1])
-    entry = db.execute(
-        _ENTRY,
-        (org, -cost, balance, request.feature_key, request.user_id, request.request_method, request.request_path, now),
-    )
-    charge_id = int(entry.lastrowid or 0)
-    if cost > 0:
-        db.execute(grants.DRAW, {"lid": charge_id, "org": org, "cost": cost, "now": now})
-        db.execute(grants.APPLY, {"lid": charge_id})
-    if request.hold_until is not None:
-        db.execute(_HOLD, (charge_id, _STORE_DATETIME(request.hold_until)))
-    return ChargeOutcome(charge_id, spendable)
 
 
 def settle_raw(db: sqlite3.Connection, charge_ids: Sequence[int]) -> set[int]:
@@ -199,13 +166,27 @@ class SqliteWriter:
         future: asyncio.Future[Any] = loop.create_future()
         self._ensure_thread()
         self._queue.put(_Job(work, raw, future, loop, time.monotonic() + self._timeout))
-        return await future
+        try:
+            # The writer answers every job by its deadline (a write past it fails with
+            # StorageUnavailable), and a writer that dies fails its batch and starts its
+            # successor; this bound is for what neither foresaw: a thread stuck in a call.
+            # A timer, not a task: nothing more per write on the hot path.
+            async with asyncio.timeout(self._timeout + _NO_ANSWER_GRACE):
+                return await future
+        except TimeoutError:
+            self._ensure_thread()
+            log.error("credit_guard: the SQLite writer gave no answer within %.1fs", self._timeout + _NO_ANSWER_GRACE)
+            raise StorageUnavailable(
+                f"the SQLite writer gave no answer within {self._timeout + _NO_ANSWER_GRACE:.1f}s"
+                " (if the write ran, a charge is a hold that the sweeper gives back)"
+            ) from None
 
-    def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+    def _ensure_thread(self, *, replacing: threading.Thread | None = None) -> None:
+        """Start the writer thread unless one runs (``replacing``: the dying one itself)."""
+        if self._thread is not None and self._thread is not replacing and self._thread.is_alive():
             return
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread is None or self._thread is replacing or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="credit_guard-sqlite-writer", daemon=True)
                 self._thread.start()
 
@@ -221,21 +202,48 @@ class SqliteWriter:
     # -- the thread -------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Write batches until stopped. Whatever escapes a batch (a bug, an exception no
+        body catches) fails that batch's callers at once, never leaves them waiting; the
+        thread goes on with a new connection, or, for what must end a thread (a
+        BaseException), starts its successor first and then ends."""
         conn: Connection | None = None
+        batch: list[_Job] = []
+        stop = False
         try:
-            while True:
+            while not stop:
                 batch, stop = self._next_batch()
-                if batch:
+                if not batch:
+                    continue
+                try:
                     if conn is None or conn.closed:
                         conn = self._connect(batch)
                     if conn is not None:
                         conn = self._write_batch(conn, batch)
-                if stop:
-                    return
+                except Exception as exc:
+                    self._fail_unanswered(batch, exc)
+                    self._drop(conn)
+                    conn = None
+                batch = []
+        except BaseException as exc:
+            self._fail_unanswered(batch, exc)
+            if not stop:
+                self._ensure_thread(replacing=threading.current_thread())
+            raise
         finally:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    conn.close()
+            self._drop(conn)
+
+    def _fail_unanswered(self, batch: list[_Job], exc: BaseException) -> None:
+        log.critical("credit_guard: the SQLite writer failed (%s): its batch is answered as unavailable", exc)
+        failure = StorageUnavailable(f"the SQLite writer failed: {type(exc).__name__}: {exc}")
+        for job in batch:
+            job.error = failure
+        _deliver(batch)
+
+    @staticmethod
+    def _drop(conn: Connection | None) -> None:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _next_batch(self) -> tuple[list[_Job], bool]:
         """Everything queued now (waiting for the first), without cancelled callers."""
@@ -321,14 +329,14 @@ class SqliteWriter:
                         db = conn.connection.dbapi_connection  # type: ignore[assignment]
                     try:
                         job.result = job.work(db)
-                    except sqlite3.Error as exc:
+                    except Exception as exc:
                         if not alone:
-                            raise _RetryAlone from exc
-                        if isinstance(exc, sqlite3.IntegrityError):
-                            job.error = exc
-                            transaction.rollback()
-                            return contended
-                        raise
+                            raise _RetryAlone from exc  # find the write that fails, alone
+                        if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                            raise  # the connection or the file failed
+                        job.error = exc  # a constraint, or the write's own bug: its caller's answer
+                        transaction.rollback()
+                        return contended
                     continue
                 try:
                     if alone:
@@ -399,7 +407,10 @@ class SqliteStore(SqlStore):
 
     async def charge(self, request: ChargeRequest) -> ChargeOutcome:
         try:
-            return await self.writer.submit_raw(lambda db: charge_raw(db, request))
+            return await self.writer.submit_raw(lambda db: charge_sqlite(db.execute, request))
+        except sqlite3.IntegrityError as exc:
+            log.error("credit_guard: SQLite refused a charge (a constraint, not an outage): %s", exc)
+            raise IntegrityViolation(str(exc)) from exc
         except sqlite3.Error as exc:
             raise unavailable(exc) from exc
 

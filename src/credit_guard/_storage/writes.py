@@ -46,7 +46,6 @@ from ..schema import (
     reservations,
 )
 from .base import (
-    ChargeOutcome,
     ChargeRequest,
     ClaimKind,
     ClaimOutcome,
@@ -56,7 +55,8 @@ from .base import (
     KeyClaim,
     UsageSettlement,
 )
-from .grants import add_grant_in, debit_in, draw_in, give_back_in, lock_account, room_in, spendable_in
+from .charge import charge_in
+from .grants import add_grant_in, give_back_in, lock_account, room_in, spendable_in
 
 #: The PostgreSQL advisory lock ``create_schema`` holds (a constant: ``credit_g`` in ASCII).
 SCHEMA_LOCK_ID = 0x6372656469745F67
@@ -110,16 +110,17 @@ def upsert(dialect: str) -> Any:
 
 
 class Abandon(Exception):
-    """Rolls back a claim whose charge the balance could not cover."""
+    """Rolls back a claim (of an idempotency key, of a job id) whose charge the live grants
+    could not cover: the key or id stays free for the retry after a top-up."""
 
-    def __init__(self, balance: int) -> None:
-        self.balance = balance
+    def __init__(self, spendable: int) -> None:
+        self.spendable = spendable
 
 
 # -- the write bodies: one transaction each, on a sync connection ---------------------------
 
 
-def balance_in(conn: Connection, organization_id: str) -> int:
+def spendable_now_in(conn: Connection, organization_id: str) -> int:
     """What the organization can spend now: its live grants (expired ones left out)."""
     return spendable_in(conn, organization_id, utcnow())
 
@@ -134,7 +135,9 @@ def granted_in(conn: Connection, organization_id: str, idempotency_key: str) -> 
     ).first()
     if row is None:
         return None
-    return GrantOutcome(GrantStatus.ALREADY_GRANTED, balance_in(conn, organization_id), int(row.id), int(row.amount))
+    return GrantOutcome(
+        GrantStatus.ALREADY_GRANTED, spendable_now_in(conn, organization_id), int(row.id), int(row.amount)
+    )
 
 
 def grant_in(
@@ -162,7 +165,7 @@ def grant_in(
     ).returning(accounts.c.balance)
     balance = conn.execute(stmt).scalar_one_or_none()  # the account row is locked from here
     if balance is None:
-        return GrantOutcome(GrantStatus.OVER_LIMIT, balance_in(conn, organization_id))
+        return GrantOutcome(GrantStatus.OVER_LIMIT, spendable_now_in(conn, organization_id))
     entry_id = conn.execute(
         insert(ledger)
         .values(
@@ -189,39 +192,9 @@ def grant_in(
     return GrantOutcome(GrantStatus.GRANTED, spendable_in(conn, organization_id, now), int(entry_id), amount)
 
 
-def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
-    """The conditional debit (only if the live grants cover it), its ledger row, its
-    draws from the grants in spending order, its hold."""
-    now = utcnow()
-    org, credits = request.organization_id, request.credits
-    if conn.dialect.name == "postgresql":
-        # Lock first: the next statements then read the grants as committed by whoever
-        # held the lock before us (one statement's snapshot would predate the wait).
-        lock_account(conn, org, now)
-    debited = debit_in(conn, org, credits, now)
-    if debited is None:
-        return ChargeOutcome(None, spendable_in(conn, org, now))
-    balance, spendable = debited
-    row = {
-        "organization_id": org,
-        "kind": "charge",
-        "amount": -credits,
-        "balance_after": balance,
-        "feature_key": request.feature_key,
-        "user_id": request.user_id,
-        "request_method": request.request_method,
-        "request_path": request.request_path,
-        "created_at": now,
-    }
-    new_id = int(conn.execute(insert(ledger).values(**row).returning(ledger.c.id)).scalar_one())
-    draw_in(conn, org, credits, new_id, now)
-    if request.hold_until is not None:
-        conn.execute(insert(holds).values(charge_id=new_id, expires_at=request.hold_until))
-    return ChargeOutcome(new_id, spendable)
-
-
 def claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
-    """Claim the key and charge for it; a short balance raises Abandon (rolling the claim back)."""
+    """Claim the key and charge for it; a charge the live grants cannot cover raises
+    Abandon (rolling the claim back)."""
     fresh = {
         "fingerprint": claim.fingerprint,
         "state": "running",
@@ -262,37 +235,27 @@ def claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, 
         return ClaimOutcome.for_taken(row._mapping, claim.fingerprint)
     outcome = charge_in(conn, request)
     if outcome.charge_id is None and request.credits > 0:
-        raise Abandon(outcome.balance)
+        raise Abandon(outcome.spendable)
     finish: dict[str, Any] = {"charge_id": outcome.charge_id}
     if claim.finish_now:
         answer = {
             "charge_id": outcome.charge_id,
-            "remaining_credits": outcome.balance,
+            "remaining_credits": outcome.spendable,
             "credits_deducted": request.credits,
         }
         finish.update(state="done", status_code=200, response_body=json.dumps(answer).encode())
     conn.execute(
         update(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key).values(**finish)
     )
-    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, balance=outcome.balance)
+    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, spendable=outcome.spendable)
 
 
-def answer_charge_in(
-    conn: Connection,
-    charge: Any,
-    kind: str,
-    amount: int,
-    balance: int,
-    reason: str | None,
-    now: datetime,
-    **points_at: int,
-) -> int:
-    """A ledger row answering a charge (its refund, or its overage: ``refund_of`` or
-    ``extra_of``), copying what the charge recorded; returns its id."""
+def refund_row_in(conn: Connection, charge: Any, charge_id: int, amount: int, book: int, reason: str | None) -> int:
+    """The refund's ledger row, copying what its charge recorded; returns its id."""
     row = {column.name: getattr(charge, column.name) for column in CHARGE_COLUMNS if column.name != "amount"}
-    values = {**row, "kind": kind, "amount": amount, "balance_after": balance, "created_at": now}
+    values = {**row, "kind": "refund", "amount": amount, "balance_after": book, "created_at": utcnow()}
     values["reason"] = reason[:500] if reason else reason
-    return int(conn.execute(insert(ledger).values(**values, **points_at).returning(ledger.c.id)).scalar_one())
+    return int(conn.execute(insert(ledger).values(**values, refund_of=charge_id).returning(ledger.c.id)).scalar_one())
 
 
 def refund_in(
@@ -325,16 +288,17 @@ def refund_in(
         if credits is None:  # a free request failed: its key must not stay locked
             conn.execute(delete(idempotency_keys).where(idempotency_keys.c.charge_id == charge_id))
         return RefundResult(refunded=False, error="nothing to refund")
-    now = utcnow()
+    # The account's lock first (this UPDATE): every grant read after it is as committed.
     book = conn.execute(
         update(accounts)
         .where(accounts.c.organization_id == charge.organization_id)
-        .values(balance=accounts.c.balance + amount, updated_at=now)
+        .values(balance=accounts.c.balance + amount, updated_at=utcnow())
         .returning(accounts.c.balance)
     ).scalar_one()
-    refund_id = answer_charge_in(conn, charge, "refund", amount, book, reason, now, refund_of=charge_id)
+    refund_id = refund_row_in(conn, charge, charge_id, amount, book, reason)
+    now = utcnow()
     give_back_in(conn, charge.organization_id, charge_id, amount, refund_id, now)
-    balance = spendable_in(conn, charge.organization_id, now)
+    spendable = spendable_in(conn, charge.organization_id, now)
     if credits is None:
         # A full refund means the request did not happen: its idempotency key is free
         # again, a reservation it paid for is closed, and a surcharge goes back with it.
@@ -351,11 +315,12 @@ def refund_in(
             extra = refund_in(conn, int(surcharge), reason)
             if extra.refunded:
                 amount += extra.credits_refunded
-                balance = extra.remaining_credits or balance
+                if extra.remaining_credits is not None:  # 0 is a true remainder too
+                    spendable = extra.remaining_credits
     return RefundResult(
         refunded=True,
         credits_refunded=amount,
-        remaining_credits=int(balance),
+        remaining_credits=int(spendable),
         refund_id=int(refund_id),
         organization_id=charge.organization_id,
         feature_key=charge.feature_key,
@@ -414,25 +379,33 @@ def settle_usage_in(
     if used < held:
         refund = refund_in(conn, charge_id, reason, credits=held - used)
         return replace(
-            moved, refunded=refund.credits_refunded, balance=refund.remaining_credits, refund_id=refund.refund_id
+            moved, refunded=refund.credits_refunded, spendable=refund.remaining_credits, refund_id=refund.refund_id
         )
     extra = min(used - held, max_overage_credits)
     if extra <= 0:
         return moved
-    # Lock the account row first: the room read next cannot change until we commit, and
-    # the debit is still conditional, so even a wrong sum here could never overdraw.
-    now = utcnow()
+    # What the live grants can still give, read under the account's lock (taken first):
+    # the surcharge is the charge of that much, by the database's one charge, so a grant
+    # that expires in between only makes it refuse (then nothing is taken).
     org = charge.organization_id
-    lock_account(conn, org, now)
-    taken = min(extra, room_in(conn, org, now))
+    lock_account(conn, org, utcnow())
+    taken = min(extra, room_in(conn, org, utcnow()))
     if taken <= 0:
         return moved
-    debited = debit_in(conn, org, taken, now)
-    assert debited is not None
-    book, spendable = debited
-    entry = answer_charge_in(conn, charge, "charge", -taken, book, reason, now, extra_of=charge_id)
-    draw_in(conn, org, taken, entry, now)
-    return replace(moved, overage=taken, balance=spendable)
+    surcharge = ChargeRequest(
+        org,
+        taken,
+        charge.feature_key,
+        charge.user_id,
+        charge.request_method,
+        charge.request_path,
+        extra_of=charge_id,
+        reason=reason[:500],
+    )
+    outcome = charge_in(conn, surcharge)
+    if outcome.charge_id is None:
+        return moved
+    return replace(moved, overage=taken, spendable=outcome.spendable)
 
 
 def extend_holds_in(conn: Connection, charge_ids: Sequence[int], until: datetime) -> set[int]:

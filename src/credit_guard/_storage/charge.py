@@ -1,0 +1,115 @@
+"""A charge: ONE definition per database, and the one way a write body takes one.
+
+* SQLite: ``charge_sqlite`` below, a few statements in the writer's ``BEGIN IMMEDIATE``
+  transaction (which is the lock): the conditional debit, its ledger row, its draws from
+  the grants, its hold. The writer calls it with raw ``sqlite3`` (the hot path), a write
+  body with its SQLAlchemy connection: the same function either way.
+* PostgreSQL: the one statement of ``pg_charge.py``, which decides any number of charges
+  at once. The store sends it on its asyncpg pool (the hot path); a write body (a job's
+  reservation, a surcharge, an idempotent Python call) sends it on its own transaction's
+  connection, after taking the account's lock, so the statement's snapshot is the
+  committed state and no refusal needs a second look.
+
+Both take the spending rules (live, room, order) from ``spending.py``. ``charge_in`` is
+what every write body calls; nothing else in the package writes a charge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, DateTime
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+from .._clock import utcnow
+from ..schema import accounts, grant_moves, grants, holds, ledger
+from . import spending
+from .base import ChargeOutcome, ChargeRequest
+from .grants import APPLY, ROOM, SPENDABLE, lock_account
+from .pg_charge import CHARGE_MANY, charge_columns
+
+_SQLITE = sqlite_dialect.dialect()
+#: A datetime as SQLAlchemy stores it in SQLite (text), bound explicitly: every raw
+#: statement then compares like for like with what SQLAlchemy wrote, and nothing reaches
+#: sqlite3's default datetime adapter (deprecated since Python 3.12: with warnings as
+#: errors it raised inside the writer thread).
+store_datetime: Callable[[datetime | None], Any] = DateTime(timezone=True).dialect_impl(_SQLITE).bind_processor(_SQLITE)  # type: ignore[assignment]
+
+#: The conditional debit: it happens only if the live grants' room covers the cost.
+DEBIT = (
+    f"UPDATE {accounts.name} SET balance = balance - :cost, updated_at = :now"
+    f" WHERE organization_id = :org AND {ROOM} >= :cost"
+    f" RETURNING balance, {SPENDABLE} - :cost"
+)
+#: The draws: ``:cost`` over the live grants in spending order, each up to its room.
+DRAW = f"""
+INSERT INTO {grant_moves.name} (ledger_id, grant_id, amount)
+SELECT :lid, id, -take FROM (
+    SELECT id, CASE WHEN room < :cost - (run - room) THEN room ELSE :cost - (run - room) END AS take
+      FROM (SELECT g.id, {spending.room("g")} AS room,
+                   sum({spending.room("g")}) OVER (ORDER BY {spending.order("g")} ROWS UNBOUNDED PRECEDING) AS run
+              FROM {grants.name} g
+             WHERE g.organization_id = :org AND {spending.has_room("g")} AND {spending.live("g", ":now")}) w
+     WHERE run - room < :cost
+) t
+"""
+ENTRY = (
+    f"INSERT INTO {ledger.name} (organization_id, kind, amount, balance_after, feature_key, user_id,"
+    " request_method, request_path, extra_of, reason, created_at)"
+    " VALUES (:org, 'charge', :amount, :book, :feature, :user, :method, :path, :extra_of, :reason, :now)"
+)
+HOLD = f"INSERT INTO {holds.name} (charge_id, expires_at) VALUES (:lid, :until)"
+
+#: Runs one statement with named parameters: ``sqlite3.Connection.execute`` or
+#: SQLAlchemy's ``Connection.exec_driver_sql``; the result has fetchone() and lastrowid.
+Execute = Callable[[str, Mapping[str, Any]], Any]
+
+
+def charge_sqlite(execute: Execute, request: ChargeRequest) -> ChargeOutcome:
+    """SQLite's charge, inside the writer's transaction (its lock is taken): judged at the
+    moment it runs, so no grant is spent after its expiry instant."""
+    now = store_datetime(utcnow())
+    org, cost = request.organization_id, request.credits
+    row = execute(DEBIT, {"org": org, "cost": cost, "now": now}).fetchone()
+    if row is None:
+        available = execute(f"SELECT {SPENDABLE}", {"org": org, "now": now}).fetchone()
+        return ChargeOutcome(None, int(available[0]))
+    book, spendable = int(row[0]), int(row[1])
+    entry = execute(
+        ENTRY,
+        {
+            "org": org,
+            "amount": -cost,
+            "book": book,
+            "feature": request.feature_key,
+            "user": request.user_id,
+            "method": request.request_method,
+            "path": request.request_path,
+            "extra_of": request.extra_of,
+            "reason": request.reason,
+            "now": now,
+        },
+    )
+    charge_id = int(entry.lastrowid or 0)
+    if cost > 0:
+        execute(DRAW, {"lid": charge_id, "org": org, "cost": cost, "now": now})
+        execute(APPLY, {"lid": charge_id})
+    if request.hold_until is not None:
+        execute(HOLD, {"lid": charge_id, "until": store_datetime(request.hold_until)})
+    return ChargeOutcome(charge_id, spendable)
+
+
+def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
+    """Take a charge inside a write body's transaction, by the database's one definition."""
+    if conn.dialect.name == "postgresql":
+        # The lock first, in its own statement: the charge's snapshot is then taken after
+        # it, so it sees every grant committed before (no refusal on stale grants).
+        lock_account(conn, request.organization_id, utcnow())
+        (row,) = conn.exec_driver_sql(CHARGE_MANY, (*charge_columns([request]), utcnow())).all()
+        return ChargeOutcome(None if row[0] is None else int(row[0]), int(row[1]))
+    return charge_sqlite(conn.exec_driver_sql, request)
+
+
+__all__ = ["Execute", "charge_in", "charge_sqlite", "store_datetime"]
