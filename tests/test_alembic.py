@@ -333,3 +333,67 @@ def test_upgrading_tables_made_before_grants_keeps_every_balance_as_a_grant(db: 
     assert opening == [(7, 7, None, "balance before grants")]
     assert spent == [4, 1, -2, -5]  # down to the overdraft limit of 5
     assert (expired, balance, issues) == (1, 5, [])
+
+
+REPAID_UPGRADE_SQL = (
+    "UPDATE credit_guard_grants SET repaid = coalesce((SELECT -m.amount FROM credit_guard_grant_moves m"
+    " WHERE m.ledger_id = credit_guard_grants.ledger_id AND m.grant_id = credit_guard_grants.id"
+    " AND m.amount < 0), 0)"
+)
+
+
+def test_upgrading_grants_made_before_repaid_keeps_each_repayment(db: Db) -> None:
+    """Tables of the previous version (grants without ``repaid``, no ``remaining <= amount``
+    CHECK) with a grant that repaid an overdraft: the documented migration adds the column,
+    fills it from each grant's repayment move and adds the two CHECKs; then a refund of the
+    charge the grant paid for goes back to that grant, and expires with it."""
+    from credit_guard._clock import reset_travel, travel
+
+    async def before() -> int:
+        async with CreditGuard(db.async_url) as guard:
+            await guard.create_schema()
+            await guard.create_pricing(feature_key="ping", feature_name="Ping", category="c", credits=30)
+            await guard.set_overdraft_limit("org_1", 50)
+            charge = await guard.deduct_credits("org_1", "ping")
+            assert charge.remaining_credits == -30
+            soon = datetime.now(UTC) + timedelta(minutes=1)
+            assert await guard.grant_credits("org_1", 40, reason="monthly", expires_at=soon) == 10
+            return charge.charge_id or 0
+
+    charge_id = anyio.run(before)
+
+    def downgrade(op: Any) -> None:  # back to the previous version's grants
+        with op.batch_alter_table("credit_guard_grants") as batch:
+            batch.drop_constraint("ck_credit_guard_grants_remaining_at_most_amount", type_="check")
+            batch.drop_constraint("ck_credit_guard_grants_repaid_non_negative", type_="check")
+            batch.drop_column("repaid")
+
+    _migrate(db, downgrade)
+    assert [diff[0] for diff in db.diffs(credit_guard_metadata)] == ["add_column"]
+
+    def upgrade(op: Any) -> None:  # the migration docs/alembic.md shows
+        import sqlalchemy as sa
+
+        with op.batch_alter_table("credit_guard_grants") as batch:
+            batch.add_column(sa.Column("repaid", sa.BigInteger(), nullable=False, server_default="0"))
+        op.execute(REPAID_UPGRADE_SQL)
+        with op.batch_alter_table("credit_guard_grants") as batch:
+            batch.create_check_constraint("ck_credit_guard_grants_remaining_at_most_amount", "remaining <= amount")
+            batch.create_check_constraint("ck_credit_guard_grants_repaid_non_negative", "repaid >= 0")
+
+    _migrate(db, upgrade)
+    assert db.diffs(credit_guard_metadata) == []
+
+    async def after() -> tuple[Any, ...]:
+        async with CreditGuard(db.async_url) as guard:
+            first_audit = await guard.audit()
+            refund = await guard.refund_credits(charge_id)
+            travel(timedelta(minutes=2))
+            try:
+                await guard.expire_grants()
+            finally:
+                reset_travel()
+            return first_audit, refund.remaining_credits, await guard.get_balance("org_1"), await guard.audit()
+
+    # The refund's 30 go back to the grant that repaid them (40 left), which then expires.
+    assert anyio.run(after) == ([], 40, 0, [])
