@@ -20,6 +20,7 @@ from decimal import Decimal
 import anyio
 
 from ._clock import utcnow
+from ._decisions import Charged, Decision, InFlight, KeyReused, Refusal, Refused, Replayed
 from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
 from ._idempotency import call_fingerprint, validate_key
@@ -28,7 +29,6 @@ from ._pricing import Pricing
 from ._storage.base import (
     ChargeRequest,
     ClaimKind,
-    ClaimOutcome,
     Completion,
     KeyClaim,
     Store,
@@ -100,7 +100,7 @@ class Ledger:
         check_key(idempotency_key)
         count = units_value(units)
         keyed = (idempotency_key, call_fingerprint(feature_key, count.normalize()), True) if idempotency_key else None
-        result, outcome = await self.charge(
+        decision = await self.charge(
             organization_id,
             feature_key,
             user_id,
@@ -110,31 +110,37 @@ class Ledger:
             request_method=request_method,
             request_path=request_path,
         )
-        if outcome is None or outcome.kind in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
-            return result
-        assert idempotency_key is not None and outcome.stored is not None
-        if outcome.kind is ClaimKind.MISMATCH:
-            raise IdempotencyKeyReused(idempotency_key)
-        stored = json.loads(bytes(outcome.stored["response_body"] or b"{}")) if outcome.kind is ClaimKind.REPLAY else {}
-        return DeductionResult(
-            success=True,
-            remaining_credits=stored.get("remaining_credits"),
-            credits_deducted=stored.get("credits_deducted"),
-            charge_id=stored.get("charge_id") or outcome.stored["charge_id"],
-            required=stored.get("credits_deducted"),
-            replayed=True,
-        )
+        match decision:
+            case Charged():
+                return DeductionResult(
+                    success=True,
+                    remaining_credits=decision.spendable,
+                    credits_deducted=decision.credits,
+                    charge_id=decision.charge_id,
+                    required=decision.credits,
+                    unit_price=decision.unit_price,
+                )
+            case Refused():
+                return refusal_result(decision)
+            case KeyReused():
+                raise IdempotencyKeyReused(idempotency_key or "")
+            case Replayed() | InFlight():
+                # The first call's answer when it has one; a call still running has only its charge.
+                body = decision.stored.get("response_body") if isinstance(decision, Replayed) else None
+                stored = json.loads(bytes(body or b"{}"))
+                return DeductionResult(
+                    success=True,
+                    remaining_credits=stored.get("remaining_credits"),
+                    credits_deducted=stored.get("credits_deducted"),
+                    charge_id=stored.get("charge_id") or decision.stored.get("charge_id"),
+                    required=stored.get("credits_deducted"),
+                    replayed=True,
+                )
 
-    def refused(self, organization_id: str, feature_key: str, credits: int, balance: int) -> DeductionResult:
-        """The answer to a charge (or a reservation) the balance cannot cover, its hook told."""
-        self.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, balance))
-        return DeductionResult(
-            success=False,
-            remaining_credits=balance,
-            error=f"Insufficient credits. Required: {credits}, Available: {balance}",
-            required=credits,
-            error_code="insufficient_credits",
-        )
+    def refused(self, organization_id: str, feature_key: str, credits: int, spendable: int) -> Refused:
+        """A charge (or a reservation) the live grants cannot cover, its hook told."""
+        self.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, spendable))
+        return Refused(Refusal.INSUFFICIENT, feature_key, credits, spendable)
 
     async def charge(
         self,
@@ -148,11 +154,11 @@ class Ledger:
         request_method: str | None,
         request_path: str | None,
         checked: bool = False,
-    ) -> tuple[DeductionResult, ClaimOutcome | None]:
+    ) -> Decision:
         """The one charge every path takes, decided by the database in one statement.
 
         ``checked``: the web path has already refused ids the ledger cannot hold (as 401s).
-        The outcome of a keyed charge is returned too: a key already taken charges nothing.
+        A keyed charge whose key is taken charges nothing: Replayed, InFlight or KeyReused.
         """
         if not checked:
             check_org(organization_id)
@@ -165,13 +171,9 @@ class Ledger:
         valid = isinstance(feature_key, str) and _valid_feature_key(feature_key)
         pricing = await self.pricing.cache.get(feature_key) if valid else None
         if pricing is None:
-            return DeductionResult(
-                success=False, error=f"Feature pricing not found: {feature_key}", error_code="feature_not_found"
-            ), None
+            return Refused(Refusal.FEATURE_NOT_FOUND, feature_key)
         if not pricing.is_active:
-            return DeductionResult(
-                success=False, error=f"Feature is inactive: {feature_key}", error_code="feature_inactive"
-            ), None
+            return Refused(Refusal.FEATURE_INACTIVE, feature_key)
         credits = pricing.credits if units is ONE else cost_of(pricing.credits, units)
         # Clipped to their columns: a long URL must be charged, not mistaken for an outage.
         user_id = user_id[:USER_ID_MAX] if user_id else user_id
@@ -180,10 +182,9 @@ class Ledger:
         request = ChargeRequest(
             organization_id, credits, feature_key, user_id, request_method, request_path, hold_until
         )
-        outcome: ClaimOutcome | None = None
         if idempotency is None:
             charged = await self.store.charge(request)
-            charge_id, balance = charged.charge_id, charged.spendable
+            charge_id, spendable = charged.charge_id, charged.spendable
         else:
             key, fingerprint, finish_now = idempotency
             now = utcnow()
@@ -196,25 +197,21 @@ class Ledger:
                 finish_now=finish_now,
             )
             outcome = await self.store.claim_and_charge(request, claim)
-            if outcome.kind not in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
-                return DeductionResult(success=False, error=f"idempotency key {outcome.kind.value}"), outcome
-            charge_id, balance = outcome.charge_id, outcome.spendable
-        if charge_id is None and credits == 0:
-            # A free feature for an organization that has no account yet: nothing to take.
-            return DeductionResult(success=True, remaining_credits=balance, credits_deducted=0, required=0), outcome
-        if charge_id is None:
-            return self.refused(organization_id, feature_key, credits, balance), outcome
-        if hold:
-            self.holds.track(charge_id)
-        self.charged(organization_id, feature_key, credits, balance, charge_id, user_id)
-        return DeductionResult(
-            success=True,
-            remaining_credits=balance,
-            credits_deducted=credits,
-            charge_id=charge_id,
-            required=credits,
-            unit_price=pricing.credits,
-        ), outcome
+            if outcome.kind is ClaimKind.REPLAY:
+                return Replayed(outcome.stored or {})
+            if outcome.kind is ClaimKind.RUNNING:
+                return InFlight(outcome.stored or {})
+            if outcome.kind is ClaimKind.MISMATCH:
+                return KeyReused(outcome.stored or {})
+            charge_id, spendable = outcome.charge_id, outcome.spendable
+        if charge_id is None and credits > 0:
+            return self.refused(organization_id, feature_key, credits, spendable)
+        if charge_id is not None:
+            if hold:
+                self.holds.track(charge_id)
+            self.charged(organization_id, feature_key, credits, spendable, charge_id, user_id)
+        # charge_id None: a free feature for an organization without an account.
+        return Charged(charge_id, credits, spendable, pricing.credits)
 
     def charged(
         self,
@@ -431,6 +428,18 @@ class Ledger:
 
     async def audit(self) -> list[AuditIssue]:
         return await self.store.audit()
+
+
+def refusal_result(refused: Refused) -> DeductionResult:
+    """A refusal as the Python API answers it."""
+    insufficient = refused.reason is Refusal.INSUFFICIENT
+    return DeductionResult(
+        success=False,
+        remaining_credits=refused.available if insufficient else None,
+        error=refused.message,
+        required=refused.required if insufficient else None,
+        error_code=refused.reason.value,
+    )
 
 
 # -- checks of what arrives -------------------------------------------------------------------

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Literal, Protocol
 
-from ._storage.base import ClaimKind, ClaimOutcome
-from .models import DeductionResult
+from ._decisions import Charged, Decision, InFlight, KeyReused, Refused, Replayed
 
 #: How a request's charge was decided (``Metrics.decided``). ``insufficient_credits`` is a
 #: 402; ``unavailable`` a 503 (the database could not be reached, fail closed);
@@ -54,17 +53,14 @@ class Metrics(Protocol):
         """A price was looked up: found in the cache (``hit``) or loaded from the database."""
 
 
-def outcome_of(result: DeductionResult, claim: ClaimOutcome | None) -> Outcome:
-    """The outcome of a charge the ledger answered (an outage raises instead)."""
-    if result.success:
-        return "charged"
-    if claim is not None and claim.kind is ClaimKind.REPLAY:
-        return "replayed"
-    return _REFUSALS.get(result.error_code, "idempotency_conflict")
-
-
-_REFUSALS: dict[str | None, Outcome] = {
-    "insufficient_credits": "insufficient_credits",
-    "feature_not_found": "feature_not_found",
-    "feature_inactive": "feature_inactive",
-}
+def outcome_of(decision: Decision) -> Outcome:
+    """The outcome of a charge the ledger decided (an outage raises instead)."""
+    match decision:
+        case Charged():
+            return "charged"
+        case Refused():
+            return decision.reason.value
+        case Replayed():
+            return "replayed"
+        case InFlight() | KeyReused():
+            return "idempotency_conflict"

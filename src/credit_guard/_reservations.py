@@ -16,8 +16,9 @@ from datetime import timedelta
 from decimal import Decimal
 
 from ._clock import utcnow
+from ._decisions import Refusal, Refused
 from ._jobs import check_job, check_ttl
-from ._ledger import Ledger, check_org
+from ._ledger import Ledger, check_org, refusal_result
 from ._storage.base import ChargeRequest
 from ._units import cost_of, units_value
 from .models import DeductionResult, Reservation
@@ -45,9 +46,7 @@ class Reservations:
         count = units_value(units)
         pricing = await self.ledger.pricing.active(feature_key)
         if pricing is None:
-            return DeductionResult(
-                success=False, error=f"Feature pricing not found: {feature_key}", error_code="feature_not_found"
-            )
+            return refusal_result(Refused(Refusal.FEATURE_NOT_FOUND, feature_key))
         credits = cost_of(pricing.credits, count)
         request = ChargeRequest(
             organization_id, credits, feature_key, user_id, None, None, utcnow() + timedelta(seconds=ttl)
@@ -57,7 +56,7 @@ class Reservations:
             request, job_id, unit_price=pricing.credits, max_overage_credits=math.floor(credits * share)
         )
         if reservation is None:
-            return self.ledger.refused(organization_id, feature_key, credits, balance)
+            return refusal_result(self.ledger.refused(organization_id, feature_key, credits, balance))
         if reservation.organization_id != organization_id:
             raise ValueError(f"job {job_id!r:.80} is reserved by another organization")
         replayed = not new

@@ -1,0 +1,81 @@
+"""What a charge decided: one closed type, matched once by each caller.
+
+``Ledger.charge`` answers every charge (the Python API's, a request's) with exactly one of
+these; the Python API turns it into a ``DeductionResult``, the request flow into a ticket,
+a problem or a replay, the metrics into an outcome label. Nothing decodes a tuple of
+(result, claim) three ways any more, and a new outcome is a new class the type checker
+makes every caller handle.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Charged:
+    """The credits were taken (a hold when the caller asked for one)."""
+
+    #: None only for a free feature and an organization without an account: nothing taken.
+    charge_id: int | None
+    credits: int
+    #: What the organization can spend after the charge.
+    spendable: int
+    #: The price of one unit (``credits`` is it times the units, rounded up).
+    unit_price: int
+
+
+class Refusal(enum.Enum):
+    """Why a charge was refused (the values are ``DeductionResult.error_code``'s)."""
+
+    INSUFFICIENT = "insufficient_credits"
+    FEATURE_NOT_FOUND = "feature_not_found"
+    FEATURE_INACTIVE = "feature_inactive"
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Nothing was taken, and nothing was claimed (a key stays free for the retry)."""
+
+    reason: Refusal
+    feature_key: str
+    #: What the charge would have cost, and what the organization could spend at its turn
+    #: (both 0 unless the reason is INSUFFICIENT).
+    required: int = 0
+    available: int = 0
+
+    @property
+    def message(self) -> str:
+        if self.reason is Refusal.INSUFFICIENT:
+            return f"Insufficient credits. Required: {self.required}, Available: {self.available}"
+        if self.reason is Refusal.FEATURE_INACTIVE:
+            return f"Feature is inactive: {self.feature_key}"
+        return f"Feature pricing not found: {self.feature_key}"
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The idempotency key's request finished: answer with its stored response (its row)."""
+
+    stored: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """The idempotency key's request is still running (its row)."""
+
+    stored: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyReused:
+    """The idempotency key was used for another request (its row): nothing was charged."""
+
+    stored: Mapping[str, Any]
+
+
+#: Every way a charge ends.
+Decision = Charged | Refused | Replayed | InFlight | KeyReused
