@@ -101,6 +101,9 @@ def test_fastapi_example_video_is_a_job_reserved_then_captured_or_released(examp
     assert example.get("/api/credits/balance", headers=RICH).json()["credits"] == 68
     unknown = example.post("/v1/videos/vid_nope/complete", json={"status": "failed"})
     assert unknown.status_code == 404
+    for not_an_id in ("vid%00nul", "v" * 300):  # a NUL, too long: bad input, never a 500
+        bad = example.post(f"/v1/videos/{not_an_id}/complete", json={"status": "failed"})
+        assert bad.status_code == 422 and "job_id" in bad.json()["detail"], bad.text
     assert example.portal.call(example.app.state.credit_guard.audit) == []
 
 

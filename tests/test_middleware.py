@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
 
 import pytest
 from starlette.applications import Starlette
@@ -11,7 +13,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from credit_guard import CreditGuard, CreditGuardMiddleware
+from credit_guard import CreditGuard, CreditGuardMiddleware, Rule, requires_credits
 
 from .conftest import ledger_rows
 from .helpers import OrgFromHeader, client
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.anyio
 
 
 DemoAuth = OrgFromHeader
+IMAGE = "seedream_text_to_image"
 
 
 calls: list[str] = []
@@ -370,3 +373,41 @@ async def test_client_disconnect_mid_stream_is_refunded(guard: CreditGuard) -> N
     assert sent[0]["type"] == "http.response.start"
     assert await guard.get_balance("org_1") == 12
     assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge", "refund"]
+
+
+@pytest.mark.parametrize(
+    ("declare", "error", "message"),
+    [
+        (lambda: Rule(IMAGE, max_overage=-5), ValueError, "max_overage must be a share"),
+        (lambda: Rule(IMAGE, max_overage=True), ValueError, "max_overage must be a share"),
+        (lambda: requires_credits(IMAGE, max_overage=1e9), ValueError, "max_overage must be a share"),
+        (lambda: Rule(IMAGE, charge_client_errors="yes"), TypeError, "charge_client_errors must be a bool"),
+        (lambda: Rule(IMAGE, idempotency="always"), ValueError, "idempotency must be True, False or 'required'"),
+        (lambda: Rule(IMAGE, units="many"), ValueError, "units must be a number or a callable"),
+        (lambda: Rule(IMAGE, units=0), ValueError, "units must be a number or a callable"),
+        (lambda: Rule("Seedream Image"), ValueError, "not a feature key"),
+        (lambda: requires_credits(5), TypeError, "the feature key must be a str"),  # type: ignore[arg-type]
+        (
+            lambda: CreditGuardMiddleware(free, guard=None, rules={"POST /x": Rule(IMAGE, max_overage=-1)}),  # type: ignore[arg-type]
+            ValueError,
+            "max_overage",
+        ),
+        (
+            lambda: CreditGuardMiddleware(free, guard=None, rules={"POST /x": "Bad Key"}),  # type: ignore[arg-type]
+            ValueError,
+            "not a feature key",
+        ),
+    ],
+)
+def test_bad_route_options_fail_where_the_route_is_declared(declare: Any, error: type[Exception], message: str) -> None:
+    """One place checks a paid route's options (``Rule``), whichever way they arrive: a
+    decorator, a middleware rule or a Litestar opt (tested in test_litestar_plugin), so a
+    bad value fails at import, never on the route's first request."""
+    with pytest.raises(error, match=message):
+        declare()
+
+
+def test_a_fixed_number_of_units_is_a_rule_option_too() -> None:
+    rule = Rule(IMAGE, units="2.5")
+    units = rule.units_of()
+    assert units is not None and units(None) == Decimal("2.5")

@@ -23,14 +23,19 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import make_url
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from credit_guard import CreditGuard
+from credit_guard import CreditGuard, CreditGuardMiddleware
 from credit_guard._clock import reset_travel, travel, utcnow
 from credit_guard.errors import IntegrityViolation, StorageUnavailable
 from credit_guard.schema import grant_moves, grants, ledger
 
 from . import conftest
 from .conftest import ledger_rows
+from .helpers import OrgFromHeader, client
 
 pytestmark = pytest.mark.anyio
 
@@ -399,3 +404,34 @@ async def test_a_dead_sqlite_writer_fails_its_callers_within_the_timeout_and_is_
         assert after.success
         assert await guard.get_balance("org_1") == 100 - 5 * (charged + 1)
         assert await guard.audit() == []
+
+
+@pytest.mark.usefixtures("schema_altered")
+async def test_fail_open_never_serves_free_a_charge_the_database_refused(guard: CreditGuard) -> None:
+    """``fail_open`` serves a request free while the database is DOWN. A constraint that
+    refuses a charge is not an outage: the request gets a 500 problem, the handler does
+    not run, nothing is charged."""
+    ran: list[str] = []
+
+    async def render(request: Request) -> JSONResponse:
+        ran.append(request.url.path)
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/boom", render, methods=["POST"]), Route("/ok", render, methods=["POST"])])
+    app.add_middleware(CreditGuardMiddleware, guard=guard, rules={"POST /boom": IMAGE, "POST /ok": IMAGE})
+    app.add_middleware(OrgFromHeader)
+    guard.fail_open = True
+    await add_boom_constraint(guard)
+    await guard.grant_credits("org_1", 100)
+    async with client(app) as c:
+        refused = await c.post("/boom", headers={"x-org": "org_1"})
+        served = await c.post("/ok", headers={"x-org": "org_1"})
+    assert refused.status_code == 500
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"] == "urn:credit-guard:problem:charge-refused-by-database"
+    assert "x-credits-charged" not in refused.headers
+    assert (served.status_code, served.headers["x-credits-remaining"]) == (200, "95")
+    assert ran == ["/ok"]
+    await guard.flush()
+    assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge"]
+    assert await guard.audit() == []

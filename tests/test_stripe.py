@@ -88,6 +88,22 @@ async def test_bad_missing_or_stale_signatures_are_400_and_grant_nothing(guard: 
     assert await ledger_rows(guard) == []
 
 
+@pytest.mark.parametrize(
+    "payload",
+    [b"[]", b"null", b'"evt_1"', b'{"id": "evt_1"}', b'{"type": "checkout.session.completed"}', b'{"id": 5, "type": "x"}'],
+)
+async def test_a_signed_body_that_is_no_event_is_400_and_grants_nothing(
+    guard: CreditGuard, webhook: Any, payload: bytes
+) -> None:
+    """Correctly signed, but not an event (no text id or type): the sender's mistake, a 400
+    problem like a bad signature, never a bare 500 that drops the connection."""
+    answer = await webhook.post("/", content=payload, headers=signed(payload))
+    assert answer.status_code == 400, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert "not a Stripe event" in answer.json()["detail"] or "verified" in answer.json()["detail"]
+    assert await ledger_rows(guard) == []
+
+
 async def test_an_oversized_event_or_another_method_is_refused_and_grants_nothing(
     guard: CreditGuard, webhook: Any
 ) -> None:

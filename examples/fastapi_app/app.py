@@ -138,8 +138,10 @@ async def video_completed(job_id: str, body: VideoCompletion, request: Request) 
             done = await guard.capture(job_id, units=min(body.seconds_rendered, MAX_RENDERED_SECONDS) / 5)
         else:
             done = await guard.release(job_id)
-    except LookupError:
-        raise HTTPException(status_code=404, detail=f"no job {job_id}") from None
+    except LookupError:  # no reservation has this id
+        raise HTTPException(status_code=404, detail=f"no job {job_id[:80]!r}") from None
+    except ValueError as exc:  # not a job id at all (empty, over 255 characters, a NUL)
+        raise HTTPException(status_code=422, detail=str(exc)) from None
     return {
         "job_id": job_id,
         "state": done.state,

@@ -14,6 +14,27 @@ DATABASE_URL_ENV = "CREDIT_GUARD_DATABASE_URL"
 Resolver = Callable[[Any], "str | Awaitable[str | None] | None"]
 #: Honour ``Idempotency-Key`` (True), require it ("required"), or not (False).
 IdempotencyMode = bool | Literal["required"]
+#: The largest ``max_overage``: reported usage may cost up to 101 times the reserve.
+MAX_OVERAGE_SHARE = 100
+
+
+def check_idempotency(mode: object, *, optional: bool = False) -> None:
+    """``mode`` is an IdempotencyMode (or None, when ``optional``: the guard's default)."""
+    if not (mode is None and optional) and mode not in (True, False, "required"):
+        raise ValueError(f"idempotency must be True, False or 'required', got {mode!r:.40}")
+    if isinstance(mode, int) and not isinstance(mode, bool):  # 1 == True, but is no mode
+        raise ValueError(f"idempotency must be True, False or 'required', got {mode!r:.40}")
+
+
+def check_max_overage(share: object) -> None:
+    """``share``: how far above its reserve reported usage may be charged, 0 to 100."""
+    if (
+        isinstance(share, bool)
+        or not isinstance(share, int | float)
+        or share != share  # NaN
+        or not 0 <= share <= MAX_OVERAGE_SHARE
+    ):
+        raise ValueError(f"max_overage must be a share of the reserve from 0 to {MAX_OVERAGE_SHARE}, got {share!r:.40}")
 
 
 @dataclass(frozen=True, slots=True)

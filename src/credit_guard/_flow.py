@@ -1,15 +1,21 @@
-"""The one request flow: every web adapter (the middleware, the Starlette/FastAPI decorator,
-the Litestar adapter, the credit endpoints) takes these steps, in this order.
+"""The one request flow: every web adapter takes these steps, in this order.
 
-    outer_ticket(scope)                    a guard further out already charged: run as is
-    open_charge(guard, rule, scope, ...)   -> Ticket (charged, as a hold) | Problem | Replay
-    run_paid(ticket, app, ...)             an ASGI app: headers, refund if not delivered
-    call_paid(ticket, handler, ...)        a handler: refund if it raises (HTTP errors by status)
-    end_returned(ticket, status, ...)      a handler's plain value, ended by its status
+Two ways into it, one sequence each; an adapter supplies only what its framework knows:
 
-Problems and replays render themselves (they are ASGI responses); ``problem_response``
-wraps one for frameworks that want their own Response type. Everything money-related
-happens in the ticket (``keep``/``refund``) and the ledger below it.
+    charge_asgi(guard, rule, app, scope, receive, send)
+        the middleware: outer charge? -> body for the key -> open_charge -> run_paid
+    charge_handler(binding, guard, rule, call)
+        a decorated handler (Starlette/FastAPI, Litestar), the Litestar plugin's routes:
+        outer charge? -> guard -> body -> open_charge -> the handler (refund if it
+        raises) -> ended by a passage around the request (``_passage.py``), or by the
+        returned value (``binding.end``)
+
+``open_charge`` is where a request's charge is decided: the organization and user
+resolved and checked, units bounded, an ``Idempotency-Key`` fingerprinted, then the
+ledger's one charge, whose ``Decision`` is matched once into a ticket (charged, as a
+hold), a problem (refused) or a replay. Problems and replays render themselves (they are
+ASGI responses). Everything money-related happens in the ticket (``keep``/``refund``)
+and the ledger below it.
 """
 
 from __future__ import annotations
@@ -18,19 +24,21 @@ import functools
 import inspect
 import logging
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from time import perf_counter
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
-from starlette.datastructures import MutableHeaders
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import problems
-from ._config import IdempotencyMode
+from ._body import BodyTooLarge, ClientDisconnected, read_body
+from ._config import IdempotencyMode, check_idempotency, check_max_overage
+from ._decisions import Charged, InFlight, KeyReused, Refusal, Refused, Replayed
 from ._guard import CreditGuard
 from ._idempotency import (
     IDEMPOTENCY_HEADER,
@@ -42,11 +50,11 @@ from ._idempotency import (
 )
 from ._ledger import ORGANIZATION_ID_MAX
 from ._metrics import outcome_of
-from ._storage.base import ClaimKind
-from ._ticket import TICKET_SCOPE_KEY, Ticket, current_ticket
+from ._passage import client_gone, in_passage, put_on_request, run_paid
+from ._ticket import Ticket, current_ticket
 from ._units import ONE, UnitsOf, units_value
-from .errors import StorageUnavailable
-from .models import UNSTORABLE_TEXT, is_storable_text
+from .errors import IntegrityViolation, StorageUnavailable
+from .models import FEATURE_KEY_MAX, FEATURE_KEY_RE, UNSTORABLE_TEXT, is_storable_text
 from .problems import Problem
 
 log = logging.getLogger("credit_guard")
@@ -54,25 +62,53 @@ log = logging.getLogger("credit_guard")
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """A paid route's options (a bare feature key means the defaults).
+    """A paid route's options, checked here once, whichever way they arrive (the
+    decorator, a middleware rule, a Litestar ``opt``): a bad value fails when the route is
+    declared, never on its first request.
 
-    ``units``: a callable of the request whose number multiplies the price (seconds of
-    video...); under the middleware it gets a Starlette ``HTTPConnection`` (path, query,
-    headers: the app has not read the body yet). ``idempotency``: True, "required" or
-    False for this route (None: the guard's default). ``max_overage``: how far above its
-    reserve reported usage may be charged. ``charge_client_errors``: keep the charge when
-    the app answers 4xx (None: the guard's choice).
+    ``units``: how many of the price one request takes: a number, or a callable of the
+    request (sync or async) returning one (seconds of video...); under the middleware it
+    gets a Starlette ``HTTPConnection`` (the app has not read the body yet).
+    ``idempotency``: True, "required" or False for this route (None: the guard's default).
+    ``max_overage``: how far above its reserve reported usage may be charged, as a share
+    (0 to 100). ``charge_client_errors``: keep the charge when the app answers 4xx (None:
+    the guard's choice).
     """
 
     feature_key: str
-    units: UnitsOf | None = None
+    units: UnitsOf | int | float | Decimal | str | None = None
     idempotency: IdempotencyMode | None = None
     max_overage: float | None = None
     charge_client_errors: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.idempotency not in (None, True, False, "required"):
-            raise ValueError(f"idempotency must be True, False or 'required', got {self.idempotency!r}")
+        key = self.feature_key
+        if not isinstance(key, str):
+            raise TypeError(f"the feature key must be a str, got {type(key).__name__}")
+        if len(key) > FEATURE_KEY_MAX or not FEATURE_KEY_RE.fullmatch(key):
+            raise ValueError(f"not a feature key (lowercase snake_case, at most {FEATURE_KEY_MAX}): {key!r:.80}")
+        if self.units is not None and not callable(self.units):
+            try:
+                count = units_value(self.units)
+            except ValueError as exc:
+                raise ValueError(f"units must be a number or a callable of the request: {exc}") from None
+            object.__setattr__(self, "units", _fixed_units(count))
+        check_idempotency(self.idempotency, optional=True)
+        if self.max_overage is not None:
+            check_max_overage(self.max_overage)
+        if self.charge_client_errors is not None and not isinstance(self.charge_client_errors, bool):
+            raise TypeError(f"charge_client_errors must be a bool or None, got {self.charge_client_errors!r:.40}")
+
+    def units_of(self) -> UnitsOf | None:
+        """The units callable (a fixed number became one when the rule was made)."""
+        return typing.cast("UnitsOf | None", self.units)
+
+
+def _fixed_units(count: Decimal) -> UnitsOf:
+    def units(request: Any) -> Decimal:
+        return count
+
+    return units
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,7 +119,7 @@ class RequiresCredits:
     """``requires_credits``: one decorator factory, whichever framework applies the rule.
 
     Each framework adapter makes one with its own ``decorate(fn, rule, guard)``; the
-    options, their checks and their documentation are here once.
+    options, their checks (``Rule``) and their documentation are here once.
     """
 
     def __init__(self, decorate: Decorate) -> None:
@@ -94,7 +130,7 @@ class RequiresCredits:
         feature_key: str,
         *,
         guard: CreditGuard | None = None,
-        units: UnitsOf | None = None,
+        units: UnitsOf | int | float | Decimal | str | None = None,
         idempotency: IdempotencyMode | None = None,
         max_overage: float | None = None,
         charge_client_errors: bool | None = None,
@@ -104,13 +140,14 @@ class RequiresCredits:
         The guard is ``guard=`` or ``request.app.state.credit_guard``. Put the decorator
         *below* the framework's route decorator (``@app.post(...)`` / ``@post(...)``).
 
-        ``units``: a callable of the request returning how many units this call reserves
-        (seconds of video...): the price is multiplied by it, rounded up, and charged
-        before the handler runs; the handler may ``current_ticket(request).report_usage(n)``.
-        ``idempotency``: honour ``Idempotency-Key`` here (True / "required"; None follows
-        the guard). ``max_overage``: how far above the reserve reported usage may be
-        charged. ``charge_client_errors``: keep the charge when the handler answers 4xx
-        (None follows the guard, which refunds them by default).
+        ``units``: a number, or a callable of the request returning how many units this
+        call reserves (seconds of video...): the price is multiplied by it, rounded up, and
+        charged before the handler runs; the handler may
+        ``current_ticket(request).report_usage(n)``. ``idempotency``: honour
+        ``Idempotency-Key`` here (True / "required"; None follows the guard).
+        ``max_overage``: how far above the reserve reported usage may be charged.
+        ``charge_client_errors``: keep the charge when the handler answers 4xx (None
+        follows the guard, which refunds them by default). Bad values raise here.
 
         A request an outer guard already charged (a ``CreditGuardMiddleware`` rule, another
         decorator) is not charged again: the handler runs under that charge.
@@ -201,12 +238,13 @@ async def open_charge(
     ``request`` is the framework's request object when the adapter has one; resolvers and
     ``units`` receive it (a Starlette HTTPConnection otherwise). ``body``: see ``wants_body``.
     """
+    method, path = scope.get("method"), scope.get("path")
     if not guard.started:
         log.error(
             "credit_guard: refused %s %s: the CreditGuard was not started on this event loop; "
             "call `await guard.start()` in the app's lifespan",
-            scope.get("method"),
-            scope.get("path"),
+            method,
+            path,
         )
         return problems.not_started()
     organization_id = await paying_organization(guard, scope, request)
@@ -214,54 +252,37 @@ async def open_charge(
         return organization_id
     user_id = await resolve(guard, "user_id", scope, request)
     if user_id is not None and not is_storable_text(user_id):
-        log.warning(
-            "credit_guard: %s %s refused: user id %r %s",
-            scope.get("method"),
-            scope.get("path"),
-            user_id[:80],
-            UNSTORABLE_TEXT,
-        )
+        log.warning("credit_guard: %s %s refused: user id %r %s", method, path, user_id[:80], UNSTORABLE_TEXT)
         return problems.no_organization(f"The user id this request resolved to {UNSTORABLE_TEXT}.")
-    count = ONE
-    if rule.units is not None:
-        try:
-            value = rule.units(request if request is not None else connection(scope))
-            if inspect.isawaitable(value):
-                value = await value
-            count = units_value(value)
-        except (ValueError, TypeError, LookupError) as exc:
-            why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
-            log.info("credit_guard: %s %s refused: bad units: %s", scope.get("method"), scope.get("path"), why)
-            return problems.invalid_request({"units": why or type(exc).__name__}, status=422)
+    count = await _units(rule, scope, request)
+    if isinstance(count, Problem):
+        return count
+    key, fingerprint = None, ""
     mode = guard.idempotency if rule.idempotency is None else rule.idempotency
-    key: str | None = None
-    fingerprint = ""
-    if mode:
-        raw_key = key_from_headers(scope.get("headers") or ())
-        if raw_key is None and mode == "required":
-            return problems.invalid_request({IDEMPOTENCY_HEADER: "this route requires an Idempotency-Key header"})
-        if raw_key is not None:
-            key = validate_key(raw_key)
-            if key is None:
-                return problems.invalid_request({IDEMPOTENCY_HEADER: "must be 1 to 255 visible ASCII characters"})
-            method, path = str(scope.get("method", "")), str(scope.get("path", ""))
-            fingerprint = request_fingerprint(method, path, scope.get("query_string") or b"", body or b"", user_id)
+    raw_key = key_from_headers(scope.get("headers") or ()) if mode else None
+    if mode == "required" and raw_key is None:
+        return problems.invalid_request({IDEMPOTENCY_HEADER: "this route requires an Idempotency-Key header"})
+    if raw_key is not None:
+        key = validate_key(raw_key)
+        if key is None:
+            return problems.invalid_request({IDEMPOTENCY_HEADER: "must be 1 to 255 visible ASCII characters"})
+        fingerprint = request_fingerprint(str(method or ""), str(path or ""), scope.get("query_string") or b"", body or b"", user_id)
     ledger, metrics = guard.ledger, guard.ledger.metrics
     started = perf_counter() if metrics is not None else 0.0
     try:
         for attempt in range(2):
-            result, outcome = await ledger.charge(
+            decision = await ledger.charge(
                 organization_id,
                 rule.feature_key,
                 user_id,
                 units=count,
                 idempotency=(key, fingerprint, False) if key is not None else None,
                 hold=True,
-                request_method=scope.get("method"),
-                request_path=scope.get("path"),
+                request_method=method,
+                request_path=path,
                 checked=True,
             )
-            if attempt or outcome is None or outcome.kind is not ClaimKind.RUNNING:
+            if attempt or not isinstance(decision, InFlight):
                 break
             assert key is not None
             await _await_finished_response(guard, organization_id, key)
@@ -274,45 +295,65 @@ async def open_charge(
             log.warning("credit_guard: database down, %r served FREE (fail_open=True)", rule.feature_key)
             return Ticket(rule.feature_key, organization_id, 0, None, None)
         return problems.unavailable(guard.retry_after)
+    except IntegrityViolation:
+        # A constraint caught what the rules should have prevented: never an outage, so
+        # never served free (whatever fail_open says); logged with the database's words.
+        log.error("credit_guard: refused %s %s: the database refused its charge", method, path)
+        return problems.charge_refused()
     if metrics is not None:
-        metrics.decided(rule.feature_key, outcome_of(result, outcome), perf_counter() - started)
-    if outcome is not None and outcome.kind not in (ClaimKind.CLAIMED, ClaimKind.INSUFFICIENT):
-        assert key is not None and outcome.stored is not None
-        if outcome.kind is ClaimKind.REPLAY:
+        metrics.decided(rule.feature_key, outcome_of(decision), perf_counter() - started)
+    match decision:
+        case Charged():
+            return Ticket(
+                rule.feature_key,
+                organization_id,
+                decision.credits,
+                decision.spendable,
+                decision.charge_id,
+                ledger=ledger,
+                unit_price=decision.unit_price,
+                units=count,
+                max_overage=guard.max_overage if rule.max_overage is None else rule.max_overage,
+                idempotency_key=key,
+                recorder=ResponseRecorder(guard.idempotency_max_body) if key is not None else None,
+                user_id=user_id,
+                charge_client_errors=guard.charge_client_errors
+                if rule.charge_client_errors is None
+                else rule.charge_client_errors,
+            )
+        case Refused(reason=Refusal.INSUFFICIENT):
+            return problems.insufficient_credits(rule.feature_key, decision.required, decision.available)
+        case Refused():
+            if guard.allow_unpriced:
+                log.warning("credit_guard: %s; served free (allow_unpriced=True)", decision.message)
+                return Ticket(rule.feature_key, organization_id, 0, None, None)
+            log.error("credit_guard: refused %s %s: %s", method, path, decision.message)
+            if decision.reason is Refusal.FEATURE_INACTIVE:
+                return problems.feature_inactive(rule.feature_key)
+            return problems.feature_not_found(rule.feature_key)
+        case Replayed():
             log.info("credit_guard: replayed %r for %s (not charged again)", key, organization_id)
-            return Replay.from_stored(outcome.stored)
-        if outcome.kind is ClaimKind.RUNNING:
-            return problems.idempotency_conflict(key, retry_after=1)
-        return problems.idempotency_mismatch(key)
-    if result.success:
-        assert result.credits_deducted is not None
-        return Ticket(
-            rule.feature_key,
-            organization_id,
-            result.credits_deducted,
-            result.remaining_credits,
-            result.charge_id,
-            ledger=ledger,
-            unit_price=result.unit_price or 0,
-            units=count,
-            max_overage=guard.max_overage if rule.max_overage is None else rule.max_overage,
-            idempotency_key=key,
-            recorder=ResponseRecorder(guard.idempotency_max_body) if key is not None else None,
-            user_id=user_id,
-            charge_client_errors=guard.charge_client_errors
-            if rule.charge_client_errors is None
-            else rule.charge_client_errors,
-        )
-    if result.error_code == "insufficient_credits":
-        assert result.required is not None and result.remaining_credits is not None
-        return problems.insufficient_credits(rule.feature_key, result.required, result.remaining_credits)
-    if guard.allow_unpriced:
-        log.warning("credit_guard: %s; served free (allow_unpriced=True)", result.error)
-        return Ticket(rule.feature_key, organization_id, 0, None, None)
-    log.error("credit_guard: refused %s %s: %s", scope.get("method"), scope.get("path"), result.error)
-    if result.error_code == "feature_inactive":
-        return problems.feature_inactive(rule.feature_key)
-    return problems.feature_not_found(rule.feature_key)
+            return Replay.from_stored(decision.stored)
+        case InFlight():
+            return problems.idempotency_conflict(key or "", retry_after=1)
+        case KeyReused():
+            return problems.idempotency_mismatch(key or "")
+
+
+async def _units(rule: Rule, scope: Mapping[str, Any], request: Any) -> Decimal | Problem:
+    """The request's units (the rule's callable, bounded), or the 422 to answer."""
+    units = rule.units_of()
+    if units is None:
+        return ONE
+    try:
+        value = units(request if request is not None else connection(scope))
+        if inspect.isawaitable(value):
+            value = await value
+        return units_value(value)
+    except (ValueError, TypeError, LookupError) as exc:
+        why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
+        log.info("credit_guard: %s %s refused: bad units: %s", scope.get("method"), scope.get("path"), why)
+        return problems.invalid_request({"units": why or type(exc).__name__}, status=422)
 
 
 async def _await_finished_response(guard: CreditGuard, organization_id: str, key: str) -> None:
@@ -327,126 +368,93 @@ async def _await_finished_response(guard: CreditGuard, organization_id: str, key
         await anyio.sleep(min(2 * holds.settle_delay + 0.05, 0.25))
 
 
-def put_on_request(scope: Scope, ticket: Ticket) -> None:
-    """Where ``current_ticket`` (and any guard further in) finds it."""
-    state = scope.setdefault("state", {})
-    if isinstance(state, dict):
-        state[TICKET_SCOPE_KEY] = ticket
+# -- the sequence for an ASGI app (the middleware) ---------------------------------------------
 
 
-# -- running a paid ASGI app ------------------------------------------------------------------
-
-
-async def client_gone(receive: Receive) -> bool:
-    """Whether the client has already hung up, asked without waiting (and without a task).
-
-    ``receive()`` is started and, if it would have to wait (the client is still there),
-    dropped at once: its awaitable is closed before it ever reaches the event loop, so
-    nothing is left pending. A server that already knows of a disconnect answers
-    ``http.disconnect`` without waiting (uvicorn keeps answering it). Call it only once the
-    app has read its body: a body message it returned would be lost.
-    """
-    waiter = receive().__await__()
-    try:
-        waiter.send(None)
-    except StopIteration as done:
-        message = done.value
-        return type(message) is dict and message.get("type") == "http.disconnect"
-    except Exception:  # a receive that cannot be asked this way: assume the client is there
-        return False
-    waiter.close()
-    return False
-
-
-async def run_paid(ticket: Ticket, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run ``app`` for a paid request: add the credit headers, refund if not delivered.
-
-    Not delivered means: a status the ticket refunds (5xx, and 4xx unless the route
-    charges client errors), refunded before its ``http.response.start`` goes out so the
-    response itself says ``X-Credits-Refunded``; an exception before the last body chunk;
-    or a client that is gone before it: servers drop ``send()`` after a disconnect
-    silently (uvicorn does), so "send returned" is not "delivered", and the client is
-    asked (``client_gone``, no round trip, no task) just before the last chunk. Once the
-    last chunk is sent the request is paid for (its hold is settled): a background task
-    failing afterwards refunds nothing.
-    """
-    put_on_request(scope, ticket)
-    await _PaidResponse(ticket, receive, send).run(app, scope)
-
-
-class _PaidResponse:
-    """One paid request's passage through the app (per-request state, never on a middleware)."""
-
-    __slots__ = ("delivered", "disconnected", "receive", "send", "started", "status", "ticket")
-
-    def __init__(self, ticket: Ticket, receive: Receive, send: Send) -> None:
-        self.ticket, self.receive, self.send = ticket, receive, send
-        self.started = self.delivered = self.disconnected = False
-        self.status = 0
-
-    async def run(self, app: ASGIApp, scope: Scope) -> None:
-        ticket = self.ticket
+async def charge_asgi(
+    guard: CreditGuard, rule: Rule, app: ASGIApp, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Charge for a request, then run ``app`` for it (``run_paid``), or answer instead."""
+    if outer_ticket(scope) is not None:  # a guard further out already charged it
+        await app(scope, receive, send)
+        return
+    body = None
+    if wants_body(guard, rule, scope):
+        limit = guard.idempotency_max_request_body
         try:
-            await app(scope, self.receive_watching, self.send_with_credits)
-        except BaseException as exc:
-            if not self.delivered:
-                # Before the start, the app's error handler will answer 500; after it, the
-                # body broke mid-stream. Shielded: a cancelled request must still get its refund.
-                with anyio.CancelScope(shield=True):
-                    await ticket.refund(f"handler raised {type(exc).__name__}")
-            elif not ticket.fails(self.status):
-                await ticket.keep(self.status)
-            raise
-        if not self.delivered:
-            # No answer at all, or a client that hung up before the last chunk.
-            await ticket.refund("client disconnected" if self.disconnected else "no response sent")
-        elif not ticket.fails(self.status):
-            await ticket.keep(self.status)
-
-    async def send_with_credits(self, message: Message) -> None:
-        kind = message["type"]
-        ticket, recorder = self.ticket, self.ticket.recorder
-        if kind == "http.response.start" and not self.started:
-            self.started = True
-            self.status = status = message["status"]
-            if ticket.fails(status):
-                await ticket.refund(f"handler answered {status}")
-            headers = MutableHeaders(raw=list(message.get("headers", ())))
-            for name, value in ticket.headers():
-                headers[name] = value
-            message = {**message, "headers": headers.raw}
-            if recorder is not None:
-                recorder.start(status, headers.raw)
-        elif kind == "http.response.body":
-            if recorder is not None:
-                recorder.body(message.get("body", b""))
-            if not message.get("more_body", False):
-                await self._deliver(message)
-                return
-        elif kind == "http.response.pathsend":
-            if recorder is not None:
-                recorder.overflow = True  # the server sends the file itself: no bytes to keep
-            await self._deliver(message)
+            body, receive = await read_body(receive, limit)
+        except ClientDisconnected:
             return
-        await self.send(message)
-
-    async def _deliver(self, message: Message) -> None:
-        """The last message of the response: sent and counted as delivered, unless the
-        client is already gone (then it is dropped, and the charge refunded after)."""
-        if self.disconnected or await client_gone(self.receive):
-            self.disconnected = True
+        except BodyTooLarge:
+            await problems.request_too_large(limit)(scope, receive, send)
             return
-        await self.send(message)
-        self.delivered = True
-
-    async def receive_watching(self) -> Message:
-        message = await self.receive()
-        if message["type"] == "http.disconnect":
-            self.disconnected = True
-        return message
+    outcome = await open_charge(guard, rule, scope, body=body)
+    if isinstance(outcome, Ticket):
+        await run_paid(outcome, app, scope, receive, send)
+    else:  # a refusal or a replay: each sends itself
+        await outcome(scope, receive, send)
 
 
-# -- running a paid handler (the decorators) --------------------------------------------------
+# -- the sequence for a handler (the decorators, the Litestar plugin's routes) -----------------
+
+
+class HandlerBinding(Protocol):
+    """What one framework knows of one request to a paid handler; the flow does the rest."""
+
+    #: The ASGI scope, the framework's request object (for resolvers and units), and the
+    #: app whose ``state.credit_guard`` is the guard when the route names none.
+    scope: Scope
+    request: Any
+    app: Any
+
+    async def body(self) -> bytes:
+        """The request body (read once; the framework keeps it for the handler)."""
+
+    def returned(self, result: Any) -> Any:
+        """What the wrapper returns for a value the flow does not end (an outer charge, a
+        passage around the request): as the framework expects it."""
+
+    def refusal(self, answer: Problem | Replay) -> Any:
+        """What the wrapper returns instead of running the handler."""
+
+    async def end(self, ticket: Ticket, result: Any) -> Any:
+        """End ``ticket`` by what the handler returned (its status, a client gone),
+        with no passage to see the bytes go out; return what the framework sends."""
+
+
+async def charge_handler(binding: HandlerBinding, guard: CreditGuard | None, rule: Rule, call: Call) -> Any:
+    """Charge for a request right before its handler runs (after the framework's
+    guards, dependencies and validation: the app's own refusals come first), run it,
+    and end the charge: by a passage around the request when there is one (it sees the
+    bytes go out), else by the returned value."""
+    scope = binding.scope
+    if outer_ticket(scope) is not None:
+        # An outer guard (a middleware rule, another decorator) charged this request and
+        # ends its ticket; charging here too would take the price twice.
+        return binding.returned(await call())
+    active = find_guard(guard, binding.app)
+    if isinstance(active, Problem):
+        return binding.refusal(active)
+    body = await binding.body() if wants_body(active, rule, scope) else None
+    outcome = await open_charge(active, rule, scope, binding.request, body)
+    if not isinstance(outcome, Ticket):
+        return binding.refusal(outcome)
+    put_on_request(scope, outcome)
+    result = await call_paid(outcome, call)
+    if in_passage(scope):
+        return binding.returned(result)
+    return await binding.end(outcome, result)
+
+
+#: The handler, ready to run with its arguments (``plain_call``).
+Call = Callable[[], Awaitable[Any]]
+
+
+def plain_call(fn: Callable[..., Any], is_async: bool, args: Any, kwargs: Any) -> Call:
+    """Run a handler as it is (a sync one in a worker thread)."""
+    if is_async:
+        return functools.partial(fn, *args, **kwargs)
+    return functools.partial(anyio.to_thread.run_sync, functools.partial(fn, *args, **kwargs))
 
 
 def fails(ticket: Ticket, exc: BaseException) -> bool:
@@ -460,20 +468,13 @@ def fails(ticket: Ticket, exc: BaseException) -> bool:
     return ticket.fails(status) if isinstance(status, int) else True
 
 
-async def call_plain(fn: Callable[..., Any], is_async: bool, args: Any, kwargs: Any) -> Any:
-    """Run a handler as it is (a sync one in a worker thread)."""
-    if is_async:
-        return await fn(*args, **kwargs)
-    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-
-
-async def call_paid(ticket: Ticket, fn: Callable[..., Any], is_async: bool, args: Any, kwargs: Any) -> Any:
+async def call_paid(ticket: Ticket, call: Call) -> Any:
     """Run a paid handler. If it raises, the ticket is ended first (refunded, or kept for
     an HTTP exception whose status the route charges), shielded so a cancelled request
     still gets its refund, and the exception carries the credit headers on its way to
     the framework's error handler (Starlette, FastAPI and Litestar ones have ``headers``)."""
     try:
-        return await call_plain(fn, is_async, args, kwargs)
+        return await call()
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
             if fails(ticket, exc):
@@ -556,16 +557,19 @@ def problem_response(problem: Problem) -> Response:
 
 __all__ = [
     "AsgiResponse",
+    "HandlerBinding",
     "IdempotencyMode",
     "Rule",
     "call_paid",
-    "call_plain",
+    "charge_asgi",
+    "charge_handler",
     "client_gone",
     "end_returned",
     "find_guard",
     "open_charge",
     "outer_ticket",
     "paying_organization",
+    "plain_call",
     "problem_response",
     "put_on_request",
     "resolve",

@@ -21,7 +21,14 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._accounts_api import AccountsApi
-from ._config import DATABASE_URL_ENV, ConnectionBudget, IdempotencyMode, Resolver
+from ._config import (
+    DATABASE_URL_ENV,
+    ConnectionBudget,
+    IdempotencyMode,
+    Resolver,
+    check_idempotency,
+    check_max_overage,
+)
 from ._grants import Grants
 from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
@@ -92,12 +99,10 @@ class CreditGuard(AccountsApi):
         hook_timeout: float = 5.0,
         charge_client_errors: bool = False,
     ) -> None:
-        if idempotency not in (True, False, "required"):
-            raise ValueError(f"idempotency must be True, False or 'required', got {idempotency!r}")
+        check_idempotency(idempotency)
         if hold_timeout <= 0 or (sweep_interval is not None and sweep_interval <= 0):
             raise ValueError("hold_timeout and sweep_interval must be positive")
-        if not 0 <= max_overage <= 100:
-            raise ValueError(f"max_overage must be a share of the reserve from 0 to 100, got {max_overage!r}")
+        check_max_overage(max_overage)
         if not isinstance(max_connections, int) or max_connections < 3:
             raise ValueError(f"max_connections must be an integer of at least 3, got {max_connections!r}")
         if pg_pool_size is not None:

@@ -1,9 +1,10 @@
 """CreditGuardMiddleware: charge for requests by rule, in one place (pure ASGI).
 
 Pure ASGI, not BaseHTTPMiddleware: no task group per request, contextvars intact, and
-streaming bodies are passed through untouched. Per-request state lives in the ticket and
-the flow's per-request responder (``_flow.run_paid``), never on the middleware instance.
-Requests that match no rule, and every non-HTTP scope, go straight to the app.
+streaming bodies are passed through untouched. This module only matches rules; the
+request's sequence is the flow's (``_flow.charge_asgi``), and per-request state lives in
+the ticket and its passage (``_passage.py``), never on the middleware instance. Requests
+that match no rule, and every non-HTTP scope, go straight to the app.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import re
 from collections.abc import Mapping
 
 from starlette.routing import compile_path
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import problems
-from ._flow import Rule, open_charge, run_paid, wants_body
+from ._body import BodyTooLarge, ClientDisconnected, read_body
+from ._flow import Rule, charge_asgi
 from ._guard import CreditGuard
-from ._ticket import TICKET_SCOPE_KEY, Ticket
 
 
 class CreditGuardMiddleware:
@@ -79,68 +79,10 @@ class CreditGuardMiddleware:
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :] or "/"
             rule = self.match_rule(scope["method"], path)
-            state = scope.get("state")
-            # A guard further out already charged this request: its charge stands alone.
-            if rule is not None and not (state and TICKET_SCOPE_KEY in state):
-                body = None
-                if wants_body(self.guard, rule, scope):
-                    try:
-                        body, receive = await read_body(receive, self.guard.idempotency_max_request_body)
-                    except ClientDisconnected:
-                        return
-                    except BodyTooLarge:
-                        limit = self.guard.idempotency_max_request_body
-                        await problems.request_too_large(limit)(scope, receive, send)
-                        return
-                outcome = await open_charge(self.guard, rule, scope, body=body)
-                if isinstance(outcome, Ticket):
-                    await run_paid(outcome, self.app, scope, receive, send)
-                else:  # a refusal or a replay: each sends itself
-                    await outcome(scope, receive, send)
+            if rule is not None:
+                await charge_asgi(self.guard, rule, self.app, scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-async def read_body(receive: Receive, limit: int) -> tuple[bytes, Receive]:
-    """The whole request body, and a ``receive`` that hands it to the app again.
-
-    Needed only for requests with an Idempotency-Key: their fingerprint covers the body
-    and must be known before the charge, that is before the app reads it. It is held in
-    memory, so beyond ``limit`` bytes BodyTooLarge is raised (the request is refused).
-    """
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            # The client left before sending its body: nothing to fingerprint or charge.
-            raise ClientDisconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    body = b"".join(chunks)
-    replayed = False
-
-    async def receive_again() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return body, receive_again
-
-
-class ClientDisconnected(Exception):
-    """The client hung up while its request body was being read."""
-
-
-class BodyTooLarge(Exception):
-    """An idempotent request's body is larger than the guard will hold to fingerprint it."""
 
 
 __all__ = ["BodyTooLarge", "ClientDisconnected", "CreditGuardMiddleware", "Rule", "read_body"]

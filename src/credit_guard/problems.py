@@ -55,6 +55,7 @@ TYPE_DUPLICATE_FEATURE = _TYPE_BASE + "duplicate-feature"
 TYPE_IDEMPOTENCY_CONFLICT = _TYPE_BASE + "idempotency-key-in-use"
 TYPE_IDEMPOTENCY_MISMATCH = _TYPE_BASE + "idempotency-key-reused"
 TYPE_NOT_STARTED = _TYPE_BASE + "guard-not-started"
+TYPE_CHARGE_REFUSED = _TYPE_BASE + "charge-refused-by-database"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +136,20 @@ def not_started(detail: str | None = None) -> Problem:
             " so nothing was charged and the handler did not run. Start it in the app's lifespan"
             " (`await guard.start()`, or `async with guard:`); in tests, use `with TestClient(app) as client:`"
             " (an httpx ASGITransport runs no lifespan: start the guard in the test, `async with guard:`)."
+        ),
+    )
+
+
+def charge_refused() -> Problem:
+    """The database refused the charge's write (a constraint): a bug, not an outage, so the
+    request is neither served nor charged, whatever ``fail_open`` says."""
+    return Problem(
+        status=500,
+        type=TYPE_CHARGE_REFUSED,
+        title="Charge refused by the database",
+        detail=(
+            "The database refused to record this request's charge (one of the constraints that keep the"
+            " credits exact). Nothing was charged and the handler did not run; the server's log says why."
         ),
     )
 

@@ -2,8 +2,9 @@
 
 ``Litestar(route_handlers=[...], plugins=[CreditGuardPlugin(guard)])`` starts the guard in
 the app's lifespan, puts it on ``app.state`` and charges routes whose ``opt`` names a
-feature (``@post("/v1/images", opt={"credits": "key"})``) around everything Litestar does
-for them, through the same flow as ``CreditGuardMiddleware``: see ``CreditGuardPlugin``.
+feature (``@post("/v1/images", opt={"credits": "key"})``) right before their handler, as
+the decorator does, through the same flow (``_flow.charge_handler``); a passage around the
+request ends the charge at delivery: see ``CreditGuardPlugin``.
 
 The decorator: Litestar hands a handler its request through the reserved keyword ``request``; if the
 handler does not ask for it, one is added to ``__signature__`` and popped before the
@@ -12,10 +13,11 @@ code and media type, so the credit headers can ride on it. On a route with a
 ``return_dto``, refusals and idempotent replays are raised past the DTO (``CreditAnswer``)
 instead of returned, so it never tries to read them as the handler's model.
 
-Streaming: a ``Stream`` whose body fails after its headers went out is not refunded by
-the decorator; pay for such routes by ``opt`` (or ``CreditGuardMiddleware``), which sees
-the failure. Its idempotent replays are the status and credit headers, without the body
-(Litestar serialises the value after the decorator returns); ``opt`` routes replay it all.
+Without the plugin the decorator ends a charge by the returned value's status: a ``Stream``
+whose body fails after its headers went out is not refunded, and an idempotent replay is
+the status and credit headers without the body (Litestar serialises the value after the
+decorator returns). Under the plugin, decorated routes get its passage too: they replay
+whole and see a stream break, as ``opt`` routes do.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import inspect
 import typing
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from decimal import Decimal
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from litestar import Litestar, Request, Response
@@ -39,27 +41,12 @@ from litestar.routes import BaseRoute, HTTPRoute, WebSocketRoute
 from litestar.utils.scope.state import ScopeState
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import problems
-from .._flow import (
-    RequiresCredits,
-    Rule,
-    call_paid,
-    call_plain,
-    end_returned,
-    find_guard,
-    open_charge,
-    outer_ticket,
-    put_on_request,
-    run_paid,
-    wants_body,
-)
+from .._flow import RequiresCredits, Rule, charge_handler, end_returned, outer_ticket, plain_call
 from .._guard import CreditGuard
 from .._idempotency import Replay
 from .._openapi import mark, marked
+from .._passage import run_paid
 from .._ticket import Ticket
-from .._units import UnitsOf, units_value
-from ..middleware import BodyTooLarge, ClientDisconnected, read_body
-from ..models import FEATURE_KEY_MAX, FEATURE_KEY_RE
 from ..problems import Problem
 from ._litestar_openapi import credit_operation
 
@@ -138,6 +125,43 @@ def _declared_return(fn: Callable[..., Any]) -> Any:
     return returns
 
 
+class _Binding:
+    """What Litestar knows of one request to a paid handler (``_flow.HandlerBinding``).
+
+    ``as_response``: the wrapper declares it returns a Response (the decorator's, whose
+    credit headers ride on it); the plugin's wrapper of an ``opt`` route keeps the
+    handler's own return type and leaves the headers to the passage around it.
+    """
+
+    __slots__ = ("app", "as_response", "request", "scope")
+
+    def __init__(self, request: Request[Any, Any, Any], *, as_response: bool) -> None:
+        self.request, self.app = request, request.app
+        self.scope: Scope = typing.cast(Scope, request.scope)
+        self.as_response = as_response
+
+    async def body(self) -> bytes:
+        return await self.request.body()
+
+    def returned(self, result: Any) -> Any:
+        return _as_response(self.request, result) if self.as_response else result
+
+    def refusal(self, answer: Problem | Replay) -> Any:
+        return _answer(self.request, _Answer(answer))
+
+    async def end(self, ticket: Ticket, result: Any) -> Any:
+        """No passage around the request (the decorator without the plugin): ended by the
+        returned value's status. Litestar serialises it after the wrapper returns, so a
+        stream that breaks later is not seen here (pay for it with the plugin)."""
+        response = _as_response(self.request, result)
+        status = response.status_code or 200
+        if not await end_returned(ticket, status, self.request.receive):  # type: ignore[arg-type]
+            await ticket.keep(status)
+        for name, value in ticket.headers():
+            response.headers[name] = value
+        return response
+
+
 def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     signature = inspect.signature(fn)
     asks_for_request = "request" in signature.parameters
@@ -153,23 +177,8 @@ def decorate_litestar(fn: F, rule: Rule, guard: CreditGuard | None) -> F:
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         request: Request[Any, Any, Any] = kwargs["request"] if asks_for_request else kwargs.pop("request")
-        if outer_ticket(request.scope) is not None:  # an outer guard charged it and ends its ticket
-            return _as_response(request, await call_plain(fn, is_async, args, kwargs))
-        active = find_guard(guard, request.app)
-        if isinstance(active, Problem):
-            return _answer(request, _Answer(active))
-        body = await request.body() if wants_body(active, rule, request.scope) else None
-        outcome = await open_charge(active, rule, request.scope, request, body)
-        if not isinstance(outcome, Ticket):
-            return _answer(request, _Answer(outcome))
-        put_on_request(request.scope, outcome)  # type: ignore[arg-type]
-        result = _as_response(request, await call_paid(outcome, fn, is_async, args, kwargs))
-        status = result.status_code or 200
-        if not await end_returned(outcome, status, request.receive):  # type: ignore[arg-type]
-            await outcome.keep(status)
-        for name, value in outcome.headers():
-            result.headers[name] = value
-        return result
+        binding = _Binding(request, as_response=True)
+        return await charge_handler(binding, guard, rule, plain_call(fn, is_async, args, kwargs))
 
     annotations = dict(getattr(fn, "__annotations__", {}))
     if not asks_for_request:
@@ -199,8 +208,9 @@ OPT_CREDITS = "credits"
 OPT_PREFIX = "credits_"
 #: The options after the prefix, as ``requires_credits`` takes them.
 OPT_OPTIONS = ("units", "idempotency", "max_overage", "charge_client_errors")
-#: Where the plugin keeps a route's checked ``Rule``, in that handler's own resolved ``opt``.
-_RULE_KEY = "credit_guard.rule"
+#: Set in a paid handler's own resolved ``opt`` (by its opt or a decorator): the plugin's
+#: middleware runs a passage around its requests.
+_PAID_KEY = "credit_guard.paid"
 
 
 class CreditGuardPlugin(InitPluginProtocol, ReceiveRoutePlugin):
@@ -217,12 +227,15 @@ class CreditGuardPlugin(InitPluginProtocol, ReceiveRoutePlugin):
       Controller's opt applies to its routes, and ``"credits": None`` opts one out. They are
       checked as the app is built: a bad value fails then, naming the route.
 
-    An opt route is charged by a pure ASGI middleware added after the app's own middleware
-    (put auth there, it runs first), around everything Litestar does for the route:
-    ``_flow.run_paid``, as ``CreditGuardMiddleware``, so a failing status, an exception, a
-    stream that breaks or a client that hangs up is refunded, and an idempotent replay is
-    the first response byte for byte. A route that also has ``@requires_credits`` is
-    charged once (the decorator sees the charge); OPTIONS requests are never charged.
+    An opt route is charged right before its handler runs (its function is wrapped when
+    the route is registered, keeping its signature), after Litestar's guards,
+    dependencies and body validation: the app's own refusals come first, as with the
+    decorator. A pure ASGI middleware (added after the app's own) runs a passage around
+    each request to a paid route (``opt`` or decorator), which ends the charge at delivery:
+    a failing status, an exception, a stream that breaks or a client that hangs up is
+    refunded, and an idempotent replay is the first response byte for byte. A route that
+    also has ``@requires_credits`` is charged once (the decorator sees the charge);
+    OPTIONS requests are never charged.
     """
 
     __slots__ = ("create_schema", "guard")
@@ -250,6 +263,7 @@ class CreditGuardPlugin(InitPluginProtocol, ReceiveRoutePlugin):
             if isinstance(handler, HTTPRouteHandler) and (rule or found):
                 paid, own_guard = (rule, self.guard) if rule is not None else found  # type: ignore[misc]
                 handler.operation_class = credit_operation(handler.operation_class, paid, own_guard or self.guard)
+                handler.opt[_PAID_KEY] = True  # the middleware runs a passage around it
             if rule is None:
                 continue
             if isinstance(route, WebSocketRoute):
@@ -262,7 +276,8 @@ class CreditGuardPlugin(InitPluginProtocol, ReceiveRoutePlugin):
                     f"credit_guard: {_where(handler)} pays for {rule.feature_key!r} by its opt and for"
                     f" {decorated.feature_key!r} by @requires_credits: a request is charged once, so keep one"
                 )
-            handler.opt[_RULE_KEY] = rule
+            assert isinstance(handler, HTTPRouteHandler)
+            _pay_before(handler, rule, self.guard)
 
     @asynccontextmanager
     async def _lifespan(self, app: Litestar) -> AsyncIterator[None]:
@@ -287,7 +302,8 @@ def _where(handler: BaseRouteHandler) -> str:
 
 def rule_from_opt(opt: Mapping[str, Any], where: str = "route") -> Rule | None:
     """A route's ``Rule`` from its Litestar ``opt``, None when it is free; TypeError or
-    ValueError, naming the route and the key, for anything ``requires_credits`` would refuse."""
+    ValueError naming the route and the key for an opt of the wrong shape, or for a value
+    ``Rule`` refuses (its checks are the decorator's and the middleware's: one place)."""
 
     def bad(kind: type[Exception], why: str) -> Exception:
         return kind(f"credit_guard: {where}: {why}")
@@ -305,49 +321,63 @@ def rule_from_opt(opt: Mapping[str, Any], where: str = "route") -> Rule | None:
     if isinstance(feature, Rule):
         if options:
             raise bad(ValueError, f"opt {OPT_CREDITS!r} is a Rule: give its options to the Rule, not as credits_* keys")
-        given: Rule = feature
-        feature = given.feature_key
-        options = {
-            "units": given.units,
-            "idempotency": given.idempotency,
-            "max_overage": given.max_overage,
-            "charge_client_errors": given.charge_client_errors,
-        }
+        return feature
     if not isinstance(feature, str):
         raise bad(TypeError, f"opt {OPT_CREDITS!r} must be a feature key (str) or a Rule, got {type(feature).__name__}")
-    if len(feature) > FEATURE_KEY_MAX or not FEATURE_KEY_RE.fullmatch(feature):
-        raise bad(ValueError, f"opt {OPT_CREDITS!r} is not a feature key (lowercase snake_case, <= 64): {feature!r}")
-    units = options.get("units")
-    if units is not None and not callable(units):
+    # Each option on its own first, so an error names its opt key; then all of them.
+    for name, value in [(None, None), *options.items()]:
         try:
-            units = _fixed_units(units_value(units))
-        except ValueError as exc:
-            raise bad(ValueError, f"opt 'credits_units' must be a number or a callable of the request: {exc}") from None
-    idempotency = options.get("idempotency")
-    if idempotency not in (None, True, False, "required"):
-        raise bad(ValueError, f"opt 'credits_idempotency' must be True, False or 'required', got {idempotency!r}")
-    max_overage = options.get("max_overage")
-    if max_overage is not None and (
-        isinstance(max_overage, bool) or not isinstance(max_overage, int | float) or not 0 <= max_overage <= 100
-    ):
-        raise bad(ValueError, f"opt 'credits_max_overage' must be a share from 0 to 100, got {max_overage!r}")
-    client_errors = options.get("charge_client_errors")
-    if client_errors is not None and not isinstance(client_errors, bool):
-        raise bad(TypeError, f"opt 'credits_charge_client_errors' must be a bool, got {client_errors!r}")
-    return Rule(feature, units, idempotency, max_overage, client_errors)
+            Rule(feature, **({} if name is None else {name: value}))
+        except (TypeError, ValueError) as exc:
+            raise bad(type(exc), f"opt {OPT_CREDITS if name is None else OPT_PREFIX + name!r}: {exc}") from None
+    return Rule(feature, **options)
 
 
-def _fixed_units(count: Decimal) -> UnitsOf:
-    def units(request: Any) -> Decimal:
-        return count
+#: The request a paid ``opt`` route is being handled for, set by the plugin's middleware
+#: around the app, read by the route's handler wrapper (Litestar hands a handler only the
+#: arguments its signature names, and an ``opt`` route's signature is the app's own).
+_CURRENT: ContextVar[tuple[Scope, Receive] | None] = ContextVar("credit_guard_litestar_request", default=None)
+#: Marks a handler function the plugin wrapped (a handler registered twice is wrapped once).
+_WRAPPED = "__credit_guard_paid__"
 
-    return units
+
+def _pay_before(handler: HTTPRouteHandler, rule: Rule, guard: CreditGuard) -> None:
+    """Charge an ``opt`` route right before its handler runs: after Litestar's guards,
+    dependencies, ``before_request`` and body validation (so the app's own 400, 401, 403
+    come first, and a 402 never tells a non-member whether a team has credits), as the
+    decorator does. The handler function is wrapped in place, keeping its signature, so
+    Litestar's parameters, DTOs and OpenAPI are unchanged; it ends in the passage the
+    plugin's middleware runs around the request."""
+    fn = handler.fn
+    if getattr(fn, _WRAPPED, False):
+        return
+    inline = handler.has_sync_callable  # Litestar would call it on the loop, unawaited
+
+    async def call_inline(kwargs: dict[str, Any]) -> Any:
+        return fn(**kwargs)
+
+    @functools.wraps(fn)
+    async def paid(**kwargs: Any) -> Any:
+        current = _CURRENT.get()
+        if current is None:  # never free: a paid route handled outside the plugin's middleware
+            raise RuntimeError(f"credit_guard: {_where(handler)} is paid by its opt, but the plugin did not run")
+        scope, receive = current
+        request = handler.resolve_request_class()(scope, receive)  # type: ignore[arg-type]
+        call = functools.partial(call_inline, kwargs) if inline else functools.partial(fn, **kwargs)
+        return await charge_handler(_Binding(request, as_response=False), guard, rule, call)
+
+    setattr(paid, _WRAPPED, True)
+    handler._fn = paid
+    handler.has_sync_callable = False
 
 
 class _PaidRoutes:
-    """The plugin's middleware: charges routes whose opt names a feature (``rule_from_opt``).
+    """The plugin's middleware: a passage (``_passage.run_paid``) around each request to a
+    paid route, which its handler's charge ends at delivery: credit headers on the
+    response, a refund for a failing status, an exception, a stream that breaks or a client
+    that hangs up, and an idempotent response recorded whole for its replays.
 
-    Pure ASGI, per-request state in the flow's responder, never here. Everything else
+    Pure ASGI; per-request state lives in the passage, never here. Everything else
     (unpaid routes, OPTIONS, websockets, a request a guard further out already charged)
     goes straight through.
     """
@@ -357,36 +387,17 @@ class _PaidRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = scope.get("route_handler")
-        rule = _rule_of(handler) if scope["type"] == "http" and scope.get("method") != "OPTIONS" else None
-        if rule is None or outer_ticket(scope) is not None:
+        paid = (
+            scope["type"] == "http"
+            and scope.get("method") != "OPTIONS"
+            and isinstance(getattr(handler, "opt", None), Mapping)
+            and handler.opt.get(_PAID_KEY) is True  # type: ignore[union-attr]
+        )
+        if not paid or outer_ticket(scope) is not None:
             await self.app(scope, receive, send)
             return
-        guard = self.guard
-        body = None
-        if wants_body(guard, rule, scope):
-            try:
-                body, receive = await read_body(receive, guard.idempotency_max_request_body)
-            except ClientDisconnected:
-                return
-            except BodyTooLarge:
-                await problems.request_too_large(guard.idempotency_max_request_body)(scope, receive, send)
-                return
-        request_class = handler.resolve_request_class() if isinstance(handler, HTTPRouteHandler) else Request
-        request = request_class(scope, receive)  # type: ignore[arg-type]  # for resolvers and units, as the decorator's
-        outcome = await open_charge(guard, rule, scope, request, body)
-        if isinstance(outcome, Ticket):
-            await run_paid(outcome, self.app, scope, receive, send)
-        else:  # a refusal or a replay: each sends itself
-            await outcome(scope, receive, send)
-
-
-def _rule_of(handler: Any) -> Rule | None:
-    """The Rule the plugin checked for this handler; an opt it somehow did not see (Litestar
-    resolved the handler's opt again) is read now rather than served free."""
-    opt = getattr(handler, "opt", None)
-    if not opt:
-        return None
-    rule = opt.get(_RULE_KEY)
-    if isinstance(rule, Rule):
-        return rule
-    return rule_from_opt(opt, _where(handler)) if opt.get(OPT_CREDITS) is not None else None
+        token = _CURRENT.set((scope, receive))
+        try:
+            await run_paid(None, self.app, scope, receive, send)
+        finally:
+            _CURRENT.reset(token)

@@ -29,22 +29,11 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from .._flow import (
-    AsgiResponse,
-    RequiresCredits,
-    Rule,
-    call_paid,
-    call_plain,
-    end_returned,
-    find_guard,
-    open_charge,
-    outer_ticket,
-    put_on_request,
-    run_paid,
-    wants_body,
-)
+from .._flow import AsgiResponse, RequiresCredits, Rule, charge_handler, end_returned, plain_call
 from .._guard import CreditGuard
+from .._idempotency import Replay
 from .._openapi import mark
+from .._passage import run_paid
 from .._ticket import Ticket
 from ..problems import Problem
 
@@ -122,42 +111,52 @@ def decorate_starlette(fn: F, rule: Rule | str, guard: CreditGuard | None) -> F:
             request = next((arg for arg in args if isinstance(arg, HTTPConnection)), None)
         if request is None:
             raise RuntimeError(f"requires_credits: {fn.__qualname__} was called without a request")
-        if outer_ticket(request.scope) is not None:
-            # An outer guard (a middleware rule, another decorator) charged this request and
-            # ends its ticket; charging here too would take the price twice.
-            return await call_plain(fn, is_async, args, kwargs)
-        active = find_guard(guard, request.app)
-        if isinstance(active, Problem):
-            return AsgiResponse(active)
-        body = (
-            await request.body() if isinstance(request, Request) and wants_body(active, rule, request.scope) else None
-        )
-        outcome = await open_charge(active, rule, request.scope, request, body)
-        if not isinstance(outcome, Ticket):
-            return AsgiResponse(outcome)
-        put_on_request(request.scope, outcome)
-        result = await call_paid(outcome, fn, is_async, args, kwargs)
-        if isinstance(result, Response):
-            return _PaidResponse(outcome, result)
-        # FastAPI serialises a returned value itself; its status and headers come from the
-        # sub-response it handed us (status_code None there means the route's default).
-        status = (
-            getattr(sub_response, "status_code", None)
-            or getattr(request.scope.get("route"), "status_code", None)
-            or 200
-        )
-        if not await end_returned(outcome, status, getattr(request, "receive", None)) and not _keep_on_delivery(
-            outcome, request.scope, tasks, status
-        ):
-            await outcome.keep(status)
-        if sub_response is not None:
-            for name, value in outcome.headers():
-                sub_response.headers[name] = value
-        return result
+        binding = _Binding(request, sub_response, tasks)
+        return await charge_handler(binding, guard, rule, plain_call(fn, is_async, args, kwargs))
 
     wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
     mark(wrapper, rule, guard)
     return typing.cast(F, wrapper)
+
+
+class _Binding:
+    """What Starlette/FastAPI know of one request to a paid handler (``_flow.HandlerBinding``)."""
+
+    __slots__ = ("app", "request", "scope", "sub_response", "tasks")
+
+    def __init__(self, request: HTTPConnection, sub_response: Response | None, tasks: BackgroundTasks | None) -> None:
+        self.request, self.scope, self.app = request, request.scope, request.app
+        self.sub_response, self.tasks = sub_response, tasks
+
+    async def body(self) -> bytes:
+        return await self.request.body() if isinstance(self.request, Request) else b""
+
+    def returned(self, result: Any) -> Any:
+        return result
+
+    def refusal(self, answer: Problem | Replay) -> Any:
+        return AsgiResponse(answer)
+
+    async def end(self, ticket: Ticket, result: Any) -> Any:
+        if isinstance(result, Response):
+            # Sent through the passage: a 4xx/5xx, or a stream that breaks after its
+            # headers, is refunded at the moment it happens.
+            return _PaidResponse(ticket, result)
+        # FastAPI serialises a returned value itself; its status and headers come from the
+        # sub-response it handed us (status_code None there means the route's default).
+        status = (
+            getattr(self.sub_response, "status_code", None)
+            or getattr(self.scope.get("route"), "status_code", None)
+            or 200
+        )
+        if not await end_returned(ticket, status, getattr(self.request, "receive", None)) and not _keep_on_delivery(
+            ticket, self.scope, self.tasks, status
+        ):
+            await ticket.keep(status)
+        if self.sub_response is not None:
+            for name, value in ticket.headers():
+                self.sub_response.headers[name] = value
+        return result
 
 
 def _keep_on_delivery(ticket: Ticket, scope: Scope, tasks: BackgroundTasks | None, status: int) -> bool:

@@ -27,9 +27,9 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from .._body import BodyTooLarge, ClientDisconnected, read_body
 from .._guard import CreditGuard
 from ..errors import StorageUnavailable
-from ..middleware import BodyTooLarge, ClientDisconnected, read_body
 from ..problems import Problem
 
 try:
@@ -78,13 +78,28 @@ class StripeWebhook:
         signature = dict(scope["headers"]).get(b"stripe-signature", b"").decode("latin-1") or None
         try:
             event = stripe.Webhook.construct_event(body, signature, self.secret, tolerance=self.tolerance)
-        except (stripe.SignatureVerificationError, ValueError) as exc:
+            _check_event(event)
+        except (stripe.SignatureVerificationError, ValueError, AttributeError, TypeError) as exc:
+            # A correctly signed body that is not an event ([], null, an object without an
+            # id or a type) is the sender's mistake too: 400, never a bare 500.
             log.warning("credit_guard: Stripe webhook refused (nothing granted): %s", exc)
             detail = f"The event could not be verified: {exc}"
             await _problem(400, "Bad signature or event", detail)(scope, receive, send)
             return
         answer = await _grant(self.guard, event, self.credits_for)
         await answer(scope, receive, send)
+
+
+def _check_event(event: Any) -> None:
+    """ValueError unless ``event`` has the two fields every Stripe event has: a text ``id``
+    (the grant's idempotency key) and a text ``type``."""
+    for field in ("id", "type"):
+        try:
+            value = event[field]
+        except (KeyError, TypeError, AttributeError):
+            value = None
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"the body is not a Stripe event: no {field!r} text")
 
 
 async def _grant(guard: CreditGuard, event: Any, credits_for: CreditsFor) -> Callable[[Scope, Receive, Send], Any]:
