@@ -21,13 +21,16 @@ class TcpProxy:
 
     async def stop(self) -> None:
         """Refuse new connections and cut every open one, like a server going away."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        # Cut the open connections before waiting: since Python 3.12 wait_closed() waits
+        # for every connection the server accepted to close, so the other order never ends.
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
+        if server is not None:
+            await server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -10,7 +10,7 @@ import credit_guard
 
 PACKAGE = Path(credit_guard.__file__).resolve().parent
 CORE = ("_guard", "_ledger", "_pricing", "_holds", "_hooks", "_notify", "_ticket", "_units", "_clock", "_config")
-CORE += ("_storage", "models", "events", "errors", "schema", "_idempotency")
+CORE += ("_storage", "models", "events", "errors", "schema", "_idempotency", "_decisions", "_metrics")
 WEB = ("starlette", "fastapi", "litestar")
 
 

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._flow import RequiresCredits, Rule
 from ._guard import CreditGuard
+from ._rule import RequiresCredits, Rule
 from .contrib.starlette import decorate_starlette, type_hints
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -23,12 +23,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import typing
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from decimal import Decimal
 from time import perf_counter
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol
 
 import anyio
 from starlette.requests import HTTPConnection
@@ -37,8 +35,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import problems
 from ._body import BodyTooLarge, ClientDisconnected, read_body
-from ._config import IdempotencyMode, check_idempotency, check_max_overage
-from ._decisions import Charged, InFlight, KeyReused, Refusal, Refused, Replayed
+from ._config import IdempotencyMode
+from ._decisions import Charged, Decision, InFlight, KeyReused, Refusal, Refused, Replayed
 from ._guard import CreditGuard
 from ._idempotency import (
     IDEMPOTENCY_HEADER,
@@ -51,113 +49,14 @@ from ._idempotency import (
 from ._ledger import ORGANIZATION_ID_MAX
 from ._metrics import outcome_of
 from ._passage import client_gone, in_passage, put_on_request, run_paid
+from ._rule import RequiresCredits, Rule
 from ._ticket import Ticket, current_ticket
-from ._units import ONE, UnitsOf, units_value
+from ._units import ONE, units_value
 from .errors import IntegrityViolation, StorageUnavailable
-from .models import FEATURE_KEY_MAX, FEATURE_KEY_RE, UNSTORABLE_TEXT, is_storable_text
+from .models import UNSTORABLE_TEXT, is_storable_text
 from .problems import Problem
 
 log = logging.getLogger("credit_guard")
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A paid route's options, checked here once, whichever way they arrive (the
-    decorator, a middleware rule, a Litestar ``opt``): a bad value fails when the route is
-    declared, never on its first request.
-
-    ``units``: how many of the price one request takes: a number, or a callable of the
-    request (sync or async) returning one (seconds of video...); under the middleware it
-    gets a Starlette ``HTTPConnection`` (the app has not read the body yet).
-    ``idempotency``: True, "required" or False for this route (None: the guard's default).
-    ``max_overage``: how far above its reserve reported usage may be charged, as a share
-    (0 to 100). ``charge_client_errors``: keep the charge when the app answers 4xx (None:
-    the guard's choice).
-    """
-
-    feature_key: str
-    units: UnitsOf | int | float | Decimal | str | None = None
-    idempotency: IdempotencyMode | None = None
-    max_overage: float | None = None
-    charge_client_errors: bool | None = None
-
-    def __post_init__(self) -> None:
-        key = self.feature_key
-        if not isinstance(key, str):
-            raise TypeError(f"the feature key must be a str, got {type(key).__name__}")
-        if len(key) > FEATURE_KEY_MAX or not FEATURE_KEY_RE.fullmatch(key):
-            raise ValueError(f"not a feature key (lowercase snake_case, at most {FEATURE_KEY_MAX}): {key!r:.80}")
-        if self.units is not None and not callable(self.units):
-            try:
-                count = units_value(self.units)
-            except ValueError as exc:
-                raise ValueError(f"units must be a number or a callable of the request: {exc}") from None
-            object.__setattr__(self, "units", _fixed_units(count))
-        check_idempotency(self.idempotency, optional=True)
-        if self.max_overage is not None:
-            check_max_overage(self.max_overage)
-        if self.charge_client_errors is not None and not isinstance(self.charge_client_errors, bool):
-            raise TypeError(f"charge_client_errors must be a bool or None, got {self.charge_client_errors!r:.40}")
-
-    def units_of(self) -> UnitsOf | None:
-        """The units callable (a fixed number became one when the rule was made)."""
-        return typing.cast("UnitsOf | None", self.units)
-
-
-def _fixed_units(count: Decimal) -> UnitsOf:
-    def units(request: Any) -> Decimal:
-        return count
-
-    return units
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-Decorate = Callable[[Any, Rule, "CreditGuard | None"], Any]
-
-
-class RequiresCredits:
-    """``requires_credits``: one decorator factory, whichever framework applies the rule.
-
-    Each framework adapter makes one with its own ``decorate(fn, rule, guard)``; the
-    options, their checks (``Rule``) and their documentation are here once.
-    """
-
-    def __init__(self, decorate: Decorate) -> None:
-        self._decorate = decorate
-
-    def __call__(
-        self,
-        feature_key: str,
-        *,
-        guard: CreditGuard | None = None,
-        units: UnitsOf | int | float | Decimal | str | None = None,
-        idempotency: IdempotencyMode | None = None,
-        max_overage: float | None = None,
-        charge_client_errors: bool | None = None,
-    ) -> Callable[[F], F]:
-        """Charge ``feature_key``'s price before the handler runs; refund if it fails.
-
-        The guard is ``guard=`` or ``request.app.state.credit_guard``. Put the decorator
-        *below* the framework's route decorator (``@app.post(...)`` / ``@post(...)``).
-
-        ``units``: a number, or a callable of the request returning how many units this
-        call reserves (seconds of video...): the price is multiplied by it, rounded up, and
-        charged before the handler runs; the handler may
-        ``current_ticket(request).report_usage(n)``. ``idempotency``: honour
-        ``Idempotency-Key`` here (True / "required"; None follows the guard).
-        ``max_overage``: how far above the reserve reported usage may be charged.
-        ``charge_client_errors``: keep the charge when the handler answers 4xx (None
-        follows the guard, which refunds them by default). Bad values raise here.
-
-        A request an outer guard already charged (a ``CreditGuardMiddleware`` rule, another
-        decorator) is not charged again: the handler runs under that charge.
-        """
-        rule = Rule(feature_key, units, idempotency, max_overage, charge_client_errors)
-
-        def decorate(fn: F) -> F:
-            return typing.cast(F, self._decorate(fn, rule, guard))
-
-        return decorate
 
 
 def outer_ticket(scope: Mapping[str, Any]) -> Ticket | None:
@@ -257,16 +156,10 @@ async def open_charge(
     count = await _units(rule, scope, request)
     if isinstance(count, Problem):
         return count
-    key, fingerprint = None, ""
-    mode = guard.idempotency if rule.idempotency is None else rule.idempotency
-    raw_key = key_from_headers(scope.get("headers") or ()) if mode else None
-    if mode == "required" and raw_key is None:
-        return problems.invalid_request({IDEMPOTENCY_HEADER: "this route requires an Idempotency-Key header"})
-    if raw_key is not None:
-        key = validate_key(raw_key)
-        if key is None:
-            return problems.invalid_request({IDEMPOTENCY_HEADER: "must be 1 to 255 visible ASCII characters"})
-        fingerprint = request_fingerprint(str(method or ""), str(path or ""), scope.get("query_string") or b"", body or b"", user_id)
+    keyed = _idempotency_key(guard, rule, scope, body, user_id)
+    if isinstance(keyed, Problem):
+        return keyed
+    key = keyed[0] if keyed is not None else None
     ledger, metrics = guard.ledger, guard.ledger.metrics
     started = perf_counter() if metrics is not None else 0.0
     try:
@@ -276,7 +169,7 @@ async def open_charge(
                 rule.feature_key,
                 user_id,
                 units=count,
-                idempotency=(key, fingerprint, False) if key is not None else None,
+                idempotency=(*keyed, False) if keyed is not None else None,
                 hold=True,
                 request_method=method,
                 request_path=path,
@@ -284,8 +177,7 @@ async def open_charge(
             )
             if attempt or not isinstance(decision, InFlight):
                 break
-            assert key is not None
-            await _await_finished_response(guard, organization_id, key)
+            await _await_finished_response(guard, organization_id, key or "")
     except StorageUnavailable:
         if metrics is not None:
             metrics.decided(
@@ -302,6 +194,20 @@ async def open_charge(
         return problems.charge_refused()
     if metrics is not None:
         metrics.decided(rule.feature_key, outcome_of(decision), perf_counter() - started)
+    return _answer(guard, rule, decision, scope, organization_id, user_id, count, key)
+
+
+def _answer(
+    guard: CreditGuard,
+    rule: Rule,
+    decision: Decision,
+    scope: Mapping[str, Any],
+    organization_id: str,
+    user_id: str | None,
+    count: Decimal,
+    key: str | None,
+) -> Ticket | Problem | Replay:
+    """What the request flow makes of the ledger's decision: each case once."""
     match decision:
         case Charged():
             return Ticket(
@@ -310,7 +216,7 @@ async def open_charge(
                 decision.credits,
                 decision.spendable,
                 decision.charge_id,
-                ledger=ledger,
+                ledger=guard.ledger,
                 unit_price=decision.unit_price,
                 units=count,
                 max_overage=guard.max_overage if rule.max_overage is None else rule.max_overage,
@@ -327,7 +233,7 @@ async def open_charge(
             if guard.allow_unpriced:
                 log.warning("credit_guard: %s; served free (allow_unpriced=True)", decision.message)
                 return Ticket(rule.feature_key, organization_id, 0, None, None)
-            log.error("credit_guard: refused %s %s: %s", method, path, decision.message)
+            log.error("credit_guard: refused %s %s: %s", scope.get("method"), scope.get("path"), decision.message)
             if decision.reason is Refusal.FEATURE_INACTIVE:
                 return problems.feature_inactive(rule.feature_key)
             return problems.feature_not_found(rule.feature_key)
@@ -338,6 +244,24 @@ async def open_charge(
             return problems.idempotency_conflict(key or "", retry_after=1)
         case KeyReused():
             return problems.idempotency_mismatch(key or "")
+
+
+def _idempotency_key(
+    guard: CreditGuard, rule: Rule, scope: Mapping[str, Any], body: bytes | None, user_id: str | None
+) -> tuple[str, str] | Problem | None:
+    """The request's ``Idempotency-Key`` and the fingerprint it is bound to (method, path,
+    query, body, user), None when the route does not honour one, or the 400 to answer."""
+    mode = guard.idempotency if rule.idempotency is None else rule.idempotency
+    raw_key = key_from_headers(scope.get("headers") or ()) if mode else None
+    if raw_key is None:
+        if mode == "required":
+            return problems.invalid_request({IDEMPOTENCY_HEADER: "this route requires an Idempotency-Key header"})
+        return None
+    key = validate_key(raw_key)
+    if key is None:
+        return problems.invalid_request({IDEMPOTENCY_HEADER: "must be 1 to 255 visible ASCII characters"})
+    method, path = str(scope.get("method", "")), str(scope.get("path", ""))
+    return key, request_fingerprint(method, path, scope.get("query_string") or b"", body or b"", user_id)
 
 
 async def _units(rule: Rule, scope: Mapping[str, Any], request: Any) -> Decimal | Problem:
@@ -559,6 +483,7 @@ __all__ = [
     "AsgiResponse",
     "HandlerBinding",
     "IdempotencyMode",
+    "RequiresCredits",
     "Rule",
     "call_paid",
     "charge_asgi",

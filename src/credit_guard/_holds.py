@@ -8,8 +8,9 @@ job is never swept from under its request, and the timeout can stay short.
 
 Why batched: settling a successful request writes nothing that moves money, so it must
 not cost the request a round trip. ``settle_later`` only queues the charge id; a
-background task settles every queued id in one UPDATE a few milliseconds later, together
-with the idempotent responses that finished meanwhile. If the process dies before that
+background task settles every queued id a few milliseconds later: one DELETE of their
+hold rows (a statement on PostgreSQL's pool, a few per transaction on SQLite), with the
+idempotent responses that finished meanwhile written in the same transaction. If the process dies before that
 flush, the sweeper refunds those holds: the error is in the customer's favour, never
 a credit taken twice. ``close()`` flushes what is queued.
 """

@@ -1,19 +1,21 @@
-"""The money statements, written once in SQLAlchemy Core for every dialect.
+"""The store over SQLAlchemy: every read and write of credit_guard's tables, every dialect.
 
 Every write is one short transaction whose correctness rests on the database, never on
 a value read into Python first:
 
-* charge: ``UPDATE accounts SET balance = balance - :cost WHERE balance >= :cost RETURNING``;
-  no row back means not enough credits, so two racing requests can never both pass;
+* charge: the database's one charge (``charge.py``: SQLite's statements in the writer's
+  locked transaction, PostgreSQL's one statement), taken only if the live grants' room
+  covers it, so two racing requests can never both pass;
 * refund: the ledger's UNIQUE ``refund_of`` makes a second refund of one charge fail
   inside the database, rolling back its balance change with it;
 * grant: an upsert (the first top-up creates the account), conditional on the maximum
   balance, and unique per (organization, idempotency key).
 
-Each write is a plain function of a *sync* SQLAlchemy ``Connection`` (``charge_in``,
-``refund_in``...), so one body serves both ways of running it: ``SqlStore._write`` runs
-it through the async engine (``run_sync``), and on SQLite ``SqliteStore`` hands it to the
-process's one writer thread, which commits many of them in one transaction.
+Each write body is a plain function of a *sync* SQLAlchemy ``Connection``
+(``writes.py``, ``grants.py``, ``reservations.py``), so one body serves both ways of
+running it: ``SqlStore._write`` runs it through the async engine (``run_sync``), and on
+SQLite ``SqliteStore`` hands it to the process's one writer thread, which commits many of
+them in one transaction. PostgreSQL's hot statements are ``postgres.py``'s, on asyncpg.
 """
 
 from __future__ import annotations

@@ -351,7 +351,7 @@ class SqliteWriter:
                     if alone:
                         transaction.rollback()
                         return contended
-                except Exception as exc:  # a write's own refusal (_Abandon, PricingNotFound...)
+                except Exception as exc:  # a write's own refusal (Abandon, PricingNotFound...)
                     job.error = exc
                     if alone:
                         transaction.rollback()
