@@ -136,8 +136,11 @@ def test_a_team_near_exhaustion_with_failing_requests_never_gets_a_503(
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         statuses = list(pool.map(post, range(300)))
-    assert set(statuses) <= {201, 402, 502}, sorted(set(statuses))
-    assert statuses.count(502) == 100 and statuses.count(201) > 0
+    failing = [status for n, status in enumerate(statuses) if n % 3 == 0]
+    working = [status for n, status in enumerate(statuses) if n % 3]
+    # A failing request charged is refunded (502); one that met an empty account is a 402.
+    assert set(failing) <= {402, 502} and set(working) <= {201, 402}, sorted(set(statuses))
+    assert statuses.count(502) > 0 and statuses.count(201) > 0
     deadline = time.monotonic() + 15
     while True:  # the last settlements land
         balance, rows, holds, issues = _books(db_url, "org_team")
@@ -146,7 +149,7 @@ def test_a_team_near_exhaustion_with_failing_requests_never_gets_a_503(
         assert time.monotonic() < deadline, f"{holds=}\n{server.log()}"
         time.sleep(0.1)
     kinds = [row["kind"] for row in rows]
-    assert kinds.count("refund") == 100
-    assert kinds.count("charge") == statuses.count(201) + 100
+    assert kinds.count("refund") == statuses.count(502)
+    assert kinds.count("charge") == statuses.count(201) + statuses.count(502)
     assert balance == 1000 - 5 * statuses.count(201)
     assert issues == []
