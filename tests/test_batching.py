@@ -93,14 +93,14 @@ async def test_a_batch_decides_charges_of_different_prices_in_arrival_order() ->
     decided: list[tuple[str, int]] = []
     balance = {"org": 12}
 
-    async def one(request: ChargeRequest) -> object:
+    async def one(request: ChargeRequest, claim: object) -> object:
         raise AssertionError("queued charges must go out as one batch")
 
-    async def many(requests: list[ChargeRequest]) -> list[object]:
+    async def many(items: list[tuple[ChargeRequest, object]]) -> list[object]:
         from credit_guard._storage.base import ChargeOutcome
 
         out = []
-        for r in requests:  # the rule _CHARGE_MANY implements, stated plainly
+        for r, _ in items:  # the rule the charge statement implements, stated plainly
             ok = r.credits <= balance["org"]
             balance["org"] -= r.credits if ok else 0
             decided.append((r.feature_key, balance["org"]))
@@ -131,8 +131,8 @@ async def test_the_batch_statement_decides_in_arrival_order_on_postgresql(pg_gua
         ChargeRequest("nobody", 1, IMAGE, "u", "POST", "/d"),  # no account
         ChargeRequest("org_1", 5, IMAGE, "u", "POST", "/e"),  # fits in what is left
     ]
-    outcomes = await store._charge_many(requests)
-    assert [(o.charge_id is not None, o.spendable) for o in outcomes] == [
+    outcomes = await store._decide([(request, None) for request in requests])
+    assert [(o.charge_id is not None, o.spendable) for o in outcomes] == [  # type: ignore[union-attr]
         (True, 7),
         (False, 3),
         (False, 7),

@@ -902,3 +902,50 @@ async def test_a_running_key_is_not_taken_over_while_its_charge_is_held(iguard: 
     assert backend.calls == []
     assert await kinds(iguard) == ["grant", "charge"]
     assert await iguard.get_balance("org_1") == 15
+
+
+@pytest.mark.slow
+async def test_hundreds_of_keyed_requests_racing_with_repeats_charge_each_key_once(iguard: CreditGuard) -> None:
+    """Issue 20: keyed charges are batched like plain ones. 150 keys, each sent one to
+    three times at once (and a few reused for another body), 600 credits for 120 charges
+    of 5: every key is charged at most once, a repeat is a replay, a 409 (its first still
+    running) or the same 402, nothing overdraws, and the books are exact."""
+    await iguard.grant_credits("org_1", 600)
+    app, _ = build_app(iguard)
+    calls = [(f"race-{n}", BODY) for n in range(150) for _ in range(1 + n % 3)]
+    calls += [(f"race-{n}", b'{"prompt": "another"}') for n in range(0, 150, 25)]  # reused for another request
+    order = list(range(len(calls)))
+    import random
+
+    random.Random(20).shuffle(order)
+    async with client(app) as c:
+        answers = await _gather(*(c.post("/v1/images", headers=key(calls[i][0]), content=calls[i][1]) for i in order))
+    await iguard.flush()
+    by_key: dict[str, list[int]] = {}
+    for i, answer in zip(order, answers, strict=True):
+        by_key.setdefault(calls[i][0], []).append(answer.status_code)
+    statuses = {status for codes in by_key.values() for status in codes}
+    assert statuses <= {200, 402, 409, 422}, statuses
+    rows = await charges(iguard)
+    async with iguard.engine.connect() as conn:
+        claimed = dict((await conn.execute(select(idempotency_keys.c.charge_id, idempotency_keys.c.idempotency_key))).all())
+    charged_keys = [claimed[row["id"]] for row in rows]
+    assert len(charged_keys) == len(set(charged_keys))  # no key charged twice
+    assert {k for k, codes in by_key.items() if 200 in codes} == set(charged_keys)
+    assert len(rows) <= 120 and await iguard.get_balance("org_1") == 600 - 5 * len(rows)
+    assert await iguard.audit() == []
+    batcher = getattr(iguard.store, "_batcher", None)
+    if batcher is not None:  # PostgreSQL: keyed charges were decided in batches
+        assert batcher.batches > 0 and batcher.batched > batcher.batches
+
+
+async def _gather(*calls: Any) -> list[Any]:
+    results: list[Any] = [None] * len(calls)
+
+    async def run(index: int, call: Any) -> None:
+        results[index] = await call
+
+    async with anyio.create_task_group() as group:
+        for index, call in enumerate(calls):
+            group.start_soon(run, index, call)
+    return results

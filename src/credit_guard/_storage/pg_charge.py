@@ -40,59 +40,101 @@ from typing import Any
 
 from ..schema import accounts, grant_moves, grants, holds, idempotency_keys, ledger
 from . import spending
-from .base import ChargeRequest
+from .base import ChargeRequest, KeyClaim
 
 #: The statement's parameters, in order: the charges as arrays (``charge_columns``), then
-#: the app's clock when it was sent; the keyed variant adds its key's ``$11..$15``.
+#: the app's clock when it was sent; the keyed variant adds the keys' arrays (``KEY_COLUMNS``).
 COLUMNS = ("org", "cost", "feature", "user_id", "method", "path", "hold_until", "extra_of", "reason")
 _TYPES = ("text", "bigint", "text", "text", "text", "text", "timestamptz", "bigint", "text")
 SENT_AT = "$10::timestamptz"
+#: A keyed charge's claim (NULL for a charge without a key): ``$11..$15``.
+KEY_COLUMNS = ("key", "fingerprint", "locked_until", "key_expires_at", "claim_now")
+_KEY_TYPES = ("text", "text", "timestamptz", "timestamptz", "timestamptz")
+#: The key row's fields a taken key is answered with (``ClaimOutcome.for_taken``), each
+#: ``key_<field>`` in the keyed answer.
+KEY_FIELDS = ("fingerprint", "state", "charge_id", "status_code", "response_headers", "response_body", "body_stored")
 
-_CLAIM = f"""
-new_charge AS (
-    SELECT nextval(pg_get_serial_sequence('{ledger.name}', 'id')) AS id
-), claim AS (
-    INSERT INTO {idempotency_keys.name} AS k
+_KEYS = f"""
+), k AS MATERIALIZED (
+    -- The batch's keys as committed (locked after the accounts: the same gate as the grants).
+    SELECT x.organization_id AS org, x.idempotency_key AS key, {", ".join("x." + f for f in KEY_FIELDS)},
+           x.locked_until, x.expires_at
+      FROM {idempotency_keys.name} x
+     WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
+       AND (x.organization_id, x.idempotency_key) IN (SELECT org, key FROM req0 WHERE key IS NOT NULL)
+       FOR UPDATE
+), req AS (
+    -- A key stands free when no request holds it: none yet, a finished one past its TTL, or
+    -- a running one whose lock ran out with no open hold (its process died). A request whose
+    -- key is taken is not charged: it is answered from the key's row.
+    SELECT r.*, k.key IS NOT NULL AND NOT (
+               (k.state = 'done' AND k.expires_at < r.claim_now)
+            OR (k.state = 'running' AND k.locked_until < r.claim_now
+                AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = k.charge_id))
+           ) AS taken
+      FROM req0 r LEFT JOIN k ON k.org = r.org AND k.key = r.key
+), eligible AS (
+    SELECT r.ord, r.org, r.cost, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
+      FROM req r WHERE NOT r.taken"""
+
+_NO_KEYS = """
+), req AS (
+    SELECT r.*, false AS taken FROM req0 r
+), eligible AS (
+    SELECT r.ord, r.org, r.cost, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn FROM req r"""
+
+_CLAIMS = f"""
+), claims AS (
+    INSERT INTO {idempotency_keys.name} AS x
            (organization_id, idempotency_key, fingerprint, state, charge_id, status_code,
             response_headers, response_body, body_stored, locked_until, expires_at, created_at)
-    SELECT ($1::text[])[1], $11, $12, 'running', id, NULL, NULL, NULL, true,
-           $13::timestamptz, $14::timestamptz, $15::timestamptz
-      FROM new_charge
+    SELECT org, key, fingerprint, 'running', charge_id, NULL, NULL, NULL, true, locked_until, key_expires_at, claim_now
+      FROM decided WHERE accepted AND key IS NOT NULL
     ON CONFLICT (organization_id, idempotency_key) DO UPDATE
        SET fingerprint = EXCLUDED.fingerprint, state = 'running', charge_id = EXCLUDED.charge_id,
            status_code = NULL, response_headers = NULL, response_body = NULL, body_stored = true,
            locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at
-     WHERE (k.state = 'done' AND k.expires_at < $15::timestamptz)
-        OR (k.state = 'running' AND k.locked_until < $15::timestamptz
-            AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = k.charge_id))
- RETURNING charge_id
-),"""
+     WHERE (x.state = 'done' AND x.expires_at < EXCLUDED.created_at)
+        OR (x.state = 'running' AND x.locked_until < EXCLUDED.created_at
+            AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = x.charge_id))
+    RETURNING organization_id
+"""
+
+#: The keyed answer: each charge's outcome, a taken key's row, and a guard that aborts the
+#: whole statement (a division by zero: nothing written) when a claim was lost to a key a
+#: concurrent statement committed after this one's snapshot: the store then decides those
+#: charges again, one by one, with a fresh snapshot.
+_KEYED_ANSWER = f"""
+SELECT d.charge_id, d.spendable, d.stale, r.taken, {", ".join(f"k.{f} AS key_{f}" for f in KEY_FIELDS)},
+       -- (the divisor is computed, never a constant: PostgreSQL folds constants at plan time)
+       (SELECT 1 / (count(*) = (SELECT count(*) FROM claims))::int
+          FROM decided WHERE accepted AND key IS NOT NULL) AS claims_kept
+  FROM decided d JOIN req r ON r.ord = d.ord LEFT JOIN k ON k.org = r.org AND k.key = r.key
+ ORDER BY d.ord
+"""
 
 
-def charge_statement(*, claim: bool = False) -> str:
+_PLAIN_ANSWER = "SELECT charge_id, spendable, stale FROM decided ORDER BY ord"
+
+
+def charge_statement(*, keyed: bool = False) -> str:
     """The statement: ``$1..$9`` are arrays (``COLUMNS``), ``$10`` the app's clock when it
-    was sent; the keyed variant adds the key's ``$11..$15`` and takes one charge."""
-    new_id = "(SELECT charge_id FROM claim)" if claim else f"nextval(pg_get_serial_sequence('{ledger.name}', 'id'))"
-    answer = (
-        """SELECT (SELECT charge_id FROM decided WHERE accepted) AS charge_id,
-       (SELECT spendable FROM decided) AS spendable,
-       EXISTS (SELECT 1 FROM claim) AS claimed,
-       CASE WHEN EXISTS (SELECT 1 FROM claim)
-            THEN 1 / (SELECT count(*)::int FROM decided WHERE accepted) END AS abort_if_short"""
-        if claim
-        else "SELECT charge_id, spendable, stale FROM decided ORDER BY ord"
-    )
-    arrays = ", ".join(f"${n}::{kind}[]" for n, kind in enumerate(_TYPES, start=1))
+    was sent; the keyed variant adds ``$11..$15`` (``KEY_COLUMNS``), NULL where a charge
+    has no key. A batch never names one key twice (the batcher keeps twins apart)."""
+    columns = COLUMNS + KEY_COLUMNS if keyed else COLUMNS
+    numbered = list(enumerate(_TYPES, start=1)) + (list(enumerate(_KEY_TYPES, start=11)) if keyed else [])
+    arrays = ", ".join(f"${n}::{kind}[]" for n, kind in numbered)
+    new_id = f"nextval(pg_get_serial_sequence('{ledger.name}', 'id'))"
+    keyed_fields = ", r.key, r.fingerprint, r.locked_until, r.key_expires_at, r.claim_now" if keyed else ""
     return f"""
-WITH RECURSIVE {_CLAIM if claim else ""} req AS (
-    SELECT r.*, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
-      FROM unnest({arrays}) WITH ORDINALITY AS r({", ".join(COLUMNS)}, ord)
-     {"WHERE EXISTS (SELECT 1 FROM claim)" if claim else ""}
+WITH RECURSIVE req0 AS (
+    SELECT r.* FROM unnest({arrays}) WITH ORDINALITY AS r({", ".join(columns)}, ord)
 ), acct AS MATERIALIZED (
     SELECT organization_id, balance FROM {accounts.name}
-     WHERE organization_id IN (SELECT org FROM req)
+     WHERE organization_id IN (SELECT org FROM req0)
      ORDER BY organization_id
        FOR UPDATE
+{_KEYS if keyed else _NO_KEYS}
 ), at AS MATERIALIZED (
     -- The moment of the decision: after every account lock above was granted.
     SELECT {SENT_AT} + (clock_timestamp() - statement_timestamp()) AS now FROM (SELECT count(*) FROM acct) locked
@@ -114,9 +156,9 @@ WITH RECURSIVE {_CLAIM if claim else ""} req AS (
     SELECT w.org, r.rn, w.room,
            w.spent + CASE WHEN r.cost <= w.room - w.spent THEN r.cost ELSE 0 END,
            r.cost <= w.room - w.spent
-      FROM walk w JOIN req r ON r.org = w.org AND r.rn = w.rn + 1
+      FROM walk w JOIN eligible r ON r.org = w.org AND r.rn = w.rn + 1
 ), decided AS MATERIALIZED (
-    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until, r.extra_of, r.reason,
+    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until, r.extra_of, r.reason{keyed_fields},
            coalesce(w.accepted, false) AS accepted, coalesce(w.spent, 0) AS spent,
            a.balance - coalesce(w.spent, 0) AS book,
            coalesce(t.spendable, 0) - coalesce(w.spent, 0) AS spendable,
@@ -126,12 +168,13 @@ WITH RECURSIVE {_CLAIM if claim else ""} req AS (
            -- (a grant committed while it waited for the lock: a new row, which no lock
            -- can show it). Only then is the refusal worth a second look; computed for
            -- refused charges only.
-           CASE WHEN NOT coalesce(w.accepted, false) AND a.organization_id IS NOT NULL
+           CASE WHEN NOT coalesce(w.accepted, false) AND NOT r.taken AND a.organization_id IS NOT NULL
                 THEN a.balance <> (SELECT coalesce(sum(y.remaining), 0) FROM {grants.name} y
                                     WHERE y.organization_id = r.org)
            END AS stale
       FROM req r
-      LEFT JOIN walk w ON w.org = r.org AND w.rn = r.rn
+      LEFT JOIN eligible e ON e.ord = r.ord
+      LEFT JOIN walk w ON w.org = r.org AND w.rn = e.rn
       LEFT JOIN acct a ON a.organization_id = r.org
       LEFT JOIN totals t ON t.org = r.org
 ), gw AS (
@@ -164,9 +207,20 @@ WITH RECURSIVE {_CLAIM if claim else ""} req AS (
 ), hold AS (
     INSERT INTO {holds.name} (charge_id, expires_at)
     SELECT charge_id, hold_until FROM decided WHERE accepted AND hold_until IS NOT NULL
-)
-{answer}
+{_CLAIMS if keyed else ""})
+{_KEYED_ANSWER if keyed else _PLAIN_ANSWER}
 """
+
+
+def key_columns(claims: Sequence[KeyClaim | None]) -> list[list[Any]]:
+    """The keyed variant's key arrays, in ``KEY_COLUMNS`` order (None for a plain charge)."""
+    return [
+        [c.key if c else None for c in claims],
+        [c.fingerprint if c else None for c in claims],
+        [c.locked_until if c else None for c in claims],
+        [c.expires_at if c else None for c in claims],
+        [c.now if c else None for c in claims],
+    ]
 
 
 def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
@@ -185,7 +239,7 @@ def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
 
 
 CHARGE_MANY = charge_statement()
-CLAIM_AND_CHARGE = charge_statement(claim=True)
+CHARGE_MANY_KEYED = charge_statement(keyed=True)
 #: What a refused charge re-reads (its statement's snapshot may predate a grant).
 ROOM = f"""
 SELECT coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint,

@@ -25,22 +25,33 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .._clock import utcnow
 from ..errors import IntegrityViolation, StorageUnavailable
 from ..schema import holds, idempotency_keys, ledger
-from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
-from .batching import ChargeBatcher
+from .base import ChargeOutcome, ChargeRequest, ClaimOutcome, Completion, KeyClaim
+from .batching import ChargeBatcher, Item
 from .engine import pg_schema
-from .pg_charge import CHARGE_MANY, CLAIM_AND_CHARGE, charge_columns
-from .pg_charge import ROOM as _ROOM
+from .pg_decide import Outcome, decide
 from .sql import SqlStore
 
 log = logging.getLogger("credit_guard")
 
-_KEY_ROW = f"SELECT * FROM {idempotency_keys.name} WHERE organization_id = $1 AND idempotency_key = $2"
 _HAS_SEQUENCE = f"SELECT pg_get_serial_sequence('{ledger.name}', 'id') IS NOT NULL"
 _SETTLE = f"""
 DELETE FROM {holds.name} WHERE charge_id = ANY(string_to_array($1::text, ',')::bigint[]) RETURNING charge_id
+"""
+#: The same, with the finished idempotent responses stored in the same statement.
+_SETTLE_DONE = f"""
+WITH done AS (
+    UPDATE {idempotency_keys.name} k
+       SET state = 'done', status_code = c.status, response_headers = c.headers, response_body = c.body,
+           body_stored = c.stored, expires_at = c.expires
+      FROM unnest($2::text[], $3::text[], $4::int[], $5::text[], $6::bytea[], $7::bool[], $8::timestamptz[])
+           AS c(org, key, status, headers, body, stored, expires)
+     WHERE k.organization_id = c.org AND k.idempotency_key = c.key AND k.state = 'running'
+), settled AS (
+    DELETE FROM {holds.name} WHERE charge_id = ANY(string_to_array($1::text, ',')::bigint[]) RETURNING charge_id
+)
+SELECT charge_id FROM settled
 """
 
 # What asyncpg raises when the server is gone, restarting, or too slow to answer.
@@ -153,65 +164,43 @@ class PostgresStore(SqlStore):
         self._pool_loop = self._lock = None
         await super().close()
 
-    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
-        """Alone, one statement; under load, in a batch with the charges queued beside it
-        (``batching.py``): one round trip either way."""
+    def _batcher_here(self) -> ChargeBatcher:
         batcher = self._batcher
         if batcher is None or self._batcher_loop is not asyncio.get_running_loop():
             # Made with no await before it: every charge of this loop shares the one batcher.
-            batcher = self._batcher = ChargeBatcher(self._charge_one, self._charge_many, max_in_flight=self._in_flight)
+            batcher = self._batcher = ChargeBatcher(self._decide_one, self._decide, max_in_flight=self._in_flight)
             self._batcher_loop = asyncio.get_running_loop()
-        return await batcher.charge(request)
+        return batcher
 
-    async def _charge_many(self, requests: Sequence[ChargeRequest]) -> list[ChargeOutcome | IntegrityViolation]:
-        """Many charges, one statement, one round trip (``pg_charge.py``); each its own
-        outcome, or the IntegrityViolation that one of them alone ran into."""
+    async def charge(self, request: ChargeRequest) -> ChargeOutcome:
+        """Alone, one statement; under load, in a batch with the charges queued beside it
+        (``batching.py``): one round trip either way."""
+        return await self._batcher_here().charge(request)  # type: ignore[no-any-return]
+
+    async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+        """A keyed charge, batched with the others: its key is claimed by the statement
+        that charges for it, and only if the charge is taken (a refusal leaves the key
+        free for the retry after a top-up). A taken key is answered from its row, in the
+        same round trip. A free feature, or the engine API's immediate answer
+        (``finish_now``), takes ``SqlStore``'s transaction (the same charge statement)."""
+        if request.credits <= 0 or claim.finish_now:
+            return await super().claim_and_charge(request, claim)
+        return await self._batcher_here().charge(request, claim)  # type: ignore[no-any-return]
+
+    async def _decide(self, items: Sequence[Item]) -> list[Outcome]:
+        """Many charges, one statement, one round trip (``pg_decide.py``)."""
         try:
             async with self._connection() as conn:
-                try:
-                    rows = await conn.fetch(CHARGE_MANY, *charge_columns(requests), utcnow())
-                except asyncpg.IntegrityConstraintViolationError as exc:
-                    if len(requests) == 1:
-                        return [_violation(exc)]
-                    # A constraint is the books' last line, never a control path: the
-                    # batch rolled back whole, so each charge is decided again alone, and
-                    # only one that still breaks it fails (the others are innocent).
-                    log.error("credit_guard: a batch of %d charges broke a constraint: %s", len(requests), exc)
-                    return [await self._charge_alone(conn, request) for request in requests]
-                outcomes: list[ChargeOutcome | IntegrityViolation] = []
-                for request, row in zip(requests, rows, strict=True):
-                    outcome = ChargeOutcome(_int_or_none(row[0]), int(row[1]))
-                    outcomes.append(await self._recheck(conn, request, outcome) if row["stale"] else outcome)
+                return await decide(conn, items)
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL charge of %d failed: %s", len(requests), exc, exc_info=exc)
+            log.error("credit_guard: PostgreSQL charge of %d failed: %s", len(items), exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
-        return outcomes
 
-    async def _charge_alone(self, conn: Any, request: ChargeRequest) -> ChargeOutcome | IntegrityViolation:
-        try:
-            row = (await conn.fetch(CHARGE_MANY, *charge_columns([request]), utcnow()))[0]
-        except asyncpg.IntegrityConstraintViolationError as exc:
-            return _violation(exc)
-        return ChargeOutcome(_int_or_none(row[0]), int(row[1]))
-
-    async def _charge_one(self, request: ChargeRequest) -> ChargeOutcome:
-        """One statement, one round trip (two only when refused on stale grants: ``_recheck``)."""
-        outcome = (await self._charge_many([request]))[0]
+    async def _decide_one(self, request: ChargeRequest, claim: KeyClaim | None) -> ChargeOutcome | ClaimOutcome:
+        outcome = (await self._decide([(request, claim)]))[0]
         if isinstance(outcome, IntegrityViolation):
             raise outcome
         return outcome
-
-    async def _recheck(
-        self, conn: Any, request: ChargeRequest, refused: ChargeOutcome
-    ) -> ChargeOutcome | IntegrityViolation:
-        """A refusal judged on stale grants is looked at again, once: the statement's
-        snapshot was taken before it waited for the account lock, so a grant committed
-        meanwhile (a new row: no lock shows it) went unseen. If the committed grants cover
-        the charge after all, it is sent again."""
-        room, _ = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
-        if int(room) < request.credits:
-            return refused  # what was spendable at its turn
-        return await self._charge_alone(conn, request)
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[Any]:
@@ -229,82 +218,31 @@ class PostgresStore(SqlStore):
         finally:
             await pool.release(conn)
 
-    async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
-        """The keyed charge in one round trip when the key is free (two when it is taken:
-        the stored row is read, or the balance when short). A free feature, or the engine
-        API's immediate answer (``finish_now``), takes ``SqlStore``'s transaction (the
-        same charge statement, sent on its connection)."""
-        if request.credits <= 0 or claim.finish_now:
-            return await super().claim_and_charge(request, claim)
-        try:
-            pool = await self._get_pool()
-            async with asyncio.timeout(self._timeout):
-                conn = await pool.acquire()
-            try:
-                for _ in range(3):
-                    try:
-                        row = await conn.fetchrow(
-                            CLAIM_AND_CHARGE,
-                            *charge_columns([request]),
-                            utcnow(),
-                            claim.key,
-                            claim.fingerprint,
-                            claim.locked_until,
-                            claim.expires_at,
-                            claim.now,
-                        )
-                    except asyncpg.DivisionByZeroError:
-                        # Claimed but short: the statement was aborted, the key left free.
-                        room, spendable = await conn.fetchrow(_ROOM, request.organization_id, utcnow())
-                        if int(room) >= request.credits:
-                            continue  # a grant committed while it waited: try again
-                        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=int(spendable))
-                    assert row is not None
-                    if row["claimed"]:
-                        return ClaimOutcome(
-                            ClaimKind.CLAIMED, charge_id=int(row["charge_id"]), spendable=int(row["spendable"])
-                        )
-                    stored = await conn.fetchrow(_KEY_ROW, request.organization_id, claim.key)
-                    if stored is None:
-                        continue  # freed (refunded) between the two statements: claim it again
-                    return ClaimOutcome.for_taken(stored, claim.fingerprint)
-                # Freed and retaken three times in a row: as busy as can be, say so.
-                return ClaimOutcome(ClaimKind.RUNNING, stored={})
-            finally:
-                await pool.release(conn)
-        except asyncpg.IntegrityConstraintViolationError as exc:
-            raise _violation(exc) from exc
-        except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL idempotent charge failed: %s", exc, exc_info=exc)
-            raise StorageUnavailable(str(exc)) from exc
-
     async def settle_holds(self, charge_ids: Sequence[int], completions: Sequence[Completion] = ()) -> set[int]:
-        """Holds alone are closed in ONE statement on the pool (no BEGIN/COMMIT): one round
-        trip per batch, not three. Stored responses take SQLAlchemy's pipelined executemany."""
-        if completions:
-            return await super().settle_holds(charge_ids, completions)
-        if not charge_ids:
+        """Holds closed, and finished idempotent responses stored, in ONE statement on the
+        pool (no BEGIN/COMMIT): one round trip per settlement batch."""
+        if not charge_ids and not completions:
             return set()
+        # The ids travel as text: an array parameter of them made asyncpg introspect the
+        # array type on every pooled connection (extra round trips, measured).
+        ids = ",".join(map(str, charge_ids))
         try:
-            pool = await self._get_pool()
-            async with asyncio.timeout(self._timeout):
-                conn = await pool.acquire()
-            try:
-                # The ids travel as text: an array parameter would make asyncpg introspect
-                # the array type on every pooled connection (extra round trips, measured).
-                rows = await conn.fetch(_SETTLE, ",".join(map(str, charge_ids)))
-            finally:
-                await pool.release(conn)
+            async with self._connection() as conn:
+                if not completions:
+                    rows = await conn.fetch(_SETTLE, ids)
+                else:
+                    rows = await conn.fetch(
+                        _SETTLE_DONE,
+                        ids,
+                        [done.organization_id for done in completions],
+                        [done.idempotency_key for done in completions],
+                        [done.status_code for done in completions],
+                        [done.response_headers for done in completions],
+                        [done.response_body for done in completions],
+                        [done.body_stored for done in completions],
+                        [done.expires_at for done in completions],
+                    )
         except _UNAVAILABLE as exc:
             log.error("credit_guard: PostgreSQL settlement failed: %s", exc, exc_info=exc)
             raise StorageUnavailable(str(exc)) from exc
         return {int(row[0]) for row in rows}
-
-
-def _violation(exc: BaseException) -> IntegrityViolation:
-    log.error("credit_guard: PostgreSQL refused a charge (a constraint, not an outage): %s", exc, exc_info=exc)
-    return IntegrityViolation(str(exc))
-
-
-def _int_or_none(value: Any) -> int | None:
-    return None if value is None else int(value)

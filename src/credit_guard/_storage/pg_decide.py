@@ -1,0 +1,89 @@
+"""Sending PostgreSQL's charge statement for a batch, and reading each charge's outcome.
+
+One round trip for the lot in the common case. The rare cases each take a second look,
+on the same connection, with a fresh snapshot:
+
+* a refusal judged on stale grants (a grant committed while the statement waited for the
+  account's lock: a new row, which no lock shows): if the committed grants cover it after
+  all, it is decided again;
+* a key claim lost to a key a concurrent statement committed after this one's snapshot
+  (the statement aborted itself, nothing written): its charges are decided again one by
+  one, and the key is then seen as taken;
+* a constraint the batch broke (a bug the rules should have prevented; the batch rolled
+  back whole): each charge is decided again alone, and only the one that still breaks it
+  fails, with IntegrityViolation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from .._clock import utcnow
+from ..errors import IntegrityViolation
+from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, KeyClaim
+from .batching import Item
+from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, KEY_FIELDS, ROOM, charge_columns, key_columns
+
+log = logging.getLogger("credit_guard")
+
+#: What one charge comes to: a ChargeOutcome (plain), a ClaimOutcome (keyed), or the
+#: IntegrityViolation it alone ran into.
+Outcome = ChargeOutcome | ClaimOutcome | IntegrityViolation
+#: How often a keyed charge is decided again after losing its claim before it is answered
+#: as in flight (its key is being claimed and freed as fast as it is looked at).
+_CLAIM_ATTEMPTS = 3
+
+
+async def decide(conn: Any, items: Sequence[Item], *, attempt: int = 1) -> list[Outcome]:
+    """Each charge of ``items`` decided by one statement on ``conn`` (asyncpg)."""
+    keyed = any(claim is not None for _, claim in items)
+    requests = [request for request, _ in items]
+    args: list[Any] = [*charge_columns(requests), utcnow()]
+    if keyed:
+        args += key_columns([claim for _, claim in items])
+    try:
+        rows = await conn.fetch(CHARGE_MANY_KEYED if keyed else CHARGE_MANY, *args)
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        if len(items) == 1:
+            return [violation(exc)]
+        log.error("credit_guard: a batch of %d charges broke a constraint: %s", len(items), exc)
+        return [(await decide(conn, [item]))[0] for item in items]
+    except asyncpg.DivisionByZeroError:  # a claim lost: nothing was written
+        if len(items) > 1:
+            return [(await decide(conn, [item]))[0] for item in items]
+        if attempt < _CLAIM_ATTEMPTS:
+            return await decide(conn, items, attempt=attempt + 1)
+        return [ClaimOutcome(ClaimKind.RUNNING, stored={})]
+    return [await _outcome(conn, request, claim, row) for (request, claim), row in zip(items, rows, strict=True)]
+
+
+async def _outcome(conn: Any, request: ChargeRequest, claim: KeyClaim | None, row: Any) -> Outcome:
+    charge_id = None if row["charge_id"] is None else int(row["charge_id"])
+    spendable = int(row["spendable"])
+    if claim is None:
+        if row["stale"]:
+            return await _second_look(conn, request, None, ChargeOutcome(None, spendable))
+        return ChargeOutcome(charge_id, spendable)
+    if row["taken"]:
+        return ClaimOutcome.for_taken({field: row[f"key_{field}"] for field in KEY_FIELDS}, claim.fingerprint)
+    if charge_id is not None:
+        return ClaimOutcome(ClaimKind.CLAIMED, charge_id=charge_id, spendable=spendable)
+    refused = ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=spendable)
+    return await _second_look(conn, request, claim, refused) if row["stale"] else refused
+
+
+async def _second_look(conn: Any, request: ChargeRequest, claim: KeyClaim | None, refused: Outcome) -> Outcome:
+    """A refusal judged on stale grants: decided again if the committed grants cover it."""
+    room, _ = await conn.fetchrow(ROOM, request.organization_id, utcnow())
+    if int(room) < request.credits:
+        return refused  # what was spendable at its turn
+    return (await decide(conn, [(request, claim)]))[0]
+
+
+def violation(exc: BaseException) -> IntegrityViolation:
+    log.error("credit_guard: PostgreSQL refused a charge (a constraint, not an outage): %s", exc, exc_info=exc)
+    return IntegrityViolation(str(exc))
