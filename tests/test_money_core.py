@@ -435,3 +435,27 @@ async def test_fail_open_never_serves_free_a_charge_the_database_refused(guard: 
     await guard.flush()
     assert [row["kind"] for row in await ledger_rows(guard, "org_1")] == ["grant", "charge"]
     assert await guard.audit() == []
+
+
+async def test_a_stuck_sqlite_writer_answers_its_waiting_callers_within_the_timeout(tmp_path: Path) -> None:
+    """A writer stuck in one call (a disk that hangs) neither dies nor answers: its watchdog
+    answers the writes waiting behind it as unavailable within the timeout and a little,
+    and once it is unstuck the writer goes on."""
+    guard = CreditGuard(f"sqlite+aiosqlite:///{tmp_path / 'stuck-writer.db'}", timeout=0.5)
+    await guard.create_schema()
+    async with guard:
+        await guard.create_pricing(feature_key=IMAGE, feature_name="Image", category="Image", credits=5)
+        await guard.grant_credits("org_1", 100)
+        writer = guard.store.writer  # type: ignore[attr-defined]
+        stuck = asyncio.ensure_future(writer.submit_raw(lambda db: time.sleep(3.0)))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(StorageUnavailable):
+            await guard.deduct_credits("org_1", IMAGE)
+        assert time.monotonic() - started < 0.5 + 1.0 + 0.6  # timeout, grace, the watchdog's step
+        with pytest.raises(StorageUnavailable):
+            await stuck
+        await asyncio.sleep(3.2)  # unstuck
+        assert (await asyncio.wait_for(guard.deduct_credits("org_1", IMAGE), 2)).success
+        assert await guard.get_balance("org_1") == 95  # the charge answered as unavailable never ran
+        assert await guard.audit() == []

@@ -25,10 +25,10 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .._clock import utcnow
 from ..schema import accounts, grant_moves, grants, holds, ledger
-from . import spending
-from .base import ChargeOutcome, ChargeRequest
+from . import keys, spending
+from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, KeyClaim
 from .grants import APPLY, ROOM, SPENDABLE, lock_account
-from .pg_charge import CHARGE_MANY, charge_columns
+from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, charge_columns, key_columns
 
 _SQLITE = sqlite_dialect.dialect()
 #: A datetime as SQLAlchemy stores it in SQLite (text), bound explicitly: every raw
@@ -101,6 +101,64 @@ def charge_sqlite(execute: Execute, request: ChargeRequest) -> ChargeOutcome:
     return ChargeOutcome(charge_id, spendable)
 
 
+#: A key's row as committed, and whether it stands free at ``:now`` (``keys.py``).
+KEY_ROW = (
+    f"SELECT {', '.join(keys.FIELDS)}, {keys.reclaimable('k', ':now')} AS free"
+    f" FROM {keys.TABLE} k WHERE organization_id = :org AND idempotency_key = :key"
+)
+CLAIM = (
+    f"INSERT INTO {keys.TABLE} ({keys.CLAIM_COLUMNS}) VALUES (:org, :key, :fingerprint, 'running', :charge,"
+    " NULL, NULL, NULL, 1, :locked_until, :expires_at, :now)"
+    f" ON CONFLICT (organization_id, idempotency_key) DO UPDATE SET {keys.TAKE_OVER}"
+)
+
+
+def claim_and_charge_sqlite(execute: Execute, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+    """SQLite's keyed charge, inside the writer's transaction (its lock is taken, so the
+    key read here cannot change before the claim): a taken key is answered from its row;
+    otherwise the charge, and only if it is taken the claim, so a refusal leaves the key
+    free for the retry after a top-up."""
+    org = request.organization_id
+    cursor = execute(KEY_ROW, {"org": org, "key": claim.key, "now": store_datetime(claim.now)})
+    row = cursor.fetchone()
+    if row is not None and not row[-1]:
+        # sqlite3's cursor names its columns in ``description``, SQLAlchemy's result in ``keys()``.
+        names = list(cursor.keys()) if hasattr(cursor, "keys") else [column[0] for column in cursor.description]
+        return ClaimOutcome.for_taken(dict(zip(names, row, strict=True)), claim.fingerprint)
+    outcome = charge_sqlite(execute, request)
+    if outcome.charge_id is None and request.credits > 0:
+        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=outcome.spendable)
+    execute(
+        CLAIM,
+        {
+            "org": org,
+            "key": claim.key,
+            "fingerprint": claim.fingerprint,
+            "charge": outcome.charge_id,
+            "locked_until": store_datetime(claim.locked_until),
+            "expires_at": store_datetime(claim.expires_at),
+            "now": store_datetime(claim.now),
+        },
+    )
+    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, spendable=outcome.spendable)
+
+
+def claim_and_charge_in(conn: Connection, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+    """A keyed charge inside a write body's transaction, by the database's one definition
+    (PostgreSQL: the keyed statement, after the account's lock, so the key it reads is
+    the committed one and no claim can be lost)."""
+    if conn.dialect.name != "postgresql":
+        return claim_and_charge_sqlite(conn.exec_driver_sql, request, claim)
+    lock_account(conn, request.organization_id, utcnow())
+    args = (*charge_columns([request]), utcnow(), *key_columns([claim]))
+    ((charge_id, spendable, _, taken, *fields, _kept),) = conn.exec_driver_sql(CHARGE_MANY_KEYED, args).all()
+    if taken:
+        return ClaimOutcome.for_taken(dict(zip(keys.FIELDS, fields, strict=True)), claim.fingerprint)
+    if charge_id is None and request.credits > 0:
+        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=int(spendable))
+    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=charge_id, spendable=int(spendable))
+
+
 def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
     """Take a charge inside a write body's transaction, by the database's one definition."""
     if conn.dialect.name == "postgresql":
@@ -112,4 +170,4 @@ def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
     return charge_sqlite(conn.exec_driver_sql, request)
 
 
-__all__ = ["Execute", "charge_in", "charge_sqlite", "store_datetime"]
+__all__ = ["Execute", "charge_in", "charge_sqlite", "claim_and_charge_in", "claim_and_charge_sqlite", "store_datetime"]

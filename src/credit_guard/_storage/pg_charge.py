@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..schema import accounts, grant_moves, grants, holds, idempotency_keys, ledger
-from . import spending
+from . import keys, spending
 from .base import ChargeRequest, KeyClaim
 
 #: The statement's parameters, in order: the charges as arrays (``charge_columns``), then
@@ -50,9 +50,8 @@ SENT_AT = "$10::timestamptz"
 #: A keyed charge's claim (NULL for a charge without a key): ``$11..$15``.
 KEY_COLUMNS = ("key", "fingerprint", "locked_until", "key_expires_at", "claim_now")
 _KEY_TYPES = ("text", "text", "timestamptz", "timestamptz", "timestamptz")
-#: The key row's fields a taken key is answered with (``ClaimOutcome.for_taken``), each
-#: ``key_<field>`` in the keyed answer.
-KEY_FIELDS = ("fingerprint", "state", "charge_id", "status_code", "response_headers", "response_body", "body_stored")
+#: The key row's fields a taken key is answered with, each ``key_<field>`` in the keyed answer.
+KEY_FIELDS = keys.FIELDS
 
 _KEYS = f"""
 ), k AS MATERIALIZED (
@@ -67,11 +66,7 @@ _KEYS = f"""
     -- A key stands free when no request holds it: none yet, a finished one past its TTL, or
     -- a running one whose lock ran out with no open hold (its process died). A request whose
     -- key is taken is not charged: it is answered from the key's row.
-    SELECT r.*, k.key IS NOT NULL AND NOT (
-               (k.state = 'done' AND k.expires_at < r.claim_now)
-            OR (k.state = 'running' AND k.locked_until < r.claim_now
-                AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = k.charge_id))
-           ) AS taken
+    SELECT r.*, k.key IS NOT NULL AND NOT {keys.reclaimable("k", "r.claim_now")} AS taken
       FROM req0 r LEFT JOIN k ON k.org = r.org AND k.key = r.key
 ), eligible AS (
     SELECT r.ord, r.org, r.cost, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
@@ -85,18 +80,11 @@ _NO_KEYS = """
 
 _CLAIMS = f"""
 ), claims AS (
-    INSERT INTO {idempotency_keys.name} AS x
-           (organization_id, idempotency_key, fingerprint, state, charge_id, status_code,
-            response_headers, response_body, body_stored, locked_until, expires_at, created_at)
+    INSERT INTO {keys.TABLE} AS x ({keys.CLAIM_COLUMNS})
     SELECT org, key, fingerprint, 'running', charge_id, NULL, NULL, NULL, true, locked_until, key_expires_at, claim_now
       FROM decided WHERE accepted AND key IS NOT NULL
-    ON CONFLICT (organization_id, idempotency_key) DO UPDATE
-       SET fingerprint = EXCLUDED.fingerprint, state = 'running', charge_id = EXCLUDED.charge_id,
-           status_code = NULL, response_headers = NULL, response_body = NULL, body_stored = true,
-           locked_until = EXCLUDED.locked_until, expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at
-     WHERE (x.state = 'done' AND x.expires_at < EXCLUDED.created_at)
-        OR (x.state = 'running' AND x.locked_until < EXCLUDED.created_at
-            AND NOT EXISTS (SELECT 1 FROM {holds.name} h WHERE h.charge_id = x.charge_id))
+    ON CONFLICT (organization_id, idempotency_key) DO UPDATE SET {keys.TAKE_OVER}
+     WHERE {keys.reclaimable("x", "excluded.created_at")}
     RETURNING organization_id
 """
 

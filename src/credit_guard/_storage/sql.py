@@ -44,7 +44,6 @@ from ..schema import feature_pricing, holds, idempotency_keys, ledger
 from .base import (
     ChargeOutcome,
     ChargeRequest,
-    ClaimKind,
     ClaimOutcome,
     Completion,
     ExpiredGrant,
@@ -58,13 +57,13 @@ from .reports import activity_in, audit_in, organizations_query, usage_query, us
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
     Abandon,
-    claim_and_charge_in,
     create_schema_in,
     delete_expired_keys_in,
     extend_holds_in,
     grant_in,
     granted_in,
     import_pricing_in,
+    keyed_charge_in,
     new_pricing_row,
     pricing_from_row,
     refund_in,
@@ -350,16 +349,13 @@ class SqlStore:
     async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
         """Claim an idempotency key and charge for it in ONE transaction.
 
-        Either both happen or neither: a short balance rolls the claim back, so the key
-        stays free for the retry after a top-up. A key that is already taken is answered
-        from its row (replay, still running, or reused for another request) and charges
-        nothing. An expired key, or a running one whose lock ran out (its process died),
-        is taken over by the same upsert.
+        The key is claimed only if the charge is taken: a refusal leaves it free for the
+        retry after a top-up. A key that is already taken is answered from its row
+        (replay, still running, or reused for another request) and charges nothing. An
+        expired key, or a running one whose lock ran out (its process died), is taken over
+        (``keys.py`` says when).
         """
-        try:
-            return await self._write(partial(claim_and_charge_in, dialect=self.dialect, request=request, claim=claim))
-        except Abandon as short:
-            return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=short.spendable)
+        return await self._write(partial(keyed_charge_in, request=request, claim=claim))
 
     async def refund(
         self,

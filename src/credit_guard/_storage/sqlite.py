@@ -53,8 +53,8 @@ from sqlalchemy.pool import NullPool
 
 from ..errors import IntegrityViolation, StorageUnavailable
 from ..schema import holds
-from .base import ChargeOutcome, ChargeRequest, Completion
-from .charge import charge_sqlite
+from .base import ChargeOutcome, ChargeRequest, ClaimOutcome, Completion, KeyClaim
+from .charge import charge_sqlite, claim_and_charge_sqlite
 from .engine import setup_sqlite_connection
 from .sql import SqlStore, T, Work, unavailable
 
@@ -67,8 +67,10 @@ MAX_BATCH = 512
 _ATTEMPT_BUSY_MS = 1
 #: How long a writer that had to wait for the lock rests after its commit (the others' turn).
 _YIELD_AFTER_CONTENTION = 0.002
-#: How long past the guard's ``timeout`` a caller waits for an answer the writer owes it.
+#: How long past the guard's ``timeout`` a caller waits for an answer the writer owes it,
+#: and how often the watchdog looks.
 _NO_ANSWER_GRACE = 1.0
+_WATCH_EVERY = 0.25
 
 #: Holds closed per statement (well under SQLite's 32,766 bound parameters).
 _SETTLE_CHUNK = 500
@@ -92,7 +94,7 @@ def settle_raw(db: sqlite3.Connection, charge_ids: Sequence[int]) -> set[int]:
     return settled
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Job:
     #: A write body on SQLAlchemy (run in a savepoint), or a raw one on ``sqlite3``.
     work: Callable[[Any], Any]
@@ -147,6 +149,10 @@ class SqliteWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: Jobs submitted and not answered yet, which the watchdog looks over.
+        self._pending: set[_Job] = set()
+        self._watchdog: threading.Thread | None = None
+        self._closed = threading.Event()
         #: Transactions committed and writes in them, for tests and the benchmark.
         self.batches = 0
         self.writes = 0
@@ -165,30 +171,49 @@ class SqliteWriter:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._ensure_thread()
-        self._queue.put(_Job(work, raw, future, loop, time.monotonic() + self._timeout))
+        job = _Job(work, raw, future, loop, time.monotonic() + self._timeout)
+        self._pending.add(job)
+        self._queue.put(job)
         try:
-            # The writer answers every job by its deadline (a write past it fails with
-            # StorageUnavailable), and a writer that dies fails its batch and starts its
-            # successor; this bound is for what neither foresaw: a thread stuck in a call.
-            # A timer, not a task: nothing more per write on the hot path.
-            async with asyncio.timeout(self._timeout + _NO_ANSWER_GRACE):
-                return await future
-        except TimeoutError:
-            self._ensure_thread()
-            log.error("credit_guard: the SQLite writer gave no answer within %.1fs", self._timeout + _NO_ANSWER_GRACE)
-            raise StorageUnavailable(
-                f"the SQLite writer gave no answer within {self._timeout + _NO_ANSWER_GRACE:.1f}s"
-                " (if the write ran, a charge is a hold that the sweeper gives back)"
-            ) from None
+            return await future
+        finally:
+            self._pending.discard(job)
 
     def _ensure_thread(self, *, replacing: threading.Thread | None = None) -> None:
-        """Start the writer thread unless one runs (``replacing``: the dying one itself)."""
+        """Start the writer thread unless one runs (``replacing``: the dying one itself),
+        and its watchdog."""
         if self._thread is not None and self._thread is not replacing and self._thread.is_alive():
             return
         with self._lock:
             if self._thread is None or self._thread is replacing or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="credit_guard-sqlite-writer", daemon=True)
                 self._thread.start()
+            if self._watchdog is None or not self._watchdog.is_alive():
+                self._closed.clear()
+                self._watchdog = threading.Thread(target=self._watch, name="credit_guard-sqlite-watchdog", daemon=True)
+                self._watchdog.start()
+
+    def _watch(self) -> None:
+        """Every wait ends. The writer answers each job by its deadline (a write past it
+        fails with StorageUnavailable), and a writer that dies fails its batch and starts
+        its successor; this is for what neither foresaw, a writer stuck in a call: a job
+        still unanswered ``_NO_ANSWER_GRACE`` after its deadline is answered from here
+        (if its write ran after all, a charge is a hold the sweeper gives back). A thread,
+        not a timer per write: nothing more on the hot path than a set's add and discard."""
+        while not self._closed.wait(_WATCH_EVERY):
+            now = time.monotonic()
+            overdue = [job for job in list(self._pending) if now > job.deadline + _NO_ANSWER_GRACE]
+            if not overdue:
+                continue
+            log.error("credit_guard: the SQLite writer left %d writes unanswered past the timeout", len(overdue))
+            for job in overdue:
+                self._pending.discard(job)
+                job.error = StorageUnavailable(
+                    f"the SQLite writer gave no answer within {self._timeout + _NO_ANSWER_GRACE:.1f}s"
+                )
+            _deliver(overdue)
+            if self._thread is None or not self._thread.is_alive():
+                self._ensure_thread()
 
     async def close(self) -> None:
         """Write what is queued, then stop the thread (the next submit starts a new one)."""
@@ -198,6 +223,7 @@ class SqliteWriter:
         self._queue.put(_STOP)
         await asyncio.get_running_loop().run_in_executor(None, thread.join)
         self._thread = None
+        self._closed.set()
 
     # -- the thread -------------------------------------------------------------------------
 
@@ -261,7 +287,7 @@ class SqliteWriter:
                 stop = True
                 break
             items.append(item)
-        return [job for job in items if not job.future.cancelled()], stop
+        return [job for job in items if not job.future.done()], stop
 
     def _connect(self, batch: list[_Job]) -> Connection | None:
         try:
@@ -319,7 +345,7 @@ class SqliteWriter:
         db: sqlite3.Connection | None = None
         try:
             for job in jobs:
-                if job.future.cancelled():  # its caller gave up before its turn: nothing runs
+                if job.future.done():  # its caller gave up (or was answered by the watchdog): nothing runs
                     continue
                 if time.monotonic() > job.deadline:
                     job.error = StorageUnavailable("the SQLite write lock was not free within the timeout")
@@ -410,6 +436,20 @@ class SqliteStore(SqlStore):
             return await self.writer.submit_raw(lambda db: charge_sqlite(db.execute, request))
         except sqlite3.IntegrityError as exc:
             log.error("credit_guard: SQLite refused a charge (a constraint, not an outage): %s", exc)
+            raise IntegrityViolation(str(exc)) from exc
+        except sqlite3.Error as exc:
+            raise unavailable(exc) from exc
+
+    async def claim_and_charge(self, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+        """A keyed charge on the hot path: raw ``sqlite3`` calls in the writer's batch, like
+        a plain charge (``charge.claim_and_charge_sqlite``). The Python API's immediate
+        answer (``finish_now``) takes the write body that also stores it."""
+        if claim.finish_now:
+            return await super().claim_and_charge(request, claim)
+        try:
+            return await self.writer.submit_raw(lambda db: claim_and_charge_sqlite(db.execute, request, claim))
+        except sqlite3.IntegrityError as exc:
+            log.error("credit_guard: SQLite refused a keyed charge (a constraint, not an outage): %s", exc)
             raise IntegrityViolation(str(exc)) from exc
         except sqlite3.Error as exc:
             raise unavailable(exc) from exc

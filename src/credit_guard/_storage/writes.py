@@ -45,6 +45,7 @@ from ..schema import (
     metadata,
     reservations,
 )
+from . import charge
 from .base import (
     ChargeRequest,
     ClaimKind,
@@ -192,62 +193,23 @@ def grant_in(
     return GrantOutcome(GrantStatus.GRANTED, spendable_in(conn, organization_id, now), int(entry_id), amount)
 
 
-def claim_and_charge_in(conn: Connection, dialect: str, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
-    """Claim the key and charge for it; a charge the live grants cannot cover raises
-    Abandon (rolling the claim back)."""
-    fresh = {
-        "fingerprint": claim.fingerprint,
-        "state": "running",
-        "charge_id": None,
-        "status_code": None,
-        "response_headers": None,
-        "response_body": None,
-        "body_stored": True,
-        "locked_until": claim.locked_until,
-        "expires_at": claim.expires_at,
-        "created_at": claim.now,
-    }
-    keys = idempotency_keys.c
-    org, key = request.organization_id, claim.key
-    stmt = (
-        upsert(dialect)(idempotency_keys)
-        .values(organization_id=org, idempotency_key=key, **fresh)
-        .on_conflict_do_update(
-            index_elements=[keys.organization_id, keys.idempotency_key],
-            set_=fresh,
-            # A finished key lives until it expires; a running one until its lock runs out
-            # (its process died), never merely because its TTL passed mid-request.
-            # A running key whose charge still has an open hold is not abandoned, whatever
-            # its lock says (its process may only have lost the database for a while).
-            where=((keys.state == "done") & (keys.expires_at < claim.now))
-            | (
-                (keys.state == "running")
-                & (keys.locked_until < claim.now)
-                & ~exists(select(holds.c.charge_id).where(holds.c.charge_id == keys.charge_id))
-            ),
-        )
-        .returning(keys.organization_id)
-    )
-    if conn.execute(stmt).first() is None:
-        row = conn.execute(
-            select(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key)
-        ).one()
-        return ClaimOutcome.for_taken(row._mapping, claim.fingerprint)
-    outcome = charge_in(conn, request)
-    if outcome.charge_id is None and request.credits > 0:
-        raise Abandon(outcome.spendable)
-    finish: dict[str, Any] = {"charge_id": outcome.charge_id}
-    if claim.finish_now:
+def keyed_charge_in(conn: Connection, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:
+    """A keyed charge in a write body (``charge.claim_and_charge_in``); with ``finish_now``
+    (the Python API) the key is completed at once, the charge's answer stored for replays."""
+    outcome = charge.claim_and_charge_in(conn, request, claim)
+    if claim.finish_now and outcome.kind is ClaimKind.CLAIMED:
         answer = {
             "charge_id": outcome.charge_id,
             "remaining_credits": outcome.spendable,
             "credits_deducted": request.credits,
         }
-        finish.update(state="done", status_code=200, response_body=json.dumps(answer).encode())
-    conn.execute(
-        update(idempotency_keys).where(keys.organization_id == org, keys.idempotency_key == key).values(**finish)
-    )
-    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, spendable=outcome.spendable)
+        keys = idempotency_keys.c
+        conn.execute(
+            update(idempotency_keys)
+            .where(keys.organization_id == request.organization_id, keys.idempotency_key == claim.key)
+            .values(state="done", status_code=200, response_body=json.dumps(answer).encode())
+        )
+    return outcome
 
 
 def refund_row_in(conn: Connection, charge: Any, charge_id: int, amount: int, book: int, reason: str | None) -> int:
