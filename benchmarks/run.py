@@ -380,8 +380,9 @@ class CountingProxy:
     def _background(sql: str) -> bool:
         if "credit_guard_idempotency_keys" in sql:
             verb = sql.lstrip().upper()
-            # The sweeper's expired-key deletes, and the batch that stores finished responses.
-            return verb.startswith("DELETE") or (verb.startswith("UPDATE") and "response_headers" in sql)
+            # The sweeper's expired-key deletes, and the batch that stores finished responses
+            # (alone, or inside the hold settlement's one statement).
+            return verb.startswith("DELETE") or "SET state = 'done'" in sql
         return "credit_guard_holds" in sql and "INSERT" not in sql and "WITH debit" not in sql
 
     def _count(self, background: bool, trips: int = 1) -> None:

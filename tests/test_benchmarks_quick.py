@@ -59,9 +59,9 @@ def test_quick_benchmark_measures_every_variant_and_finds_no_overdraft() -> None
         assert 0.0 < float(cell.split()[0]) < 1.05, row
         assert "batched" in cell and float(cell.split("+")[1].split()[0]) < 0.5, row
     # An Idempotency-Key charge on PostgreSQL is one statement too (claim, debit, ledger,
-    # hold); storing its response for replays is batched with the hold settlement.
+    # hold), batched with plain charges that arrive together, so at most one round trip;
+    # storing its response for replays rides in the hold settlement's statement.
     keyed = next(line for line in table if line.startswith("| 9 | ")).split("|")[6].strip()
-    assert 1.0 <= float(keyed.split()[0]) < 1.2, keyed
-    assert float(keyed.split("+")[1].split()[0]) < 0.5, keyed
+    assert 0.0 < float(keyed.split()[0]) < 1.05, keyed
     assert "VARIANT 8 NO OVERDRAFT: yes" in output
     assert "OVERDRAFT OR BOOKS DO NOT BALANCE" not in output
