@@ -54,4 +54,6 @@ def create_app() -> Litestar:
     async def health() -> dict[str, str]:
         return {"ok": "yes"}
 
-    return Litestar([slow_route, fast_route, flaky_route, health], plugins=[CreditGuardPlugin(guard, create_schema=True)])
+    return Litestar(
+        [slow_route, fast_route, flaky_route, health], plugins=[CreditGuardPlugin(guard, create_schema=True)]
+    )

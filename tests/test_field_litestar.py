@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 
 def later(**delta: float) -> datetime:
     return utcnow() + timedelta(**delta)
+
+
 TARGET = "tests.field_litestar_app:create_app"
 
 

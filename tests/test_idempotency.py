@@ -928,7 +928,9 @@ async def test_hundreds_of_keyed_requests_racing_with_repeats_charge_each_key_on
     assert statuses <= {200, 402, 409, 422}, statuses
     rows = await charges(iguard)
     async with iguard.engine.connect() as conn:
-        claimed = dict((await conn.execute(select(idempotency_keys.c.charge_id, idempotency_keys.c.idempotency_key))).all())
+        claimed = dict(
+            (await conn.execute(select(idempotency_keys.c.charge_id, idempotency_keys.c.idempotency_key))).all()
+        )
     charged_keys = [claimed[row["id"]] for row in rows]
     assert len(charged_keys) == len(set(charged_keys))  # no key charged twice
     assert {k for k, codes in by_key.items() if 200 in codes} == set(charged_keys)

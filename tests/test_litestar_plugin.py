@@ -487,7 +487,11 @@ async def conflict() -> None:
         ({"credits": 5}, TypeError, r"'credits' must be a feature key \(str\) or a Rule, got int"),
         ({"credits": "Seedream Image"}, ValueError, r"'credits': not a feature key"),
         ({"credits_units": 2}, ValueError, r"credits_units without 'credits'"),
-        ({"credits": IMAGE, "credits_units": "many"}, ValueError, r"'credits_units': units must be a number or a callable"),
+        (
+            {"credits": IMAGE, "credits_units": "many"},
+            ValueError,
+            r"'credits_units': units must be a number or a callable",
+        ),
         ({"credits": IMAGE, "credits_units": 0}, ValueError, r"'credits_units'"),
         ({"credits": IMAGE, "credits_idempotency": "yes"}, ValueError, r"'credits_idempotency': idempotency must be"),
         ({"credits": IMAGE, "credits_max_overage": -1}, ValueError, r"'credits_max_overage'"),

@@ -182,9 +182,7 @@ class LockHolder:
         else:
             conn = await self.guard.engine.connect()
             await conn.begin()
-            await conn.execute(
-                text("SELECT 1 FROM credit_guard_accounts WHERE organization_id = 'org_1' FOR UPDATE")
-            )
+            await conn.execute(text("SELECT 1 FROM credit_guard_accounts WHERE organization_id = 'org_1' FOR UPDATE"))
             self.pg = conn
         return self
 

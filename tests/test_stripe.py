@@ -90,7 +90,14 @@ async def test_bad_missing_or_stale_signatures_are_400_and_grant_nothing(guard: 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"[]", b"null", b'"evt_1"', b'{"id": "evt_1"}', b'{"type": "checkout.session.completed"}', b'{"id": 5, "type": "x"}'],
+    [
+        b"[]",
+        b"null",
+        b'"evt_1"',
+        b'{"id": "evt_1"}',
+        b'{"type": "checkout.session.completed"}',
+        b'{"id": 5, "type": "x"}',
+    ],
 )
 async def test_a_signed_body_that_is_no_event_is_400_and_grants_nothing(
     guard: CreditGuard, webhook: Any, payload: bytes

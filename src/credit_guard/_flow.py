@@ -295,9 +295,7 @@ async def _await_finished_response(guard: CreditGuard, organization_id: str, key
 # -- the sequence for an ASGI app (the middleware) ---------------------------------------------
 
 
-async def charge_asgi(
-    guard: CreditGuard, rule: Rule, app: ASGIApp, scope: Scope, receive: Receive, send: Send
-) -> None:
+async def charge_asgi(guard: CreditGuard, rule: Rule, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
     """Charge for a request, then run ``app`` for it (``run_paid``), or answer instead."""
     if outer_ticket(scope) is not None:  # a guard further out already charged it
         await app(scope, receive, send)

@@ -51,7 +51,8 @@ def validate_key(raw: bytes) -> str | None:
         return None
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1]
-    if not 0 < len(text) <= KEY_MAX or not all(33 <= ord(c) <= 126 for c in text):
+    # Visible ASCII: printable ASCII (32-126) less the space (``strip`` kept inner ones).
+    if not 0 < len(text) <= KEY_MAX or not text.isprintable() or " " in text:
         return None
     return text
 
