@@ -16,7 +16,7 @@ what every write body calls; nothing else in the package writes a charge.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from .._clock import utcnow
 from ..schema import accounts, grant_moves, grants, holds, ledger
 from . import keys, spending
-from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, KeyClaim
+from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
 from .grants import APPLY, ROOM, SPENDABLE, lock_account
 from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, charge_columns, key_columns
 
@@ -141,6 +141,23 @@ def claim_and_charge_sqlite(execute: Execute, request: ChargeRequest, claim: Key
         },
     )
     return ClaimOutcome(ClaimKind.CLAIMED, charge_id=outcome.charge_id, spendable=outcome.spendable)
+
+
+def complete_keys_sqlite(execute: Execute, completions: Sequence[Completion]) -> None:
+    """Finish SQLite keys (``keys.COMPLETE``) inside a settlement's transaction, raw or not."""
+    for done in completions:
+        execute(
+            keys.COMPLETE,
+            {
+                "org": done.organization_id,
+                "key": done.idempotency_key,
+                "status_code": done.status_code,
+                "response_headers": done.response_headers,
+                "response_body": done.response_body,
+                "body_stored": done.body_stored,
+                "expires_at": store_datetime(done.expires_at),
+            },
+        )
 
 
 def claim_and_charge_in(conn: Connection, request: ChargeRequest, claim: KeyClaim) -> ClaimOutcome:

@@ -38,3 +38,13 @@ TAKE_OVER = (
     " locked_until = excluded.locked_until, expires_at = excluded.expires_at, created_at = excluded.created_at"
 )
 TABLE = idempotency_keys.name
+
+#: A finished request's key: done, with its response stored for replays. Only a running key
+#: is finished (one taken over meanwhile belongs to another request now). SQLite's two
+#: settlements (``charge.complete_keys_sqlite``) run it; PostgreSQL's sets the same columns
+#: from arrays, in its settlement's one statement (``postgres._SETTLE_DONE``).
+COMPLETE = (
+    f"UPDATE {TABLE} SET state = 'done', status_code = :status_code, response_headers = :response_headers,"
+    " response_body = :response_body, body_stored = :body_stored, expires_at = :expires_at"
+    " WHERE organization_id = :org AND idempotency_key = :key AND state = 'running'"
+)

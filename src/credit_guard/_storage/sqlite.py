@@ -54,7 +54,7 @@ from sqlalchemy.pool import NullPool
 from ..errors import IntegrityViolation, StorageUnavailable
 from ..schema import holds
 from .base import ChargeOutcome, ChargeRequest, ClaimOutcome, Completion, KeyClaim
-from .charge import charge_sqlite, claim_and_charge_sqlite
+from .charge import charge_sqlite, claim_and_charge_sqlite, complete_keys_sqlite
 from .engine import setup_sqlite_connection
 from .sql import SqlStore, T, Work, unavailable
 
@@ -82,8 +82,10 @@ def is_file_database(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and name not in ("", ":memory:") and "mode=memory" not in name
 
 
-def settle_raw(db: sqlite3.Connection, charge_ids: Sequence[int]) -> set[int]:
-    """Close holds as kept, a few hundred per statement; the ids that were still held."""
+def settle_raw(db: sqlite3.Connection, charge_ids: Sequence[int], completions: Sequence[Completion] = ()) -> set[int]:
+    """Close holds as kept, a few hundred per statement, and finish the keys of idempotent
+    requests (their responses stored); the ids that were still held."""
+    complete_keys_sqlite(db.execute, completions)
     settled: set[int] = set()
     ids = list(charge_ids)
     for start in range(0, len(ids), _SETTLE_CHUNK):
@@ -455,12 +457,10 @@ class SqliteStore(SqlStore):
             raise unavailable(exc) from exc
 
     async def settle_holds(self, charge_ids: Sequence[int], completions: Sequence[Completion] = ()) -> set[int]:
-        if completions:
-            return await super().settle_holds(charge_ids, completions)
-        if not charge_ids:
+        if not charge_ids and not completions:
             return set()
         try:
-            return await self.writer.submit_raw(lambda db: settle_raw(db, charge_ids))
+            return await self.writer.submit_raw(lambda db: settle_raw(db, charge_ids, completions))
         except sqlite3.Error as exc:
             raise unavailable(exc) from exc
 

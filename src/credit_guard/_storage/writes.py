@@ -19,7 +19,6 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Row,
-    bindparam,
     delete,
     exists,
     false,
@@ -56,7 +55,7 @@ from .base import (
     KeyClaim,
     UsageSettlement,
 )
-from .charge import charge_in
+from .charge import charge_in, complete_keys_sqlite
 from .grants import add_grant_in, give_back_in, lock_account, room_in, spendable_in
 
 #: The PostgreSQL advisory lock ``create_schema`` holds (a constant: ``credit_g`` in ASCII).
@@ -294,36 +293,8 @@ def settle_holds_in(conn: Connection, charge_ids: Sequence[int], completions: Se
     if charge_ids:
         result = conn.execute(delete(holds).where(holds.c.charge_id.in_(list(charge_ids))).returning(holds.c.charge_id))
         settled = {int(row[0]) for row in result}
-    if completions:
-        # One executemany: asyncpg pipelines it (one round trip for the batch).
-        conn.execute(
-            update(idempotency_keys)
-            .where(
-                idempotency_keys.c.organization_id == bindparam("done_org"),
-                idempotency_keys.c.idempotency_key == bindparam("done_key"),
-                idempotency_keys.c.state == "running",
-            )
-            .values(
-                state="done",
-                status_code=bindparam("status_code"),
-                response_headers=bindparam("response_headers"),
-                response_body=bindparam("response_body"),
-                body_stored=bindparam("body_stored"),
-                expires_at=bindparam("expires_at"),
-            ),
-            [
-                {
-                    "done_org": done.organization_id,
-                    "done_key": done.idempotency_key,
-                    "status_code": done.status_code,
-                    "response_headers": done.response_headers,
-                    "response_body": done.response_body,
-                    "body_stored": done.body_stored,
-                    "expires_at": done.expires_at,
-                }
-                for done in completions
-            ],
-        )
+    if completions:  # only SQLite comes here (PostgreSQL settles in its own one statement)
+        complete_keys_sqlite(conn.exec_driver_sql, completions)
     return settled
 
 
