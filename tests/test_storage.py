@@ -346,3 +346,24 @@ async def test_cancelled_loader_does_not_cancel_its_waiters(guard: CreditGuard) 
         first.cancel()
     assert [p.credits for p in got] == [5]  # type: ignore[attr-defined]
     assert calls == 2
+
+
+async def test_a_price_created_by_another_process_is_seen_within_seconds(guard: CreditGuard, db_url: str) -> None:
+    """Issue 23: "no such feature" was cached for the whole TTL (60 s), so a price added by
+    the CLI (another process; on SQLite nothing notifies) kept a server answering
+    feature-not-found for a minute. A miss is believed for NEGATIVE_TTL at most; a price
+    created in this process is seen at once."""
+    from credit_guard._pricing import NEGATIVE_TTL
+
+    await guard.grant_credits("org_1", 100)
+    assert (await guard.deduct_credits("org_1", "brand_new")).error_code == "feature_not_found"
+    async with CreditGuard(db_url, pricing_notify=False) as other:  # "the CLI": no notification
+        await other.create_pricing(feature_key="brand_new", feature_name="New", category="c", credits=7)
+    # Still believed for a moment: one query per key every few seconds at most.
+    assert (await guard.deduct_credits("org_1", "brand_new")).error_code == "feature_not_found"
+    await anyio.sleep(NEGATIVE_TTL + 0.1)
+    assert (await guard.deduct_credits("org_1", "brand_new")).credits_deducted == 7
+    assert (await guard.deduct_credits("org_1", "also_new")).error_code == "feature_not_found"
+    await guard.create_pricing(feature_key="also_new", feature_name="Also", category="c", credits=3)
+    assert (await guard.deduct_credits("org_1", "also_new")).credits_deducted == 3  # this process: at once
+    assert await guard.get_balance("org_1") == 90

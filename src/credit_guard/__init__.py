@@ -30,6 +30,7 @@ from .errors import (
     IdempotencyKeyReused,
     InvalidPricing,
     PricingNotFound,
+    SchemaMissing,
     StorageUnavailable,
 )
 from .middleware import CreditGuardMiddleware
@@ -48,6 +49,7 @@ __all__ = [
     "PricingNotFound",
     "Problem",
     "Rule",
+    "SchemaMissing",
     "StorageUnavailable",
     "Ticket",
     "credit_endpoints",

@@ -52,7 +52,7 @@ from ._passage import client_gone, in_passage, put_on_request, run_paid
 from ._rule import RequiresCredits, Rule
 from ._ticket import Ticket, current_ticket
 from ._units import ONE, units_value
-from .errors import IntegrityViolation, StorageUnavailable
+from .errors import IntegrityViolation, SchemaMissing, StorageUnavailable
 from .models import UNSTORABLE_TEXT, is_storable_text
 from .problems import Problem
 
@@ -178,6 +178,11 @@ async def open_charge(
             if attempt or not isinstance(decision, InFlight):
                 break
             await _await_finished_response(guard, organization_id, key or "")
+    except SchemaMissing:
+        # A missed deployment step, not an outage: never served free, whatever fail_open says.
+        if metrics is not None:
+            metrics.decided(rule.feature_key, "unavailable", perf_counter() - started)
+        return problems.schema_missing(guard.retry_after)
     except StorageUnavailable:
         if metrics is not None:
             metrics.decided(

@@ -10,7 +10,10 @@ the first one. Two things cachetools does not do on its own are done here:
   with no ``await`` between the check and the insert, so the event loop cannot let a
   second loader slip in.
 * negative caching: "no such feature" is cached too, so a misconfigured route cannot
-  turn every request into a query.
+  turn every request into a query, but only briefly (``NEGATIVE_TTL``): the usual reason
+  for a miss is a price about to be created, often by another process (the CLI, the
+  admin page of another worker, a SQLite app with no notifications), and a new price
+  must not wait out a whole TTL. One query per key every few seconds is no load.
 
 Not thread-safe by design: one cache belongs to one event loop, like the guard.
 """
@@ -44,10 +47,15 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+#: How long "no such feature" is believed, at most (never longer than the cache's TTL).
+NEGATIVE_TTL = 2.0
+
+
 class PricingCache:
     def __init__(self, loader: Loader, *, ttl: float = 60.0, maxsize: int = 1024) -> None:
         self._load = loader
-        self._cache: TTLCache[str, FeaturePricing | None] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._cache: TTLCache[str, FeaturePricing] = TTLCache(maxsize=maxsize, ttl=ttl)
+        self._missing: TTLCache[str, None] = TTLCache(maxsize=maxsize, ttl=min(ttl, NEGATIVE_TTL))
         self._flights: dict[str, _Flight] = {}
         # Bumped by every invalidation, so a load that started before a write does not
         # put the stale row it read back into the cache after the write cleared it.
@@ -57,15 +65,13 @@ class PricingCache:
 
     async def get(self, feature_key: str) -> FeaturePricing | None:
         """The pricing row for a key (active or not), or None if there is none."""
-        try:
-            found = self._cache[feature_key]
-        except KeyError:
-            if self.metrics is not None:  # a miss: loaded here, or awaited from the load in flight
-                self.metrics.priced(False)
-        else:
+        found = self._cache.get(feature_key)
+        if found is not None or feature_key in self._missing:
             if self.metrics is not None:
                 self.metrics.priced(True)
             return found
+        if self.metrics is not None:  # a miss: loaded here, or awaited from the load in flight
+            self.metrics.priced(False)
         flight = self._flights.get(feature_key)
         if flight is not None:
             await flight.done.wait()
@@ -81,7 +87,10 @@ class PricingCache:
         try:
             flight.result = await self._load(feature_key)
             if generation == self._generation:
-                self._cache[feature_key] = flight.result
+                if flight.result is None:
+                    self._missing[feature_key] = None
+                else:
+                    self._cache[feature_key] = flight.result
             return flight.result
         except BaseException as exc:
             # Errors are shared with the waiters but never cached: the next request retries.
@@ -102,10 +111,12 @@ class PricingCache:
         self._generation += 1
         for key in feature_keys:
             self._cache.pop(key, None)
+            self._missing.pop(key, None)
 
     def clear(self) -> None:
         self._generation += 1
         self._cache.clear()
+        self._missing.clear()
 
 
 class Pricing:

@@ -20,6 +20,23 @@ class StorageUnavailable(CreditGuardError):
     """
 
 
+class SchemaMissing(StorageUnavailable):
+    """credit_guard's tables are not in the database it was given (never created, another
+    database or schema): create them with ``await guard.create_schema()`` or
+    ``credit-guard init``.
+
+    A configuration error, not an outage: a paid route answers ``503`` whose problem says
+    so (type ``schema-missing``) and is never served free, whatever ``fail_open`` says. A
+    ``StorageUnavailable`` still, so code that catches that keeps working.
+    """
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(
+            "credit_guard's tables are missing in this database: create them with"
+            f" `await guard.create_schema()` or `credit-guard init` (the database said: {cause})"
+        )
+
+
 class IntegrityViolation(CreditGuardError):
     """The database refused a money write because it broke one of the constraints that
     back the rules (a grant below its floor or above its amount...). Nothing was written.

@@ -56,6 +56,7 @@ TYPE_IDEMPOTENCY_CONFLICT = _TYPE_BASE + "idempotency-key-in-use"
 TYPE_IDEMPOTENCY_MISMATCH = _TYPE_BASE + "idempotency-key-reused"
 TYPE_NOT_STARTED = _TYPE_BASE + "guard-not-started"
 TYPE_CHARGE_REFUSED = _TYPE_BASE + "charge-refused-by-database"
+TYPE_SCHEMA_MISSING = _TYPE_BASE + "schema-missing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,21 @@ def charge_refused() -> Problem:
             "The database refused to record this request's charge (one of the constraints that keep the"
             " credits exact). Nothing was charged and the handler did not run; the server's log says why."
         ),
+    )
+
+
+def schema_missing(retry_after: int, *, nothing_was: str = "charged") -> Problem:
+    """credit_guard's tables are not in its database: a deployment step was missed, so the
+    answer says which (a 503: the service is not ready, and will be once they exist)."""
+    return Problem(
+        status=503,
+        type=TYPE_SCHEMA_MISSING,
+        title="Credit tables missing",
+        detail=(
+            f"credit_guard's tables do not exist in its database; nothing was {nothing_was}. Create them with"
+            " `await guard.create_schema()` at startup or `credit-guard init` (see the server's log)."
+        ),
+        headers={Headers.RETRY_AFTER: str(retry_after)},
     )
 
 

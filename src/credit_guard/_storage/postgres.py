@@ -25,13 +25,13 @@ import asyncpg
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..errors import IntegrityViolation, StorageUnavailable
+from ..errors import IntegrityViolation
 from ..schema import holds, idempotency_keys, ledger
 from .base import ChargeOutcome, ChargeRequest, ClaimOutcome, Completion, KeyClaim
 from .batching import ChargeBatcher, Item
 from .engine import pg_schema
 from .pg_decide import Outcome, decide
-from .sql import SqlStore
+from .sql import SqlStore, unavailable
 
 log = logging.getLogger("credit_guard")
 
@@ -221,8 +221,8 @@ class PostgresStore(SqlStore):
             async with self._connection() as conn:
                 return await decide(conn, items)
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL charge of %d failed: %s", len(items), exc, exc_info=exc)
-            raise StorageUnavailable(str(exc)) from exc
+            log.error("credit_guard: PostgreSQL charge of %d failed", len(items))
+            raise unavailable(exc) from exc
 
     async def _decide_one(self, request: ChargeRequest, claim: KeyClaim | None) -> ChargeOutcome | ClaimOutcome:
         outcome = (await self._decide([(request, claim)]))[0]
@@ -271,6 +271,6 @@ class PostgresStore(SqlStore):
                         [done.expires_at for done in completions],
                     )
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL settlement failed: %s", exc, exc_info=exc)
-            raise StorageUnavailable(str(exc)) from exc
+            log.error("credit_guard: PostgreSQL settlement failed")
+            raise unavailable(exc) from exc
         return {int(row[0]) for row in rows}

@@ -38,7 +38,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._clock import utcnow
-from ..errors import DuplicateFeature, StorageUnavailable
+from ..errors import DuplicateFeature, SchemaMissing, StorageUnavailable
 from ..models import AuditIssue, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
 from ..schema import feature_pricing, holds, idempotency_keys, ledger
 from .base import (
@@ -80,9 +80,26 @@ Work = Callable[[Connection], T]
 
 
 def unavailable(exc: BaseException) -> StorageUnavailable:
-    """A driver's failure as the one exception the web layer turns into a 503."""
+    """A driver's failure as the one exception the web layer turns into a 503; missing
+    tables as ``SchemaMissing``, which says how to create them."""
+    if missing_tables(exc):
+        log.error("credit_guard: its tables are missing (run create_schema() or `credit-guard init`): %s", exc)
+        return SchemaMissing(str(exc).splitlines()[0])
     log.error("credit_guard storage error: %s", exc, exc_info=exc)
     return StorageUnavailable(str(exc))
+
+
+def missing_tables(exc: BaseException) -> bool:
+    """Whether a driver's error says a table does not exist: SQLite's "no such table",
+    PostgreSQL's undefined_table (SQLSTATE 42P01), raw or wrapped by SQLAlchemy."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # the error, SQLAlchemy's ``orig``, the adapter's cause
+        if seen is None:
+            return False
+        if getattr(seen, "sqlstate", None) == "42P01" or "no such table" in str(seen):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
 
 
 class SqlStore:

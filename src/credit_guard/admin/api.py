@@ -46,7 +46,7 @@ from starlette.types import Receive, Scope, Send
 from .. import problems
 from .._flow import problem_response
 from .._guard import CreditGuard
-from ..errors import DuplicateFeature, InvalidPricing, PricingNotFound, StorageUnavailable
+from ..errors import DuplicateFeature, InvalidPricing, PricingNotFound, SchemaMissing, StorageUnavailable
 from ..models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
@@ -227,6 +227,8 @@ def _endpoint(handler: Handler, *, is_admin: IsAdmin | None) -> Callable[[Reques
             problem = problems.duplicate_feature(exc.feature_key)
         except PricingNotFound as exc:
             problem = problems.pricing_not_found(exc.pricing_id)
+        except SchemaMissing:
+            problem = problems.schema_missing(guard.retry_after, nothing_was="changed")
         except StorageUnavailable:
             problem = problems.unavailable(guard.retry_after, nothing_was="changed")
         except ValueError as exc:  # an argument the guard refused (an organization id it cannot store)
