@@ -48,6 +48,7 @@ from .problems import (
     TYPE_INSUFFICIENT,
     TYPE_INVALID_REQUEST,
     TYPE_NO_ORGANIZATION,
+    TYPE_SCHEMA_MISSING,
     TYPE_UNAVAILABLE,
 )
 
@@ -152,6 +153,7 @@ _PROBLEMS: dict[str, type[CreditProblem]] = {
     TYPE_FEATURE_NOT_FOUND: FeatureUnavailable,
     TYPE_FEATURE_INACTIVE: FeatureUnavailable,
     TYPE_UNAVAILABLE: CreditsUnavailable,
+    TYPE_SCHEMA_MISSING: CreditsUnavailable,  # the server is not ready: the same for its clients
     TYPE_INVALID_REQUEST: InvalidCreditRequest,
 }
 
