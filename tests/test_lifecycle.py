@@ -10,9 +10,11 @@ of its own. Both are tested here as users meet them, on both databases.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -209,3 +211,24 @@ def test_a_test_funds_and_reads_the_apps_guard_through_its_testclient_portal(fre
         r = client.post("/v1/images", headers={"x-org": "org_9"})
         assert (r.headers["X-Credits-Charged"], r.headers["X-Credits-Remaining"]) == ("5", "95")
         assert client.portal.call(running.get_balance, "org_9") == 95
+
+
+@pytest.mark.anyio
+async def test_start_names_the_database_in_the_log_with_the_password_hidden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 23: ``CreditGuard()`` without a URL writes ``credit_guard.db`` wherever the
+    process started; the start says where, as an absolute path (and never a password)."""
+    from sqlalchemy.engine import make_url
+
+    from credit_guard._guard import describe_database
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CREDIT_GUARD_DATABASE_URL", raising=False)
+    with caplog.at_level(logging.INFO, logger="credit_guard"):
+        async with CreditGuard() as guard:
+            await guard.create_schema()
+    assert f"credit_guard: started on SQLite file {tmp_path / 'credit_guard.db'}" in caplog.messages
+    assert (tmp_path / "credit_guard.db").exists()
+    named = describe_database(make_url("postgresql+asyncpg://billing:s3cret@db.internal:5432/credits"))
+    assert named == "postgresql+asyncpg://billing:***@db.internal:5432/credits"

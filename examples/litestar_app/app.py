@@ -55,7 +55,7 @@ class VideoRequest:
     seconds: int = 5
 
 
-@post("/v1/images", opt={"credits": "seedream_text_to_image"})
+@post("/v1/images", status_code=200, opt={"credits": "seedream_text_to_image"})  # as the FastAPI example
 async def text_to_image(data: Annotated[ImageRequest, Body()]) -> dict[str, Any]:
     return {"image_url": f"https://cdn.example/{abs(hash(data.prompt)) % 10**8}.png", "size": data.size}
 

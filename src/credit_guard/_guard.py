@@ -9,6 +9,7 @@ imports a web framework.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,8 @@ from .events import (
     RefundEvent,
 )
 from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageGroup, UsageRow
+
+log = logging.getLogger("credit_guard")
 
 
 class CreditGuard(AccountsApi):
@@ -194,6 +197,7 @@ class CreditGuard(AccountsApi):
         if self._started_on is loop:
             return
         self._started_on = loop
+        log.info("credit_guard: started on %s", describe_database(self.engine.url))
         await self.holds.start()
         self.hooks.start()
         if self.pricing.notifier is not None:
@@ -436,3 +440,12 @@ class CreditGuard(AccountsApi):
 
     def emit(self, event: Event) -> None:
         self.hooks.emit(event)
+
+
+def describe_database(url: URL) -> str:
+    """The database a guard uses, as a log line may name it: the password hidden, and a
+    SQLite file as its absolute path (the default, ``credit_guard.db``, lands in whatever
+    directory the process was started from: say which)."""
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        return f"SQLite file {os.path.abspath(url.database)}"
+    return url.render_as_string(hide_password=True)
