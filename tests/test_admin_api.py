@@ -389,7 +389,11 @@ async def test_mounted_under_a_tenant_prefix_with_the_host_apps_guard(guard: Cre
         assert (await c.get("/acme/api/features/pricing", params={"key": "face_swap"})).json()["credits"] == 8
         assert (await c.get("/acme/openapi.json")).json()["servers"] == [{"url": "/acme"}]
         if HAS_PAGE:
-            assert (await c.get("/acme/admin/feature-pricing", headers=ADMIN)).status_code == 200
+            page = await c.get("/acme/admin/feature-pricing", headers=ADMIN)
+            assert page.status_code == 200
+            # Issue 23: the pricing page links to the organizations page, under the same prefix.
+            assert '<a href="/acme/admin/organizations">Organizations</a>' in page.text
+            assert (await c.get("/acme/admin/organizations", headers=ADMIN)).status_code == 200
 
 
 async def test_mounted_in_fastapi_next_to_its_routes(guard: CreditGuard) -> None:

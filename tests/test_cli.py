@@ -135,6 +135,17 @@ def test_remove_without_yes_on_a_pipe_refuses_and_keeps_the_row(cli: Cli) -> Non
     assert IMAGE in prices(cli.url)
 
 
+def test_pricing_add_takes_its_key_positionally_like_the_other_commands(cli: Cli) -> None:
+    """Issue 23: ``pricing add --key K`` while update/remove take the key positionally."""
+    cli.ok("pricing", "add", IMAGE, "--name", "SeeDream", "--category", "Image", "--credits", "5")
+    assert prices(cli.url)[IMAGE].credits == 5
+    code, _, err = cli("pricing", "add", "--name", "Kling", "--category", "Video", "--credits", "20")
+    assert code == 2 and "the feature key is required" in err
+    code, _, err = cli("pricing", "add", VIDEO, "--key", "other", "--name", "K", "--category", "V", "--credits", "2")
+    assert code == 2 and "two feature keys given" in err
+    assert set(prices(cli.url)) == {IMAGE}
+
+
 def test_invalid_pricing_names_every_bad_field_and_writes_nothing(cli: Cli) -> None:
     code, out, err = cli("pricing", "add", "--key", "Bad-Key", "--name", " ", "--category", "x", "--credits", "-3")
     assert (code, out) == (1, "")

@@ -159,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON array")
 
     p = command(pricing_commands, "add", cmd_pricing_add, "add a feature price")
-    p.add_argument("--key", required=True, help="feature_key, e.g. seedream_text_to_image")
+    # The key is positional, as in update/remove; ``--key K`` (the first form) still works.
+    p.add_argument("key", nargs="?", metavar="KEY", help="feature_key, e.g. seedream_text_to_image")
+    p.add_argument("--key", dest="key_option", metavar="KEY", help="the same, as an option")
+    p.set_defaults(check=_check_add)
     p.add_argument("--name", required=True, help="feature_name shown to people")
     p.add_argument("--category", required=True)
     p.add_argument("--credits", required=True, type=int, help="credits charged per call")
@@ -264,6 +267,13 @@ def _timestamp(text: str) -> datetime:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except OverflowError:
         raise argparse.ArgumentTypeError(f"out of the representable range of dates: {text!r}") from None
+
+
+def _check_add(args: argparse.Namespace) -> str | None:
+    if args.key and args.key_option and args.key != args.key_option:
+        return f"two feature keys given: {args.key!r} and --key {args.key_option!r}"
+    args.key = args.key or args.key_option
+    return None if args.key else "the feature key is required: credit-guard pricing add KEY --name ... --credits N"
 
 
 def _check_update(args: argparse.Namespace) -> str | None:

@@ -106,6 +106,7 @@ def render_page(features: list[FeaturePricing] | None, *, base_path: str = "") -
     tenant = base_path.strip("/")
     return _TEMPLATE.substitute(
         static=_e(base_path + STATIC_PATH),
+        base=_e(base_path),
         css_version=_CSS_VERSION,
         js_version=_JS_VERSION,
         tenant=(
