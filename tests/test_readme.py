@@ -86,3 +86,39 @@ def test_every_python_sample_in_the_readme_runs(tmp_path: Path, monkeypatch: pyt
     assert "3 3" in printed and "needs 5, you have 3" in printed  # the client sample, against the demo
     assert (tmp_path / "credit_guard.db").exists()
     assert os.getcwd() == str(tmp_path)
+
+
+def test_the_first_sample_pasted_as_is_serves_a_paid_route_and_a_402(tmp_path: Path) -> None:
+    """Issue 23: the first sample never created its price (500 feature-not-found). Saved as
+    app.py in an empty folder and served by uvicorn, it answers 200 with the credit headers
+    twice (50 credits, 20 each), then 402; its SQLite file lands in that folder."""
+    import subprocess
+    import time
+
+    import httpx
+
+    from .helpers import free_port
+
+    (tmp_path / "app.py").write_text(python_blocks()[0])
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "CREDIT_GUARD_DATABASE_URL"}
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning"]
+    with (tmp_path / "uvicorn.log").open("wb") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # readiness, not an assertion
+            assert proc.poll() is None, (tmp_path / "uvicorn.log").read_text()
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(base + "/openapi.json", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        answers = [httpx.post(base + "/v1/videos", json={"image_url": "a.png"}, timeout=10) for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert [answer.status_code for answer in answers] == [200, 200, 402], [a.text for a in answers]
+    assert [answers[0].headers["x-credits-charged"], answers[1].headers["x-credits-remaining"]] == ["20", "10"]
+    assert answers[2].json()["required"] == 20 and answers[2].json()["available"] == 10
+    assert (tmp_path / "credit_guard.db").exists()
