@@ -122,3 +122,27 @@ def test_the_first_sample_pasted_as_is_serves_a_paid_route_and_a_402(tmp_path: P
     assert [answers[0].headers["x-credits-charged"], answers[1].headers["x-credits-remaining"]] == ["20", "10"]
     assert answers[2].json()["required"] == 20 and answers[2].json()["available"] == 10
     assert (tmp_path / "credit_guard.db").exists()
+
+
+def test_the_testing_kit_samples_pass_under_pytest_as_written(tmp_path: Path) -> None:
+    """Issue 23: the kit's samples called a ``create_app`` the README never defined and
+    were never run. The README's ```py blocks (the kit's test file, in two parts) are
+    written to an empty folder as one test module and run by pytest there, with nothing
+    but the installed package (its pytest plugin gives the ``credit_guard`` fixture)."""
+    import subprocess
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```py\n(.*?)^```", readme, re.S | re.M)
+    assert blocks and "def create_app" in blocks[0]
+    (tmp_path / "test_images.py").write_text("\n\n".join(blocks))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CREDIT_GUARD_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::DeprecationWarning:credit_guard"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout, result.stdout
