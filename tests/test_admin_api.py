@@ -391,8 +391,6 @@ async def test_mounted_under_a_tenant_prefix_with_the_host_apps_guard(guard: Cre
         if HAS_PAGE:
             page = await c.get("/acme/admin/feature-pricing", headers=ADMIN)
             assert page.status_code == 200
-            # Issue 23: the pricing page links to the organizations page, under the same prefix.
-            assert '<a href="/acme/admin/organizations">Organizations</a>' in page.text
             assert (await c.get("/acme/admin/organizations", headers=ADMIN)).status_code == 200
 
 
