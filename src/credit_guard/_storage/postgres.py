@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -32,8 +31,6 @@ from .batching import ChargeBatcher, Item
 from .engine import pg_schema
 from .pg_decide import Outcome, decide
 from .sql import SqlStore, unavailable
-
-log = logging.getLogger("credit_guard")
 
 _HAS_SEQUENCE = f"SELECT pg_get_serial_sequence('{ledger.name}', 'id') IS NOT NULL"
 _SETTLE = f"""
@@ -221,8 +218,7 @@ class PostgresStore(SqlStore):
             async with self._connection() as conn:
                 return await decide(conn, items)
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL charge of %d failed", len(items))
-            raise unavailable(exc) from exc
+            raise unavailable(exc) from exc  # logged there, with the driver's error
 
     async def _decide_one(self, request: ChargeRequest, claim: KeyClaim | None) -> ChargeOutcome | ClaimOutcome:
         outcome = (await self._decide([(request, claim)]))[0]
@@ -271,6 +267,5 @@ class PostgresStore(SqlStore):
                         [done.expires_at for done in completions],
                     )
         except _UNAVAILABLE as exc:
-            log.error("credit_guard: PostgreSQL settlement failed")
-            raise unavailable(exc) from exc
+            raise unavailable(exc) from exc  # logged there, with the driver's error
         return {int(row[0]) for row in rows}
