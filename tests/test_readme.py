@@ -137,7 +137,16 @@ def test_the_testing_kit_samples_pass_under_pytest_as_written(tmp_path: Path) ->
     (tmp_path / "test_images.py").write_text("\n\n".join(blocks))
     env = {key: value for key, value in os.environ.items() if not key.startswith("CREDIT_GUARD_")}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error::DeprecationWarning:credit_guard"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "error::DeprecationWarning:credit_guard",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -270,6 +270,51 @@ async def test_usage_report_groups_charges_and_refunds(guard: CreditGuard) -> No
         await guard.usage_report(group_by="week")  # type: ignore[arg-type]
 
 
+async def test_usage_split_by_a_second_group_and_the_balance_history_follow_the_clock(guard: CreditGuard) -> None:
+    """A chart's data: one row per day and feature, and the balance at the end of each day."""
+    from datetime import timedelta
+
+    from credit_guard._clock import reset_travel, travel, utcnow
+
+    await guard.grant_credits("org_1", 100)
+    await guard.grant_credits("org_2", 10)
+    first = await guard.deduct_credits("org_1", IMAGE)
+    await guard.deduct_credits("org_1", "kling_image_to_video")
+    await guard.deduct_credits("org_2", IMAGE)  # another organization: not in org_1's rows
+    day1 = utcnow().date()
+    travel(timedelta(days=1))
+    try:
+        await guard.deduct_credits("org_1", IMAGE)
+        await guard.refund_credits(first.charge_id)  # type: ignore[arg-type]
+        day2 = utcnow().date()
+        rows = await guard.usage_report(group_by="day", split_by="feature", organization_id="org_1")
+        assert [(r.key, r.split, r.credits_charged, r.credits_refunded) for r in rows] == [
+            (day2.isoformat(), IMAGE, 5, 5),
+            (day1.isoformat(), "kling_image_to_video", 20, 0),
+            (day1.isoformat(), IMAGE, 5, 0),
+        ]
+        assert rows[0].to_dict()["split"] == IMAGE
+        assert "split" not in (await guard.usage_report(group_by="feature"))[0].to_dict()
+        by_feature_org = await guard.usage_report(group_by="feature", split_by="org")
+        assert {(r.key, r.split): r.net_credits for r in by_feature_org} == {
+            (IMAGE, "org_1"): 5,
+            (IMAGE, "org_2"): 5,
+            ("kling_image_to_video", "org_1"): 20,
+        }
+        history = await guard.balance_history("org_1")
+        assert [(p.day, p.balance) for p in history] == [(day1, 75), (day2, 75)]
+        assert history[-1].balance == await guard.get_balance("org_1")
+        assert [p.to_dict() for p in await guard.balance_history("org_1", since=utcnow() - timedelta(hours=1))] == [
+            {"day": day2.isoformat(), "balance": 75}
+        ]
+        assert await guard.balance_history("nobody") == []
+        with pytest.raises(ValueError, match="split_by"):
+            await guard.usage_report(group_by="day", split_by="day")
+    finally:
+        reset_travel()
+    assert await guard.audit() == []
+
+
 async def test_guard_on_a_shared_engine_leaves_it_open(db_url: str) -> None:
     from credit_guard._storage.engine import build_engine
 

@@ -47,7 +47,16 @@ from .events import (
     LowBalanceEvent,
     RefundEvent,
 )
-from .models import AuditIssue, CreditCheck, DeductionResult, FeaturePricing, RefundResult, UsageGroup, UsageRow
+from .models import (
+    AuditIssue,
+    BalancePoint,
+    CreditCheck,
+    DeductionResult,
+    FeaturePricing,
+    RefundResult,
+    UsageGroup,
+    UsageRow,
+)
 
 log = logging.getLogger("credit_guard")
 
@@ -404,11 +413,27 @@ class CreditGuard(AccountsApi):
         feature_key: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        split_by: UsageGroup | None = None,
     ) -> list[UsageRow]:
-        """Counts and credits charged and refunded, from the ledger; ``until`` is exclusive."""
+        """Counts and credits charged and refunded, from the ledger; ``until`` is exclusive.
+
+        ``split_by`` groups each group again (``group_by="day", split_by="feature"``: one
+        row per day and feature, the series of a usage chart); the second value is ``row.split``.
+        """
         return await self.ledger.usage(
-            group_by=group_by, organization_id=organization_id, feature_key=feature_key, since=since, until=until
+            group_by=group_by,
+            organization_id=organization_id,
+            feature_key=feature_key,
+            since=since,
+            until=until,
+            split_by=split_by,
         )
+
+    async def balance_history(
+        self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[BalancePoint]:
+        """The organization's balance at the end of each UTC day its credits moved, oldest first."""
+        return await self.ledger.balance_history(organization_id, since=since, until=until)
 
     async def audit(self) -> list[AuditIssue]:
         """Every way the books fail to add up; [] when each balance is the sum of its ledger."""

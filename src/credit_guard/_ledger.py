@@ -41,6 +41,7 @@ from .models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
     AuditIssue,
+    BalancePoint,
     CreditCheck,
     DeductionResult,
     RefundResult,
@@ -421,10 +422,22 @@ class Ledger:
         feature_key: str | None,
         since: datetime | None,
         until: datetime | None,
+        split_by: UsageGroup | None = None,
     ) -> list[UsageRow]:
         return await self.store.usage(
-            group_by=group_by, organization_id=organization_id, feature_key=feature_key, since=since, until=until
+            group_by=group_by,
+            organization_id=organization_id,
+            feature_key=feature_key,
+            since=since,
+            until=until,
+            split_by=split_by,
         )
+
+    async def balance_history(
+        self, organization_id: str, *, since: datetime | None, until: datetime | None
+    ) -> list[BalancePoint]:
+        check_org(organization_id)
+        return await self.store.balance_history(organization_id, since=since, until=until)
 
     async def audit(self) -> list[AuditIssue]:
         return await self.store.audit()

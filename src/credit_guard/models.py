@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from .errors import InvalidPricing
@@ -155,13 +155,29 @@ class UsageRow:
     credits_charged: int
     refunds: int
     credits_refunded: int
+    #: The second grouping's value (``usage_report(split_by=...)``), else None.
+    split: str | None = None
 
     @property
     def net_credits(self) -> int:
         return self.credits_charged - self.credits_refunded
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "net_credits": self.net_credits}
+        fields = asdict(self)
+        if self.split is None:
+            del fields["split"]
+        return {**fields, "net_credits": self.net_credits}
+
+
+@dataclass(frozen=True, slots=True)
+class BalancePoint:
+    """An organization's balance at the end of a day on which it moved (``balance_history``)."""
+
+    day: date
+    balance: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"day": self.day.isoformat(), "balance": self.balance}
 
 
 _FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..models import AuditIssue, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
+from ..models import AuditIssue, BalancePoint, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
 
 
 @dataclass(slots=True)  # not frozen: built on every paid request, and frozen __init__ costs more
@@ -228,4 +228,8 @@ class Store(Protocol):
         feature_key: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        split_by: UsageGroup | None = None,
     ) -> list[UsageRow]: ...
+    async def balance_history(
+        self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[BalancePoint]: ...

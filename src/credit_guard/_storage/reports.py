@@ -6,14 +6,14 @@ Queries only (SQLAlchemy Core, every dialect); ``SqlStore`` runs them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, case, cast, func, literal, select
+from sqlalchemy import Connection, Select, and_, case, cast, func, literal, null, select
 from sqlalchemy import Date as SqlDate
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..models import AuditIssue, UsageGroup, UsageRow
+from ..models import AuditIssue, BalancePoint, UsageGroup, UsageRow
 from ..schema import accounts, grant_moves, grants, holds, ledger, reservations
 
 
@@ -192,17 +192,14 @@ def usage_query(
     feature_key: str | None,
     since: datetime | None,
     until: datetime | None,
+    split_by: UsageGroup | None = None,
 ) -> Select[Any]:
-    """Charges and refunds per day, feature or organization, newest day / biggest first."""
-    key: ColumnElement[Any]
-    if group_by == "day":
-        key = cast(ledger.c.created_at, SqlDate) if dialect == "postgresql" else func.date(ledger.c.created_at)
-    elif group_by == "feature":
-        key = ledger.c.feature_key
-    elif group_by == "org":
-        key = ledger.c.organization_id
-    else:
-        raise ValueError(f"group_by must be day, feature or org, not {group_by!r}")
+    """Charges and refunds per day, feature or organization (and, with ``split_by``, per a
+    second of those inside each: a chart's series), newest day / biggest first."""
+    key = _usage_key(dialect, group_by, "group_by")
+    split = None if split_by is None else _usage_key(dialect, split_by, "split_by")
+    if split_by == group_by:
+        raise ValueError(f"split_by must differ from group_by ({group_by!r})")
     is_charge = ledger.c.kind == "charge"
     # An overage row (usage beyond the reserve) adds credits to its charge, not a charge.
     is_first_charge = and_(is_charge, ledger.c.extra_of.is_(None))
@@ -210,13 +207,14 @@ def usage_query(
     query = (
         select(
             key.label("key"),
+            (split if split is not None else null()).label("split"),
             func.sum(case((is_first_charge, 1), else_=0)).label("charges"),
             func.sum(case((is_charge, -ledger.c.amount), else_=0)).label("credits_charged"),
             func.sum(case((is_refund, 1), else_=0)).label("refunds"),
             func.sum(case((is_refund, ledger.c.amount), else_=0)).label("credits_refunded"),
         )
         .where(ledger.c.kind.in_(("charge", "refund")))
-        .group_by(key)
+        .group_by(key, *(() if split is None else (split,)))
     )
     if organization_id is not None:
         query = query.where(ledger.c.organization_id == organization_id)
@@ -226,22 +224,60 @@ def usage_query(
         query = query.where(ledger.c.created_at >= since)
     if until is not None:
         query = query.where(ledger.c.created_at < until)
-    query = (
-        query.order_by(key.desc())
-        if group_by == "day"
-        else query.order_by(func.sum(case((is_charge, -ledger.c.amount), else_=0)).desc(), key)
+    charged = func.sum(case((is_charge, -ledger.c.amount), else_=0))
+    query = query.order_by(key.desc()) if group_by == "day" else query.order_by(charged.desc(), key)
+    return query if split is None else query.order_by(charged.desc(), split)
+
+
+def _usage_key(dialect: str, group: str, name: str) -> ColumnElement[Any]:
+    if group == "day":
+        return _day(dialect, ledger.c.created_at)
+    if group == "feature":
+        return ledger.c.feature_key
+    if group == "org":
+        return ledger.c.organization_id
+    raise ValueError(f"{name} must be day, feature or org, not {group!r}")
+
+
+def _day(dialect: str, column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The UTC calendar day of a timestamp, as the database computes it."""
+    return cast(func.timezone("UTC", column), SqlDate) if dialect == "postgresql" else func.date(column)
+
+
+def balance_history_query(
+    dialect: str, organization_id: str, since: datetime | None, until: datetime | None
+) -> Select[Any]:
+    """An organization's balance at the end of each day it moved, oldest day first: the
+    ``balance_after`` of its last ledger row that day (ids follow the account's row lock,
+    so the highest id of a day is the last movement of that day)."""
+    day = _day(dialect, ledger.c.created_at)
+    last = select(func.max(ledger.c.id)).where(ledger.c.organization_id == organization_id)
+    if since is not None:
+        last = last.where(ledger.c.created_at >= since)
+    if until is not None:
+        last = last.where(ledger.c.created_at < until)
+    last = last.group_by(day)
+    return (
+        select(day.label("day"), ledger.c.balance_after)
+        .where(ledger.c.id.in_(last.scalar_subquery()))
+        .order_by(ledger.c.id)
     )
-    return query
 
 
 def usage_row(row: Any) -> UsageRow:
     return UsageRow(
         key=str(row.key),
+        split=None if row.split is None else str(row.split),
         charges=int(row.charges or 0),
         credits_charged=int(row.credits_charged or 0),
         refunds=int(row.refunds or 0),
         credits_refunded=int(row.credits_refunded or 0),
     )
+
+
+def balance_point(row: Any) -> BalancePoint:
+    day = row.day if isinstance(row.day, date) else date.fromisoformat(str(row.day))
+    return BalancePoint(day=day, balance=int(row.balance_after))
 
 
 def organizations_query(prefix: str, limit: int) -> Select[Any]:

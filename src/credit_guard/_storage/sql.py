@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._clock import utcnow
 from ..errors import DuplicateFeature, SchemaMissing, StorageUnavailable
-from ..models import AuditIssue, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
+from ..models import AuditIssue, BalancePoint, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
 from ..schema import feature_pricing, holds, idempotency_keys, ledger
 from .base import (
     ChargeOutcome,
@@ -53,7 +53,15 @@ from .base import (
 )
 from .charge import charge_in
 from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, set_overdraft_in
-from .reports import activity_in, audit_in, organizations_query, usage_query, usage_row
+from .reports import (
+    activity_in,
+    audit_in,
+    balance_history_query,
+    balance_point,
+    organizations_query,
+    usage_query,
+    usage_row,
+)
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
     Abandon,
@@ -476,6 +484,7 @@ class SqlStore:
         feature_key: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
+        split_by: UsageGroup | None = None,
     ) -> list[UsageRow]:
         """Charges and refunds per day, feature or organization, newest day / biggest first."""
         query = usage_query(
@@ -485,8 +494,16 @@ class SqlStore:
             feature_key=feature_key,
             since=since,
             until=until,
+            split_by=split_by,
         )
         return await self._read(lambda conn: [usage_row(row) for row in conn.execute(query)])
+
+    async def balance_history(
+        self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[BalancePoint]:
+        """The balance at the end of each day the organization's credits moved, oldest first."""
+        query = balance_history_query(self.dialect, organization_id, since, until)
+        return await self._read(lambda conn: [balance_point(row) for row in conn.execute(query)])
 
     async def organizations(self, prefix: str, limit: int) -> list[tuple[str, int]]:
         """Accounts whose id starts with ``prefix`` (as typed: no wildcards), by id."""
