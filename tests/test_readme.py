@@ -1,7 +1,8 @@
-"""The README's Python samples run as written: every ```python block, in order, as one
-program (later samples use the app and guard the first one made), in an empty folder (the
-samples' SQLite file is made there). The client sample talks to the demo, so the FastAPI
-example is served for it, as ``bash scripts/demo`` serves it."""
+"""The Python samples of the README and of the docs site run as written: every ```python
+block, the README's first, then each page's in the order of the site's navigation
+(``mkdocs.yml``), as one program (later samples use the app and guard the first one made),
+in an empty folder (the samples' SQLite file is made there). The client sample talks to the
+demo, so the FastAPI example is served for it, as ``bash scripts/demo`` serves it."""
 
 from __future__ import annotations
 
@@ -23,13 +24,33 @@ pytestmark = pytest.mark.slow
 DEMO = "127.0.0.1:8000"
 
 
-def python_blocks() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    return re.findall(r"^```python\n(.*?)^```", readme, re.S | re.M)
+def blocks_of(path: Path, language: str = "python") -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", path.read_text(), re.S | re.M)
+
+
+def docs_pages() -> list[Path]:
+    """The site's pages in the order of its navigation (mkdocs.yml's ``nav``)."""
+    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    return [ROOT / "docs" / page for page in nav]
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """(where, code) of every sample: the README's, then the docs pages' in nav order."""
+    pages = [ROOT / "README.md", *docs_pages()]
+    return [
+        (f"{page.relative_to(ROOT)} python block {number}", code)
+        for page in pages
+        for number, code in enumerate(blocks_of(page))
+    ]
+
+
+def test_every_docs_page_is_in_the_navigation() -> None:
+    """A page left out of mkdocs.yml's nav would have its samples never run."""
+    assert sorted(docs_pages()) == sorted((ROOT / "docs").glob("*.md"))
 
 
 def test_the_readme_has_the_samples_this_test_runs() -> None:
-    blocks = python_blocks()
+    blocks = [code for _, code in python_blocks()]
     assert len(blocks) >= 8
     assert any("def test_" in block for block in blocks)  # the testing recipe, called below
     assert any("credit_guard.client" in block for block in blocks)
@@ -44,7 +65,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def test_every_python_sample_in_the_readme_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_python_sample_in_the_readme_and_the_docs_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     blocks = python_blocks()
     demo = DEMO
@@ -63,12 +84,12 @@ def test_every_python_sample_in_the_readme_runs(tmp_path: Path, monkeypatch: pyt
     with server.start(health="/api/features/pricing"), contextlib.redirect_stdout(out):
         sys.modules["readme"] = type(sys)("readme")  # FastAPI resolves annotations through the module
         try:
-            for number, block in enumerate(blocks):
+            for where, block in blocks:
                 code = block.replace(DEMO, demo)
                 try:
-                    exec(compile(code, f"README.md python block {number}", "exec"), namespace)
+                    exec(compile(code, where, "exec"), namespace)
                 except Exception as exc:
-                    raise AssertionError(f"README python block {number} failed: {exc!r}\n{block}") from exc
+                    raise AssertionError(f"{where} failed: {exc!r}\n{block}") from exc
             tests = [value for name, value in namespace.items() if name.startswith("test_") and callable(value)]
             assert tests, "the testing recipe defines no test"
             for test in tests:
@@ -99,7 +120,7 @@ def test_the_first_sample_pasted_as_is_serves_a_paid_route_and_a_402(tmp_path: P
 
     from .helpers import free_port
 
-    (tmp_path / "app.py").write_text(python_blocks()[0])
+    (tmp_path / "app.py").write_text(blocks_of(ROOT / "README.md")[0])
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "CREDIT_GUARD_DATABASE_URL"}
     command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port), "--log-level", "warning"]
@@ -126,13 +147,12 @@ def test_the_first_sample_pasted_as_is_serves_a_paid_route_and_a_402(tmp_path: P
 
 def test_the_testing_kit_samples_pass_under_pytest_as_written(tmp_path: Path) -> None:
     """Issue 23: the kit's samples called a ``create_app`` the README never defined and
-    were never run. The README's ```py blocks (the kit's test file, in two parts) are
+    were never run. docs/testing.md's ```py blocks (the kit's test file, in two parts) are
     written to an empty folder as one test module and run by pytest there, with nothing
     but the installed package (its pytest plugin gives the ``credit_guard`` fixture)."""
     import subprocess
 
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"^```py\n(.*?)^```", readme, re.S | re.M)
+    blocks = blocks_of(ROOT / "docs" / "testing.md", "py")
     assert blocks and "def create_app" in blocks[0]
     (tmp_path / "test_images.py").write_text("\n\n".join(blocks))
     env = {key: value for key, value in os.environ.items() if not key.startswith("CREDIT_GUARD_")}
