@@ -10,6 +10,7 @@ Each PostgreSQL test gets a throwaway database so an empty schema really is empt
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from credit_guard.schema import TABLE_PREFIX
 from credit_guard.schema import metadata as credit_guard_metadata
 
 from .conftest import PG_URL, pg_problem
+from .helpers import ROOT
 
 TABLES = {
     "credit_guard_accounts",
@@ -199,6 +201,23 @@ GRANT_KEY_COLUMN = "idempotency_key"
 GRANT_KEY_UNIQUE = "uq_credit_guard_ledger_organization_id_idempotency_key"
 
 
+def documented_upgrade(mentioning: str) -> Any:
+    """The ``upgrade()`` of docs/alembic.md whose code mentions ``mentioning``, as written
+    there, run the way Alembic runs a migration file."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / "alembic.md").read_text(), re.S | re.M)
+    [code] = [block for block in blocks if "def upgrade" in block and mentioning in block]
+
+    def run(op: Any) -> None:
+        from alembic.operations import Operations
+
+        namespace: dict[str, Any] = {}
+        with Operations.context(op.migration_context):  # what `from alembic import op` reaches, as in a migration
+            exec(compile(code, "docs/alembic.md", "exec"), namespace)
+            namespace["upgrade"]()
+
+    return run
+
+
 def _migrate(db: Db, steps: Any) -> None:
     from alembic.operations import Operations
 
@@ -214,7 +233,6 @@ def test_upgrading_tables_made_before_grant_keys_keeps_every_balance(db: Db) -> 
     """Tables of the previous version (a ledger without ``idempotency_key``) holding money:
     autogenerate finds exactly the new column and its unique constraint, the documented
     batch migration adds them, and every balance and ledger row is kept."""
-    from sqlalchemy import String as SqlString
 
     async def before() -> None:
         async with CreditGuard(db.async_url) as guard:
@@ -234,12 +252,7 @@ def test_upgrading_tables_made_before_grant_keys_keeps_every_balance(db: Db) -> 
     found = db.diffs(credit_guard_metadata)
     assert sorted(diff[0] for diff in found) == ["add_column", "add_constraint"]
 
-    def upgrade(op: Any) -> None:  # the migration docs/alembic.md shows
-        import sqlalchemy as sa
-
-        with op.batch_alter_table("credit_guard_ledger") as batch:
-            batch.add_column(sa.Column(GRANT_KEY_COLUMN, SqlString(255), nullable=True))
-            batch.create_unique_constraint(GRANT_KEY_UNIQUE, ["organization_id", GRANT_KEY_COLUMN])
+    upgrade = documented_upgrade("idempotency_key")  # the migration docs/alembic.md shows, run as written
 
     _migrate(db, upgrade)
     assert db.diffs(credit_guard_metadata) == []
@@ -259,7 +272,6 @@ def test_upgrading_tables_made_before_grants_keeps_every_balance_as_a_grant(db: 
     without 'expiry') holding money: the documented migration adds the three tables,
     relaxes the two CHECKs, and ``create_schema()`` turns each balance into one
     never-expiring grant; then charges, refunds, expiry and overdraft all work."""
-    import sqlalchemy as sa
 
     from credit_guard._clock import reset_travel, travel
 
@@ -285,28 +297,9 @@ def test_upgrading_tables_made_before_grants_keeps_every_balance_as_a_grant(db: 
     _migrate(db, downgrade)
     assert sorted(diff[0] for diff in db.diffs(credit_guard_metadata)) == ["add_index"] * 3 + ["add_table"] * 3
 
-    def upgrade(op: Any) -> None:  # the migration docs/alembic.md shows
-        from credit_guard.schema import grant_moves, grants, reservations
-
-        for table in (grants, grant_moves, reservations):
-            table.create(op.get_bind(), checkfirst=True)
-        with op.batch_alter_table("credit_guard_accounts") as batch:
-            batch.drop_constraint("ck_credit_guard_accounts_balance_non_negative", type_="check")
-        with op.batch_alter_table("credit_guard_ledger") as batch:
-            batch.drop_constraint("ck_credit_guard_ledger_balance_after_non_negative", type_="check")
-            batch.drop_constraint("ck_credit_guard_ledger_kind_known", type_="check")
-            batch.create_check_constraint(
-                "ck_credit_guard_ledger_kind_known", "kind IN ('grant', 'charge', 'refund', 'expiry')"
-            )
-            batch.drop_constraint("ck_credit_guard_ledger_kind_shape", type_="check")
-            batch.create_check_constraint(
-                "ck_credit_guard_ledger_kind_shape",
-                "(kind = 'refund' AND refund_of IS NOT NULL AND extra_of IS NULL AND amount > 0)"
-                " OR (kind = 'charge' AND refund_of IS NULL AND amount <= 0)"
-                " OR (kind = 'grant' AND refund_of IS NULL AND extra_of IS NULL AND amount > 0)"
-                " OR (kind = 'expiry' AND refund_of IS NULL AND extra_of IS NULL AND amount < 0)",
-            )
-        assert sa  # the migration file imports it for its own columns
+    upgrade = documented_upgrade(
+        "grant_moves, grants, reservations"
+    )  # the migration docs/alembic.md shows, run as written
 
     _migrate(db, upgrade)
     assert db.diffs(credit_guard_metadata) == []
@@ -333,13 +326,6 @@ def test_upgrading_tables_made_before_grants_keeps_every_balance_as_a_grant(db: 
     assert opening == [(7, 7, None, "balance before grants")]
     assert spent == [4, 1, -2, -5]  # down to the overdraft limit of 5
     assert (expired, balance, issues) == (1, 5, [])
-
-
-REPAID_UPGRADE_SQL = (
-    "UPDATE credit_guard_grants SET repaid = coalesce((SELECT -m.amount FROM credit_guard_grant_moves m"
-    " WHERE m.ledger_id = credit_guard_grants.ledger_id AND m.grant_id = credit_guard_grants.id"
-    " AND m.amount < 0), 0)"
-)
 
 
 def test_upgrading_grants_made_before_repaid_keeps_each_repayment(db: Db) -> None:
@@ -371,15 +357,7 @@ def test_upgrading_grants_made_before_repaid_keeps_each_repayment(db: Db) -> Non
     _migrate(db, downgrade)
     assert [diff[0] for diff in db.diffs(credit_guard_metadata)] == ["add_column"]
 
-    def upgrade(op: Any) -> None:  # the migration docs/alembic.md shows
-        import sqlalchemy as sa
-
-        with op.batch_alter_table("credit_guard_grants") as batch:
-            batch.add_column(sa.Column("repaid", sa.BigInteger(), nullable=False, server_default="0"))
-        op.execute(REPAID_UPGRADE_SQL)
-        with op.batch_alter_table("credit_guard_grants") as batch:
-            batch.create_check_constraint("ck_credit_guard_grants_remaining_at_most_amount", "remaining <= amount")
-            batch.create_check_constraint("ck_credit_guard_grants_repaid_non_negative", "repaid >= 0")
+    upgrade = documented_upgrade("repaid")  # the migration docs/alembic.md shows, run as written
 
     _migrate(db, upgrade)
     assert db.diffs(credit_guard_metadata) == []
