@@ -1,4 +1,5 @@
-"""The Python API for an organization's credits: grants, overdraft, async-job reservations.
+"""The Python API for an organization's credits: grants, overdraft, async-job reservations,
+its balance over time.
 
 A mixin of ``CreditGuard`` (kept apart so the facade stays small); each method is one
 call into the ``grants`` or ``reservations`` service.
@@ -14,7 +15,7 @@ from ._grants import Grants
 from ._ledger import check_org
 from ._reservations import Reservations
 from ._storage.base import Store
-from .models import DeductionResult, Grant, Reservation, is_storable_text
+from .models import BalancePoint, DeductionResult, Grant, Reservation, is_storable_text
 
 
 class AccountsApi:
@@ -123,3 +124,11 @@ class AccountsApi:
         """An organization's latest ledger rows (newest first) and its open reservations."""
         check_org(organization_id)
         return await self.store.activity(organization_id, limit)
+
+    async def balance_history(
+        self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
+    ) -> list[BalancePoint]:
+        """The organization's balance at the end of each UTC day its credits moved, oldest
+        first (``until`` exclusive): a chart's line, read from the ledger's ``balance_after``."""
+        check_org(organization_id)
+        return await self.store.balance_history(organization_id, since=since, until=until)

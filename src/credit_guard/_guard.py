@@ -49,7 +49,6 @@ from .events import (
 )
 from .models import (
     AuditIssue,
-    BalancePoint,
     CreditCheck,
     DeductionResult,
     FeaturePricing,
@@ -428,12 +427,6 @@ class CreditGuard(AccountsApi):
             until=until,
             split_by=split_by,
         )
-
-    async def balance_history(
-        self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
-    ) -> list[BalancePoint]:
-        """The organization's balance at the end of each UTC day its credits moved, oldest first."""
-        return await self.ledger.balance_history(organization_id, since=since, until=until)
 
     async def audit(self) -> list[AuditIssue]:
         """Every way the books fail to add up; [] when each balance is the sum of its ledger."""

@@ -41,7 +41,6 @@ from .models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
     AuditIssue,
-    BalancePoint,
     CreditCheck,
     DeductionResult,
     RefundResult,
@@ -432,12 +431,6 @@ class Ledger:
             until=until,
             split_by=split_by,
         )
-
-    async def balance_history(
-        self, organization_id: str, *, since: datetime | None, until: datetime | None
-    ) -> list[BalancePoint]:
-        check_org(organization_id)
-        return await self.store.balance_history(organization_id, since=since, until=until)
 
     async def audit(self) -> list[AuditIssue]:
         return await self.store.audit()

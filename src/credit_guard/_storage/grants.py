@@ -19,8 +19,7 @@ committed ones), on SQLite by the writer's ``BEGIN IMMEDIATE``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, TextClause, bindparam, text
@@ -290,7 +289,14 @@ def overdraft_in(conn: Connection, org: str) -> tuple[int, int]:
     return -int(line.floor), max(0, -int(line.remaining))
 
 
-def list_grants_in(conn: Connection, org: str, now: datetime, to_datetime: Callable[[Any], Any]) -> list[Grant]:
+def read_datetime(value: Any) -> Any:
+    """A timestamp as read through ``text()``: SQLite gives SQLAlchemy's stored text, naive; UTC-aware either way."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def list_grants_in(conn: Connection, org: str, now: datetime) -> list[Grant]:
     """The organization's grants: live ones with credits left first, in spending order,
     then the spent and expired ones, newest first. The overdraft line is not a grant."""
     rows = run(
@@ -308,10 +314,10 @@ def list_grants_in(conn: Connection, org: str, now: datetime, to_datetime: Calla
                 id=int(row.id),
                 amount=int(row.amount),
                 remaining=int(row.remaining),
-                expires_at=to_datetime(row.expires_at),
+                expires_at=read_datetime(row.expires_at),
                 priority=int(row.priority),
                 reason=row.reason,
-                created_at=to_datetime(row.created_at),
+                created_at=read_datetime(row.created_at),
             ),
         )
         for row in rows

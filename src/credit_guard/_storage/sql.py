@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -303,12 +303,7 @@ class SqlStore:
         return closed
 
     async def list_grants(self, organization_id: str, now: datetime) -> list[Grant]:
-        return await self._read(partial(list_grants_in, org=organization_id, now=now, to_datetime=self._datetime))
-
-    def _datetime(self, value: Any) -> Any:
-        if isinstance(value, str):  # SQLite through text(): stored as SQLAlchemy writes it
-            value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+        return await self._read(partial(list_grants_in, org=organization_id, now=now))
 
     async def set_overdraft(self, organization_id: str, limit: int) -> None:
         try:
