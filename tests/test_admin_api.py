@@ -230,6 +230,9 @@ async def test_usage_report_matches_the_ledger(client: httpx.AsyncClient, guard:
         ({"until": "2025-13-45"}, "until"),
         ({"group_by": "week"}, "group_by"),
         ({"since": ""}, "since"),
+        ({"split_by": "week"}, "split_by"),
+        ({"split_by": "day"}, "split_by"),  # the default group_by: splitting a day by day says nothing
+        ({"group_by": "org", "split_by": "org"}, "split_by"),
     ],
 )
 async def test_usage_rejects_bad_parameters_naming_them(
@@ -237,6 +240,103 @@ async def test_usage_rejects_bad_parameters_naming_them(
 ) -> None:
     body = assert_problem(await client.get("/api/admin/usage", params=params, headers=ADMIN), 422)
     assert list(body["errors"]) == [field]
+    assert body["detail"].startswith(f"{field}: ")
+    if params.get("split_by") in ("day", "org"):
+        assert "must differ from group_by" in body["errors"]["split_by"]
+
+
+async def seed_three_days(guard: CreditGuard) -> None:
+    """Charges on three UTC days (two days ago, yesterday, today): the ledger's created_at
+    follows the library's clock, so moving it back seeds the past."""
+    from datetime import timedelta
+
+    from credit_guard import _clock
+
+    try:
+        _clock.travel(timedelta(days=-2))
+        await guard.grant_credits("org_a", 200)
+        await guard.grant_credits("org_b", 100)
+        await guard.deduct_credits("org_a", "seedream_text_to_image")  # 5
+        await guard.deduct_credits("org_a", "kling_image_to_video")  # 20
+        _clock.travel(timedelta(days=1))
+        await guard.deduct_credits("org_b", "seedream_text_to_image")
+        refunded = await guard.deduct_credits("org_b", "seedream_text_to_image")
+        await guard.refund_credits(refunded.charge_id)  # type: ignore[arg-type]
+        _clock.travel(timedelta(days=1))
+        for _ in range(3):
+            await guard.deduct_credits("org_a", "seedream_text_to_image")
+        await guard.deduct_credits("org_b", "kling_image_to_video")
+    finally:
+        _clock.reset_travel()
+
+
+async def test_usage_split_by_gives_a_row_per_day_and_feature_or_organization(
+    client: httpx.AsyncClient, guard: CreditGuard
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await seed_three_days(guard)
+    today = datetime.now(UTC).date()
+    d0, d1, d2 = (str(today - timedelta(days=n)) for n in (2, 1, 0))
+    response = await client.get(USAGE, params={"group_by": "day", "split_by": "feature"}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["group_by"], body["split_by"]) == ("day", "feature")
+    got = {(r["key"], r["split"]): (r["charges"], r["refunds"], r["net_credits"]) for r in body["rows"]}
+    assert got == {
+        (d0, "seedream_text_to_image"): (1, 0, 5),
+        (d0, "kling_image_to_video"): (1, 0, 20),
+        (d1, "seedream_text_to_image"): (2, 1, 5),
+        (d2, "seedream_text_to_image"): (3, 0, 15),
+        (d2, "kling_image_to_video"): (1, 0, 20),
+    }
+    assert [r.to_dict() for r in await guard.usage_report(group_by="day", split_by="feature")] == body["rows"]
+
+    by_org = await client.get(USAGE, params={"split_by": "org", "since": d1}, headers=ADMIN)  # group_by=day
+    assert {(r["key"], r["split"]): r["net_credits"] for r in by_org.json()["rows"]} == {
+        (d1, "org_b"): 5,
+        (d2, "org_a"): 15,
+        (d2, "org_b"): 20,
+    }
+    features_by_org = await client.get(
+        USAGE, params={"group_by": "feature", "split_by": "org", "org": "org_b"}, headers=ADMIN
+    )
+    assert {(r["key"], r["split"]): r["net_credits"] for r in features_by_org.json()["rows"]} == {
+        ("seedream_text_to_image", "org_b"): 5,
+        ("kling_image_to_video", "org_b"): 20,
+    }
+    plain = (await client.get(USAGE, params={"group_by": "feature"}, headers=ADMIN)).json()
+    assert plain["split_by"] is None and all("split" not in r for r in plain["rows"])
+
+
+async def test_balance_history_is_the_balance_at_the_end_of_each_day_it_moved(
+    client: httpx.AsyncClient, guard: CreditGuard
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    await seed_three_days(guard)
+    today = datetime.now(UTC).date()
+    d0, d1, d2 = (str(today - timedelta(days=n)) for n in (2, 1, 0))
+    path = "/api/admin/organizations/{}/balance-history"
+    response = await client.get(path.format("org_a"), headers=ADMIN)
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    assert response.json() == {
+        "organization_id": "org_a",
+        "points": [{"day": d0, "balance": 175}, {"day": d2, "balance": 160}],
+    }
+    org_b = (await client.get(path.format("org_b"), headers=ADMIN)).json()["points"]
+    assert org_b == [{"day": d0, "balance": 100}, {"day": d1, "balance": 95}, {"day": d2, "balance": 75}]
+    assert org_b == [p.to_dict() for p in await guard.balance_history("org_b")]
+    assert org_b[-1]["balance"] == await guard.get_balance("org_b")
+    ranged = await client.get(path.format("org_b"), params={"since": d1, "until": d2}, headers=ADMIN)
+    assert ranged.json()["points"] == [{"day": d1, "balance": 95}]
+    nobody = await client.get(path.format("nobody"), headers=ADMIN)
+    assert (nobody.status_code, nobody.json()) == (200, {"organization_id": "nobody", "points": []})
+    bad = assert_problem(await client.get(path.format("org_a"), params={"until": "soon"}, headers=ADMIN), 422)
+    assert list(bad["errors"]) == ["until"]
+    assert_problem(await client.get(path.format("org_a"), headers=MEMBER), 403)
+    assert await guard.audit() == []
 
 
 # -- who may -----------------------------------------------------------------------------------
@@ -251,6 +351,7 @@ ADMIN_ROUTES = [
     ("GET", "/api/admin/usage"),
     ("GET", "/api/admin/organizations"),
     ("GET", "/api/admin/organizations/org_1"),
+    ("GET", "/api/admin/organizations/org_1/balance-history"),
     ("POST", "/api/admin/organizations/org_1/grants"),
     *([("GET", "/admin/feature-pricing"), ("GET", "/admin/organizations")] if HAS_PAGE else []),
 ]
@@ -391,6 +492,8 @@ async def test_mounted_under_a_tenant_prefix_with_the_host_apps_guard(guard: Cre
         if HAS_PAGE:
             page = await c.get("/acme/admin/feature-pricing", headers=ADMIN)
             assert page.status_code == 200
+            # Issue 23: the pricing page links to the organizations page, under the same prefix.
+            assert '<a href="/acme/admin/organizations" aria-label="Organizations">' in page.text
             assert (await c.get("/acme/admin/organizations", headers=ADMIN)).status_code == 200
 
 

@@ -4,6 +4,10 @@ A uvicorn subprocess serves the admin app under a tenant prefix (``/acme``) on t
 database as the ``guard`` fixture (SQLite and PostgreSQL), so every click is checked twice:
 in the DOM the operator sees and in the rows the guard reads back.
 
+The chart tests also write the documentation's pictures (``docs/images/admin-usage.png``,
+``docs/images/admin-organization.png``) when $CREDIT_GUARD_DOCS_SCREENSHOTS=1
+(``scripts/docs-screenshots`` runs just those tests so).
+
 Needs Debian's ``chromium`` and the ``playwright`` package (never ``playwright install``):
 ``scripts/ci-system-deps`` installs Chromium, the dev extra playwright. Without them the tests skip, unless
 $CREDIT_GUARD_REQUIRE_BROWSER is set, in which case they fail.
@@ -11,6 +15,8 @@ $CREDIT_GUARD_REQUIRE_BROWSER is set, in which case they fail.
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import socket
@@ -19,6 +25,7 @@ import sys
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +35,14 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from credit_guard import CreditGuard
+from credit_guard import CreditGuard, _clock
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
+DOCS_IMAGES = ROOT / "docs" / "images"
+DOCS_SCREENSHOTS = os.environ.get("CREDIT_GUARD_DOCS_SCREENSHOTS", "") not in ("", "0")
 CHROMIUM = os.environ.get("CREDIT_GUARD_CHROMIUM", "/usr/bin/chromium")
 REQUIRE_BROWSER = os.environ.get("CREDIT_GUARD_REQUIRE_BROWSER", "") not in ("", "0")
 DB_ENV = "CREDIT_GUARD_ADMIN_PAGE_DB"
@@ -163,6 +172,26 @@ class Browser:
             await self.page.screenshot(path=path, **kwargs)
         else:
             await self.page.locator(of).screenshot(path=path, **kwargs)
+
+    async def docs_picture(self, name: str, *, of: str | None = None) -> None:
+        """With $CREDIT_GUARD_DOCS_SCREENSHOTS=1, a picture for the docs: docs/images/{name}.png."""
+        if not DOCS_SCREENSHOTS:
+            return
+        path = str(DOCS_IMAGES / f"{name}.png")
+        if of is None:
+            await self.page.screenshot(path=path)
+            return
+        # the element and a margin of page around it, in page coordinates, with the sticky
+        # top bar back at the top of the page, out of the way
+        await self.page.evaluate("window.scrollTo(0, 0)")
+        box = await self.page.locator(of).evaluate(
+            "e => { const r = e.getBoundingClientRect(); return {x: r.left + scrollX, y: r.top + scrollY,"
+            " width: r.width, height: r.height}; }"
+        )
+        pad = 20
+        clip = {"x": max(box["x"] - pad, 0), "y": max(box["y"] - pad, 0)}
+        clip.update(width=box["width"] + 2 * pad, height=box["height"] + 2 * pad)
+        await self.page.screenshot(path=path, clip=clip, full_page=True)
 
 
 @asynccontextmanager
@@ -361,41 +390,202 @@ async def test_api_validation_errors_appear_next_to_their_fields(guard: CreditGu
     assert await guard.list_pricing() == before
 
 
-async def test_usage_view_charts_credits_per_day_and_per_feature(guard: CreditGuard, server: str) -> None:
-    await guard.grant_credits(ORG, 1_000)
-    for _ in range(3):
-        assert (await guard.deduct_credits(ORG, "seedream_text_to_image", "u1")).success
-    charges = [await guard.deduct_credits(ORG, "kling_image_to_video", "u1") for _ in range(2)]
-    assert (await guard.refund_credits(charges[0].charge_id)).refunded  # type: ignore[arg-type]
-    by_day = await guard.usage_report(group_by="day")
-    assert len(by_day) == 1  # all seeded today; the chart must show the same number
+#: Organizations charged in the chart tests; one id is markup, to be shown as typed (no "/":
+#: the organization routes take the id as one path segment).
+HOSTILE_ORG = "<img src=x onerror=__pwned=1>"
+CHART_ORGS = [ORG, "org_b", "org_c", HOSTILE_ORG, "org_d", "org_e", "org_f"]
+
+
+async def seed_three_days(guard: CreditGuard) -> list[str]:
+    """Charges on three UTC days (two days ago, yesterday, today) for two features and seven
+    organizations (so the per-organization chart has its "others"); returns the three days.
+    The ledger's created_at follows the library's clock, so moving it back seeds the past."""
+    seedream, kling = "seedream_text_to_image", "kling_image_to_video"
+    plan = [
+        [(ORG, seedream), (ORG, seedream), (ORG, kling), ("org_b", kling)],
+        [("org_c", seedream), ("org_c", seedream), ("org_c", seedream), (HOSTILE_ORG, kling), (ORG, seedream)],
+        [("org_d", seedream), ("org_e", seedream), ("org_f", kling), (ORG, kling)],
+    ]
+    try:
+        _clock.travel(timedelta(days=-2))
+        for org in CHART_ORGS:
+            await guard.grant_credits(org, 500)
+        for n, charges in enumerate(plan):
+            if n:
+                _clock.travel(timedelta(days=1))
+            results = [await guard.deduct_credits(org, key) for org, key in charges]
+            assert all(r.success for r in results)
+            if n == 1:  # yesterday acme's last image was refunded
+                assert (await guard.refund_credits(results[-1].charge_id)).refunded  # type: ignore[arg-type]
+    finally:
+        _clock.reset_travel()
+    today = datetime.now(UTC).date()
+    return [str(today - timedelta(days=n)) for n in (2, 1, 0)]
+
+
+async def chart_data(page: Page, selector: str) -> dict[str, Any]:
+    """What a chart shows: its series and totals, and the numbers in its (hidden) table."""
+    chart = page.locator(selector)
+    await expect(chart).to_have_attribute("data-state", "drawn")
+    await expect(chart.locator("canvas").first).to_be_attached()  # uPlot drew it
+    table: list[list[str]] = await chart.locator("table.chart-table tbody tr").evaluate_all(
+        "rows => rows.map(r => Array.from(r.cells, c => c.textContent))"
+    )
+    return {
+        "series": json.loads(await chart.get_attribute("data-series") or "null"),
+        "totals": json.loads(await chart.get_attribute("data-totals") or "null"),
+        "head": await chart.locator("table.chart-table thead th").all_text_contents(),
+        "rows": table,
+        "legend": await chart.locator(".u-legend .u-series .u-label").all_text_contents(),
+    }
+
+
+async def eventually(page: Page, expression: str, seconds: float = 5) -> None:
+    """Until ``expression`` is true in the page. Not ``wait_for_function``: its polling evaluates
+    a string, which the page's CSP (no 'unsafe-eval') refuses; ``evaluate`` is not affected."""
+    with anyio.fail_after(seconds):
+        while True:
+            if await page.evaluate(expression):
+                return
+            await anyio.sleep(0.05)
+
+
+def biggest_first(totals: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+async def test_usage_charts_show_what_the_ledger_says(guard: CreditGuard, server: str) -> None:
+    days = await seed_three_days(guard)
+    per_feature = {r.key: r.net_credits for r in await guard.usage_report(group_by="feature")}
+    per_org = {r.key: r.net_credits for r in await guard.usage_report(group_by="org")}
+    assert per_feature == {"seedream_text_to_image": 35, "kling_image_to_video": 100}
+    assert per_org == {ORG: 50, "org_b": 20, "org_c": 15, HOSTILE_ORG: 20, "org_d": 5, "org_e": 5, "org_f": 20}
+    day_feature = {(r.key, r.split): r.net_credits for r in await guard.usage_report(split_by="feature")}
+    day_org = {(r.key, r.split): r.net_credits for r in await guard.usage_report(split_by="org")}
 
     async with browser_at(server) as browser:
         page = browser.page
         await browser.open()
-        day_chart = page.locator("#chart-day")
-        await expect(day_chart).to_have_attribute("data-bars", "30")  # one bar per day of the range
-        await expect(day_chart.locator("svg g.day")).to_have_count(30)
-        today = day_chart.locator(f'g.day[data-key="{by_day[0].key[:10]}"]')
-        await expect(today).to_have_attribute("data-value", str(by_day[0].net_credits))
-        assert by_day[0].net_credits == 3 * 5 + 2 * 20 - 20
 
-        feature_chart = page.locator("#chart-feature")
-        await expect(feature_chart.locator("g.feature-bar")).to_have_count(2)
-        await expect(feature_chart.locator('g.feature-bar[data-key="kling_image_to_video"]')).to_have_attribute(
-            "data-value", "20"
-        )
-        await expect(feature_chart.locator('g.feature-bar[data-key="seedream_text_to_image"]')).to_have_attribute(
-            "data-value", "15"
-        )
-        await expect(page.locator('[data-stat="net_credits"]')).to_have_text("35")
-        await expect(page.locator('[data-stat="credits_refunded"]')).to_have_text("20")
-        await expect(page.locator('[data-stat="charges"]')).to_have_text("5")
+        # (a) credits per day per feature: a series per feature, biggest first, 30 days, 0 where nothing
+        by_feature = await chart_data(page, "#chart-day-feature")
+        features = [key for key, _ in biggest_first(per_feature)]
+        assert by_feature["series"] == features == ["kling_image_to_video", "seedream_text_to_image"]
+        assert by_feature["totals"] == [per_feature[key] for key in features]
+        assert by_feature["head"] == ["Day", *features]
+        assert by_feature["legend"] == ["Day", *features]
+        await expect(page.locator("#chart-day-feature")).to_have_attribute("data-days", "30")
+        assert len(by_feature["rows"]) == 30 and by_feature["rows"][-1][0] == days[-1]
+        shown = {row[0]: [int(v) for v in row[1:]] for row in by_feature["rows"]}
+        for day, values in shown.items():
+            assert values == [day_feature.get((day, key), 0) for key in features], day
+        assert shown[days[1]] == [20, 15]  # yesterday: one video; three images and a refunded one
+
+        # (b) credits per day per organization: the top 5, then the other two summed
+        by_org = await chart_data(page, "#chart-day-org")
+        ranked = biggest_first(per_org)
+        top = [org for org, _ in ranked[:5]]
+        assert top == [ORG, HOSTILE_ORG, "org_b", "org_f", "org_c"]  # ties by id
+        assert by_org["series"] == [*top, "Others (2)"]
+        assert by_org["totals"] == [per_org[o] for o in top] + [per_org["org_d"] + per_org["org_e"]]
+        assert by_org["legend"] == ["Day", *top, "Others (2)"]  # the markup id as text, not as markup
+        await expect(page.locator('#chart-day-org img[src="x"]')).to_have_count(0)
+        assert await page.evaluate("window.__pwned") is None
+        for row in by_org["rows"]:
+            day = row[0]
+            others = day_org.get((day, "org_d"), 0) + day_org.get((day, "org_e"), 0)
+            assert [int(v) for v in row[1:]] == [day_org.get((day, o), 0) for o in top] + [others], day
+
+        # (c) top features: one bar each, biggest first
+        top_features = await chart_data(page, "#chart-feature")
+        assert top_features["series"] == features and top_features["totals"] == [100, 35]
+        assert top_features["rows"] == [["kling_image_to_video", "100"], ["seedream_text_to_image", "35"]]
+
+        # the cards still add it up
+        await expect(page.locator('[data-stat="net_credits"]')).to_have_text("135")
+        await expect(page.locator('[data-stat="credits_refunded"]')).to_have_text("5")
+        await expect(page.locator('[data-stat="charges"]')).to_have_text("13")
+        await page.locator("#usage").scroll_into_view_if_needed()
         await browser.screenshot("admin-usage", guard, of="#usage")
+        await browser.docs_picture("admin-usage", of="#usage")
 
-        # the range is a query: a 7-day window redraws with 7 bars
+        # the range is a query: a 7-day window redraws with 7 days
         await page.get_by_label("Range").select_option("7")
-        await expect(day_chart.locator("svg g.day")).to_have_count(7)
+        await expect(page.locator("#chart-day-feature")).to_have_attribute("data-days", "7")
+        await expect(page.locator("#chart-day-feature table.chart-table tbody tr")).to_have_count(7)
+
+        # on a phone the charts shrink to their cards and nothing scrolls sideways
+        await page.set_viewport_size({"width": 390, "height": 844})
+        for chart in ("#chart-day-feature", "#chart-day-org", "#chart-feature"):
+            fits = f"document.querySelector('{chart} canvas').getBoundingClientRect().right <= window.innerWidth"
+            await eventually(page, fits)
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        await browser.screenshot("admin-usage-narrow", guard, of="#usage")
+
+
+async def test_usage_charts_say_so_when_nothing_was_charged(guard: CreditGuard, browser: Browser) -> None:
+    page = browser.page
+    await browser.open()
+    for chart in ("#chart-day-feature", "#chart-day-org", "#chart-feature"):
+        await expect(page.locator(chart)).to_have_attribute("data-state", "empty")
+        await expect(page.locator(chart).locator(".chart-empty")).to_have_text("No charges in this range")
+        await expect(page.locator(chart)).to_have_attribute("data-series", "[]")
+    await expect(page.locator('[data-stat="net_credits"]')).to_have_text("0")
+
+
+async def test_organization_page_charts_its_balance_history(guard: CreditGuard, server: str) -> None:
+    days = await seed_three_days(guard)
+    history = [(p.day.isoformat(), p.balance) for p in await guard.balance_history(ORG)]
+    assert history == [(days[0], 470), (days[1], 470), (days[2], 450)]  # yesterday: charged 5, refunded 5
+
+    async with browser_at(server) as browser:
+        page = browser.page
+        await page.goto(browser.base + TENANT + "/admin/organizations")
+        await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
+        await page.get_by_role("button", name=ORG, exact=True).click()
+        await expect(page.locator("#org-name")).to_have_text(ORG)
+        chart = await chart_data(page, "#chart-balance")
+        assert chart["series"] == ["Balance"] and chart["totals"] == [await guard.get_balance(ORG)]
+        assert [(day, int(balance)) for day, balance in chart["rows"]] == history
+        await expect(page.locator("#chart-balance")).to_have_attribute("data-points", "3")
+        await expect(page.locator("#chart-balance")).to_have_attribute("data-org", ORG)
+        await browser.screenshot("admin-organization", guard)
+        await browser.docs_picture("admin-organization")
+
+        # another organization, markup for an id: its own history, its id shown as text
+        await page.get_by_role("button", name=HOSTILE_ORG, exact=True).click()
+        await expect(page.locator("#chart-balance")).to_have_attribute("data-org", HOSTILE_ORG)
+        hostile = await chart_data(page, "#chart-balance")
+        expected = [[p.day.isoformat(), str(p.balance)] for p in await guard.balance_history(HOSTILE_ORG)]
+        assert hostile["rows"] == expected == [[days[0], "500"], [days[1], "480"]]
+        caption = page.locator("#chart-balance table.chart-table caption")
+        await expect(caption).to_contain_text(HOSTILE_ORG)
+        await expect(page.locator('img[src="x"]')).to_have_count(0)
+        assert await page.evaluate("window.__pwned") is None
+
+        # a grant moves today's point
+        page.once("dialog", lambda dialog: dialog.accept())
+        await page.get_by_label("Amount").fill("30")
+        await page.get_by_role("button", name="Grant", exact=True).click()
+        await expect(page.locator("#org-balance")).to_have_text("510")
+        await expect(page.locator("#chart-balance table.chart-table tbody tr").last).to_have_text(
+            re.compile(rf"^{days[2]}\s*510$")
+        )
+        assert [p.balance for p in await guard.balance_history(HOSTILE_ORG)] == [500, 480, 510]
+
+
+async def top_bar(page: Page) -> list[str]:
+    """The top bar's brand, links and tenant, after checking that each is whole on the
+    screen (not cut, not under its neighbour): their texts, in order."""
+    boxes = await page.evaluate(
+        "Array.from(document.querySelectorAll('.topbar .brand, .nav a, .tenant'), e => {"
+        " const r = e.getBoundingClientRect();"
+        " return [e.textContent.trim(), r.left, r.right, e.scrollWidth <= e.clientWidth]; })"
+    )
+    width = await page.evaluate("window.innerWidth")
+    assert all(0 <= left < right <= width and whole for _, left, right, whole in boxes), boxes
+    assert all(a[2] <= b[1] for a, b in itertools.pairwise(boxes)), boxes
+    return [text for text, *_ in boxes]
 
 
 async def test_user_text_is_escaped_and_the_page_fits_a_phone(guard: CreditGuard, server: str) -> None:
@@ -417,6 +607,9 @@ async def test_user_text_is_escaped_and_the_page_fits_a_phone(guard: CreditGuard
     assert sorted(a.split("?")[0] for a in assets) == [
         TENANT + "/admin/static/admin.css",
         TENANT + "/admin/static/admin.js",
+        TENANT + "/admin/static/charts.js",
+        TENANT + "/admin/static/vendor/uPlot.iife.min.js",
+        TENANT + "/admin/static/vendor/uPlot.min.css",
     ]
     async with httpx.AsyncClient() as client:
         for asset in assets:
@@ -433,7 +626,23 @@ async def test_user_text_is_escaped_and_the_page_fits_a_phone(guard: CreditGuard
         assert await page.locator('img[src="x"]').count() == 0
         # nothing wider than the phone: no sideways scrolling
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        # the nav reaches the organizations view, its link whole on the screen ("Orgs" on a phone)
+        organizations = page.get_by_role("navigation").get_by_role("link", name="Organizations")
+        await expect(organizations).to_be_visible()
+        await expect(organizations.locator(".nav-short")).to_have_text("Orgs")
+        await expect(organizations.locator(".nav-short")).to_be_visible()
+        await expect(organizations.locator(".nav-long")).to_be_hidden()
+        await expect(organizations).to_have_attribute("href", TENANT + "/admin/organizations")
+        box = await organizations.bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+        assert await top_bar(page) == ["credit_guardadmin", "Pricing", "Usage", "OrganizationsOrgs", "Tenant acme"]
         await browser.screenshot("admin-pricing-narrow", guard, full_page=True)
+        await organizations.click()
+        await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
+        back = page.get_by_role("navigation").get_by_role("link", name="Pricing")
+        await expect(back).to_have_attribute("href", TENANT + "/admin/feature-pricing")
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert await top_bar(page) == ["credit_guardadmin", "Pricing", "Usage", "OrganizationsOrgs"]
 
 
 async def test_operator_finds_an_organization_and_grants_credits_with_a_confirmation(

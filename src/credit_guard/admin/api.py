@@ -6,8 +6,9 @@ mountable Starlette app.
     GET    /api/admin/feature-pricing/{id}                             admin
     PATCH  /api/admin/feature-pricing/{id}                             admin
     DELETE /api/admin/feature-pricing/{id}                             admin
-    GET    /api/admin/usage[?org=&feature=&since=&until=&group_by=]    admin
-    GET    /api/admin/organizations[?q=], .../{org}, POST .../{org}/grants  admin (organizations.py)
+    GET    /api/admin/usage[?org=&feature=&since=&until=&group_by=&split_by=]  admin
+    GET    /api/admin/organizations[?q=], .../{org}, .../{org}/balance-history,
+           POST .../{org}/grants                                       admin (organizations.py)
     GET    /api/features/pricing[?key=]                                public
     GET    /openapi.json                                               public
     GET    /admin/feature-pricing, /admin/organizations                admin (the HTML pages)
@@ -164,6 +165,11 @@ async def usage(request: Request, guard: CreditGuard) -> Response:
     group_by = params.get("group_by", "day")
     if group_by not in USAGE_GROUPS:
         errors["group_by"] = f"must be one of {', '.join(USAGE_GROUPS)}"
+    split_by = params.get("split_by")
+    if split_by is not None and split_by not in USAGE_GROUPS:
+        errors["split_by"] = f"must be one of {', '.join(USAGE_GROUPS)}"
+    elif split_by is not None and split_by == group_by:
+        errors["split_by"] = f"must differ from group_by ({group_by}): each row is split by a second grouping"
     since = parse_when(params.get("since"), "since", errors)
     until = parse_when(params.get("until"), "until", errors)
     refuse_if(errors)
@@ -173,8 +179,10 @@ async def usage(request: Request, guard: CreditGuard) -> Response:
         feature_key=params.get("feature") or None,
         since=since,
         until=until,
+        split_by=split_by,  # type: ignore[arg-type]  # checked against USAGE_GROUPS above
     )
-    return JSONResponse({"group_by": group_by, "rows": [row.to_dict() for row in rows]}, headers=_PRIVATE)
+    body = {"group_by": group_by, "split_by": split_by, "rows": [row.to_dict() for row in rows]}
+    return JSONResponse(body, headers=_PRIVATE)
 
 
 async def public_pricing(request: Request, guard: CreditGuard) -> Response:
@@ -389,6 +397,11 @@ def admin_app(
         route(ORGANIZATIONS_PATH, "organizations", {"GET": organizations.find}),
         route(ORGANIZATIONS_PATH + "/{organization_id}", "organization", {"GET": organizations.detail}),
         route(ORGANIZATIONS_PATH + "/{organization_id}/grants", "organization_grants", {"POST": organizations.grant}),
+        route(
+            ORGANIZATIONS_PATH + "/{organization_id}/balance-history",
+            "organization_balance_history",
+            {"GET": organizations.balance_history},
+        ),
         route(PUBLIC_PRICING_PATH, "public_pricing", {"GET": public_pricing}, admin=False),
     ]
     page_routes = _page_routes(check, sign_in_url) if include_page else []

@@ -143,6 +143,11 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
             "description": "One group of the usage report, read from the ledger.",
             "properties": {
                 "key": {"type": "string", "description": "The day (YYYY-MM-DD), feature key or organization id."},
+                "split": {
+                    "type": "string",
+                    "description": "With split_by only: the second grouping's value (a feature key, organization "
+                    "id or day); one row per (key, split) that has charges or refunds.",
+                },
                 "charges": {"type": "integer", "minimum": 0},
                 "credits_charged": {"type": "integer", "minimum": 0},
                 "refunds": {"type": "integer", "minimum": 0},
@@ -155,9 +160,10 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
             "type": "object",
             "properties": {
                 "group_by": {"type": "string", "enum": list(get_args(UsageGroup))},
+                "split_by": {"type": ["string", "null"], "enum": [*get_args(UsageGroup), None]},
                 "rows": {"type": "array", "items": {"$ref": _REF + "UsageRow"}},
             },
-            "required": ["group_by", "rows"],
+            "required": ["group_by", "split_by", "rows"],
         },
         "Problem": {
             "type": "object",
@@ -283,6 +289,12 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
                         "How to group (default day).",
                         {"type": "string", "enum": list(get_args(UsageGroup))},
                     ),
+                    _query(
+                        "split_by",
+                        "Split each group again (a chart's series: group_by=day&split_by=feature gives a row "
+                        "per day and feature, with the feature in `split`). Must differ from group_by (422).",
+                        {"type": "string", "enum": list(get_args(UsageGroup))},
+                    ),
                 ],
                 "responses": {"200": _json("UsageReport", "The report."), **_errors("401", "403", "422", "503")},
             },
@@ -391,6 +403,23 @@ _ORGANIZATION_SCHEMAS: dict[str, Any] = {
         },
         "required": ["organization_id", "balance", "overdraft", "grants", "reservations", "ledger"],
     },
+    "BalanceHistory": {
+        "type": "object",
+        "description": "The balance at the end of each UTC day the organization's credits moved, oldest "
+        "first (between two points it did not change). No points: no movement in the range.",
+        "properties": {
+            "organization_id": {"type": "string"},
+            "points": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"day": {"type": "string", "format": "date"}, "balance": {"type": "integer"}},
+                    "required": ["day", "balance"],
+                },
+            },
+        },
+        "required": ["organization_id", "points"],
+    },
     "GrantCreate": {
         "type": "object",
         "properties": {
@@ -437,6 +466,22 @@ def _organization_paths(admin: list[str]) -> dict[str, Any]:
                 "responses": {
                     "200": _json("Organization", "The organization."),
                     "404": _problem_response("No organization with credits has this id."),
+                    **_errors("401", "403", "422", "503"),
+                },
+            }
+        },
+        "/api/admin/organizations/{organization_id}/balance-history": {
+            "get": {
+                "operationId": "organizationBalanceHistory",
+                "summary": "An organization's balance at the end of each day it moved (for a chart)",
+                "tags": admin,
+                "parameters": [
+                    org_param,
+                    _query("since", "From (inclusive); UTC unless it has an offset.", _WHEN),
+                    _query("until", "Until (exclusive); UTC unless it has an offset.", _WHEN),
+                ],
+                "responses": {
+                    "200": _json("BalanceHistory", "The points, oldest first."),
                     **_errors("401", "403", "422", "503"),
                 },
             }

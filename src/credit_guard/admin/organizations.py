@@ -3,8 +3,16 @@
     GET  /api/admin/organizations[?q=PREFIX]                 admin: accounts by id prefix
     GET  /api/admin/organizations/{organization_id}          admin: balance, overdraft, grants,
                                                              open reservations, recent ledger rows
+    GET  /api/admin/organizations/{organization_id}/balance-history[?since=&until=]
+                                                             admin: the balance at the end of
+                                                             each UTC day it moved (a chart)
     POST /api/admin/organizations/{organization_id}/grants   admin: grant credits
     GET  /admin/organizations                                admin (the HTML page, ``page.py``)
+
+The balance history is a route of its own rather than part of the organization's detail:
+the detail is read again after every grant and stays small (the latest 50 ledger rows),
+while the history grows by a point per active day for the life of the account and has a
+range of its own (``since``/``until``), which the chart asks for separately.
 
 A grant from the page carries an ``Idempotency-Key`` the page makes once per confirmed
 form, so a double click or a retried request grants once.
@@ -58,6 +66,19 @@ async def detail(request: Request, guard: CreditGuard) -> Response:
         "reservations": [_reservation(r) for r in jobs],
         "ledger": [{**row, "created_at": _when(row["created_at"])} for row in entries],
     }
+    return JSONResponse(body, headers=_PRIVATE)
+
+
+async def balance_history(request: Request, guard: CreditGuard) -> Response:
+    """``{"organization_id", "points": [{"day": "YYYY-MM-DD", "balance": n}, ...]}``, oldest
+    first; no points (not a 404) for an organization or a range without movement."""
+    org = _organization(request)
+    errors: dict[str, str] = {}
+    since = parse_when(request.query_params.get("since"), "since", errors)
+    until = parse_when(request.query_params.get("until"), "until", errors)
+    refuse_if(errors)
+    points = await guard.balance_history(org, since=since, until=until)
+    body = {"organization_id": org, "points": [p.to_dict() for p in points]}
     return JSONResponse(body, headers=_PRIVATE)
 
 
@@ -132,4 +153,4 @@ def _reservation(r: Reservation) -> dict[str, Any]:
     return {"job_id": r.job_id, "feature_key": r.feature_key, "credits": r.credits, "expires_at": _when(r.expires_at)}
 
 
-__all__ = ["ORGANIZATIONS_PATH", "detail", "find", "grant"]
+__all__ = ["ORGANIZATIONS_PATH", "balance_history", "detail", "find", "grant"]

@@ -61,6 +61,12 @@ def _version(name: str) -> str:
 _CSS_VERSION = _version("admin.css")
 _JS_VERSION = _version("admin.js")
 _ORGS_JS_VERSION = _version("organizations.js")
+#: The charts: static/charts.js on top of uPlot, vendored unchanged (static/vendor/README.md).
+_CHART_VERSIONS = {
+    "charts_js_version": _version("charts.js"),
+    "uplot_js_version": _version("vendor/uPlot.iife.min.js"),
+    "uplot_css_version": _version("vendor/uPlot.min.css"),
+}
 _ORGS_TEMPLATE = Template((_HERE / "templates" / "organizations.html").read_text(encoding="utf-8"))
 ORGANIZATIONS_PAGE_PATH = "/admin/organizations"
 
@@ -94,7 +100,11 @@ async def organizations_page(request: Request) -> Response:
     path = request.url.path.rstrip("/")
     base = path[: -len(ORGANIZATIONS_PAGE_PATH)] if path.endswith(ORGANIZATIONS_PAGE_PATH) else ""
     body = _ORGS_TEMPLATE.substitute(
-        static=_e(base + STATIC_PATH), css_version=_CSS_VERSION, js_version=_ORGS_JS_VERSION, base=_e(base)
+        static=_e(base + STATIC_PATH),
+        css_version=_CSS_VERSION,
+        js_version=_ORGS_JS_VERSION,
+        base=_e(base),
+        **_CHART_VERSIONS,
     )
     return HTMLResponse(body, headers=_SECURITY_HEADERS)
 
@@ -121,6 +131,7 @@ def render_page(features: list[FeaturePricing] | None, *, base_path: str = "") -
         category_options="".join(f'<option value="{_e(c)}"></option>' for c in categories),
         group_template=_render_group("", []),
         feature_template=_render_feature(None),
+        **_CHART_VERSIONS,
     )
 
 

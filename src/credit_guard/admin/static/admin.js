@@ -1,4 +1,5 @@
-/* credit_guard admin: the feature pricing page's behaviour. No libraries, no build step.
+/* credit_guard admin: the feature pricing page's behaviour. No build step; the charts are
+ * drawn by static/charts.js with the vendored uPlot (static/vendor/), loaded before this.
  *
  * The API lives next to the page: /{prefix}/admin/feature-pricing is the page, so
  * /{prefix}/api/admin/... is the API, whatever the prefix (a tenant, a sub-path).
@@ -9,8 +10,7 @@
 
   var PAGE_SUFFIX = "/admin/feature-pricing";
   var FIELDS = ["feature_key", "feature_name", "category", "credits", "description", "is_active"];
-  var MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-  var SVG_NS = "http://www.w3.org/2000/svg";
+  var charts = window.creditGuardCharts;
 
   function apiBase(pathname) {
     var path = pathname.replace(/\/+$/, "");
@@ -415,16 +415,17 @@
   }
 
   // ---- usage -------------------------------------------------------------------------
+  // Three charts (static/charts.js, drawn with the vendored uPlot) over the selected range:
+  // net credits per day per feature, per day per organization (the top ORG_SERIES and the
+  // rest summed), and per feature, biggest first. Days with nothing charged are 0.
 
-  function isoDay(date) { return date.toISOString().slice(0, 10); }
+  var ORG_SERIES = 5;
 
   function usageDays() {
     var n = parseInt($("#usage-range").value, 10) || 30;
     var today = new Date();
     var start = new Date(Date.UTC(today.getUTCFullYear(), today.getUTCMonth(), today.getUTCDate() - (n - 1)));
-    var days = [];
-    for (var i = 0; i < n; i++) days.push(isoDay(new Date(start.getTime() + i * 86400000)));
-    return days;
+    return charts.daysBetween(charts.isoDay(start.getTime() / 1000), charts.isoDay(today.getTime() / 1000));
   }
 
   function loadUsage() {
@@ -432,17 +433,51 @@
     var query = "&since=" + encodeURIComponent(days[0] + "T00:00:00+00:00");
     $("#usage-error").hidden = true;
     return Promise.all([
-      request("GET", "/usage?group_by=day" + query),
+      request("GET", "/usage?group_by=day&split_by=feature" + query),
+      request("GET", "/usage?group_by=day&split_by=org" + query),
       request("GET", "/usage?group_by=feature" + query)
     ]).then(function (results) {
       for (var i = 0; i < results.length; i++) if (!results[i].ok) throw new Error(problemText(results[i]));
-      state.usage = { days: days, byDay: results[0].data.rows, byFeature: results[1].data.rows };
+      state.usage = {
+        days: days,
+        byDayFeature: results[0].data.rows,
+        byDayOrg: results[1].data.rows,
+        byFeature: results[2].data.rows
+      };
       drawUsage();
     }).catch(function (err) {
       var el = $("#usage-error");
       el.textContent = "Could not load usage: " + err.message;
       el.hidden = false;
     });
+  }
+
+  /** One series per split value, a value per day (0 where nothing happened), biggest total first. */
+  function seriesByDay(days, rows) {
+    var index = {};
+    days.forEach(function (day, i) { index[day] = i; });
+    var bySplit = {};
+    rows.forEach(function (row) {
+      var d = index[String(row.key).slice(0, 10)];
+      if (d === undefined) return;
+      var s = bySplit[row.split] || (bySplit[row.split] = { label: row.split, values: days.map(function () { return 0; }), total: 0 });
+      s.values[d] += row.net_credits;
+      s.total += row.net_credits;
+    });
+    return Object.keys(bySplit).map(function (k) { return bySplit[k]; }).sort(function (a, b) {
+      return b.total - a.total || (a.label < b.label ? -1 : a.label > b.label ? 1 : 0);
+    });
+  }
+
+  function topAndOthers(series, keep) {
+    if (series.length <= keep + 1) return series;
+    var rest = series.slice(keep);
+    var others = { label: "Others (" + rest.length + ")", values: rest[0].values.map(function () { return 0; }), total: 0 };
+    rest.forEach(function (s) {
+      s.values.forEach(function (v, i) { others.values[i] += v; });
+      others.total += s.total;
+    });
+    return series.slice(0, keep).concat([others]);
   }
 
   function drawUsage() {
@@ -453,118 +488,35 @@
     Object.keys(totals).forEach(function (k) {
       $('[data-stat="' + k + '"]').textContent = totals[k].toLocaleString();
     });
-    var perDay = {};
-    u.byDay.forEach(function (row) { perDay[String(row.key).slice(0, 10)] = row; });
-    drawDayChart($("#chart-day"), u.days.map(function (day) {
-      var row = perDay[day];
-      return { key: day, value: row ? row.net_credits : 0, charges: row ? row.charges : 0 };
-    }));
-    drawFeatureChart($("#chart-feature"), u.byFeature.map(function (row) {
-      return { key: row.key, value: row.net_credits, charges: row.charges };
-    }));
-  }
-
-  function svg(name, attrs, parent) {
-    var el = document.createElementNS(SVG_NS, name);
-    Object.keys(attrs || {}).forEach(function (k) { el.setAttribute(k, attrs[k]); });
-    if (parent) parent.appendChild(el);
-    return el;
-  }
-
-  function svgText(parent, attrs, text) {
-    var el = svg("text", attrs, parent);
-    el.textContent = text;
-    return el;
-  }
-
-  function niceStep(max, ticks) {
-    var raw = Math.max(max, 1) / ticks;
-    var mag = Math.pow(10, Math.floor(Math.log10(raw)));
-    var steps = [1, 2, 2.5, 5, 10];
-    for (var i = 0; i < steps.length; i++) if (steps[i] * mag >= raw) return Math.max(1, steps[i] * mag);
-    return 10 * mag;
-  }
-
-  function dayLabel(day) {
-    var parts = day.split("-");
-    return MONTHS[parseInt(parts[1], 10) - 1] + " " + parseInt(parts[2], 10);
-  }
-
-  function plural(n, word) { return n.toLocaleString() + " " + word + (n === 1 ? "" : "s"); }
-
-  function emptyChart(container, message) {
-    var div = document.createElement("div");
-    div.className = "chart-empty";
-    div.textContent = message;
-    container.replaceChildren(div);
-    container.dataset.bars = "0";
-  }
-
-  function drawDayChart(container, points) {
-    var total = points.reduce(function (s, p) { return s + p.charges; }, 0);
-    if (!total) return emptyChart(container, "No charges in this range");
-    var width = Math.max(container.clientWidth, 280);
-    var height = 220;
-    var pad = { top: 12, right: 6, bottom: 26, left: 40 };
-    var innerW = width - pad.left - pad.right;
-    var innerH = height - pad.top - pad.bottom;
-    var max = Math.max.apply(null, points.map(function (p) { return p.value; }));
-    var step = niceStep(max, 4);
-    var top = Math.max(step, Math.ceil(max / step) * step);
-    var root = svg("svg", { viewBox: "0 0 " + width + " " + height, width: width, height: height });
-    for (var t = 0; t <= top; t += step) {
-      var y = pad.top + innerH - (t / top) * innerH;
-      svg("line", { x1: pad.left, x2: width - pad.right, y1: y, y2: y, "class": t === 0 ? "baseline" : "grid" }, root);
-      svgText(root, { x: pad.left - 8, y: y + 4, "text-anchor": "end", "class": "axis" }, t.toLocaleString());
-    }
-    var slot = innerW / points.length;
-    var barW = Math.max(2, Math.min(28, slot * 0.68));
-    var labelEvery = Math.ceil(points.length / Math.max(2, Math.floor(innerW / 64)));
-    points.forEach(function (p, i) {
-      var x = pad.left + i * slot + (slot - barW) / 2;
-      var h = top ? (Math.max(p.value, 0) / top) * innerH : 0;
-      var g = svg("g", { "class": "day", "data-key": p.key, "data-value": String(p.value) }, root);
-      svg("rect", { x: x, y: pad.top + innerH - h, width: barW, height: Math.max(h, p.value > 0 ? 1 : 0), rx: Math.min(3, barW / 3), "class": "bar" }, g);
-      // an invisible full-height target so small bars are easy to hover for their tooltip
-      svg("rect", { x: pad.left + i * slot, y: pad.top, width: slot, height: innerH, fill: "transparent" }, g);
-      var title = svg("title", {}, g);
-      title.textContent = dayLabel(p.key) + ": " + plural(p.value, "credit") + " net, " + plural(p.charges, "charge");
-      if ((points.length - 1 - i) % labelEvery === 0) {
-        svgText(root, { x: pad.left + i * slot + slot / 2, y: height - 8, "text-anchor": "middle", "class": "axis" }, dayLabel(p.key));
-      }
+    // The axis runs to the last day the server reports, should its clock be ahead of this one.
+    var days = u.days;
+    [u.byDayFeature, u.byDayOrg].forEach(function (rows) {
+      rows.forEach(function (row) {
+        var day = String(row.key).slice(0, 10);
+        if (day > days[days.length - 1]) days = charts.daysBetween(days[0], day);
+      });
     });
-    container.replaceChildren(root);
-    container.dataset.bars = String(points.length);
-    container.setAttribute("aria-label", "Net credits per day: " + points.filter(function (p) { return p.value; })
-      .map(function (p) { return dayLabel(p.key) + " " + p.value; }).join(", "));
-  }
-
-  function drawFeatureChart(container, rows) {
-    if (!rows.length) return emptyChart(container, "No charges in this range");
-    rows = rows.slice().sort(function (a, b) { return b.value - a.value; }).slice(0, 10);
-    var width = Math.max(container.clientWidth, 260);
-    var rowH = 30;
-    var labelW = Math.min(200, Math.round(width * 0.42));
-    var valueW = 56;
-    var height = rows.length * rowH + 8;
-    var max = Math.max.apply(null, rows.map(function (r) { return r.value; })) || 1;
-    var barSpace = width - labelW - valueW - 12;
-    var root = svg("svg", { viewBox: "0 0 " + width + " " + height, width: width, height: height });
-    var maxChars = Math.max(8, Math.floor(labelW / 7.2));
-    rows.forEach(function (r, i) {
-      var y = 4 + i * rowH;
-      var g = svg("g", { "class": "feature-bar", "data-key": r.key, "data-value": String(r.value) }, root);
-      var name = r.key.length > maxChars ? r.key.slice(0, maxChars - 1) + "…" : r.key;
-      svgText(g, { x: 0, y: y + rowH / 2 + 4, "class": "label" }, name);
-      var w = Math.max(r.value > 0 ? 2 : 0, (Math.max(r.value, 0) / max) * barSpace);
-      svg("rect", { x: labelW, y: y + 6, width: w, height: rowH - 12, rx: 3, "class": "bar" }, g);
-      svgText(g, { x: labelW + w + 8, y: y + rowH / 2 + 4, "class": "value" }, r.value.toLocaleString());
-      var title = svg("title", {}, g);
-      title.textContent = r.key + ": " + plural(r.value, "credit") + " net, " + plural(r.charges, "charge");
+    var empty = "No charges in this range";
+    charts.dailyLines($("#chart-day-feature"), {
+      days: days, series: seriesByDay(days, u.byDayFeature), emptyText: empty, caption: "Net credits per day, by feature"
     });
-    container.replaceChildren(root);
-    container.dataset.bars = String(rows.length);
-    container.setAttribute("aria-label", "Net credits per feature: " + rows.map(function (r) { return r.key + " " + r.value; }).join(", "));
+    charts.dailyLines($("#chart-day-org"), {
+      days: days,
+      series: topAndOthers(seriesByDay(days, u.byDayOrg), ORG_SERIES),
+      emptyText: empty,
+      caption: "Net credits per day, by organization (the top " + ORG_SERIES + " and the others)"
+    });
+    var features = u.byFeature.slice().sort(function (a, b) {
+      return b.net_credits - a.net_credits || (a.key < b.key ? -1 : a.key > b.key ? 1 : 0);
+    });
+    charts.bars($("#chart-feature"), {
+      labels: features.map(function (r) { return r.key; }),
+      values: features.map(function (r) { return r.net_credits; }),
+      xLabel: "Feature",
+      seriesLabel: "Net credits",
+      emptyText: empty,
+      caption: "Net credits per feature, biggest first"
+    });
   }
 
   // ---- wiring ------------------------------------------------------------------------
@@ -601,17 +553,6 @@
     $("#show-inactive").addEventListener("change", applyFilter);
     $("#usage-range").addEventListener("change", loadUsage);
     $("#usage-refresh").addEventListener("click", loadUsage);
-    if (window.ResizeObserver) {
-      var pending = false;
-      var lastWidth = 0;
-      new ResizeObserver(function (entries) {
-        var width = entries[0].contentRect.width;
-        if (pending || Math.abs(width - lastWidth) < 8) return;
-        lastWidth = width;
-        pending = true;
-        requestAnimationFrame(function () { pending = false; drawUsage(); });
-      }).observe($("#chart-day"));
-    }
     loadFeatures();
     loadUsage();
   }

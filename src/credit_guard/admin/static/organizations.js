@@ -1,5 +1,6 @@
 // The organizations view: find an organization, see its credits, grant some.
 // Every value from the server is set with textContent: nothing it sends is parsed as HTML.
+// The balance history chart is drawn by static/charts.js (the vendored uPlot).
 (function () {
   "use strict";
   var main = document.getElementById("main");
@@ -84,6 +85,23 @@
         row("ledger", [e.id, e.kind, e.amount, e.balance_after, e.feature_key || e.reason || "", e.created_at]);
       });
       $("detail").setAttribute("data-org", d.organization_id);
+      return history(d.organization_id);
+    });
+  }
+
+  function history(org) {
+    var chart = $("chart-balance");
+    chart.dataset.state = "loading";
+    return request("GET", "/" + encodeURIComponent(org) + "/balance-history").then(function (result) {
+      if (current !== org) return;  // another organization was opened meanwhile
+      if (!result.ok) { status(problemText(result)); return; }
+      window.creditGuardCharts.balance(chart, {
+        points: result.data.points,
+        until: new Date().toISOString().slice(0, 10),
+        emptyText: "No credits moved yet",
+        caption: "Balance of " + org + " at the end of each day it moved (UTC)"
+      });
+      chart.setAttribute("data-org", org);
     });
   }
 
