@@ -37,7 +37,7 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from hypothesis.strategies import SearchStrategy
@@ -93,6 +93,16 @@ FuzzCase = Case[Operation]
 Send = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 #: Inputs the database actually holds, as ``as_strategy`` keyword arguments, per operation label.
 KnownInputs = Callable[[str], Coroutine[Any, Any, list[dict[str, Any]]]]
+
+
+def follows_documented_rules(label: str, case: FuzzCase) -> bool:
+    """What the document says in words but JSON Schema cannot say across parameters: the
+    usage report's ``split_by`` must differ from ``group_by`` (default ``day``), else 422.
+    A generated "valid" request that breaks it is not valid, so it is not sent as one."""
+    if label == "GET /api/admin/usage":
+        query = case.query or {}
+        return query.get("split_by") is None or query.get("split_by") != query.get("group_by", "day")
+    return True
 
 
 def is_admin(request: Request) -> bool | None:
@@ -176,6 +186,8 @@ def fuzz(
                 suppress_health_check=list(HealthCheck),
             )
             def run(case: FuzzCase, sent_headers: dict[str, str]) -> None:
+                if mode is GenerationMode.POSITIVE and not follows_documented_rules(operation.label, case):  # noqa: B023
+                    reject()
                 response = anyio.from_thread.run(send, to_httpx(case, sent_headers, base_url))
                 answered[operation.label, response.status_code] += 1  # noqa: B023
                 case.validate_response(response, checks=checks)
@@ -316,7 +328,7 @@ async def test_anonymous_fuzzing_is_refused_with_401_and_changes_nothing(guard: 
     await assert_books_unchanged(guard, balances, ledger)
 
 
-# -- the credit endpoints (/balance, /check) ----------------------------------------------
+# -- the credit endpoints (/balance, /check, /grants, /usage) -------------------------------
 
 CREDITS_PREFIX = "/api/credits"
 ORG_HEADER = "x-fuzz-org"
@@ -350,12 +362,24 @@ def agrees_with_books(balances: dict[str, int]) -> Callable[[Operation, httpx.Re
         assert response.headers[HEADER_REMAINING] == str(credits), operation.label
         if operation.method == "head":
             return
+        body = response.json()
         if operation.path == "/balance":
-            assert response.json() == {"organization_id": org, "credits": credits}
+            assert body == {"organization_id": org, "credits": credits}
+        elif operation.path == "/grants":
+            assert body["organization_id"] == org
+            assert sum(grant["remaining"] for grant in body["grants"]) == credits, body
+        elif operation.path == "/usage":
+            assert body["organization_id"] == org
+            assert body["net_credits"] == sum(day["net_credits"] for day in body["days"]), body
+            assert body["net_credits"] == sum(feature["net_credits"] for feature in body["features"]), body
+            # Every account was funded today, so the window ends on today's balance.
+            assert body["balance_history"][-1:] == (
+                [{"day": body["last_day"], "balance": credits}] if org in GRANTS else []
+            )
         else:
             assert feature in active, f"{operation.label}: 200 for {feature!r}, which has no active price"
             price = active[feature]
-            assert response.json() == {
+            assert body == {
                 "feature": feature,
                 "has_enough": credits >= price,
                 "required": price,
@@ -390,10 +414,12 @@ async def test_credit_endpoints_conform_to_their_openapi_document_and_move_no_mo
     assert not failures, "\n\n".join(failures)
     # Not vacuous: every operation answered 200 and 401, and the check also 400 and 404.
     labels = {label for label, _ in answered}
-    assert labels == {"GET /balance", "HEAD /balance", "GET /check", "HEAD /check"}, answered
+    paths = ("/balance", "/check", "/grants", "/usage")
+    assert labels == {f"{method} {path}" for method in ("GET", "HEAD") for path in paths}, answered
     assert all(answered[label, 200] > 0 and answered[label, 401] > 0 for label in labels), answered
     checks = ("GET /check", "HEAD /check")
     assert all(answered[label, status] > 0 for label in checks for status in (400, 404)), answered
+    assert all(answered[label, 422] > 0 for label in ("GET /usage", "HEAD /usage")), answered
     await assert_books_unchanged(guard, balances, ledger)
 
 
@@ -422,5 +448,5 @@ async def test_every_organization_reads_every_price_as_the_books_say(guard: Cred
                     except (Exception, FailureGroup) as exc:
                         failures.append(f"{operation.label} {query} as {asker}: {exc}")
     assert not failures, "\n\n".join(failures)
-    assert statuses == {200: 2 * (len(GRANTS) + 1) * 3, 401: 2 * 4, 404: 2 * (len(GRANTS) + 1)}, statuses
+    assert statuses == {200: 2 * (len(GRANTS) + 1) * 5, 401: 2 * 6, 404: 2 * (len(GRANTS) + 1)}, statuses
     await assert_books_unchanged(guard, balances, ledger)

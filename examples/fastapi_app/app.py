@@ -7,6 +7,8 @@ adds GET /metrics).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import os
 import uuid
@@ -15,7 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
@@ -180,8 +182,56 @@ app.router.routes.append(
     )
 )
 
-# GET /api/credits/balance and /api/credits/check?feature=KEY for the signed-in organization.
+# GET /api/credits/balance, /grants, /usage?days=N and /check?feature=KEY for the signed-in
+# organization, and /api/credits/widget.js, the billing-page widget (GET /billing below).
 app.mount("/api/credits", credit_endpoints())
+
+#: The billing page's own look, allowed by its hash: the page runs under a strict CSP.
+BILLING_CSS = "body{font-family:system-ui,sans-serif;max-width:44rem;margin:2rem auto;padding:0 1rem}"
+BILLING_CSP = "; ".join(
+    [
+        "default-src 'none'",
+        "script-src 'self'",
+        f"style-src 'self' 'sha256-{base64.b64encode(hashlib.sha256(BILLING_CSS.encode()).digest()).decode()}'",
+        "connect-src 'self'",
+        "img-src 'self'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ]
+)
+BILLING_PAGE = f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Billing · credit_guard demo</title>
+<style>{BILLING_CSS}</style>
+<script src="/api/credits/widget.js" defer></script>
+</head>
+<body>
+<h1>Billing</h1>
+<div data-credit-guard></div>
+<p><a href="/demo/billing">Sign in as the demo organization</a></p>
+</body>
+</html>
+"""
+
+
+@app.get("/billing", include_in_schema=False)
+async def billing() -> HTMLResponse:
+    """The billing page: the credit widget, for whoever the demo auth signed in (the
+    X-API-Key header or the demo cookie; /demo/billing sets it). The widget asks
+    /api/credits for the balance, grants and usage with the page's cookies."""
+    return HTMLResponse(BILLING_PAGE, headers={"Content-Security-Policy": BILLING_CSP, "Cache-Control": "no-store"})
+
+
+@app.get("/demo/billing", include_in_schema=False)
+async def demo_billing_login() -> RedirectResponse:
+    """DEMO ONLY: sign this browser in as the demo organization (Alice, not an admin)."""
+    response = RedirectResponse("/billing", status_code=303)
+    response.set_cookie(DEMO_COOKIE, "demo-key-rich", httponly=True, samesite="strict")
+    return response
 
 
 @app.get("/demo/admin", include_in_schema=False)
