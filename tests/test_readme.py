@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import socket
@@ -83,16 +84,22 @@ def test_every_python_sample_in_the_readme_and_the_docs_runs(tmp_path: Path, mon
     out = io.StringIO()
     with server.start(health="/api/features/pricing"), contextlib.redirect_stdout(out):
         sys.modules["readme"] = type(sys)("readme")  # FastAPI resolves annotations through the module
+        tests: dict[str, Any] = {}
         try:
-            for where, block in blocks:
-                code = block.replace(DEMO, demo)
-                try:
-                    exec(compile(code, where, "exec"), namespace)
-                except Exception as exc:
-                    raise AssertionError(f"{where} failed: {exc!r}\n{block}") from exc
-            tests = [value for name, value in namespace.items() if name.startswith("test_") and callable(value)]
+            for _, page_blocks in itertools.groupby(blocks, key=lambda item: item[0].split(" python block")[0]):
+                # Each page goes on from the names the pages before it left, in a namespace of
+                # its own: a later page that makes its own guard or app does not swap the ones
+                # an earlier page's functions use.
+                namespace = dict(namespace)
+                for where, block in page_blocks:
+                    code = block.replace(DEMO, demo)
+                    try:
+                        exec(compile(code, where, "exec"), namespace)
+                    except Exception as exc:
+                        raise AssertionError(f"{where} failed: {exc!r}\n{block}") from exc
+                tests |= {name: value for name, value in namespace.items() if name.startswith("test_")}
             assert tests, "the testing recipe defines no test"
-            for test in tests:
+            for test in tests.values():
                 test()
         finally:
             sys.modules.pop("readme", None)
