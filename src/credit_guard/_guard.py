@@ -34,6 +34,7 @@ from ._grants import Grants
 from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
 from ._ledger import Ledger
+from ._plans_api import PlansApi
 from ._pricing import Pricing
 from ._reservations import Reservations
 from ._storage import open_store
@@ -60,7 +61,7 @@ from .models import (
 log = logging.getLogger("credit_guard")
 
 
-class CreditGuard(AccountsApi):
+class CreditGuard(AccountsApi, PlansApi):
     """Pay-per-use credits in front of an ASGI app: the one object an app holds.
 
     A thin facade: it wires the services (``pricing``, ``ledger``, ``grants``,
@@ -180,7 +181,7 @@ class CreditGuard(AccountsApi):
         )
         self.grants = Grants(self.store, self.hooks, low_balance_threshold=low_balance_threshold)
         self.reservations = Reservations(self.ledger, max_overage=max_overage)
-        self.holds.also_sweep = self.grants.expire
+        self.holds.also_sweep = self.renew_and_expire
 
     # -- lifecycle ------------------------------------------------------------------------
 

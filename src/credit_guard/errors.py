@@ -71,6 +71,22 @@ class PricingNotFound(CreditGuardError, LookupError):
         super().__init__(f"no pricing with id {pricing_id!r}")
 
 
+class PlanNotFound(CreditGuardError, LookupError):
+    """No plan has this key (``define_plan`` makes one)."""
+
+    def __init__(self, plan_key: str) -> None:
+        super().__init__(f"no plan {plan_key!r:.80}: define it first (guard.define_plan or `credit-guard plans add`)")
+        self.plan_key = plan_key
+
+
+class PlanInUse(CreditGuardError, ValueError):
+    """A plan cannot be deleted while organizations subscribe to it."""
+
+    def __init__(self, plan_key: str) -> None:
+        super().__init__(f"plan {plan_key!r:.80} has subscribers: move them to another plan first")
+        self.plan_key = plan_key
+
+
 class IdempotencyKeyReused(CreditGuardError, ValueError):
     """An idempotency key was used again for a different call (another feature or units).
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 
@@ -77,7 +78,23 @@ class GrantExpiredEvent:
     balance: int
 
 
-Event = ChargeEvent | RefundEvent | InsufficientCreditsEvent | LowBalanceEvent | GrantExpiredEvent
+@dataclass(frozen=True, slots=True)
+class AllowanceIssuedEvent:
+    """A subscription's period began: its plan's ``credits`` were granted, with
+    ``rollover`` credits carried from the period before (``expired``: what did not carry)."""
+
+    organization_id: str
+    plan_key: str
+    period: int
+    period_start: datetime
+    credits: int
+    rollover: int
+    expired: int
+
+
+Event = (
+    ChargeEvent | RefundEvent | InsufficientCreditsEvent | LowBalanceEvent | GrantExpiredEvent | AllowanceIssuedEvent
+)
 Hook = Callable[[Any], Awaitable[None]]
 H = TypeVar("H", bound=Hook)
 

@@ -180,6 +180,44 @@ class BalancePoint:
         return {"day": self.day.isoformat(), "balance": self.balance}
 
 
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Credits by subscription: ``credits`` every ``period`` (``day``, ``week``, ``month`` or
+    ``year``), as a grant that expires at the period's end; ``rollover`` of what is left
+    carries into the next period (None: all of it, 0: none)."""
+
+    plan_key: str
+    name: str
+    credits: int
+    period: str
+    rollover: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """An organization's plan: ``period`` is the last one granted (-1 while the anchor is
+    ahead), ``renews_at`` when the next starts; ``grant_id`` that period's allowance and
+    ``rollover_grant_id`` what rolled into it (None: nothing did)."""
+
+    organization_id: str
+    plan_key: str
+    anchor: datetime
+    period: int
+    period_start: datetime | None
+    renews_at: datetime
+    grant_id: int | None
+    rollover_grant_id: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("anchor", "period_start", "renews_at"):
+            data[name] = None if data[name] is None else data[name].isoformat()
+        return data
+
+
 _FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}
 _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 

@@ -244,3 +244,42 @@ idempotency_keys = Table(
     PrimaryKeyConstraint("organization_id", "idempotency_key"),
     CheckConstraint("state IN ('running', 'done')", name="state_known"),
 )
+
+plans = Table(
+    f"{TABLE_PREFIX}plans",
+    metadata,
+    # A subscription's credits per period: ``credits`` each period, as a grant that expires
+    # at the period's end; ``rollover`` of what is left of it carries into the next period
+    # (NULL: all of it, 0: none). An edit applies from each subscriber's next period.
+    Column("plan_key", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    Column("period", String(8), nullable=False),
+    Column("rollover", BigInteger, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint(f"credits > 0 AND credits <= {MAX_BALANCE}", name="credits_positive"),
+    CheckConstraint("rollover IS NULL OR rollover >= 0", name="rollover_non_negative"),
+    CheckConstraint("period IN ('day', 'week', 'month', 'year')", name="period_known"),
+)
+
+subscriptions = Table(
+    f"{TABLE_PREFIX}subscriptions",
+    metadata,
+    # One plan per organization at a time. ``id`` is new with every subscription: the
+    # allowances' idempotency keys name it and the period, so each period is granted once.
+    Column("organization_id", String(255), primary_key=True),
+    Column("id", String(36), nullable=False, unique=True),
+    # RESTRICT: a plan with subscribers cannot be deleted.
+    Column("plan_key", String(64), ForeignKey(f"{TABLE_PREFIX}plans.plan_key", ondelete="RESTRICT"), nullable=False),
+    Column("anchor", DateTime(timezone=True), nullable=False),
+    # The last period granted (-1: none yet, the anchor is ahead) and when the next starts.
+    Column("period", Integer, nullable=False),
+    Column("renews_at", DateTime(timezone=True), nullable=False, index=True),
+    # The allowance of ``period`` and what rolled into it. The general expiry sweep leaves
+    # the allowance to the renewal, which writes it off after carrying its rollover, so
+    # a sweep that runs first can never lose a rollover.
+    Column("grant_id", _LedgerId, nullable=True),
+    Column("rollover_grant_id", _LedgerId, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)

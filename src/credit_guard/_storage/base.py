@@ -16,7 +16,18 @@ from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ..models import AuditIssue, BalancePoint, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
+from ..models import (
+    AuditIssue,
+    BalancePoint,
+    FeaturePricing,
+    Grant,
+    Plan,
+    RefundResult,
+    Reservation,
+    Subscription,
+    UsageGroup,
+    UsageRow,
+)
 
 
 @dataclass(slots=True)  # not frozen: built on every paid request, and frozen __init__ costs more
@@ -137,6 +148,19 @@ class GrantOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Issued:
+    """One period granted: the allowance and the rollover that came with it (0: none)."""
+
+    organization_id: str
+    plan_key: str
+    period: int
+    period_start: datetime
+    credits: int
+    rollover: int
+    expired: int
+
+
+@dataclass(frozen=True, slots=True)
 class UsageSettlement:
     """What settling a hold at its reported usage moved."""
 
@@ -233,3 +257,14 @@ class Store(Protocol):
     async def balance_history(
         self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
     ) -> list[BalancePoint]: ...
+
+    async def define_plan(self, plan: Plan, now: datetime) -> tuple[Plan, bool]: ...
+    async def plan(self, plan_key: str) -> Plan | None: ...
+    async def list_plans(self) -> list[tuple[Plan, int]]: ...
+    async def delete_plan(self, plan_key: str) -> bool | None: ...
+    async def subscription(self, organization_id: str) -> Subscription | None: ...
+    async def subscribe(
+        self, organization_id: str, plan_key: str, *, anchor: datetime | None, keep: bool, now: datetime
+    ) -> tuple[Subscription, list[Issued]] | None: ...
+    async def unsubscribe(self, organization_id: str, *, keep: bool, now: datetime) -> Subscription | None: ...
+    async def renew_due(self, now: datetime, limit: int = 500) -> list[Issued]: ...

@@ -25,10 +25,10 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, TextClause, bindparam, text
 
 from ..models import Grant
-from ..schema import accounts, grant_moves, grants, ledger
+from ..schema import accounts, grant_moves, grants, ledger, subscriptions
 from . import spending
 
-A, G, M, L = accounts.name, grants.name, grant_moves.name, ledger.name
+A, G, M, L, S = accounts.name, grants.name, grant_moves.name, ledger.name, subscriptions.name
 
 #: Live at ``:now``: a grant stops being spendable at the instant it expires.
 LIVE = spending.live("g", ":now")
@@ -101,9 +101,12 @@ ADD_GRANT = (
     " VALUES (:org, :amount, :amount, 0, false, :priority, :expires_at, :reason, :lid, :now, 0)"
     " RETURNING id"
 )
+#: Expired grants still holding credits, but not a subscription's current allowance: its
+#: renewal writes that off after carrying its rollover (``plans.renew_in``).
 EXPIRED = (
     f"SELECT g.id, g.organization_id, g.remaining FROM {G} g"
     " WHERE g.expires_at IS NOT NULL AND g.expires_at <= :now AND g.remaining > 0 AND NOT g.overdraft"
+    f" AND NOT EXISTS (SELECT 1 FROM {S} s WHERE s.grant_id = g.id)"
 )
 
 #: Parameter types: SQLAlchemy binds datetimes as it stores them (SQLite) and casts every
@@ -229,27 +232,48 @@ def expire_in(conn: Connection, org: str, now: datetime) -> list[tuple[str, int,
         return []
     expired = run(conn, EXPIRED + " AND g.organization_id = :org ORDER BY g.id", org=org, now=now).all()
     for grant_id, _, remaining in expired:
-        credits = int(remaining)
-        balance = run(
-            conn,
-            f"UPDATE {A} SET balance = balance - :credits WHERE organization_id = :org RETURNING balance",
-            credits=credits,
-            org=org,
-        ).scalar_one()
-        entry = run(
-            conn,
-            f"INSERT INTO {L} (organization_id, kind, amount, balance_after, reason, created_at)"
-            " VALUES (:org, 'expiry', :amount, :balance, :reason, :now) RETURNING id",
-            org=org,
-            amount=-credits,
-            balance=int(balance),
-            reason=f"grant {grant_id} expired",
-            now=now,
-        ).scalar_one()
-        run(conn, MOVE, lid=int(entry), grant=int(grant_id), amount=-credits)
-        run(conn, APPLY, lid=int(entry))
+        write_off_in(conn, org, int(grant_id), int(remaining), now, f"grant {grant_id} expired")
     spendable = spendable_in(conn, org, now)
     return [(org, int(grant_id), int(remaining), spendable) for grant_id, _, remaining in expired]
+
+
+def write_off_in(conn: Connection, org: str, grant_id: int, credits: int, now: datetime, reason: str) -> None:
+    """Take ``credits`` out of grant ``grant_id`` for good: an 'expiry' ledger row and its
+    move (the account locked by the caller)."""
+    balance = run(
+        conn,
+        f"UPDATE {A} SET balance = balance - :credits WHERE organization_id = :org RETURNING balance",
+        credits=credits,
+        org=org,
+    ).scalar_one()
+    entry = run(
+        conn,
+        f"INSERT INTO {L} (organization_id, kind, amount, balance_after, reason, created_at)"
+        " VALUES (:org, 'expiry', :amount, :balance, :reason, :now) RETURNING id",
+        org=org,
+        amount=-credits,
+        balance=int(balance),
+        reason=reason,
+        now=now,
+    ).scalar_one()
+    run(conn, MOVE, lid=int(entry), grant=grant_id, amount=-credits)
+    run(conn, APPLY, lid=int(entry))
+
+
+def end_grant_in(conn: Connection, org: str, grant_id: int, now: datetime, reason: str) -> int:
+    """End grant ``grant_id`` at ``now`` (an earlier expiry stands) and write off what it
+    holds; returns that. From then on it is expired like any other: a refund that comes
+    back to it later is written off by the sweep, never spent."""
+    run(
+        conn,
+        f"UPDATE {G} SET expires_at = :now WHERE id = :id AND (expires_at IS NULL OR expires_at > :now)",
+        id=grant_id,
+        now=now,
+    )
+    left = int(run(conn, f"SELECT remaining FROM {G} WHERE id = :id", id=grant_id).scalar() or 0)
+    if left > 0:
+        write_off_in(conn, org, grant_id, left, now, reason)
+    return left
 
 
 def set_overdraft_in(conn: Connection, org: str, limit: int, now: datetime) -> None:

@@ -149,12 +149,13 @@ def grant_in(
     idempotency_key: str | None,
     expires_at: datetime | None = None,
     priority: int = 0,
+    now: datetime | None = None,
 ) -> GrantOutcome:
     if idempotency_key is not None:
         done = granted_in(conn, organization_id, idempotency_key)
         if done is not None:
             return done
-    now = utcnow()
+    now = now or utcnow()
     values = upsert(dialect)(accounts).values(
         organization_id=organization_id, balance=amount, created_at=now, updated_at=now
     )
