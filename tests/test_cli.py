@@ -583,4 +583,35 @@ def test_the_session_in_docs_cli_md_is_true(tmp_path: Path) -> None:
         "usage",
         "audit",
         "sweep",
+        "plans",
+        "subscribe",
+        "unsubscribe",
     }
+
+
+def test_plans_subscribe_and_unsubscribe_move_credits_as_the_python_api_does(cli: Cli) -> None:
+    assert cli.ok("plans", "set", "pro", "--credits", "100", "--rollover", "all") == (
+        "plan pro: 100 credits a month, all unused credits roll over\n"
+    )
+    assert cli.ok("plans", "set", "daily", "--credits", "7", "--period", "day") == (
+        "plan daily: 7 credits a day, unused credits reset\n"
+    )
+    assert cli.ok("subscribe", "org_1", "pro").startswith("org_1 on plan pro: period 0 from ")
+    assert cli.ok("balance", "org_1") == "100\n"
+    assert cli.ok("subscribe", "org_1", "daily", "--keep").startswith("org_1 on plan daily: period 0 from ")
+    assert cli.ok("balance", "org_1") == "107\n"  # Pro's period kept to its end
+    code, _, err = cli("plans", "remove", "daily")
+    assert (code, err) == (1, "credit-guard: error: plan 'daily' has subscribers: move them to another plan first\n")
+    code, _, err = cli("subscribe", "org_1", "gold")
+    assert code == 1 and "no plan 'gold'" in err
+    code, _, err = cli("plans", "set", "gold", "--credits", "5", "--rollover", "some")
+    assert code == 2 and "not an integer or 'all'" in err
+    assert cli.ok("unsubscribe", "org_1", "--expire") == "org_1 left plan daily\n"
+    assert cli.ok("balance", "org_1") == "100\n"  # the daily period written off now
+    assert cli.ok("unsubscribe", "org_1") == "org_1 has no plan: nothing changed\n"
+    assert cli.ok("plans", "remove", "daily") == "removed plan daily\n"
+    assert cli.ok("plans", "list").splitlines() == [
+        "PLAN  CREDITS  PERIOD  ROLLOVER  SUBSCRIBERS  NAME",
+        "pro       100  month        all            0  pro",
+    ]
+    assert cli.ok("audit").startswith("audit ok")

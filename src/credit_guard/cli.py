@@ -33,6 +33,7 @@ from ._cli_grants import expiry, priority
 from ._cli_output import print_json as _print_json
 from ._cli_output import shown as _shown
 from ._cli_output import table as _table
+from ._cli_plans import add_commands as add_plan_commands
 from ._config import DATABASE_URL_ENV
 from ._guard import CreditGuard
 from ._storage.engine import DEFAULT_DATABASE_URL
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_credit_commands(commands, command)
+    add_plan_commands(commands, command)
 
     p = command(commands, "balance", cmd_balance, "print an organization's balance")
     p.add_argument("organization_id", metavar="ORG")

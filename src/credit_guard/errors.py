@@ -75,7 +75,7 @@ class PlanNotFound(CreditGuardError, LookupError):
     """No plan has this key (``define_plan`` makes one)."""
 
     def __init__(self, plan_key: str) -> None:
-        super().__init__(f"no plan {plan_key!r:.80}: define it first (guard.define_plan or `credit-guard plans add`)")
+        super().__init__(f"no plan {plan_key!r:.80}: define it first (guard.define_plan or `credit-guard plans set`)")
         self.plan_key = plan_key
 
 

@@ -128,7 +128,7 @@ def subscribe_in(
         if current.plan_key == plan_key and anchor is None:
             return current, []
         end_subscription_in(conn, current, keep=keep, now=now, why="its plan changed")
-    start = now if anchor is None else anchor
+    start = now.replace(microsecond=0) if anchor is None else anchor  # a default anchor reads well
     unit: PeriodUnit = plan.period  # type: ignore[assignment]
     first = period_index(start, unit, now)
     conn.execute(
