@@ -334,3 +334,22 @@ async def test_an_edit_reaches_subscribers_at_their_next_period(priced: CreditGu
     assert await guard.get_balance(ORG) == 150
     assert [p.credits for p in await guard.list_plans()] == [150]
     assert await guard.audit() == []
+
+
+async def test_a_charge_in_a_periods_first_moments_gets_the_new_allowance_before_any_keeper(
+    priced: CreditGuard,
+) -> None:
+    """No keeper has run since the period began: the refused charge grants the period and
+    is tried once more, instead of answering 402 until the next sweep."""
+    guard = priced
+    await guard.define_plan("pro", credits=100, rollover=10)
+    sub = await guard.subscribe(ORG, "pro")
+    await spend(guard, 95)
+    travel_to(sub.renews_at + timedelta(seconds=1))
+    await spend(guard, 50)  # the new period's 100 plus the 5 carried
+    assert await guard.get_balance(ORG) == 55
+    renewed = await guard.subscription(ORG)
+    assert renewed is not None and renewed.period == 1
+    assert not await spend_or_refused(guard, 56)  # still refused when it is truly short
+    assert await guard.renew_and_expire() == 0
+    assert await guard.audit() == []

@@ -182,6 +182,7 @@ class CreditGuard(AccountsApi, PlansApi):
         self.grants = Grants(self.store, self.hooks, low_balance_threshold=low_balance_threshold)
         self.reservations = Reservations(self.ledger, max_overage=max_overage)
         self.holds.also_sweep = self.renew_and_expire
+        self.ledger.renew = self.renew_now
 
     # -- lifecycle ------------------------------------------------------------------------
 

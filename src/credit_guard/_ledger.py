@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -81,6 +82,9 @@ class Ledger:
         holds.on_refund = self.refunded
         #: What this process reports (``_metrics.py``); None (the default) reports nothing.
         self.metrics: Metrics | None = None
+        #: Grants an organization's plan period that has begun, if one has (True: granted);
+        #: a refused charge asks it once before it answers 402 (``PlansApi.renew_now``).
+        self.renew: Callable[[str], Awaitable[bool]] | None = None
 
     # -- charges --------------------------------------------------------------------------
 
@@ -182,28 +186,35 @@ class Ledger:
         request = ChargeRequest(
             organization_id, credits, feature_key, user_id, request_method, request_path, hold_until
         )
-        if idempotency is None:
-            charged = await self.store.charge(request)
-            charge_id, spendable = charged.charge_id, charged.spendable
-        else:
-            key, fingerprint, finish_now = idempotency
-            now = utcnow()
-            claim = KeyClaim(
-                key,
-                fingerprint,
-                now,
-                locked_until=hold_until or self.holds.hold_until(),
-                expires_at=now + timedelta(seconds=self.idempotency_ttl),
-                finish_now=finish_now,
-            )
-            outcome = await self.store.claim_and_charge(request, claim)
-            if outcome.kind is ClaimKind.REPLAY:
-                return Replayed(outcome.stored or {})
-            if outcome.kind is ClaimKind.RUNNING:
-                return InFlight(outcome.stored or {})
-            if outcome.kind is ClaimKind.MISMATCH:
-                return KeyReused(outcome.stored or {})
-            charge_id, spendable = outcome.charge_id, outcome.spendable
+        for attempt in range(2):
+            if idempotency is None:
+                charged = await self.store.charge(request)
+                charge_id, spendable = charged.charge_id, charged.spendable
+            else:
+                key, fingerprint, finish_now = idempotency
+                now = utcnow()
+                claim = KeyClaim(
+                    key,
+                    fingerprint,
+                    now,
+                    locked_until=hold_until or self.holds.hold_until(),
+                    expires_at=now + timedelta(seconds=self.idempotency_ttl),
+                    finish_now=finish_now,
+                )
+                outcome = await self.store.claim_and_charge(request, claim)
+                if outcome.kind is ClaimKind.REPLAY:
+                    return Replayed(outcome.stored or {})
+                if outcome.kind is ClaimKind.RUNNING:
+                    return InFlight(outcome.stored or {})
+                if outcome.kind is ClaimKind.MISMATCH:
+                    return KeyReused(outcome.stored or {})
+                charge_id, spendable = outcome.charge_id, outcome.spendable
+            # Short, maybe because a plan's new period began moments ago and no keeper has
+            # granted it yet: grant it now and try once more (only a refusal pays for the look).
+            if charge_id is not None or credits == 0 or attempt or self.renew is None:
+                break
+            if not await self.renew(organization_id):
+                break
         if charge_id is None and credits > 0:
             return self.refused(organization_id, feature_key, credits, spendable)
         if charge_id is not None:

@@ -118,6 +118,18 @@ class PlansApi:
         await self.grants.expire(when)
         return len(issued)
 
+    async def renew_now(self, organization_id: str) -> bool:
+        """Grant the organization's plan period if one has begun that no keeper has granted
+        yet: a charge refused at a period's first moments asks this once before its 402.
+        Never raises: a failure here leaves the refusal as it was (logged)."""
+        try:
+            issued = await self.store.renew_if_due(organization_id, utcnow())
+        except Exception as exc:
+            log.error("credit_guard: renewing %s's plan before a refusal failed: %s", organization_id, exc)
+            return False
+        self._announce(issued)
+        return bool(issued)
+
     def on_allowance_issued(self, hook: H) -> H:
         """Register ``async def hook(event: AllowanceIssuedEvent)`` (each period granted)."""
         return self.hooks.add(AllowanceIssuedEvent, hook)

@@ -73,6 +73,13 @@ class PlanStore:
         )
         return result
 
+    async def renew_if_due(self, organization_id: str, now: datetime) -> list[Issued]:
+        """Grant the organization's periods that have begun (a read first: most have none)."""
+        if not await self._read(partial(due_in, now=now, limit=1, org=organization_id)):
+            return []
+        issued: list[Issued] = await self._write(partial(renew_in, org=organization_id, now=now))
+        return issued
+
     async def renew_due(self, now: datetime, limit: int = 500) -> list[Issued]:
         """Grant every period that has started, one organization per transaction."""
         issued: list[Issued] = []

@@ -174,15 +174,12 @@ def end_subscription_in(conn: Connection, current: Subscription, *, keep: bool, 
 # -- renewals -------------------------------------------------------------------------------
 
 
-def due_in(conn: Connection, now: datetime, limit: int) -> list[str]:
-    """Organizations with a period to grant (a read: no lock)."""
-    rows = conn.execute(
-        select(subscriptions.c.organization_id)
-        .where(subscriptions.c.renews_at <= now)
-        .order_by(subscriptions.c.renews_at)
-        .limit(limit)
-    )
-    return [row[0] for row in rows]
+def due_in(conn: Connection, now: datetime, limit: int, org: str | None = None) -> list[str]:
+    """Organizations with a period to grant (a read: no lock); only ``org``, if given."""
+    query = select(subscriptions.c.organization_id).where(subscriptions.c.renews_at <= now)
+    if org is not None:
+        query = query.where(subscriptions.c.organization_id == org)
+    return [row[0] for row in conn.execute(query.order_by(subscriptions.c.renews_at).limit(limit))]
 
 
 def renew_in(conn: Connection, org: str, now: datetime, *, locked: bool = False) -> list[Issued]:
