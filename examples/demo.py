@@ -19,10 +19,13 @@ API_KEYS = {
     "demo-key-rich": ("org_demo", "user_alice"),
     "demo-key-poor": ("org_poor", "user_bob"),
     "demo-key-admin": ("org_demo", "user_admin"),  # DEMO: may use the pricing admin API and page
+    "demo-key-pro": ("org_pro", "user_carol"),  # on the Pro plan: 1,000 credits a month
 }
 #: DEMO ONLY: keys whose user is an administrator (``request.state.user["is_admin"]``).
 ADMIN_API_KEYS = frozenset({"demo-key-admin"})
 DEMO_GRANTS = {"org_demo": 100, "org_poor": 3}
+#: Organizations on the demo's Pro plan (1,000 credits a month, up to 500 carried over).
+DEMO_SUBSCRIBERS = ("org_pro",)
 
 PRICING = [
     ("seedream_text_to_image", "SeeDream Text to Image", "Image Generation", 5, "One 1024x1024 image."),
@@ -49,6 +52,12 @@ async def seed(guard: CreditGuard) -> None:
             pass
     for org, amount in DEMO_GRANTS.items():
         await guard.grant_credits(org, amount, reason="demo funding", idempotency_key=f"demo-funding-{org}")
+    # The plan is made once (an operator's later edit on the admin page stands); subscribing
+    # again to the same plan changes nothing, so every worker may run this at once.
+    if await guard.get_plan("pro") is None:
+        await guard.define_plan("pro", credits=1000, period="month", rollover=500, name="Pro")
+    for org in DEMO_SUBSCRIBERS:
+        await guard.subscribe(org, "pro")
 
 
 #: DEMO: browsers cannot send X-API-Key when opening a page, so /demo/admin puts the admin

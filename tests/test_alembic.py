@@ -43,6 +43,8 @@ TABLES = {
     "credit_guard_grants",
     "credit_guard_grant_moves",
     "credit_guard_reservations",
+    "credit_guard_plans",
+    "credit_guard_subscriptions",
 }
 INDEXES = {
     "ix_credit_guard_grants_organization_id",
@@ -52,6 +54,7 @@ INDEXES = {
     "ix_credit_guard_ledger_feature_created",
     "ix_credit_guard_idempotency_keys_charge_id",
     "ix_credit_guard_idempotency_keys_expires_at",
+    "ix_credit_guard_subscriptions_renews_at",
 }
 
 APP_MODELS = """

@@ -15,6 +15,7 @@ from .conftest import kit_base_url
 
 RICH = {"X-API-Key": "demo-key-rich"}
 POOR = {"X-API-Key": "demo-key-poor"}
+PRO = {"X-API-Key": "demo-key-pro"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -52,6 +53,14 @@ def test_example_charges_refuses_and_refunds(example: TestClient) -> None:
     assert check.json() == {"feature": "kling_image_to_video", "has_enough": False, "required": 20, "available": 3}
     anonymous = example.post("/v1/images", json={"prompt": "a red fox"})
     assert anonymous.status_code == 401
+    CreditKit.of(example).audit()
+
+
+def test_example_org_on_the_pro_plan_spends_its_months_allowance(example: TestClient) -> None:
+    assert_charged(example.post("/v1/images", json={"prompt": "a red fox"}, headers=PRO), 5, remaining=995)
+    [allowance] = example.get("/api/credits/grants", headers=PRO).json()["grants"]
+    assert (allowance["amount"], allowance["remaining"]) == (1000, 995)
+    assert allowance["reason"].startswith("Pro: allowance from ") and allowance["expires_at"] is not None
     CreditKit.of(example).audit()
 
 

@@ -112,6 +112,7 @@ def test_every_python_sample_in_the_readme_and_the_docs_runs(tmp_path: Path, mon
         "credit pack 500",
     ]
     assert "3 3" in printed and "needs 5, you have 3" in printed  # the client sample, against the demo
+    assert "3500" in printed  # the plans sample: 500 rolled over, the new month's 1,000 and the pack's 2,000
     assert (tmp_path / "credit_guard.db").exists()
     assert os.getcwd() == str(tmp_path)
 
@@ -157,11 +158,23 @@ def test_the_testing_kit_samples_pass_under_pytest_as_written(tmp_path: Path) ->
     were never run. docs/testing.md's ```py blocks (the kit's test file, in two parts) are
     written to an empty folder as one test module and run by pytest there, with nothing
     but the installed package (its pytest plugin gives the ``credit_guard`` fixture)."""
-    import subprocess
 
     blocks = blocks_of(ROOT / "docs" / "testing.md", "py")
     assert blocks and "def create_app" in blocks[0]
-    (tmp_path / "test_images.py").write_text("\n\n".join(blocks))
+    assert "2 passed" in run_as_test_module(tmp_path, "\n\n".join(blocks))
+
+
+def test_the_plans_page_test_with_a_moving_clock_passes_under_pytest_as_written(tmp_path: Path) -> None:
+    [block] = blocks_of(ROOT / "docs" / "plans.md", "py")
+    assert "1 passed" in run_as_test_module(tmp_path, block)
+
+
+def run_as_test_module(tmp_path: Path, code: str) -> str:
+    """``code`` as a test module in an empty folder, run by pytest with nothing but the
+    installed package (its plugin gives the fixtures); pytest's output."""
+    import subprocess
+
+    (tmp_path / "test_sample.py").write_text(code)
     env = {key: value for key, value in os.environ.items() if not key.startswith("CREDIT_GUARD_")}
     result = subprocess.run(
         [
@@ -181,4 +194,4 @@ def test_the_testing_kit_samples_pass_under_pytest_as_written(tmp_path: Path) ->
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout, result.stdout
+    return result.stdout

@@ -100,7 +100,7 @@ def test_create_schema_from_four_processes_at_once_on_a_fresh_database(empty_db:
 
 def test_four_workers_starting_the_example_on_a_fresh_database_seed_it_once(empty_db: str, tmp_path: Path) -> None:
     """The FastAPI example seeds prices and funds its demo orgs in every worker's lifespan:
-    with grant idempotency keys, 4 workers fund each org once."""
+    with grant idempotency keys, 4 workers fund each org once, and subscribe org_pro once."""
     env = {"CREDIT_GUARD_DATABASE_URL": empty_db}
     server = UvicornServer(
         "examples.fastapi_app.app:app", env, tmp_path / "uvicorn.log", workers=WORKERS, factory=False
@@ -112,8 +112,10 @@ def test_four_workers_starting_the_example_on_a_fresh_database_seed_it_once(empt
         async with CreditGuard(empty_db) as guard:
             assert await guard.get_balance("org_demo") == 100
             assert await guard.get_balance("org_poor") == 3
-            assert [row["kind"] for row in await ledger_rows(guard)] == ["grant", "grant"]
+            assert await guard.get_balance("org_pro") == 1000  # its Pro plan's first month, granted once
+            assert [row["kind"] for row in await ledger_rows(guard)] == ["grant", "grant", "grant"]
             assert len(await guard.list_pricing()) == 3
+            assert [plan.plan_key for plan in await guard.list_plans()] == ["pro"]
             assert await guard.audit() == []
 
     anyio.run(books)

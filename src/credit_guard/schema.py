@@ -23,6 +23,10 @@ last, then the oldest), and every draw, refund, repayment and expiry of a grant 
 of ``credit_guard_grant_moves`` pointing at the ledger row that caused it, so a grant's
 ``remaining`` is always its ``amount`` plus its moves (``audit()`` checks it).
 
+A plan (``credit_guard_plans``) grants its subscribers (``credit_guard_subscriptions``,
+one plan per organization) a grant per period; each is a ledger 'grant' whose idempotency
+key names the subscription and the period, so the UNIQUE pair above grants a period once.
+
 A charge with a row in ``credit_guard_holds`` is a *hold*: its credits are taken, but the
 request that took them has not finished. Settling deletes the row; the sweeper refunds
 holds whose time ran out (their process died), so a crash never keeps a credit. Holds

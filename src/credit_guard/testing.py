@@ -11,6 +11,8 @@ any project that has credit_guard installed:
   app's lifespan starts it on the app's loop; an async test may ``async with`` it).
 - ``credit_guard_base_url``: override it in a ``conftest.py`` to test on PostgreSQL
   (default: the ``CREDIT_GUARD_TEST_DATABASE_URL`` environment variable, else SQLite).
+- ``credit_clock``: a ``Clock`` the test may move (grant expiry, plan periods, holds), reset
+  after the test.
 - ``credit_guard_factory`` (session-scoped): ``make()`` makes such guards for fixtures of any
   scope, a TestClient per module or per session.
 
@@ -34,7 +36,7 @@ import os
 import uuid
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -292,6 +294,40 @@ def credit_guard_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
         _run(drop_isolated(url))
 
 
+class Clock:
+    """The library's clock, for tests: every moment credit_guard judges by (a grant's expiry,
+    a plan's period, a hold's or a key's time) comes from it, so moving it moves them all.
+    It moves this process's clock only (not a server started in another process), and
+    only forward in a sensible test; ``reset`` goes back to real time."""
+
+    def now(self) -> datetime:
+        from ._clock import utcnow
+
+        return utcnow()
+
+    def travel(self, by: timedelta) -> None:
+        from ._clock import travel
+
+        travel(by)
+
+    def travel_to(self, when: datetime) -> None:
+        """Move to ``when`` (timezone-aware), e.g. a minute after a subscription's ``renews_at``."""
+        self.travel(when - self.now())
+
+    def reset(self) -> None:
+        from ._clock import reset_travel
+
+        reset_travel()
+
+
+@pytest.fixture
+def credit_clock() -> Iterator[Clock]:
+    """A ``Clock`` this test may move; real time again after it."""
+    clock = Clock()
+    yield clock
+    clock.reset()
+
+
 @pytest.fixture
 def credit_guard(credit_guard_url: str) -> Iterator[CreditGuard]:
     """A CreditGuard on ``credit_guard_url``, tables created, not started."""
@@ -301,11 +337,13 @@ def credit_guard(credit_guard_url: str) -> Iterator[CreditGuard]:
 
 
 __all__ = [
+    "Clock",
     "CreditGuardTestWarning",
     "CreditKit",
     "assert_charged",
     "assert_refunded",
     "assert_refused",
+    "credit_clock",
     "credit_guard",
     "credit_guard_base_url",
     "credit_guard_factory",
