@@ -33,21 +33,13 @@ from ._config import (
 from ._grants import Grants
 from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
+from ._hooks_api import HooksApi
 from ._ledger import Ledger
 from ._plans_api import PlansApi
 from ._pricing import Pricing
 from ._reservations import Reservations
 from ._storage import open_store
 from ._storage.engine import DEFAULT_DATABASE_URL, build_engine, parse_database_url
-from .events import (
-    ChargeEvent,
-    Event,
-    GrantExpiredEvent,
-    H,
-    InsufficientCreditsEvent,
-    LowBalanceEvent,
-    RefundEvent,
-)
 from .models import (
     AuditIssue,
     CreditCheck,
@@ -61,7 +53,7 @@ from .models import (
 log = logging.getLogger("credit_guard")
 
 
-class CreditGuard(AccountsApi, PlansApi):
+class CreditGuard(AccountsApi, PlansApi, HooksApi):
     """Pay-per-use credits in front of an ASGI app: the one object an app holds.
 
     A thin facade: it wires the services (``pricing``, ``ledger``, ``grants``,
@@ -433,33 +425,6 @@ class CreditGuard(AccountsApi, PlansApi):
     async def audit(self) -> list[AuditIssue]:
         """Every way the books fail to add up; [] when each balance is the sum of its ledger."""
         return await self.ledger.audit()
-
-    # -- hooks (``_hooks.py``) --------------------------------------------------------------
-
-    def on_charge(self, hook: H) -> H:
-        """Register ``async def hook(event: ChargeEvent)``; usable as a decorator."""
-        return self.hooks.add(ChargeEvent, hook)
-
-    def on_refund(self, hook: H) -> H:
-        """Register ``async def hook(event: RefundEvent)``."""
-        return self.hooks.add(RefundEvent, hook)
-
-    def on_insufficient_credits(self, hook: H) -> H:
-        """Register ``async def hook(event: InsufficientCreditsEvent)`` (each 402)."""
-        return self.hooks.add(InsufficientCreditsEvent, hook)
-
-    def on_low_balance(self, hook: H) -> H:
-        """Register ``async def hook(event: LowBalanceEvent)``; needs ``low_balance_threshold``."""
-        if self.ledger.low_balance_threshold is None:
-            raise ValueError("on_low_balance needs CreditGuard(low_balance_threshold=...)")
-        return self.hooks.add(LowBalanceEvent, hook)
-
-    def on_grant_expired(self, hook: H) -> H:
-        """Register ``async def hook(event: GrantExpiredEvent)`` (unspent credits written off)."""
-        return self.hooks.add(GrantExpiredEvent, hook)
-
-    def emit(self, event: Event) -> None:
-        self.hooks.emit(event)
 
 
 def describe_database(url: URL) -> str:
