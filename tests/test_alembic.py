@@ -45,6 +45,8 @@ TABLES = {
     "credit_guard_reservations",
     "credit_guard_plans",
     "credit_guard_subscriptions",
+    "credit_guard_outbox",
+    "credit_guard_balance_alerts",
 }
 INDEXES = {
     "ix_credit_guard_grants_organization_id",
@@ -55,6 +57,7 @@ INDEXES = {
     "ix_credit_guard_idempotency_keys_charge_id",
     "ix_credit_guard_idempotency_keys_expires_at",
     "ix_credit_guard_subscriptions_renews_at",
+    "ix_credit_guard_outbox_next_attempt_at",
 }
 
 APP_MODELS = """

@@ -8,6 +8,7 @@ the hooks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from ._clock import utcnow
@@ -29,6 +30,8 @@ class Grants:
     def __init__(self, store: Store, hooks: HookDispatcher, *, low_balance_threshold: int | None) -> None:
         self.store, self.hooks = store, hooks
         self.low_balance_threshold = low_balance_threshold
+        #: Told of every balance a grant or an expiry moved: ``(org, balance, delta)`` (webhook alerts).
+        self.watch: Callable[[str, int | None, int], None] | None = None
 
     async def grant(
         self,
@@ -70,6 +73,8 @@ class Grants:
             log.info(
                 "credit_guard: grant %r to %s was already made; not granted again", idempotency_key, organization_id
             )
+        if self.watch is not None and outcome.status is GrantStatus.GRANTED:
+            self.watch(organization_id, outcome.spendable, amount)
         return outcome.spendable
 
     async def expire(self, now: datetime | None = None) -> int:
@@ -88,6 +93,8 @@ class Grants:
             by_org[grant.organization_id] = by_org.get(grant.organization_id, 0) + grant.credits
         threshold = self.low_balance_threshold
         for grant in {g.organization_id: g for g in closed}.values():
+            if self.watch is not None:
+                self.watch(grant.organization_id, grant.spendable, -by_org[grant.organization_id])
             if crossed_below(threshold, grant.spendable, by_org[grant.organization_id]):
                 assert threshold is not None
                 self.hooks.emit(LowBalanceEvent(grant.organization_id, grant.spendable, threshold, None))

@@ -40,6 +40,7 @@ from ._pricing import Pricing
 from ._reservations import Reservations
 from ._storage import open_store
 from ._storage.engine import DEFAULT_DATABASE_URL, build_engine, parse_database_url
+from ._webhooks import Webhooks
 from .models import (
     AuditIssue,
     CreditCheck,
@@ -175,6 +176,9 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         self.reservations = Reservations(self.ledger, max_overage=max_overage)
         self.holds.also_sweep = self.renew_and_expire
         self.ledger.renew = self.renew_now
+        #: Signed webhooks from the outbox (off until ``webhooks.send_to(url, secret=...)``).
+        self.webhooks = Webhooks(self.store, low_balance_threshold=low_balance_threshold)
+        self.ledger.watch = self.grants.watch = self.webhooks.moved
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -202,6 +206,7 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         log.info("credit_guard: started on %s", describe_database(self.engine.url))
         await self.holds.start()
         self.hooks.start()
+        await self.webhooks.start()
         if self.pricing.notifier is not None:
             await self.pricing.notifier.start()
 
@@ -221,6 +226,7 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         """
         self._started_on = None
         await self.holds.close()
+        await self.webhooks.close()
         await self.hooks.close()
         if self.pricing.notifier is not None:
             await self.pricing.notifier.close()

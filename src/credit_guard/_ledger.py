@@ -85,6 +85,8 @@ class Ledger:
         #: Grants an organization's plan period that has begun, if one has (True: granted);
         #: a refused charge asks it once before it answers 402 (``PlansApi.renew_now``).
         self.renew: Callable[[str], Awaitable[bool]] | None = None
+        #: Told of every balance a charge or refund moved: ``(org, balance, delta)`` (webhook alerts).
+        self.watch: Callable[[str, int | None, int], None] | None = None
 
     # -- charges --------------------------------------------------------------------------
 
@@ -239,6 +241,8 @@ class Ledger:
             self.metrics.charged(feature_key, credits, overage=overage)
         if self.hooks.wants(ChargeEvent):
             self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, overage))
+        if self.watch is not None:
+            self.watch(organization_id, balance, -credits)
         threshold = self.low_balance_threshold
         if threshold is not None and crossed_below(threshold, balance, credits):
             self.hooks.emit(LowBalanceEvent(organization_id, balance, threshold, feature_key))
@@ -249,6 +253,8 @@ class Ledger:
         self.holds.forget(charge_id)
         if result.refunded and self.metrics is not None:
             self.metrics.refunded(result.feature_key, result.credits_refunded)
+        if result.refunded and result.organization_id is not None and self.watch is not None:
+            self.watch(result.organization_id, result.remaining_credits, result.credits_refunded)
         if result.refunded and result.organization_id is not None:
             self.hooks.emit(
                 RefundEvent(

@@ -20,6 +20,7 @@ from ._hooks import HookDispatcher
 from ._ledger import check_org
 from ._periods import check_unit
 from ._storage.base import Issued, Store
+from ._webhooks import Webhooks
 from .errors import PlanInUse, PlanNotFound
 from .events import AllowanceIssuedEvent, H
 from .models import FEATURE_KEY_MAX, FEATURE_KEY_RE, FEATURE_NAME_MAX, Plan, Subscription, is_storable_text
@@ -34,6 +35,7 @@ class PlansApi:
     grants: Grants
     hooks: HookDispatcher
     store: Store
+    webhooks: Webhooks
 
     async def define_plan(
         self,
@@ -136,6 +138,7 @@ class PlansApi:
 
     def _announce(self, issued: list[Issued]) -> None:
         for item in issued:
+            self.webhooks.moved(item.organization_id, None, item.credits)
             log.info(
                 "credit_guard: %s's plan %s: period %s from %s granted %s credits (%s rolled over, %s expired)",
                 item.organization_id,

@@ -287,3 +287,35 @@ subscriptions = Table(
     Column("rollover_grant_id", _LedgerId, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
+
+outbox = Table(
+    f"{TABLE_PREFIX}outbox",
+    metadata,
+    # Events for the app's webhook endpoint, written in the transaction of what they tell
+    # (a period granted, a grant expired, a balance crossing a line): committed together or
+    # not at all, so a crash loses none. Delivered at least once, each under its ``event_id``.
+    Column("id", _LedgerId, primary_key=True, autoincrement=True),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("type", String(40), nullable=False),
+    Column("organization_id", String(255), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # When a sender may try it (next): pushed forward by a lease while one is sending it and
+    # by the backoff after a failure; NULL once delivered.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=True, index=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    Column("last_error", String(500), nullable=True),
+)
+
+balance_alerts = Table(
+    f"{TABLE_PREFIX}balance_alerts",
+    metadata,
+    # Where each organization's spendable balance stood when last looked at: 'ok' (at or
+    # above the low line), 'low' or 'empty' (nothing spendable). An alert is a change of
+    # state, made under the account's lock, so each crossing is told once across processes.
+    Column("organization_id", String(255), primary_key=True),
+    Column("state", String(8), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("state IN ('ok', 'low', 'empty')", name="state_known"),
+)

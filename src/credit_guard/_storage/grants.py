@@ -27,6 +27,7 @@ from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, TextCl
 from ..models import Grant
 from ..schema import accounts, grant_moves, grants, ledger, subscriptions
 from . import spending
+from .outbox_events import add_event_in
 
 A, G, M, L, S = accounts.name, grants.name, grant_moves.name, ledger.name, subscriptions.name
 
@@ -223,7 +224,7 @@ def expiring_in(conn: Connection, now: datetime, limit: int = 1000) -> list[str]
     return sorted({str(row[1]) for row in run(conn, EXPIRED + f" LIMIT {int(limit)}", now=now)})
 
 
-def expire_in(conn: Connection, org: str, now: datetime) -> list[tuple[str, int, int, int]]:
+def expire_in(conn: Connection, org: str, now: datetime, notify: bool = False) -> list[tuple[str, int, int, int]]:
     """Write off what the organization's expired grants still hold: one 'expiry' ledger row
     per grant. Returns ``(organization, grant id, credits, spendable after)`` per grant.
     One organization per transaction, so a month-end sweep never holds many accounts'
@@ -234,6 +235,10 @@ def expire_in(conn: Connection, org: str, now: datetime) -> list[tuple[str, int,
     for grant_id, _, remaining in expired:
         write_off_in(conn, org, int(grant_id), int(remaining), now, f"grant {grant_id} expired")
     spendable = spendable_in(conn, org, now)
+    if notify:  # the webhook's events, in this transaction (``outbox.py``)
+        for grant_id, _, remaining in expired:
+            data = {"grant_id": int(grant_id), "credits": int(remaining), "balance": spendable}
+            add_event_in(conn, "grant.expired", org, data, now)
     return [(org, int(grant_id), int(remaining), spendable) for grant_id, _, remaining in expired]
 
 

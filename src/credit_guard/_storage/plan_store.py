@@ -29,6 +29,8 @@ T = TypeVar("T")
 
 class PlanStore:
     dialect: str
+    #: Write the webhook's events with what they tell (``Webhooks.send_to`` turns it on).
+    notify: bool = False
     _write: Callable[[Callable[[Connection], Any]], Coroutine[Any, Any, Any]]
     _read: Callable[[Callable[[Connection], Any]], Coroutine[Any, Any, Any]]
 
@@ -63,6 +65,7 @@ class PlanStore:
             anchor=anchor,
             keep=keep,
             now=now,
+            notify=self.notify,
         )
         result: tuple[Subscription, list[Issued]] | None = await self._write(work)
         return result
@@ -77,7 +80,7 @@ class PlanStore:
         """Grant the organization's periods that have begun (a read first: most have none)."""
         if not await self._read(partial(due_in, now=now, limit=1, org=organization_id)):
             return []
-        issued: list[Issued] = await self._write(partial(renew_in, org=organization_id, now=now))
+        issued: list[Issued] = await self._write(partial(renew_in, org=organization_id, now=now, notify=self.notify))
         return issued
 
     async def renew_due(self, now: datetime, limit: int = 500) -> list[Issued]:
@@ -87,6 +90,6 @@ class PlanStore:
             orgs: list[str] = await self._read(partial(due_in, now=now, limit=limit))
             before = len(issued)
             for org in orgs:
-                issued += await self._write(partial(renew_in, org=org, now=now))
+                issued += await self._write(partial(renew_in, org=org, now=now, notify=self.notify))
             if len(orgs) < limit or len(issued) == before:  # each renewal moves renews_at past now
                 return issued

@@ -30,6 +30,7 @@ from ..models import Plan, Subscription
 from ..schema import accounts, grants, ledger, plans, subscriptions
 from .base import GrantStatus, Issued
 from .grants import end_grant_in, lock_account, read_datetime, write_off_in
+from .outbox_events import add_event_in
 from .writes import grant_in, upsert
 
 
@@ -109,6 +110,7 @@ def subscribe_in(
     anchor: datetime | None,
     keep: bool,
     now: datetime,
+    notify: bool = False,
 ) -> tuple[Subscription, list[Issued]] | None:
     """Subscribe ``org`` to ``plan_key`` (None: no such plan) and grant the period ``now``
     is in at once (nothing while ``anchor`` is ahead). Already on that plan (and no new
@@ -145,7 +147,7 @@ def subscribe_in(
             created_at=now,
         )
     )
-    issued = renew_in(conn, org, now, locked=True)
+    issued = renew_in(conn, org, now, locked=True, notify=notify)
     subscription = subscription_in(conn, org)
     assert subscription is not None
     return subscription, issued
@@ -182,7 +184,7 @@ def due_in(conn: Connection, now: datetime, limit: int, org: str | None = None) 
     return [row[0] for row in conn.execute(query.order_by(subscriptions.c.renews_at).limit(limit))]
 
 
-def renew_in(conn: Connection, org: str, now: datetime, *, locked: bool = False) -> list[Issued]:
+def renew_in(conn: Connection, org: str, now: datetime, *, locked: bool = False, notify: bool = False) -> list[Issued]:
     """Grant every period of ``org``'s subscription that has started by ``now``, in order."""
     if not locked and lock_account(conn, org, now) is None:
         return []
@@ -210,6 +212,10 @@ def renew_in(conn: Connection, org: str, now: datetime, *, locked: bool = False)
             rollover_id = _allowance(conn, org, carried, f"{row.id}:{period}:rollover", end, now, _rolled(plan, start))
         grant_id = _allowance(conn, org, plan.credits, f"{row.id}:{period}", end, now, _named(plan, start))
         issued.append(Issued(org, plan.plan_key, period, start, plan.credits, carried, expired))
+        if notify:
+            data = {"plan_key": plan.plan_key, "period": period, "period_start": start.isoformat()}
+            data |= {"credits": plan.credits, "rollover": carried, "expired": expired}
+            add_event_in(conn, "allowance.issued", org, data, now)
     conn.execute(
         update(subscriptions)
         .where(subscriptions.c.organization_id == org)

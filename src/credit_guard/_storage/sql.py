@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .._clock import utcnow
 from ..errors import DuplicateFeature, SchemaMissing, StorageUnavailable
-from ..models import AuditIssue, BalancePoint, FeaturePricing, Grant, RefundResult, Reservation, UsageGroup, UsageRow
+from ..models import FeaturePricing, Grant, RefundResult, Reservation
 from ..schema import feature_pricing, holds, idempotency_keys, ledger
 from .base import (
     ChargeOutcome,
@@ -53,16 +53,9 @@ from .base import (
 )
 from .charge import charge_in
 from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, set_overdraft_in
+from .outbox_store import OutboxStore
 from .plan_store import PlanStore
-from .reports import (
-    activity_in,
-    audit_in,
-    balance_history_query,
-    balance_point,
-    organizations_query,
-    usage_query,
-    usage_row,
-)
+from .report_store import ReportStore
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
 from .writes import (
     Abandon,
@@ -111,7 +104,7 @@ def missing_tables(exc: BaseException) -> bool:
     return False
 
 
-class SqlStore(PlanStore):
+class SqlStore(PlanStore, OutboxStore, ReportStore):
     """Every read and write of credit_guard's tables through one SQLAlchemy async engine."""
 
     def __init__(self, engine: AsyncEngine, *, owns_engine: bool = True) -> None:
@@ -300,7 +293,10 @@ class SqlStore(PlanStore):
             if not orgs:
                 break
             for org in orgs:
-                closed += [ExpiredGrant(*row) for row in await self._write(partial(expire_in, org=org, now=now))]
+                closed += [
+                    ExpiredGrant(*row)
+                    for row in await self._write(partial(expire_in, org=org, now=now, notify=self.notify))
+                ]
         return closed
 
     async def list_grants(self, organization_id: str, now: datetime) -> list[Grant]:
@@ -467,46 +463,3 @@ class SqlStore(PlanStore):
     async def spendable(self, organization_id: str) -> int:
         """What the organization can spend now: its live grants (expired credits left out)."""
         return await self._read(partial(spendable_now_in, organization_id=organization_id))
-
-    async def audit(self) -> list[AuditIssue]:
-        """Every way the books fail to add up (``reports.audit_in``)."""
-        return await self._read(audit_in)
-
-    async def usage(
-        self,
-        *,
-        group_by: UsageGroup = "day",
-        organization_id: str | None = None,
-        feature_key: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        split_by: UsageGroup | None = None,
-    ) -> list[UsageRow]:
-        """Charges and refunds per day, feature or organization, newest day / biggest first."""
-        query = usage_query(
-            self.dialect,
-            group_by=group_by,
-            organization_id=organization_id,
-            feature_key=feature_key,
-            since=since,
-            until=until,
-            split_by=split_by,
-        )
-        return await self._read(lambda conn: [usage_row(row) for row in conn.execute(query)])
-
-    async def balance_history(
-        self, organization_id: str, *, since: datetime | None = None, until: datetime | None = None
-    ) -> list[BalancePoint]:
-        """The balance at the end of each day the organization's credits moved, oldest first."""
-        query = balance_history_query(self.dialect, organization_id, since, until)
-        return await self._read(lambda conn: [balance_point(row) for row in conn.execute(query)])
-
-    async def organizations(self, prefix: str, limit: int) -> list[tuple[str, int]]:
-        """Accounts whose id starts with ``prefix`` (as typed: no wildcards), by id."""
-        return await self._read(
-            lambda conn: [(r[0], int(r[1])) for r in conn.execute(organizations_query(prefix, limit))]
-        )
-
-    async def activity(self, organization_id: str, limit: int) -> tuple[list[dict[str, Any]], list[Reservation]]:
-        """An organization's latest ledger rows (newest first) and its open reservations."""
-        return await self._read(partial(activity_in, organization_id=organization_id, limit=limit))
