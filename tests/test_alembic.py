@@ -47,6 +47,7 @@ TABLES = {
     "credit_guard_subscriptions",
     "credit_guard_outbox",
     "credit_guard_balance_alerts",
+    "credit_guard_auto_topups",
 }
 INDEXES = {
     "ix_credit_guard_grants_organization_id",

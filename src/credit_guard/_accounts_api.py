@@ -15,11 +15,13 @@ from ._grants import Grants
 from ._ledger import check_org
 from ._reservations import Reservations
 from ._storage.base import Store
-from .models import BalancePoint, DeductionResult, Grant, Reservation, is_storable_text
+from ._topups import AutoTopups, Charge
+from .models import AutoTopup, BalancePoint, DeductionResult, Grant, Reservation, is_storable_text
 
 
 class AccountsApi:
     grants: Grants
+    topups: AutoTopups
     reservations: Reservations
     store: Store
 
@@ -132,3 +134,25 @@ class AccountsApi:
         first (``until`` exclusive): a chart's line, read from the ledger's ``balance_after``."""
         check_org(organization_id)
         return await self.store.balance_history(organization_id, since=since, until=until)
+
+    async def set_auto_topup(
+        self, organization_id: str, *, below: int, credits: int, charge: Charge | None = None
+    ) -> AutoTopup:
+        """Buy ``credits`` whenever the spendable balance falls below ``below``: once per
+        crossing, outside the request, by ``await charge(organization_id, credits)`` (which
+        pays and grants; see ``_topups.py``). ``charge`` is one callable for every
+        organization: register it in every process (here, or for all at once with no
+        organization's line changed, ``guard.topups.register(charge)``)."""
+        check_org(organization_id)
+        if charge is not None:
+            self.topups.register(charge)
+        return await self.topups.set(organization_id, below, credits)
+
+    async def auto_topup(self, organization_id: str) -> AutoTopup | None:
+        """The organization's auto top-up and how its last run went (None: none set)."""
+        check_org(organization_id)
+        return await self.store.topup(organization_id)
+
+    async def remove_auto_topup(self, organization_id: str) -> bool:
+        check_org(organization_id)
+        return await self.topups.remove(organization_id)

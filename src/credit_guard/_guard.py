@@ -40,6 +40,7 @@ from ._pricing import Pricing
 from ._reservations import Reservations
 from ._storage import open_store
 from ._storage.engine import DEFAULT_DATABASE_URL, build_engine, parse_database_url
+from ._topups import AutoTopups, fan_out
 from ._webhooks import Webhooks
 from .models import (
     AuditIssue,
@@ -178,7 +179,8 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         self.ledger.renew = self.renew_now
         #: Signed webhooks from the outbox (off until ``webhooks.send_to(url, secret=...)``).
         self.webhooks = Webhooks(self.store, low_balance_threshold=low_balance_threshold)
-        self.ledger.watch = self.grants.watch = self.webhooks.moved
+        self.topups = AutoTopups(self.store)
+        self.ledger.watch = self.grants.watch = fan_out(self.webhooks.moved, self.topups.moved)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -207,6 +209,7 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         await self.holds.start()
         self.hooks.start()
         await self.webhooks.start()
+        await self.topups.start()
         if self.pricing.notifier is not None:
             await self.pricing.notifier.start()
 
@@ -227,6 +230,7 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         self._started_on = None
         await self.holds.close()
         await self.webhooks.close()
+        await self.topups.close()
         await self.hooks.close()
         if self.pricing.notifier is not None:
             await self.pricing.notifier.close()

@@ -20,6 +20,7 @@ from ._hooks import HookDispatcher
 from ._ledger import check_org
 from ._periods import check_unit
 from ._storage.base import Issued, Store
+from ._topups import AutoTopups
 from ._webhooks import Webhooks
 from .errors import PlanInUse, PlanNotFound
 from .events import AllowanceIssuedEvent, H
@@ -36,6 +37,7 @@ class PlansApi:
     hooks: HookDispatcher
     store: Store
     webhooks: Webhooks
+    topups: AutoTopups
 
     async def define_plan(
         self,
@@ -118,6 +120,7 @@ class PlansApi:
         issued = await self.store.renew_due(when)
         self._announce(issued)
         await self.grants.expire(when)
+        await self.topups.refresh()  # lines set by other processes
         return len(issued)
 
     async def renew_now(self, organization_id: str) -> bool:

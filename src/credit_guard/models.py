@@ -218,6 +218,23 @@ class Subscription:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class AutoTopup:
+    """An organization's automatic top-up: ``credits`` bought when its spendable balance
+    falls below ``below``, once per crossing. ``state``: 'armed', 'running' or 'fired'
+    (until the balance is back at or above ``below``); ``crossings`` counts the top-ups
+    run; ``last_result`` is what the app's charge returned, ``last_error`` what it raised."""
+
+    organization_id: str
+    below: int
+    credits: int
+    state: str
+    crossings: int
+    last_result: str | None
+    last_error: str | None
+    last_run_at: datetime | None
+
+
 _FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}
 _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 

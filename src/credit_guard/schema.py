@@ -319,3 +319,24 @@ balance_alerts = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     CheckConstraint("state IN ('ok', 'low', 'empty')", name="state_known"),
 )
+
+auto_topups = Table(
+    f"{TABLE_PREFIX}auto_topups",
+    metadata,
+    # Buy ``credits`` when the spendable balance falls below ``below``: once per crossing.
+    # 'armed' until a look finds the balance below, then 'running' (one process runs the
+    # app's charge, ``crossings`` counts it) and 'fired' until the balance is back at or
+    # above ``below``, which arms it again. A runner that died leaves a lease that runs out.
+    Column("organization_id", String(255), primary_key=True),
+    Column("below", BigInteger, nullable=False),
+    Column("credits", BigInteger, nullable=False),
+    Column("state", String(8), nullable=False),
+    Column("crossings", Integer, nullable=False, default=0),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("last_result", String(255), nullable=True),
+    Column("last_error", String(500), nullable=True),
+    Column("last_run_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("below > 0 AND credits > 0", name="positive"),
+    CheckConstraint("state IN ('armed', 'running', 'fired')", name="state_known"),
+)

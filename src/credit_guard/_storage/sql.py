@@ -57,6 +57,7 @@ from .outbox_store import OutboxStore
 from .plan_store import PlanStore
 from .report_store import ReportStore
 from .reservations import adopt_in, close_in, reservation_in, reserve_in
+from .topup_store import TopupStore
 from .writes import (
     Abandon,
     create_schema_in,
@@ -104,7 +105,7 @@ def missing_tables(exc: BaseException) -> bool:
     return False
 
 
-class SqlStore(PlanStore, OutboxStore, ReportStore):
+class SqlStore(PlanStore, OutboxStore, ReportStore, TopupStore):
     """Every read and write of credit_guard's tables through one SQLAlchemy async engine."""
 
     def __init__(self, engine: AsyncEngine, *, owns_engine: bool = True) -> None:
