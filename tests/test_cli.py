@@ -601,7 +601,10 @@ def test_plans_subscribe_and_unsubscribe_move_credits_as_the_python_api_does(cli
     assert cli.ok("subscribe", "org_1", "daily", "--keep").startswith("org_1 on plan daily: period 0 from ")
     assert cli.ok("balance", "org_1") == "107\n"  # Pro's period kept to its end
     code, _, err = cli("plans", "remove", "daily")
-    assert (code, err) == (1, "credit-guard: error: plan 'daily' has subscribers: move them to another plan first\n")
+    assert (code, err) == (
+        1,
+        "credit-guard: error: plan 'daily' has subscribers, so it cannot be deleted: move them to another plan first\n",
+    )
     code, _, err = cli("subscribe", "org_1", "gold")
     assert code == 1 and "no plan 'gold'" in err
     code, _, err = cli("plans", "set", "gold", "--credits", "5", "--rollover", "some")

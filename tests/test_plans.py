@@ -353,3 +353,18 @@ async def test_a_charge_in_a_periods_first_moments_gets_the_new_allowance_before
     assert not await spend_or_refused(guard, 56)  # still refused when it is truly short
     assert await guard.renew_and_expire() == 0
     assert await guard.audit() == []
+
+
+async def test_a_plans_period_cannot_change_under_its_subscribers(priced: CreditGuard) -> None:
+    """Found by the admin page's author: monthly -> daily under a subscriber four months in
+    granted 177 periods at once. Subscriptions count periods in the plan's unit."""
+    guard = priced
+    await guard.define_plan("pro", credits=100, rollover=0)
+    await guard.subscribe(ORG, "pro")
+    with pytest.raises(PlanInUse, match="changed from month to day"):
+        await guard.define_plan("pro", credits=100, period="day", rollover=0)
+    assert (await guard.get_plan("pro")).period == "month"  # type: ignore[union-attr]
+    await guard.define_plan("pro", credits=120, rollover=10)  # the same period: any other change is fine
+    await guard.unsubscribe(ORG)
+    await guard.define_plan("pro", credits=120, period="day")  # nobody on it: the unit may change
+    assert await guard.audit() == []

@@ -80,10 +80,13 @@ class PlanNotFound(CreditGuardError, LookupError):
 
 
 class PlanInUse(CreditGuardError, ValueError):
-    """A plan cannot be deleted while organizations subscribe to it."""
+    """A plan cannot be deleted, nor its period changed, while organizations subscribe to
+    it (their periods are counted in its unit from their anchors)."""
 
-    def __init__(self, plan_key: str) -> None:
-        super().__init__(f"plan {plan_key!r:.80} has subscribers: move them to another plan first")
+    def __init__(self, plan_key: str, change: str = "deleted") -> None:
+        super().__init__(
+            f"plan {plan_key!r:.80} has subscribers, so it cannot be {change}: move them to another plan first"
+        )
         self.plan_key = plan_key
 
 

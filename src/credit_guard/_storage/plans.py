@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select, update
 
 from .._periods import PeriodUnit, period_index, period_start
+from ..errors import PlanInUse
 from ..models import Plan, Subscription
 from ..schema import accounts, grants, ledger, plans, subscriptions
 from .base import GrantStatus, Issued
@@ -63,13 +64,21 @@ def define_plan_in(conn: Connection, dialect: str, plan: Plan, now: datetime) ->
     edit from their next period on."""
     values = {"name": plan.name, "credits": plan.credits, "period": plan.period, "rollover": plan.rollover}
     stmt = upsert(dialect)(plans).values(plan_key=plan.plan_key, created_at=now, updated_at=now, **values)
-    existed = conn.execute(select(plans.c.plan_key).where(plans.c.plan_key == plan.plan_key)).first() is not None
+    # Locked (PostgreSQL; SQLite's writer holds the database): a subscribe reading the plan waits.
+    old = conn.execute(select(plans.c.period).where(plans.c.plan_key == plan.plan_key).with_for_update()).scalar()
+    existed = old is not None
+    if existed and old != plan.period and _subscribed(conn, plan.plan_key):
+        # Subscriptions count their periods in the plan's unit from their anchors: a new
+        # unit would make every one of them wrong (months of days granted at once).
+        raise PlanInUse(plan.plan_key, f"changed from {old} to {plan.period}")
     conn.execute(stmt.on_conflict_do_update(index_elements=[plans.c.plan_key], set_={**values, "updated_at": now}))
     return plan, not existed
 
 
-def plan_in(conn: Connection, plan_key: str) -> Plan | None:
-    row = conn.execute(select(plans).where(plans.c.plan_key == plan_key)).first()
+def plan_in(conn: Connection, plan_key: str, *, share: bool = False) -> Plan | None:
+    """The plan; ``share``: locked against a change of its period until the transaction ends."""
+    query = select(plans).where(plans.c.plan_key == plan_key)
+    row = conn.execute(query.with_for_update(read=True) if share else query).first()
     return None if row is None else plan_from_row(row)
 
 
@@ -82,9 +91,14 @@ def list_plans_in(conn: Connection) -> list[tuple[Plan, int]]:
     return [(plan_from_row(row), counts.get(row.plan_key, 0)) for row in rows]
 
 
+def _subscribed(conn: Connection, plan_key: str) -> bool:
+    query = select(subscriptions.c.organization_id).where(subscriptions.c.plan_key == plan_key).limit(1)
+    return conn.execute(query).first() is not None
+
+
 def delete_plan_in(conn: Connection, plan_key: str) -> bool | None:
     """Delete a plan: True; None when it does not exist; False while anyone subscribes."""
-    if conn.execute(select(subscriptions.c.organization_id).where(subscriptions.c.plan_key == plan_key)).first():
+    if _subscribed(conn, plan_key):
         return False
     return conn.execute(delete(plans).where(plans.c.plan_key == plan_key)).rowcount > 0 or None
 
@@ -116,7 +130,7 @@ def subscribe_in(
     is in at once (nothing while ``anchor`` is ahead). Already on that plan (and no new
     anchor asked for): nothing changes. On another plan: that one ends now, its allowance
     and rollover written off unless ``keep`` (then they last to their own end)."""
-    plan = plan_in(conn, plan_key)
+    plan = plan_in(conn, plan_key, share=True)
     if plan is None:
         return None
     conn.execute(
