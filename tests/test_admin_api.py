@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from credit_guard import CreditGuard
 from credit_guard.admin import admin_app, openapi_document
-from credit_guard.models import CREDITS_MAX
+from credit_guard.models import CREDITS_MAX, Plan
 
 from .conftest import PRICES, ledger_rows, reset_postgres
 
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.anyio
 
 PRICING = "/api/admin/feature-pricing"
 USAGE = "/api/admin/usage"
+PLANS = "/api/admin/plans"
 ADMIN = {"x-user": "admin"}
 MEMBER = {"x-user": "member"}
 HAS_PAGE = importlib.util.find_spec("credit_guard.admin.page") is not None
@@ -353,7 +354,19 @@ ADMIN_ROUTES = [
     ("GET", "/api/admin/organizations/org_1"),
     ("GET", "/api/admin/organizations/org_1/balance-history"),
     ("POST", "/api/admin/organizations/org_1/grants"),
-    *([("GET", "/admin/feature-pricing"), ("GET", "/admin/organizations")] if HAS_PAGE else []),
+    ("GET", "/api/admin/organizations/org_1/subscription"),
+    ("PUT", "/api/admin/organizations/org_1/subscription"),
+    ("DELETE", "/api/admin/organizations/org_1/subscription"),
+    ("GET", PLANS),
+    ("POST", PLANS),
+    ("GET", f"{PLANS}/some-plan"),
+    ("PATCH", f"{PLANS}/some-plan"),
+    ("DELETE", f"{PLANS}/some-plan"),
+    *(
+        [("GET", "/admin/feature-pricing"), ("GET", "/admin/organizations"), ("GET", "/admin/plans")]
+        if HAS_PAGE
+        else []
+    ),
 ]
 
 
@@ -362,12 +375,19 @@ async def test_admin_routes_refuse_anonymous_401_and_non_admins_403(
     client: httpx.AsyncClient, guard: CreditGuard, method: str, path: str
 ) -> None:
     before = await snapshot(guard)
-    kwargs: dict[str, Any] = {"json": NEW} if method in ("POST", "PATCH") else {}
+    await guard.define_plan("some_plan", credits=10)
+    ledger = await ledger_rows(guard)
+    kwargs: dict[str, Any] = {"json": NEW} if method in ("POST", "PATCH", "PUT") else {}
+    if path.endswith("/subscription") and method == "PUT":
+        kwargs = {"json": {"plan_key": "some_plan"}}
+    path = path.replace("/some-plan", "/some_plan")
     assert_problem(await client.request(method, path, **kwargs), 401)
     assert_problem(await client.request(method, path, headers=MEMBER, **kwargs), 403)
     # Only exactly True counts: a truthy string is not an admin flag.
     assert_problem(await client.request(method, path, headers={"x-user": "truthy-string"}, **kwargs), 403)
     assert await snapshot(guard) == before
+    assert await guard.list_plans() == [Plan("some_plan", "some_plan", 10, "month", 0)]
+    assert await ledger_rows(guard) == ledger and await guard.subscription("org_1") is None
 
 
 async def test_user_may_be_an_object_and_is_admin_may_be_async(guard: CreditGuard) -> None:
@@ -495,6 +515,12 @@ async def test_mounted_under_a_tenant_prefix_with_the_host_apps_guard(guard: Cre
             # Issue 23: the pricing page links to the organizations page, under the same prefix.
             assert '<a href="/acme/admin/organizations" aria-label="Organizations">' in page.text
             assert (await c.get("/acme/admin/organizations", headers=ADMIN)).status_code == 200
+            # The plans page too, linked from the others, under the same prefix.
+            assert '<a href="/acme/admin/plans">Plans</a>' in page.text
+            plans_page = await c.get("/acme/admin/plans", headers=ADMIN)
+            assert plans_page.status_code == 200 and 'data-base="/acme"' in plans_page.text
+            assert "script-src 'self'" in plans_page.headers["content-security-policy"]
+            assert (await c.get("/acme/admin/plans", headers=MEMBER)).status_code == 403
 
 
 async def test_mounted_in_fastapi_next_to_its_routes(guard: CreditGuard) -> None:
@@ -552,7 +578,12 @@ async def test_openapi_document_is_valid_and_describes_every_route(client: httpx
         (path, method.upper()) for path, item in served["paths"].items() for method in item if method != "parameters"
     }
     routed = {
-        (path.replace("/some-id", "/{pricing_id}").replace("/org_1", "/{organization_id}"), method)
+        (
+            path.replace("/some-id", "/{pricing_id}")
+            .replace("/org_1", "/{organization_id}")
+            .replace("/some-plan", "/{plan_key}"),
+            method,
+        )
         for method, path in ADMIN_ROUTES
     }
     assert documented == routed | {("/api/features/pricing", "GET")}
@@ -648,3 +679,205 @@ async def test_operator_finds_an_organization_reads_its_credits_and_grants_once(
         assert_problem(await client.post("/api/admin/organizations/org_1/grants", json=bad, headers=ADMIN), 422)
     assert await guard.get_balance("org_1") == 35
     assert await guard.audit() == []
+
+
+# -- plans -----------------------------------------------------------------------------------
+
+SUBSCRIPTION = "/api/admin/organizations/{}/subscription"
+PRO = {"plan_key": "pro", "credits": 1000, "rollover": 500, "name": "Pro"}
+
+
+async def plans_snapshot(guard: CreditGuard) -> list[tuple[Plan, int]]:
+    return await guard.store.list_plans()
+
+
+async def test_plans_crud_round_trip(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    assert (await client.get(PLANS, headers=ADMIN)).json() == []
+    created = await client.post(PLANS, json=PRO, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    assert created.json() == {**PRO, "period": "month", "subscribers": 0}
+    assert created.headers["location"] == f"{PLANS}/pro" and created.headers["cache-control"] == "no-store"
+    assert await guard.get_plan("pro") == Plan("pro", "Pro", 1000, "month", 500)
+    assert (await client.get(created.headers["location"], headers=ADMIN)).json() == created.json()
+
+    # defaults: a monthly plan named by its key, whose unused credits reset
+    basic = await client.post(PLANS, json={"plan_key": "basic", "credits": 100, "name": "  Basic  "}, headers=ADMIN)
+    assert basic.json() == {
+        "plan_key": "basic",
+        "name": "Basic",
+        "credits": 100,
+        "period": "month",
+        "rollover": 0,
+        "subscribers": 0,
+    }
+    daily = await client.post(PLANS, json={"plan_key": "daily", "credits": 5, "period": "day"}, headers=ADMIN)
+    assert (daily.json()["name"], daily.json()["period"]) == ("daily", "day")
+
+    # an edit changes only what it names; null rollover carries everything, null name is the key
+    patched = await client.patch(f"{PLANS}/pro", json={"credits": 1200, "rollover": None}, headers=ADMIN)
+    assert patched.status_code == 200
+    assert patched.json() == {**PRO, "credits": 1200, "rollover": None, "period": "month", "subscribers": 0}
+    renamed = await client.patch(f"{PLANS}/pro", json={"name": None, "period": "year"}, headers=ADMIN)
+    assert (renamed.json()["name"], renamed.json()["period"]) == ("pro", "year")
+    assert await guard.get_plan("pro") == Plan("pro", "pro", 1200, "year", None)
+    assert (await client.patch(f"{PLANS}/pro", json={}, headers=ADMIN)).json() == renamed.json()
+
+    listed = (await client.get(PLANS, headers=ADMIN)).json()
+    assert [p["plan_key"] for p in listed] == ["basic", "daily", "pro"]  # by key
+
+    deleted = await client.delete(f"{PLANS}/daily", headers=ADMIN)
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert assert_problem(await client.get(f"{PLANS}/daily", headers=ADMIN), 404)["plan_key"] == "daily"
+    assert_problem(await client.delete(f"{PLANS}/daily", headers=ADMIN), 404)
+    assert [p.plan_key for p in await guard.list_plans()] == ["basic", "pro"]
+
+
+async def test_plan_refusals_name_each_field_and_change_nothing(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    await guard.define_plan("pro", credits=1000, rollover=500, name="Pro")
+    before = await plans_snapshot(guard)
+    cases: list[tuple[dict[str, Any], set[str]]] = [
+        ({}, {"plan_key", "credits"}),
+        ({"plan_key": "Pro Plan", "credits": 0}, {"plan_key", "credits"}),
+        ({**PRO, "plan_key": "x" * 65, "period": "fortnight"}, {"plan_key", "period"}),
+        ({**PRO, "plan_key": "new", "credits": 2.5, "rollover": -1}, {"credits", "rollover"}),
+        ({**PRO, "plan_key": "new", "credits": "10", "rollover": True}, {"credits", "rollover"}),
+        ({**PRO, "plan_key": "new", "credits": 2**53, "name": "   "}, {"credits", "name"}),
+        ({**PRO, "plan_key": "new", "name": "a\nb", "subscribers": 3}, {"name", "subscribers"}),
+        ({**PRO, "plan_key": "new", "name": "x" * 201, "period": None}, {"name", "period"}),
+    ]
+    for body, fields in cases:
+        problem = assert_problem(await client.post(PLANS, json=body, headers=ADMIN), 422)
+        assert set(problem["errors"]) == fields, body
+    raw = json.dumps({**PRO, "plan_key": "new", "name": "\ud800"}).encode()  # a lone surrogate: 422, not a 503
+    sent = await client.post(PLANS, content=raw, headers={**ADMIN, "content-type": "application/json"})
+    assert set(assert_problem(sent, 422)["errors"]) == {"name"}
+    duplicate = assert_problem(await client.post(PLANS, json={**PRO, "credits": 1}, headers=ADMIN), 409)
+    assert duplicate["errors"] == {"plan_key": "already exists"} and duplicate["plan_key"] == "pro"
+
+    # an edit: the key cannot change, a bad field lands nothing (not even the good one next to it)
+    rename = assert_problem(await client.patch(f"{PLANS}/pro", json={"plan_key": "max"}, headers=ADMIN), 422)
+    assert "cannot be changed" in rename["errors"]["plan_key"]
+    mixed = assert_problem(
+        await client.patch(f"{PLANS}/pro", json={"credits": 5, "rollover": "all"}, headers=ADMIN), 422
+    )
+    assert list(mixed["errors"]) == ["rollover"]
+    assert set(
+        assert_problem(await client.patch(f"{PLANS}/pro", json={"credits": None}, headers=ADMIN), 422)["errors"]
+    ) == {"credits"}
+    for missing in ("nope", "Not A Key", "x" * 300):
+        assert_problem(await client.patch(f"{PLANS}/{missing}", json={"credits": 5}, headers=ADMIN), 404)
+        assert_problem(await client.get(f"{PLANS}/{missing}", headers=ADMIN), 404)
+        assert_problem(await client.delete(f"{PLANS}/{missing}", headers=ADMIN), 404)
+    assert "plan_key" in assert_problem(await client.get(f"{PLANS}/a%00", headers=ADMIN), 422)["errors"]
+
+    json_header = {**ADMIN, "content-type": "application/json"}
+    for method, path in (("POST", PLANS), ("PATCH", f"{PLANS}/pro")):
+        assert_problem(await client.request(method, path, content=b"{not json", headers=json_header), 400)
+        assert_problem(await client.request(method, path, content=b"[1]", headers=json_header), 400)
+        assert_problem(await client.request(method, path, data={"credits": "1"}, headers=ADMIN), 415)
+    assert await plans_snapshot(guard) == before
+
+
+async def test_an_organizations_plan_through_the_api_moves_exactly_what_the_ledger_shows(
+    client: httpx.AsyncClient, guard: CreditGuard, caplog: pytest.LogCaptureFixture
+) -> None:
+    await guard.define_plan("pro", credits=1000, rollover=500, name="Pro")
+    await guard.define_plan("max", credits=3000, rollover=None, name="Max")
+    path = SUBSCRIPTION.format("acme")
+    none = assert_problem(await client.get(path, headers=ADMIN), 404)
+    assert none["type"] == "urn:credit-guard:problem:no-subscription" and none["organization_id"] == "acme"
+
+    # subscribe: the period under way is granted at once, as one grant row
+    caplog.set_level("INFO", logger="credit_guard.admin")
+    subscribed = await client.put(path, json={"plan_key": "pro"}, headers=ADMIN)
+    assert subscribed.status_code == 201, subscribed.text
+    sub = await guard.subscription("acme")
+    assert sub is not None
+    assert subscribed.json() == {
+        **sub.to_dict(),
+        "plan": {"plan_key": "pro", "name": "Pro", "credits": 1000, "period": "month", "rollover": 500},
+    }
+    body = subscribed.json()
+    assert (body["period"], body["period_start"], body["renews_at"]) == (
+        0,
+        sub.anchor.isoformat(),
+        sub.renews_at.isoformat(),  # the next renewal
+    )
+    assert await guard.get_balance("acme") == 1000
+    rows = await ledger_rows(guard, "acme")
+    assert [(r["kind"], r["amount"]) for r in rows] == [("grant", 1000)]
+    assert str(rows[0]["idempotency_key"]).startswith("plan:")
+    assert "credit_guard admin: subscribed acme to plan pro" in caplog.text
+    assert (await client.get(path, headers=ADMIN)).json() == body
+
+    # again: nothing changes (a retry, a double click)
+    again = await client.put(path, json={"plan_key": "pro", "on_change": "keep"}, headers=ADMIN)
+    assert (again.status_code, again.json()) == (200, body)
+    assert await ledger_rows(guard, "acme") == rows
+    listed = {p["plan_key"]: p["subscribers"] for p in (await client.get(PLANS, headers=ADMIN)).json()}
+    assert listed == {"max": 0, "pro": 1}
+    assert (await client.get(f"{PLANS}/pro", headers=ADMIN)).json()["subscribers"] == 1
+
+    # a plan with subscribers keeps its period and cannot be deleted; other edits are fine
+    period = assert_problem(
+        await client.patch(f"{PLANS}/pro", json={"period": "day", "credits": 1}, headers=ADMIN), 409
+    )
+    assert list(period["errors"]) == ["period"]
+    assert await guard.get_plan("pro") == Plan("pro", "Pro", 1000, "month", 500)
+    same_period = await client.patch(f"{PLANS}/pro", json={"period": "month", "credits": 900}, headers=ADMIN)
+    assert same_period.status_code == 200 and same_period.json()["credits"] == 900
+    assert await guard.get_balance("acme") == 1000  # the period under way is not changed under the user
+    in_use = assert_problem(await client.delete(f"{PLANS}/pro", headers=ADMIN), 409)
+    assert in_use["type"] == "urn:credit-guard:problem:plan-in-use"
+
+    # a change of plan: the old allowance written off (the default), the new one granted
+    moved = await client.put(path, json={"plan_key": "max"}, headers=ADMIN)
+    assert moved.status_code == 200 and moved.json()["plan"]["plan_key"] == "max"
+    assert await guard.get_balance("acme") == 3000
+    new_rows = (await ledger_rows(guard, "acme"))[len(rows) :]
+    assert [(r["kind"], r["amount"]) for r in new_rows] == [("expiry", -1000), ("grant", 3000)]
+    assert "moved acme from plan pro to max (old credits written off)" in caplog.text
+
+    # back, keeping max's credits to their end
+    kept = await client.put(path, json={"plan_key": "pro", "on_change": "keep"}, headers=ADMIN)
+    assert kept.status_code == 200 and kept.json()["plan"]["credits"] == 900
+    assert await guard.get_balance("acme") == 3900
+
+    # end it: the period under way written off on request (expire), the kept max credits stay
+    ended = await client.delete(path, params={"on_change": "expire"}, headers=ADMIN)
+    assert (ended.status_code, ended.content) == (204, b"")
+    assert await guard.get_balance("acme") == 3000
+    assert await guard.subscription("acme") is None
+    assert "ended acme's plan pro (credits written off)" in caplog.text
+    assert_problem(await client.get(path, headers=ADMIN), 404)
+    assert_problem(await client.delete(path, headers=ADMIN), 404)
+    all_rows = await ledger_rows(guard, "acme")
+    assert sum(int(str(r["amount"])) for r in all_rows) == await guard.get_balance("acme")
+    assert [(r["kind"], r["amount"]) for r in all_rows[len(rows) + 2 :]] == [("grant", 900), ("expiry", -900)]
+    assert (await client.delete(f"{PLANS}/pro", headers=ADMIN)).status_code == 204
+    assert await guard.audit() == []
+
+
+async def test_subscription_refusals_move_nothing(client: httpx.AsyncClient, guard: CreditGuard) -> None:
+    await guard.define_plan("pro", credits=1000)
+    path = SUBSCRIPTION.format("acme")
+    ledger = await ledger_rows(guard)
+    for body, fields in [
+        ({}, {"plan_key"}),
+        ({"plan_key": "Pro"}, {"plan_key"}),
+        ({"plan_key": 5, "on_change": "drop"}, {"plan_key", "on_change"}),
+        ({"plan_key": "pro", "anchor": "2030-01-01T00:00:00Z"}, {"anchor"}),
+    ]:
+        assert set(assert_problem(await client.put(path, json=body, headers=ADMIN), 422)["errors"]) == fields, body
+    unknown = assert_problem(await client.put(path, json={"plan_key": "nope"}, headers=ADMIN), 404)
+    assert unknown["type"] == "urn:credit-guard:problem:plan-not-found" and "plan_key" in unknown["errors"]
+    assert_problem(await client.put(path, data={"plan_key": "pro"}, headers=ADMIN), 415)
+    assert_problem(await client.put(path, content=b"[]", headers={**ADMIN, "content-type": "application/json"}), 400)
+    bad = assert_problem(await client.delete(path, params={"on_change": "later"}, headers=ADMIN), 422)
+    assert list(bad["errors"]) == ["on_change"]
+    too_long = assert_problem(
+        await client.put(SUBSCRIPTION.format("x" * 256), json={"plan_key": "pro"}, headers=ADMIN), 422
+    )
+    assert list(too_long["errors"]) == ["organization_id"]
+    assert_problem(await client.put(path, json={"plan_key": "pro"}, headers=MEMBER), 403)
+    assert await ledger_rows(guard) == ledger and await guard.subscription("acme") is None

@@ -36,6 +36,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from credit_guard import CreditGuard, _clock
+from credit_guard.models import Plan
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -635,14 +636,21 @@ async def test_user_text_is_escaped_and_the_page_fits_a_phone(guard: CreditGuard
         await expect(organizations).to_have_attribute("href", TENANT + "/admin/organizations")
         box = await organizations.bounding_box()
         assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
-        assert await top_bar(page) == ["credit_guardadmin", "Pricing", "Usage", "OrganizationsOrgs", "Tenant acme"]
+        assert await top_bar(page) == [
+            "credit_guardadmin",
+            "Pricing",
+            "Usage",
+            "Plans",
+            "OrganizationsOrgs",
+            "Tenant acme",
+        ]
         await browser.screenshot("admin-pricing-narrow", guard, full_page=True)
         await organizations.click()
         await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
         back = page.get_by_role("navigation").get_by_role("link", name="Pricing")
         await expect(back).to_have_attribute("href", TENANT + "/admin/feature-pricing")
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
-        assert await top_bar(page) == ["credit_guardadmin", "Pricing", "Usage", "OrganizationsOrgs"]
+        assert await top_bar(page) == ["credit_guardadmin", "Pricing", "Usage", "Plans", "OrganizationsOrgs"]
 
 
 async def test_operator_finds_an_organization_and_grants_credits_with_a_confirmation(
@@ -699,3 +707,270 @@ async def test_operator_finds_an_organization_and_grants_credits_with_a_confirma
     assert [g.reason for g in await guard.list_grants("acme")] == ["Pro plan", "support ticket 4711"]
     await browser.screenshot("admin-organizations", guard, full_page=True)
     assert await guard.audit() == []
+
+
+# -- plans --------------------------------------------------------------------------------------
+
+PLANS_PAGE = TENANT + "/admin/plans"
+
+
+def utc_minute(when: datetime) -> str:
+    """A timestamp as the pages show it: ``2026-02-08 12:00 UTC``."""
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+async def plan_rows_fit(page: Page) -> list[bool]:
+    """For each plan row: its parts (name and terms, amount, subscribers, buttons) are whole
+    on the screen and none lies over another."""
+    fits: list[bool] = await page.evaluate(
+        "Array.from(document.querySelectorAll('.plan'), li => {"
+        " const boxes = ['.feature-main', '.credits-num', '.credits-unit', '.subscribers', '[data-action=edit]',"
+        "   '[data-action=delete]']"
+        "   .map(s => li.querySelector(s).getBoundingClientRect());"
+        " const apart = (a, b) => a.right <= b.left || b.right <= a.left || a.bottom <= b.top || b.bottom <= a.top;"
+        " return boxes.every((a, i) => a.left >= 0 && a.right <= window.innerWidth"
+        "   && boxes.every((b, j) => j <= i || apart(a, b))); })"
+    )
+    return fits
+
+
+async def open_plans(browser: Browser) -> Page:
+    page = browser.page
+    await page.goto(browser.base + PLANS_PAGE)
+    await expect(page.locator("#plan-list")).to_have_attribute("data-loaded", "true")
+    return page
+
+
+async def test_operator_adds_edits_and_deletes_a_plan(guard: CreditGuard, browser: Browser) -> None:
+    page = await open_plans(browser)
+    form = page.locator("#plan-form")
+    await expect(page.locator("#list-empty")).to_be_visible()
+    await expect(page.locator("#summary")).to_have_text("0 plans · 0 subscribers")
+
+    # add: a monthly plan carrying up to 500 unused credits
+    await form.get_by_label("Plan Key").fill("pro")
+    await form.get_by_label("Name").fill("Pro <b>plan</b>")
+    await form.get_by_label("Credits per period").fill("1000")
+    await form.get_by_label("Rollover", exact=True).fill("500")
+    await page.get_by_role("button", name="Add plan").click()
+    row = page.locator('.plan[data-key="pro"]')
+    await expect(row.locator(".feature-name")).to_have_text("Pro <b>plan</b>")  # shown, not parsed
+    await expect(row.locator("b")).to_have_count(0)
+    await expect(row.locator(".feature-desc")).to_have_text("1,000 credits a month, up to 500 unused credits roll over")
+    await expect(row.locator(".subscribers")).to_have_text("0 subscribers")
+    await expect(form.get_by_label("Plan Key")).to_have_value("")  # ready for the next one
+    assert await guard.get_plan("pro") == Plan("pro", "Pro <b>plan</b>", 1000, "month", 500)
+
+    # a daily plan named by its key, whose unused credits reset
+    await form.get_by_label("Plan Key").fill("daily")
+    await form.get_by_label("Credits per period").fill("5")
+    await form.get_by_label("Period", exact=True).select_option("day")
+    await page.get_by_role("button", name="Add plan").click()
+    await expect(page.locator('.plan[data-key="daily"] .feature-desc')).to_have_text(
+        "5 credits a day, unused credits reset"
+    )
+    assert await guard.get_plan("daily") == Plan("daily", "daily", 5, "day", 0)
+    await expect(page.locator(".plan")).to_have_count(2)
+    await expect(page.locator("#summary")).to_have_text("2 plans · 0 subscribers")
+    assert await plan_rows_fit(page) == [True, True]
+
+    # errors from the API appear next to their fields, and nothing is written
+    await form.get_by_label("Plan Key").fill("Bad Key!")
+    await form.get_by_label("Credits per period").fill("0")
+    await page.get_by_role("button", name="Add plan").click()
+    await expect(page.locator('.field[data-field="plan_key"] .error')).to_contain_text("lowercase")
+    await expect(page.locator('.field[data-field="credits"] .error')).to_contain_text("whole number")
+    await expect(form.get_by_label("Plan Key")).to_be_focused()
+    await form.get_by_label("Plan Key").fill("pro")  # taken: a 409 on the key field
+    await form.get_by_label("Credits per period").fill("7")
+    await page.get_by_role("button", name="Add plan").click()
+    await expect(page.locator('.field[data-field="plan_key"] .error')).to_have_text("already exists")
+    await browser.screenshot("admin-plans-errors", guard)
+    assert [p.plan_key for p in await guard.list_plans()] == ["daily", "pro"]
+    assert (await guard.get_plan("pro")).credits == 1000  # type: ignore[union-attr]
+
+    # edit: the key is fixed; all unused credits roll over from now on
+    await row.get_by_role("button", name="Edit Pro <b>plan</b>").click()
+    await expect(page.locator("#form-title")).to_have_text("Edit plan")
+    await expect(form.get_by_label("Plan Key")).to_have_value("pro")
+    await expect(form.get_by_label("Plan Key")).not_to_be_editable()
+    await expect(page.locator('.field[data-field="plan_key"] .error')).to_be_hidden()
+    await expect(form.get_by_label("Rollover", exact=True)).to_have_value("500")
+    await form.get_by_label("Name").fill("Pro")
+    await form.get_by_label("Credits per period").fill("1200")
+    await form.get_by_label("All unused credits roll over").check()
+    await expect(form.get_by_label("Rollover", exact=True)).to_be_disabled()
+    await browser.screenshot("admin-plans-edit", guard)
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(row.locator(".feature-desc")).to_have_text("1,200 credits a month, all unused credits roll over")
+    await expect(page.locator("#form-title")).to_have_text("Add plan")
+    assert await guard.get_plan("pro") == Plan("pro", "Pro", 1200, "month", None)
+
+    # a plan with a subscriber: its period cannot change (409 on the period field), nor can it be deleted
+    await guard.subscribe("acme", "pro")
+    await page.reload()
+    await expect(page.locator("#plan-list")).to_have_attribute("data-loaded", "true")
+    await expect(row.locator(".subscribers")).to_have_text("1 subscriber")
+    await row.get_by_role("button", name="Edit Pro").click()
+    await form.get_by_label("Period", exact=True).select_option("week")
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(page.locator('.field[data-field="period"] .error')).to_contain_text("cannot change while 1")
+    assert (await guard.get_plan("pro")).period == "month"  # type: ignore[union-attr]
+    await page.get_by_role("button", name="Cancel").click()
+    asked: list[str] = []
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    page.once("dialog", accept)
+    await row.get_by_role("button", name="Delete Pro").click()
+    await expect(page.locator("#toast")).to_contain_text("move them to another plan first")
+    await expect(row).to_have_count(1)
+    assert await guard.get_plan("pro") is not None
+
+    # delete the other one, after a confirmation; declining deletes nothing
+    async def dismiss(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    daily = page.locator('.plan[data-key="daily"]')
+    page.once("dialog", dismiss)
+    await daily.get_by_role("button", name="Delete daily").click()
+    page.once("dialog", accept)
+    await daily.get_by_role("button", name="Delete daily").click()
+    await expect(daily).to_have_count(0)
+    assert [m.split("?")[0] for m in asked] == ['Delete plan "Pro" (pro)', *['Delete plan "daily" (daily)'] * 2]
+    assert [p.plan_key for p in await guard.list_plans()] == ["pro"]
+    await browser.screenshot("admin-plans", guard, full_page=True)
+    assert await guard.audit() == []
+
+
+async def test_operator_puts_an_organization_on_a_plan_and_sees_its_next_renewal(
+    guard: CreditGuard, browser: Browser
+) -> None:
+    from .conftest import ledger_rows  # here: the uvicorn process imports this module too
+
+    page = browser.page
+    await guard.define_plan("pro", credits=1000, rollover=500, name="Pro")
+    await guard.define_plan("max", credits=3000, rollover=None, name="Max")
+    await guard.grant_credits("acme", 40, reason="welcome")
+    await page.goto(browser.base + TENANT + "/admin/organizations")
+    await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
+    await page.get_by_role("button", name="acme", exact=True).click()
+    box = page.locator("#org-plan")
+    await expect(box).to_have_attribute("data-loaded", "true")
+    await expect(page.locator("#plan-summary")).to_have_text("No plan")
+    await expect(page.locator("#plan-end")).to_be_hidden()
+    await expect(page.locator("#plan-on-change")).to_be_hidden()  # nothing to keep or write off yet
+    await expect(page.locator("#plan-select option")).to_have_text(
+        ["Max (max) · 3,000 credits a month, all unused credits roll over",
+         "Pro (pro) · 1,000 credits a month, up to 500 roll over"]
+    )  # fmt: skip
+    asked: list[str] = []
+
+    async def decline(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    # subscribe: declined first (nothing moves), then confirmed (the period granted at once)
+    await page.locator("#plan-select").select_option("pro")
+    page.once("dialog", decline)
+    await page.get_by_role("button", name="Subscribe").click()
+    await expect(page.locator("#status")).to_have_text("Plan unchanged.")
+    assert await guard.subscription("acme") is None and await guard.get_balance("acme") == 40
+    page.once("dialog", accept)
+    await page.get_by_role("button", name="Subscribe").click()
+    await expect(page.locator("#org-balance")).to_have_text("1040")
+    sub = await guard.subscription("acme")
+    assert sub is not None and sub.plan_key == "pro" and sub.period_start is not None
+    assert asked == ["Put acme on pro? Pro (pro) grants 1,000 credits now, then every month."] * 2
+    await expect(box).to_have_attribute("data-plan", "pro")
+    await expect(page.locator("#plan-summary")).to_have_text("Pro (pro): 1,000 credits a month, up to 500 roll over")
+    await expect(page.locator("#plan-renews")).to_have_text(utc_minute(sub.renews_at))
+    await expect(page.locator("#plan-period")).to_have_text("since " + utc_minute(sub.period_start))
+    await expect(page.locator("#status")).to_have_text(
+        f"acme is on Pro (pro): next renewal {utc_minute(sub.renews_at)}."
+    )
+    await expect(page.locator("#grants tbody tr")).to_have_count(2)
+    await browser.screenshot("admin-organization-plan", guard, of="#org-plan")
+
+    # change to max, keeping pro's credits to their end
+    asked.clear()
+    await expect(page.locator("#plan-select")).to_have_value("pro")
+    await page.locator("#plan-select").select_option("max")
+    await page.locator("#plan-on-change").select_option("keep")
+    page.once("dialog", accept)
+    await page.get_by_role("button", name="Change plan").click()
+    await expect(page.locator("#org-balance")).to_have_text("4040")
+    await expect(box).to_have_attribute("data-plan", "max")
+    assert asked == [
+        "Move acme from pro to max? Max (max) grants 3,000 credits now, then every month. "
+        "The credits left from pro last until they expire."
+    ]
+    # and back to pro, writing max's credits off (the default)
+    await page.locator("#plan-select").select_option("pro")
+    await expect(page.locator("#plan-on-change")).to_have_value("expire")
+    page.once("dialog", accept)
+    await page.get_by_role("button", name="Change plan").click()
+    await expect(box).to_have_attribute("data-plan", "pro")
+    await expect(page.locator("#org-balance")).to_have_text("2040")
+    assert await guard.get_balance("acme") == 2040
+    kinds = [(r["kind"], r["amount"]) for r in await ledger_rows(guard, "acme")]
+    assert kinds == [("grant", 40), ("grant", 1000), ("grant", 3000), ("expiry", -3000), ("grant", 1000)]
+
+    # end it: no period after this, the credits last to their end
+    asked.clear()
+    page.once("dialog", accept)
+    await page.get_by_role("button", name="End plan").click()
+    await expect(page.locator("#plan-summary")).to_have_text("No plan")
+    await expect(page.locator("#status")).to_have_text("acme is on no plan now.")
+    assert asked == [
+        "End acme's plan pro? No period is granted after this; the credits it granted last until they expire."
+    ]
+    assert await guard.subscription("acme") is None and await guard.get_balance("acme") == 2040
+
+    # on a phone the plan box fits, and nothing scrolls sideways
+    await page.set_viewport_size({"width": 375, "height": 812})
+    # (once the balance chart has shrunk to its card: uPlot redraws on a ResizeObserver)
+    await eventually(page, "document.documentElement.scrollWidth <= window.innerWidth")
+    box_right = "document.getElementById('org-plan').getBoundingClientRect().right <= window.innerWidth"
+    assert await page.evaluate(box_right)
+    await browser.screenshot("admin-organization-plan-narrow", guard, full_page=True)
+    assert await guard.audit() == []
+
+
+async def test_the_plans_page_fits_a_phone_and_escapes_plan_names(guard: CreditGuard, server: str) -> None:
+    await guard.define_plan("xss_probe", credits=2**53 - 1, name='<img src=x onerror="window.__pwned=1">')
+    await guard.define_plan("basic", credits=100, period="week", rollover=10, name="Basic")
+    await guard.subscribe("acme", "basic")
+    async with browser_at(server, width=375, height=812) as browser:
+        page = await open_plans(browser)
+        await expect(page.locator('.plan[data-key="xss_probe"] .feature-name')).to_have_text(
+            '<img src=x onerror="window.__pwned=1">'
+        )
+        await expect(page.locator('.plan[data-key="basic"] .subscribers')).to_have_text("1 subscriber")
+        await expect(page.locator("#summary")).to_have_text("2 plans · 1 subscriber")
+        assert await page.evaluate("window.__pwned") is None
+        assert await page.locator('img[src="x"]').count() == 0
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert await plan_rows_fit(page) == [True, True]  # even a 16-digit allowance
+        assert await top_bar(page) == [
+            "credit_guardadmin",
+            "Pricing",
+            "Usage",
+            "Plans",
+            "OrganizationsOrgs",
+            "Tenant acme",
+        ]
+        await expect(page.get_by_role("navigation").get_by_role("link", name="Plans")).to_have_attribute(
+            "aria-current", "page"
+        )
+        await browser.screenshot("admin-plans-narrow", guard, full_page=True)
+        # the New plan button (the form is below the list on a phone) reaches the form
+        await page.get_by_role("link", name="New plan").click()
+        await expect(page.locator("#f-plan_key")).to_be_focused()

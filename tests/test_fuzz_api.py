@@ -7,9 +7,11 @@ accepted) and invalid ones (which must be refused with a 4xx), sends them as an
 administrator so every write path runs, and checks each answer against the same document:
 never a 5xx, a documented status, the documented content type, headers and body schema.
 
-And money: the admin API moves no credits, so after the whole run every balance and every
-ledger row must be exactly as before, and ``audit()`` must still find the books exact,
-however many prices were created, repriced, deactivated or deleted meanwhile.
+And money: apart from grants and subscriptions (fuzzed on their own, every credit they
+move accounted for in the ledger) the admin API moves no credits, so after the whole run
+every balance and every ledger row must be exactly as before, and ``audit()`` must still
+find the books exact, however many prices and plans were created, changed or deleted
+meanwhile.
 
 How it runs: schemathesis's own ASGI transport drives an app on an event loop of its own,
 but the guard (the ``guard`` fixture) lives on this test's loop, and asyncpg connections
@@ -68,8 +70,17 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 BASE_URL = "http://test"
 ROLE_HEADER = "x-fuzz-role"
 PRICING_WRITE = "POST /api/admin/feature-pricing"
-#: The one admin operation that moves credits: fuzzed on its own, its grants accounted for.
+#: An admin operation that moves credits: fuzzed on its own, its grants accounted for.
 GRANT_WRITE = "POST /api/admin/organizations/{organization_id}/grants"
+#: The others: putting an organization on a plan grants its period (and may write off the
+#: old plan's); ending one may write the period off. Fuzzed on their own too.
+SUBSCRIBE = "PUT /api/admin/organizations/{organization_id}/subscription"
+UNSUBSCRIBE = "DELETE /api/admin/organizations/{organization_id}/subscription"
+MONEY_WRITES = {GRANT_WRITE, SUBSCRIBE, UNSUBSCRIBE}
+PLAN_WRITES = ("POST /api/admin/plans", "PATCH /api/admin/plans/{plan_key}")
+#: Plans defined before a run, and an organization on one of them (its own books).
+PLANS = {"pro": (100, "month", 50), "max": (300, "month", None), "daily": (5, "day", 0)}
+PLANNED_ORG = "org_planned"
 #: Examples per operation and generation mode: Hypothesis tries the boundaries first, so this
 #: reaches every validation branch while the whole file stays well under 30 s.
 MAX_EXAMPLES = 30
@@ -167,9 +178,11 @@ def fuzz(
     for operation in operations(schema, keep):
         # Random ids and keys only ever meet a 404; real ones (seeded, or created by the
         # fuzzing of POST just before) reach the reads and writes behind the lookup.
-        known = anyio.from_thread.run(known_inputs, operation.label)
+        known_for_all_modes = anyio.from_thread.run(known_inputs, operation.label)
         for mode in modes:
             strategy = operation.as_strategy(mode)
+            # A fixed body is valid data: it only makes sense for valid (positive) cases.
+            known = [k for k in known_for_all_modes if mode is GenerationMode.POSITIVE or "body" not in k]
             if known:
                 strategy = st.one_of(
                     strategy,
@@ -216,6 +229,14 @@ async def setup_books(guard: CreditGuard) -> tuple[dict[str, int], list[dict[str
     return balances, await ledger_rows(guard)
 
 
+async def setup_plans(guard: CreditGuard) -> None:
+    """The plans of ``PLANS``, and ``PLANNED_ORG`` on pro (its first period granted)."""
+    for key, (credits, period, rollover) in PLANS.items():
+        await guard.define_plan(key, credits=credits, period=period, rollover=rollover)
+    await guard.subscribe(PLANNED_ORG, "pro")
+    assert await guard.get_balance(PLANNED_ORG) == 100
+
+
 async def assert_books_unchanged(guard: CreditGuard, balances: dict[str, int], ledger: list[dict[str, object]]) -> None:
     assert {org: await guard.get_balance(org) for org in GRANTS} == balances
     assert await ledger_rows(guard) == ledger
@@ -225,12 +246,22 @@ async def assert_books_unchanged(guard: CreditGuard, balances: dict[str, int], l
 def known_inputs_for(guard: CreditGuard) -> KnownInputs:
     async def known_inputs(label: str) -> list[dict[str, Any]]:
         pricing = await guard.list_pricing()
+        plan_keys = [plan.plan_key for plan in await guard.list_plans()]
+        if "{plan_key}" in label:
+            return [{"path_parameters": {"plan_key": key}} for key in plan_keys]
+        if label == SUBSCRIBE:
+            return [
+                {"path_parameters": {"organization_id": org}, "body": {"plan_key": key, "on_change": on_change}}
+                for org in [*GRANTS, PLANNED_ORG]
+                for key in plan_keys
+                for on_change in ("expire", "keep")
+            ]
         if "{pricing_id}" in label:
             return [{"path_parameters": {"pricing_id": p.id}} for p in pricing]
         if label == "GET /api/features/pricing":
             return [{"query": {"key": p.feature_key}} for p in pricing]
         if "{organization_id}" in label:
-            return [{"path_parameters": {"organization_id": org}} for org in GRANTS]
+            return [{"path_parameters": {"organization_id": org}} for org in [*GRANTS, PLANNED_ORG]]
         if label == "GET /api/admin/usage":
             features = ["kling_image_to_video", "seedream_text_to_image"]
             return [{"query": {"org": org}} for org in GRANTS] + [{"query": {"feature": key}} for key in features]
@@ -265,16 +296,24 @@ async def fuzz_admin_as_admin(
 
 
 async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(guard: CreditGuard) -> None:
-    balances, ledger = await setup_books(guard)
-    fuzzed, answered = await fuzz_admin_as_admin(guard, keep=lambda op: op.label != GRANT_WRITE)
+    balances, _ = await setup_books(guard)
+    await setup_plans(guard)
+    ledger = await ledger_rows(guard)
+    subscription = await guard.subscription(PLANNED_ORG)
+    fuzzed, answered = await fuzz_admin_as_admin(guard, keep=lambda op: op.label not in MONEY_WRITES)
     # The run was not vacuous: every operation succeeded at least once (the checks let a 401
     # or a 404 pass), and the writes were also refused for bad input at least once.
     labels = {label for label, _ in answered}
-    assert labels == fuzzed and GRANT_WRITE not in labels
+    assert labels == fuzzed and not labels & MONEY_WRITES
     assert all(any(200 <= status < 300 for lb, status in answered if lb == label) for label in labels), answered
-    for write in (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}"):
+    for write in (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}", *PLAN_WRITES):
         assert answered[write, 422] > 0 and answered[write, 400] > 0, answered
+    assert answered["GET /api/admin/organizations/{organization_id}/subscription", 404] > 0, answered
     await assert_books_unchanged(guard, balances, ledger)
+    # Its plan may have been edited (from its next period) but neither deleted nor given another period.
+    assert await guard.subscription(PLANNED_ORG) == subscription
+    pro = await guard.get_plan("pro")
+    assert pro is not None and pro.period == "month"
 
 
 async def test_fuzzed_grants_move_exactly_the_credits_the_ledger_shows(guard: CreditGuard) -> None:
@@ -294,6 +333,33 @@ async def test_fuzzed_grants_move_exactly_the_credits_the_ledger_shows(guard: Cr
     for org, before in balances.items():
         granted = sum(int(str(row["amount"])) for row in new_grants if row["organization_id"] == org)
         assert await guard.get_balance(org) - before == granted
+    assert await guard.audit() == []
+
+
+async def test_fuzzed_subscriptions_move_exactly_the_credits_the_ledger_shows(guard: CreditGuard) -> None:
+    """Putting organizations on plans and ending them, fuzzed on their own: whatever is
+    accepted lands as grant and expiry rows and nothing else (every balance moved by
+    exactly its new rows, the books exact), each organization ends on at most one plan
+    whose period under way is granted, and whatever is refused moves nothing."""
+    await setup_books(guard)
+    await setup_plans(guard)
+    before = {org: await guard.get_balance(org) for org in [*GRANTS, PLANNED_ORG]}
+    ledger = await ledger_rows(guard)
+    _, answered = await fuzz_admin_as_admin(guard, keep=lambda op: op.label in (SUBSCRIBE, UNSUBSCRIBE))
+    assert answered[SUBSCRIBE, 201] > 0 and answered[SUBSCRIBE, 200] > 0, answered
+    assert answered[SUBSCRIBE, 404] > 0 and answered[SUBSCRIBE, 422] > 0, answered
+    assert answered[UNSUBSCRIBE, 204] > 0 and answered[UNSUBSCRIBE, 404] > 0, answered
+    assert answered[UNSUBSCRIBE, 422] > 0, answered
+    new_rows = [row for row in await ledger_rows(guard) if row not in ledger]
+    kinds = {row["kind"] for row in new_rows}
+    assert "grant" in kinds and kinds <= {"grant", "expiry"}, new_rows
+    for org in {str(row["organization_id"]) for row in new_rows} | set(before):
+        moved = sum(int(str(row["amount"])) for row in new_rows if row["organization_id"] == org)
+        assert await guard.get_balance(org) - before.get(org, 0) == moved, org
+        subscription = await guard.subscription(org)
+        if subscription is not None:  # the period under way is granted, and still live
+            live = {grant.id for grant in await guard.list_grants(org)}
+            assert subscription.period >= 0 and subscription.grant_id in live, subscription
     assert await guard.audit() == []
 
 

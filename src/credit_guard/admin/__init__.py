@@ -1,5 +1,5 @@
-"""Pricing administration over HTTP: the admin JSON API, the public pricing endpoint, the
-OpenAPI document and (when installed) the HTML page, as one mountable app.
+"""Pricing, plans and organizations over HTTP: the admin JSON API, the public pricing
+endpoint, the OpenAPI document and (when installed) the HTML pages, as one mountable app.
 
     app.mount("/", admin_app())                 # FastAPI / Starlette
     Mount("/{tenant}", admin_app())             # under a tenant prefix
@@ -8,6 +8,7 @@ OpenAPI document and (when installed) the HTML page, as one mountable app.
 from .api import (
     GUARD_SCOPE_KEY,
     OPENAPI_PATH,
+    PLANS_PATH,
     PRICING_PATH,
     PUBLIC_PRICING_PATH,
     USAGE_PATH,
@@ -22,6 +23,7 @@ from .openapi import openapi_document
 __all__ = [
     "GUARD_SCOPE_KEY",
     "OPENAPI_PATH",
+    "PLANS_PATH",
     "PRICING_PATH",
     "PUBLIC_PRICING_PATH",
     "USAGE_PATH",

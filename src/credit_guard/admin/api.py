@@ -9,9 +9,11 @@ mountable Starlette app.
     GET    /api/admin/usage[?org=&feature=&since=&until=&group_by=&split_by=]  admin
     GET    /api/admin/organizations[?q=], .../{org}, .../{org}/balance-history,
            POST .../{org}/grants                                       admin (organizations.py)
+    GET, POST /api/admin/plans; GET, PATCH, DELETE .../plans/{plan_key};
+           GET, PUT, DELETE /api/admin/organizations/{org}/subscription  admin (plans.py)
     GET    /api/features/pricing[?key=]                                public
     GET    /openapi.json                                               public
-    GET    /admin/feature-pricing, /admin/organizations                admin (the HTML pages)
+    GET    /admin/feature-pricing, /admin/organizations, /admin/plans  admin (the HTML pages)
 
 Paths are relative to wherever the app is mounted, so ``Mount("/{tenant}", admin_app())``
 serves ``/acme/api/admin/feature-pricing``.
@@ -55,7 +57,7 @@ from ..models import (
     validate_pricing_fields,
 )
 from ..problems import Problem
-from . import organizations
+from . import organizations, plans
 from ._http import (
     Refusal,
     json_object,
@@ -67,6 +69,7 @@ from ._http import (
 )
 from .openapi import openapi_document
 from .organizations import ORGANIZATIONS_PATH
+from .plans import PLANS_PATH
 
 log = logging.getLogger("credit_guard.admin")
 
@@ -311,6 +314,12 @@ def _page_routes(is_admin: IsAdmin, sign_in_url: str | None) -> list[BaseRoute]:
             methods=["GET"],
             name="credit_guard_admin_organizations_page",
         ),
+        Route(
+            page.PLANS_PAGE_PATH,
+            _admin_only_page(page.plans_page, is_admin, sign_in_url),
+            methods=["GET"],
+            name="credit_guard_admin_plans_page",
+        ),
     ]
     static_routes = getattr(page, "static_routes", None)
     if callable(static_routes):
@@ -402,6 +411,17 @@ def admin_app(
             "organization_balance_history",
             {"GET": organizations.balance_history},
         ),
+        route(
+            ORGANIZATIONS_PATH + "/{organization_id}/subscription",
+            "organization_subscription",
+            {"GET": plans.get_subscription, "PUT": plans.put_subscription, "DELETE": plans.delete_subscription},
+        ),
+        route(PLANS_PATH, "plans", {"GET": plans.list_plans, "POST": plans.create_plan}),
+        route(
+            PLANS_PATH + "/{plan_key}",
+            "plan",
+            {"GET": plans.get_plan, "PATCH": plans.update_plan, "DELETE": plans.delete_plan},
+        ),
         route(PUBLIC_PRICING_PATH, "public_pricing", {"GET": public_pricing}, admin=False),
     ]
     page_routes = _page_routes(check, sign_in_url) if include_page else []
@@ -419,6 +439,7 @@ def admin_app(
 __all__ = [
     "GUARD_SCOPE_KEY",
     "OPENAPI_PATH",
+    "PLANS_PATH",
     "PRICING_PATH",
     "PUBLIC_PRICING_PATH",
     "USAGE_PATH",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from .. import problems
 from ..models import (
     CATEGORY_MAX,
     CREDITS_MAX,
@@ -17,17 +16,18 @@ from ..models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
     FEATURE_NAME_MAX,
-    LABEL_PATTERN,
     UsageGroup,
 )
-
-_REF = "#/components/schemas/"
-#: A label: not blank, no NUL (PostgreSQL cannot store it) and no control characters.
-_TEXT = LABEL_PATTERN
-#: A filter on labels: not blank, no NUL (a label that cannot exist simply matches nothing).
-_FILTER = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
-_NO_NUL = r"^[^\u0000]*$"
-_WHEN = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}]}
+from ._openapi_common import FILTER as _FILTER
+from ._openapi_common import NO_NUL as _NO_NUL
+from ._openapi_common import REF as _REF
+from ._openapi_common import TEXT as _TEXT
+from ._openapi_common import WHEN as _WHEN
+from ._openapi_common import error_refs as _errors
+from ._openapi_common import json_response as _json
+from ._openapi_common import problem_response as _problem_response
+from ._openapi_common import query_param as _query
+from ._openapi_plans import PLAN_SCHEMAS, plan_paths
 
 
 def _fields() -> dict[str, dict[str, Any]]:
@@ -57,34 +57,6 @@ def _fields() -> dict[str, dict[str, Any]]:
         "description": {"type": ["string", "null"], "maxLength": DESCRIPTION_MAX, "pattern": _NO_NUL},
         "is_active": {"type": "boolean", "description": "Inactive features cannot be charged for or seen publicly."},
     }
-
-
-def _problem_response(description: str, *, retry_after: bool = False) -> dict[str, Any]:
-    response: dict[str, Any] = {
-        "description": description,
-        "content": {problems.PROBLEM_CONTENT_TYPE: {"schema": {"$ref": _REF + "Problem"}}},
-    }
-    if retry_after:
-        response["headers"] = {
-            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
-        }
-    return response
-
-
-def _json(schema_name: str, description: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": _REF + schema_name}}},
-        **extra,
-    }
-
-
-def _errors(*statuses: str) -> dict[str, Any]:
-    return {status: {"$ref": f"#/components/responses/{status}"} for status in statuses}
-
-
-def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
 
 
 def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dict[str, Any]:
@@ -329,8 +301,21 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
         },
     }
     paths.update(_organization_paths(admin))
+    paths.update(plan_paths(admin, _ORG_ID))
     schemas.update(_ORGANIZATION_SCHEMAS)
+    schemas.update(PLAN_SCHEMAS)
     if include_page:
+        paths["/admin/plans"] = {
+            "get": {
+                "operationId": "plansPage",
+                "summary": "The plans admin page (HTML)",
+                "tags": admin,
+                "responses": {
+                    "200": {"description": "The page.", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    **_errors("401", "403"),
+                },
+            }
+        }
         paths["/admin/organizations"] = {
             "get": {
                 "operationId": "organizationsPage",
@@ -359,8 +344,9 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
             "title": "credit_guard pricing administration",
             "version": "1",
             "description": (
-                "Manage feature pricing and read usage (admin routes: the host app decides who is an "
-                "administrator), and show active prices to anyone. Errors are RFC 9457 problem+json."
+                "Manage feature pricing, plans and organizations' credits and read usage (admin routes: the "
+                "host app decides who is an administrator), and show active prices to anyone. Errors are "
+                "RFC 9457 problem+json."
             ),
         },
         "servers": [{"url": server_url}],

@@ -7,6 +7,7 @@
                                                              admin: the balance at the end of
                                                              each UTC day it moved (a chart)
     POST /api/admin/organizations/{organization_id}/grants   admin: grant credits
+    GET, PUT, DELETE .../{organization_id}/subscription      admin: its plan (``plans.py``)
     GET  /admin/organizations                                admin (the HTML page, ``page.py``)
 
 The balance history is a route of its own rather than part of the organization's detail:
@@ -50,7 +51,7 @@ async def find(request: Request, guard: CreditGuard) -> Response:
 
 
 async def detail(request: Request, guard: CreditGuard) -> Response:
-    org = _organization(request)
+    org = path_organization(request)
     grants = await guard.list_grants(org)
     entries, jobs = await guard.organization_activity(org, limit=50)
     if not grants and not entries:
@@ -72,7 +73,7 @@ async def detail(request: Request, guard: CreditGuard) -> Response:
 async def balance_history(request: Request, guard: CreditGuard) -> Response:
     """``{"organization_id", "points": [{"day": "YYYY-MM-DD", "balance": n}, ...]}``, oldest
     first; no points (not a 404) for an organization or a range without movement."""
-    org = _organization(request)
+    org = path_organization(request)
     errors: dict[str, str] = {}
     since = parse_when(request.query_params.get("since"), "since", errors)
     until = parse_when(request.query_params.get("until"), "until", errors)
@@ -83,7 +84,7 @@ async def balance_history(request: Request, guard: CreditGuard) -> Response:
 
 
 async def grant(request: Request, guard: CreditGuard) -> Response:
-    org = _organization(request)
+    org = path_organization(request)
     data = await json_object(request)
     errors: dict[str, str] = {}
     unknown = sorted(set(data) - {"amount", "expires_at", "priority", "reason"})
@@ -114,7 +115,7 @@ async def grant(request: Request, guard: CreditGuard) -> Response:
     return JSONResponse({"organization_id": org, "balance": balance}, status_code=201, headers=_PRIVATE)
 
 
-def _organization(request: Request) -> str:
+def path_organization(request: Request) -> str:
     org = str(request.path_params["organization_id"])
     if not org or len(org) > 255:
         refuse_if({"organization_id": "must be 1 to 255 characters"})
@@ -153,4 +154,4 @@ def _reservation(r: Reservation) -> dict[str, Any]:
     return {"job_id": r.job_id, "feature_key": r.feature_key, "credits": r.credits, "expires_at": _when(r.expires_at)}
 
 
-__all__ = ["ORGANIZATIONS_PATH", "balance_history", "detail", "find", "grant"]
+__all__ = ["ORGANIZATIONS_PATH", "balance_history", "detail", "find", "grant", "path_organization"]

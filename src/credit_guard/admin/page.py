@@ -1,7 +1,8 @@
-"""The admin page for feature pricing: one server-rendered HTML shell plus a small script.
+"""The admin pages: feature pricing (server-rendered, then ``static/admin.js``), and the
+organizations and plans views (shells their scripts fill from the API).
 
-The page renders the current pricing on the server (so it is useful the moment it
-arrives) and ``static/admin.js`` takes over from there, talking to the JSON API next to
+The pricing page renders the current pricing on the server (so it is useful the moment
+it arrives) and ``static/admin.js`` takes over from there, talking to the JSON API next to
 it. There is no build step, no CDN and no web font: the page must work on an operator's
 machine with no internet, under whatever prefix the app is mounted at (``/{tenant}``).
 
@@ -69,6 +70,9 @@ _CHART_VERSIONS = {
 }
 _ORGS_TEMPLATE = Template((_HERE / "templates" / "organizations.html").read_text(encoding="utf-8"))
 ORGANIZATIONS_PAGE_PATH = "/admin/organizations"
+_PLANS_JS_VERSION = _version("plans.js")
+_PLANS_TEMPLATE = Template((_HERE / "templates" / "plans.html").read_text(encoding="utf-8"))
+PLANS_PAGE_PATH = "/admin/plans"
 
 
 def static_routes() -> list[BaseRoute]:
@@ -109,21 +113,41 @@ async def organizations_page(request: Request) -> Response:
     return HTMLResponse(body, headers=_SECURITY_HEADERS)
 
 
+async def plans_page(request: Request) -> Response:
+    """The plans page: a shell (list and form) that ``static/plans.js`` fills from the API."""
+    path = request.url.path.rstrip("/")
+    base = path[: -len(PLANS_PAGE_PATH)] if path.endswith(PLANS_PAGE_PATH) else ""
+    body = _PLANS_TEMPLATE.substitute(
+        static=_e(base + STATIC_PATH),
+        css_version=_CSS_VERSION,
+        js_version=_PLANS_JS_VERSION,
+        base=_e(base),
+        tenant=_tenant(base),
+    )
+    return HTMLResponse(body, headers=_SECURITY_HEADERS)
+
+
+def _tenant(base_path: str) -> str:
+    """The top bar's badge naming the prefix the admin app is mounted under, if any."""
+    tenant = base_path.strip("/")
+    if not tenant:
+        return ""
+    return (
+        f'<span class="tenant" title="Mounted at {_e(base_path)}"><span class="tenant-label">Tenant</span> '
+        f"{_e(tenant)}</span>"
+    )
+
+
 def render_page(features: list[FeaturePricing] | None, *, base_path: str = "") -> str:
     """The whole page as a string; ``features=None`` leaves the list for the script to load."""
     listed = features or []
     categories = sorted({f.category for f in listed}, key=str.casefold)
-    tenant = base_path.strip("/")
     return _TEMPLATE.substitute(
         static=_e(base_path + STATIC_PATH),
         base=_e(base_path),
         css_version=_CSS_VERSION,
         js_version=_JS_VERSION,
-        tenant=(
-            f'<span class="tenant" title="Mounted at {_e(base_path)}"><span class="tenant-label">Tenant</span> {_e(tenant)}</span>'
-            if tenant
-            else ""
-        ),
+        tenant=_tenant(base_path),
         summary=_e(summarize(listed)) if features is not None else "Loading…",
         loaded="true" if features is not None else "false",
         groups="".join(_render_groups(listed)),

@@ -1,11 +1,14 @@
-// The organizations view: find an organization, see its credits, grant some.
-// Every value from the server is set with textContent: nothing it sends is parsed as HTML.
-// The balance history chart is drawn by static/charts.js (the vendored uPlot).
+// The organizations view: find an organization, see its credits and its plan, grant
+// credits or change the plan. Every value from the server is set with textContent: nothing
+// it sends is parsed as HTML. The balance history chart is drawn by static/charts.js (the
+// vendored uPlot).
 (function () {
   "use strict";
   var main = document.getElementById("main");
-  var API = main.getAttribute("data-base") + "/api/admin/organizations";
+  var API = main.getAttribute("data-base") + "/api/admin";
   var current = null;
+  var currentPlan = null;  // the open organization's subscription (null: no plan)
+  var plans = [];
 
   function $(id) { return document.getElementById(id); }
 
@@ -44,7 +47,7 @@
   function clear(table) { $(table).querySelector("tbody").textContent = ""; }
 
   function search(prefix) {
-    return request("GET", "?q=" + encodeURIComponent(prefix)).then(function (result) {
+    return request("GET", "/organizations?q=" + encodeURIComponent(prefix)).then(function (result) {
       var list = $("results");
       list.textContent = "";
       if (!result.ok) { status(problemText(result)); return; }
@@ -65,7 +68,7 @@
   }
 
   function open(org) {
-    return request("GET", "/" + encodeURIComponent(org)).then(function (result) {
+    return request("GET", "/organizations/" + encodeURIComponent(org)).then(function (result) {
       if (!result.ok) { status(problemText(result)); return; }
       var d = result.data;
       current = d.organization_id;
@@ -85,14 +88,14 @@
         row("ledger", [e.id, e.kind, e.amount, e.balance_after, e.feature_key || e.reason || "", e.created_at]);
       });
       $("detail").setAttribute("data-org", d.organization_id);
-      return history(d.organization_id);
+      return Promise.all([history(d.organization_id), subscription(d.organization_id)]);
     });
   }
 
   function history(org) {
     var chart = $("chart-balance");
     chart.dataset.state = "loading";
-    return request("GET", "/" + encodeURIComponent(org) + "/balance-history").then(function (result) {
+    return request("GET", "/organizations/" + encodeURIComponent(org) + "/balance-history").then(function (result) {
       if (current !== org) return;  // another organization was opened meanwhile
       if (!result.ok) { status(problemText(result)); return; }
       window.creditGuardCharts.balance(chart, {
@@ -120,7 +123,7 @@
     var question = "Grant " + amount + " credits to " + current + (expires ? ", expiring " + expires + " UTC" : "") + "?";
     if (!window.confirm(question)) { status("Nothing granted."); return; }
     var key = "admin-grant-" + (window.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Date.now()));
-    request("POST", "/" + encodeURIComponent(current) + "/grants", body, { "Idempotency-Key": key }).then(function (result) {
+    request("POST", "/organizations/" + encodeURIComponent(current) + "/grants", body, { "Idempotency-Key": key }).then(function (result) {
       if (!result.ok) { $("grant-error").textContent = problemText(result); return; }
       status("Granted " + amount + " credits to " + current + ": balance " + result.data.balance);
       $("grant-form").reset();
@@ -128,5 +131,121 @@
     });
   });
 
+  // ---- the organization's plan ----------------------------------------------------------
+
+  function count(n) { return Number(n).toLocaleString("en"); }
+
+  /** "2026-02-08 12:00 UTC" from an ISO 8601 instant. */
+  function when(iso) {
+    var t = Date.parse(iso);
+    return isNaN(t) ? String(iso) : new Date(t).toISOString().slice(0, 16).replace("T", " ") + " UTC";
+  }
+
+  function planName(p) { return p.name === p.plan_key ? p.plan_key : p.name + " (" + p.plan_key + ")"; }
+
+  /** What a plan grants, in words: "1,000 credits a month, up to 500 roll over". */
+  function terms(p) {
+    var carried = p.rollover === null ? "all unused credits roll over"
+      : p.rollover === 0 ? "unused credits reset" : "up to " + count(p.rollover) + " roll over";
+    return count(p.credits) + " credits a " + p.period + ", " + carried;
+  }
+
+  function loadPlans() {
+    return request("GET", "/plans").then(function (result) {
+      if (!result.ok) { $("plan-error").textContent = "Could not load the plans: " + problemText(result); return; }
+      plans = result.data;
+      fillPlanSelect();
+    });
+  }
+
+  function fillPlanSelect() {
+    var select = $("plan-select");
+    select.textContent = "";
+    plans.forEach(function (p) {
+      var option = document.createElement("option");
+      option.value = p.plan_key;
+      option.textContent = planName(p) + " · " + terms(p);
+      select.appendChild(option);
+    });
+    if (!plans.length) {
+      var none = document.createElement("option");
+      none.value = "";
+      none.textContent = "No plans yet: define one on the Plans page";
+      select.appendChild(none);
+    }
+    select.disabled = !plans.length;
+    $("plan-submit").disabled = !plans.length;
+    if (currentPlan) select.value = currentPlan.plan_key;
+  }
+
+  function showPlan(sub) {
+    currentPlan = sub;
+    var box = $("org-plan");
+    box.setAttribute("data-plan", sub ? sub.plan_key : "");
+    $("plan-summary").textContent = !sub ? "No plan"
+      : sub.plan ? planName(sub.plan) + ": " + terms(sub.plan) : sub.plan_key;
+    $("plan-facts").hidden = !sub;
+    $("plan-period").textContent = sub && sub.period_start ? "since " + when(sub.period_start) : "not started";
+    $("plan-renews").textContent = sub ? when(sub.renews_at) : "";
+    $("plan-end").hidden = !sub;
+    $("plan-submit").textContent = sub ? "Change plan" : "Subscribe";
+    Array.prototype.forEach.call(document.querySelectorAll(".plan-change-only"), function (el) { el.hidden = !sub; });
+    $("plan-on-change").value = "expire";
+    fillPlanSelect();
+    box.setAttribute("data-loaded", "true");
+  }
+
+  function subscription(org) {
+    $("org-plan").setAttribute("data-loaded", "false");
+    $("plan-error").textContent = "";
+    return request("GET", "/organizations/" + encodeURIComponent(org) + "/subscription").then(function (result) {
+      if (current !== org) return;  // another organization was opened meanwhile
+      if (result.status === 404) { showPlan(null); return; }
+      if (!result.ok) { $("plan-error").textContent = problemText(result); return; }
+      showPlan(result.data);
+    });
+  }
+
+  $("plan-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    $("plan-error").textContent = "";
+    var org = current;
+    var chosen = null;
+    plans.forEach(function (p) { if (p.plan_key === $("plan-select").value) chosen = p; });
+    if (!chosen) { $("plan-error").textContent = "choose a plan"; return; }
+    if (currentPlan && currentPlan.plan_key === chosen.plan_key) {
+      status(org + " is on " + planName(chosen) + " already: nothing changed.");
+      return;
+    }
+    var onChange = $("plan-on-change").value;
+    var grants = planName(chosen) + " grants " + count(chosen.credits) + " credits now, then every " + chosen.period + ".";
+    var question = currentPlan
+      ? "Move " + org + " from " + currentPlan.plan_key + " to " + chosen.plan_key + "? " + grants + " " +
+        (onChange === "keep" ? "The credits left from " + currentPlan.plan_key + " last until they expire."
+          : "The credits left from " + currentPlan.plan_key + " are written off now.")
+      : "Put " + org + " on " + chosen.plan_key + "? " + grants;
+    if (!window.confirm(question)) { status("Plan unchanged."); return; }
+    var body = { plan_key: chosen.plan_key, on_change: onChange };
+    request("PUT", "/organizations/" + encodeURIComponent(org) + "/subscription", body).then(function (result) {
+      if (!result.ok) { $("plan-error").textContent = problemText(result); return; }
+      status(org + " is on " + planName(chosen) + ": next renewal " + when(result.data.renews_at) + ".");
+      return Promise.all([open(org), loadPlans()]);
+    });
+  });
+
+  $("plan-end").addEventListener("click", function () {
+    var org = current;
+    if (!currentPlan) return;
+    var question = "End " + org + "'s plan " + currentPlan.plan_key + "? No period is granted after this; " +
+      "the credits it granted last until they expire.";
+    if (!window.confirm(question)) { status("Plan unchanged."); return; }
+    request("DELETE", "/organizations/" + encodeURIComponent(org) + "/subscription?on_change=keep").then(function (result) {
+      if (!result.ok) { $("plan-error").textContent = problemText(result); return; }
+      status(org + " is on no plan now.");
+      return Promise.all([open(org), loadPlans()]);
+    });
+  });
+
+  loadPlans();
   search("");
 })();
