@@ -691,21 +691,16 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
         def a_period_ends(self, data: st.DataObject, days: int, then: str) -> None:
             """The clock moves to the first whole minute after a subscription's renewal is
             due (or a day more: two periods begun), as it moves everywhere else in whole
-            minutes, so no call lands on a period's boundary (keys past their TTL are
-            free then). Then the keeper runs; or a charge comes first (a short one grants
-            the period); or a charge before the period ends is refunded after (to the
-            ended allowance, if it paid), then the keeper; or the general expiry alone,
-            then the keeper."""
+            minutes, so no call lands on a period's boundary. Then the keeper runs; or a
+            charge comes first (a short one grants the period); or a charge before the
+            period ends is refunded after (to the ended allowance, if it paid), then the
+            keeper; or the general expiry alone, then the keeper."""
             org = data.draw(st.sampled_from(sorted(self.model.subs)), label="org")
             sub = self.model.subs[org]
             if then == "refund":  # a charge the allowance may pay for, refunded once the period has ended
                 self.deduct_and_check(org, "seedream_text_to_image", "1", hold=False)
             minutes = math.ceil((sub.renews_at() - utcnow()) / timedelta(minutes=1))
             travel(timedelta(minutes=max(minutes, 0)) + DAY * days)
-            now = utcnow()
-            for org_key, claim in list(self.keys.items()):
-                if now - claim.at > KEY_TTL:
-                    self.freed[org_key] = ("TTL", self.keys.pop(org_key))
             if then == "charge":
                 self.deduct_and_check(org, "kling_image_to_video", "1", hold=False)
                 return
@@ -752,6 +747,10 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             self, org: str, feature: str, units: str, *, key: str | None = None, hold: bool, dead: bool = False
         ) -> None:
             guard = self.dead if dead else self.guard
+            now = utcnow()
+            for org_key, standing in list(self.keys.items()):
+                if now - standing.at > KEY_TTL:  # a day of clock has passed it: the key is free again
+                    self.freed[org_key] = ("TTL", self.keys.pop(org_key))
 
             async def deduct() -> Any:
                 try:
