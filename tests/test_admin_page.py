@@ -22,7 +22,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -153,6 +153,22 @@ class Browser:
     page: Page
     base: str
     errors: list[str] = field(default_factory=list)
+    answers: list[Callable[[Dialog], Awaitable[None]]] = field(default_factory=list)
+
+    def on_next_dialog(self, answer: Callable[[Dialog], Awaitable[None]]) -> None:
+        """Queues the answer to the page's next dialog.
+
+        One listener answers every dialog in the order they come, so a dialog whose event
+        arrives late can't reach two answers at once (``page.once`` twice could, and did:
+        both handlers got the first dialog). A dialog nobody queued an answer for is dismissed.
+        """
+        self.answers.append(answer)
+
+    async def _answer(self, dialog: Dialog) -> None:
+        if self.answers:
+            await self.answers.pop(0)(dialog)
+        else:
+            await dialog.dismiss()
 
     async def open(self) -> None:
         await self.page.goto(self.base + PAGE)
@@ -207,6 +223,7 @@ async def browser_at(base: str, *, width: int = 1280, height: int = 900) -> Asyn
             await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
             page = await context.new_page()
             session = Browser(page, base)
+            page.on("dialog", session._answer)
             # Script errors and CSP refusals fail the test; a 4xx the page asked for does not.
             page.on("pageerror", lambda exc: session.errors.append(f"pageerror: {exc}"))
             page.on(
@@ -299,7 +316,7 @@ async def test_operator_adds_copies_edits_toggles_and_deletes_a_feature(guard: C
         toggled.append(dialog.message)
         await dialog.dismiss()
 
-    page.once("dialog", decline)
+    browser.on_next_dialog(decline)
     await switch.click()
     await expect(page.locator("#toast")).to_contain_text("stays active")
     await expect(switch).to_have_attribute("aria-checked", "true")
@@ -309,7 +326,7 @@ async def test_operator_adds_copies_edits_toggles_and_deletes_a_feature(guard: C
         toggled.append(dialog.message)
         await dialog.accept()
 
-    page.once("dialog", confirm)
+    browser.on_next_dialog(confirm)
     await switch.click()
     await expect(switch).to_have_attribute("aria-checked", "false")
     assert len(toggled) == 2 and all("Deactivate" in m and "flux_upscale" in m for m in toggled)
@@ -325,7 +342,7 @@ async def test_operator_adds_copies_edits_toggles_and_deletes_a_feature(guard: C
         asked.append(dialog.message)
         await dialog.accept()
 
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await row.get_by_role("button", name="Delete Flux Upscale").click()
     await expect(page.locator('.feature[data-key="flux_upscale"]')).to_have_count(0)
     assert len(asked) == 1 and "Flux Upscale" in asked[0] and "flux_upscale" in asked[0]
@@ -342,7 +359,7 @@ async def test_declined_confirmation_deletes_nothing(guard: CreditGuard, browser
     async def dismiss(dialog: Dialog) -> None:
         await dialog.dismiss()
 
-    page.once("dialog", dismiss)
+    browser.on_next_dialog(dismiss)
     await browser.row("seedream_text_to_image").get_by_role("button", name="Delete SeeDream Text to Image").click()
     # a later change round-trips, so a DELETE sent on dismissal would have been seen before it
     switch = browser.row("kling_image_to_video").get_by_role("switch")
@@ -350,7 +367,7 @@ async def test_declined_confirmation_deletes_nothing(guard: CreditGuard, browser
     async def accept(dialog: Dialog) -> None:
         await dialog.accept()
 
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await switch.click()
     await expect(switch).to_have_attribute("aria-checked", "false")
     assert "DELETE" not in methods and "PATCH" in methods
@@ -565,7 +582,7 @@ async def test_organization_page_charts_its_balance_history(guard: CreditGuard, 
         assert await page.evaluate("window.__pwned") is None
 
         # a grant moves today's point
-        page.once("dialog", lambda dialog: dialog.accept())
+        browser.on_next_dialog(lambda dialog: dialog.accept())
         await page.get_by_label("Amount").fill("30")
         await page.get_by_role("button", name="Grant", exact=True).click()
         await expect(page.locator("#org-balance")).to_have_text("510")
@@ -687,7 +704,7 @@ async def test_operator_finds_an_organization_and_grants_credits_with_a_confirma
         asked.append(dialog.message)
         await dialog.dismiss()
 
-    page.once("dialog", decline)
+    browser.on_next_dialog(decline)
     await page.get_by_label("Amount").fill("15")
     await page.get_by_label("Reason").fill("support ticket 4711")
     await page.get_by_role("button", name="Grant", exact=True).click()
@@ -698,7 +715,7 @@ async def test_operator_finds_an_organization_and_grants_credits_with_a_confirma
         asked.append(dialog.message)
         await dialog.accept()
 
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await page.get_by_role("button", name="Grant", exact=True).click()
     await expect(page.locator("#org-balance")).to_have_text("35")
     await expect(page.locator("#status")).to_contain_text("Granted 15 credits to acme")
@@ -823,7 +840,7 @@ async def test_operator_adds_edits_and_deletes_a_plan(guard: CreditGuard, browse
         asked.append(dialog.message)
         await dialog.accept()
 
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await row.get_by_role("button", name="Delete Pro").click()
     await expect(page.locator("#toast")).to_contain_text("move them to another plan first")
     await expect(row).to_have_count(1)
@@ -835,9 +852,9 @@ async def test_operator_adds_edits_and_deletes_a_plan(guard: CreditGuard, browse
         await dialog.dismiss()
 
     daily = page.locator('.plan[data-key="daily"]')
-    page.once("dialog", dismiss)
+    browser.on_next_dialog(dismiss)
     await daily.get_by_role("button", name="Delete daily").click()
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await daily.get_by_role("button", name="Delete daily").click()
     await expect(daily).to_have_count(0)
     assert [m.split("?")[0] for m in asked] == ['Delete plan "Pro" (pro)', *['Delete plan "daily" (daily)'] * 2]
@@ -879,11 +896,11 @@ async def test_operator_puts_an_organization_on_a_plan_and_sees_its_next_renewal
 
     # subscribe: declined first (nothing moves), then confirmed (the period granted at once)
     await page.locator("#plan-select").select_option("pro")
-    page.once("dialog", decline)
+    browser.on_next_dialog(decline)
     await page.get_by_role("button", name="Subscribe").click()
     await expect(page.locator("#status")).to_have_text("Plan unchanged.")
     assert await guard.subscription("acme") is None and await guard.get_balance("acme") == 40
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await page.get_by_role("button", name="Subscribe").click()
     await expect(page.locator("#org-balance")).to_have_text("1040")
     sub = await guard.subscription("acme")
@@ -904,7 +921,7 @@ async def test_operator_puts_an_organization_on_a_plan_and_sees_its_next_renewal
     await expect(page.locator("#plan-select")).to_have_value("pro")
     await page.locator("#plan-select").select_option("max")
     await page.locator("#plan-on-change").select_option("keep")
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await page.get_by_role("button", name="Change plan").click()
     await expect(page.locator("#org-balance")).to_have_text("4040")
     await expect(box).to_have_attribute("data-plan", "max")
@@ -915,7 +932,7 @@ async def test_operator_puts_an_organization_on_a_plan_and_sees_its_next_renewal
     # and back to pro, writing max's credits off (the default)
     await page.locator("#plan-select").select_option("pro")
     await expect(page.locator("#plan-on-change")).to_have_value("expire")
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await page.get_by_role("button", name="Change plan").click()
     await expect(box).to_have_attribute("data-plan", "pro")
     await expect(page.locator("#org-balance")).to_have_text("2040")
@@ -925,7 +942,7 @@ async def test_operator_puts_an_organization_on_a_plan_and_sees_its_next_renewal
 
     # end it: no period after this, the credits last to their end
     asked.clear()
-    page.once("dialog", accept)
+    browser.on_next_dialog(accept)
     await page.get_by_role("button", name="End plan").click()
     await expect(page.locator("#plan-summary")).to_have_text("No plan")
     await expect(page.locator("#status")).to_have_text("acme is on no plan now.")

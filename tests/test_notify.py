@@ -33,11 +33,15 @@ def pg_url() -> str:
 
 @pytest.fixture
 async def two_processes(pg_url: str) -> AsyncIterator[tuple[CreditGuard, CreditGuard]]:
-    async with CreditGuard(PG_URL, pricing_ttl=LONG_TTL) as a, CreditGuard(PG_URL, pricing_ttl=LONG_TTL) as b:
+    # B starts listening only once the seeding has committed: NOTIFY is delivered
+    # asynchronously, so a seeding notification could otherwise reach B after a test had
+    # cached a price and clear it, as if the test's own (silent) change had been announced.
+    async with CreditGuard(PG_URL, pricing_ttl=LONG_TTL) as a:
         await a.create_schema()
         await reset_postgres(a)
         await seed_prices(a)
-        yield a, b
+        async with CreditGuard(PG_URL, pricing_ttl=LONG_TTL) as b:
+            yield a, b
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 15.0) -> bool:
