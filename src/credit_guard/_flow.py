@@ -49,6 +49,7 @@ from ._idempotency import (
 from ._ledger import ORGANIZATION_ID_MAX
 from ._metrics import outcome_of
 from ._passage import client_gone, in_passage, put_on_request, run_paid
+from ._ratelimit import RateLimitUnavailable
 from ._rule import RequiresCredits, Rule
 from ._ticket import Ticket, current_ticket
 from ._units import ONE, units_value
@@ -160,6 +161,10 @@ async def open_charge(
     if isinstance(keyed, Problem):
         return keyed
     key = keyed[0] if keyed is not None else None
+    if rule.rates is not None:  # the last check before the charge: only a valid request counts
+        limited = await _over_rate(guard, rule, scope, organization_id, user_id)
+        if limited is not None:
+            return limited
     ledger, metrics = guard.ledger, guard.ledger.metrics
     started = perf_counter() if metrics is not None else 0.0
     try:
@@ -228,6 +233,7 @@ def _answer(
                 idempotency_key=key,
                 recorder=ResponseRecorder(guard.idempotency_max_body) if key is not None else None,
                 user_id=user_id,
+                on_disconnect=rule.on_disconnect,
                 charge_client_errors=guard.charge_client_errors
                 if rule.charge_client_errors is None
                 else rule.charge_client_errors,
@@ -283,6 +289,48 @@ async def _units(rule: Rule, scope: Mapping[str, Any], request: Any) -> Decimal 
         why = f"missing {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
         log.info("credit_guard: %s %s refused: bad units: %s", scope.get("method"), scope.get("path"), why)
         return problems.invalid_request({"units": why or type(exc).__name__}, status=422)
+
+
+async def _over_rate(
+    guard: CreditGuard, rule: Rule, scope: Mapping[str, Any], organization_id: str, user_id: str | None
+) -> Problem | None:
+    """None when the request is within its route's rate (now counted); else the 429 to
+    answer, or the 503 when the rate limit storage is down (None under ``fail_open``)."""
+    assert rule.rates is not None
+    metrics, started = guard.ledger.metrics, perf_counter()
+    member = (user_id or "") if rule.rate_by == "member" else None
+    try:
+        over = await guard.rate_limits.hit(rule.rates, rule.feature_key, organization_id, member)
+    except RateLimitUnavailable as exc:
+        if guard.fail_open:
+            log.warning("credit_guard: rate limits not applied to %r (fail_open=True): %s", rule.feature_key, exc)
+            return None
+        log.error(
+            "credit_guard: refused %s %s: rate limit storage down: %s", scope.get("method"), scope.get("path"), exc
+        )
+        if metrics is not None:
+            metrics.decided(rule.feature_key, "unavailable", perf_counter() - started)
+        return problems.rate_limit_unavailable(guard.retry_after)
+    if over is None:
+        return None
+    if metrics is not None:
+        metrics.decided(rule.feature_key, "rate_limited", perf_counter() - started)
+    log.info(
+        "credit_guard: %s %s refused: %s over %s for %r",
+        scope.get("method"),
+        scope.get("path"),
+        organization_id if member is None else f"{organization_id}/{member}",
+        over.item,
+        rule.feature_key,
+    )
+    return problems.rate_limited(
+        rule.feature_key,
+        amount=over.item.amount,
+        window=over.window,
+        per=rule.rate_by,
+        rate=str(over.item),
+        retry_after=over.retry_after,
+    )
 
 
 async def _await_finished_response(guard: CreditGuard, organization_id: str, key: str) -> None:
@@ -426,7 +474,7 @@ async def end_returned(ticket: Ticket, status: int, receive: Receive | None) -> 
         await ticket.refund(f"handler answered {status}")
         return True
     if receive is not None and await client_gone(receive):
-        await ticket.refund("client disconnected")
+        await ticket.hung_up()
         return True
     if ticket.recorder is not None and ticket.recorder.status is None:
         ticket.recorder.start(status, [(name.encode(), value.encode()) for name, value in ticket.headers()])

@@ -16,10 +16,13 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from limits.aio.storage import Storage
 
 from ._accounts_api import AccountsApi
 from ._config import (
@@ -37,6 +40,7 @@ from ._hooks_api import HooksApi
 from ._ledger import Ledger
 from ._plans_api import PlansApi
 from ._pricing import Pricing
+from ._ratelimit import RateLimits
 from ._reservations import Reservations
 from ._storage import open_store
 from ._storage.engine import DEFAULT_DATABASE_URL, build_engine, parse_database_url
@@ -104,6 +108,7 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         low_balance_threshold: int | None = None,
         hook_timeout: float = 5.0,
         charge_client_errors: bool = False,
+        rate_limit_storage: str | Storage = "memory://",
     ) -> None:
         check_idempotency(idempotency)
         if hold_timeout <= 0 or (sweep_interval is not None and sweep_interval <= 0):
@@ -180,6 +185,8 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         #: Signed webhooks from the outbox (off until ``webhooks.send_to(url, secret=...)``).
         self.webhooks = Webhooks(self.store, low_balance_threshold=low_balance_threshold)
         self.topups = AutoTopups(self.store)
+        #: Routes' ``rate=`` limits (``_ratelimit.py``): memory, or ``redis://`` for many workers.
+        self.rate_limits = RateLimits(rate_limit_storage, timeout=timeout)
         self.ledger.watch = self.grants.watch = fan_out(self.webhooks.moved, self.topups.moved)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -235,6 +242,7 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi):
         if self.pricing.notifier is not None:
             await self.pricing.notifier.close()
         self.pricing.cache.forget_loads()
+        await self.rate_limits.close()
         await self.store.close()
 
     async def __aenter__(self) -> CreditGuard:

@@ -19,7 +19,8 @@ from ._decisions import Charged, Decision, InFlight, KeyReused, Refused, Replaye
 #: How a request's charge was decided (``Metrics.decided``). ``insufficient_credits`` is a
 #: 402; ``unavailable`` a 503 (the database could not be reached, fail closed);
 #: ``served_free`` the same outage under ``fail_open``; ``replayed`` an idempotent retry
-#: answered from its first response; ``idempotency_conflict`` a 409 or 422 for a key in use.
+#: answered from its first response; ``idempotency_conflict`` a 409 or 422 for a key in use;
+#: ``rate_limited`` a 429 (the route's ``rate``), decided before any charge.
 Outcome = Literal[
     "charged",
     "insufficient_credits",
@@ -29,6 +30,7 @@ Outcome = Literal[
     "feature_inactive",
     "replayed",
     "idempotency_conflict",
+    "rate_limited",
 ]
 
 

@@ -121,6 +121,21 @@ def refusals(rule: Rule, *, idempotency: str) -> dict[str, dict[str, Any]]:
         "403": _problem("credit_guard: the feature this route charges for is switched off in the pricing table."),
         "503": _problem("The credit ledger cannot be reached; nothing was charged. Retry later.", retry_after),
     }
+    if rule.rates is not None:
+        found["429"] = _problem(
+            f"Over this route's rate ({rule.rate} per {rule.rate_by}); nothing was charged.",
+            {
+                **retry_after,
+                problems.Headers.RATELIMIT_LIMIT: _header("Requests the window allows.", _COUNT, required=True),
+                problems.Headers.RATELIMIT_REMAINING: _header("Requests left in it (0).", {"type": "integer"}),
+                problems.Headers.RATELIMIT_RESET: _header("Seconds until it lets one in.", _COUNT),
+                problems.Headers.RATELIMIT_POLICY: _header("The limit and its window: `10;w=60`.", {"type": "string"}),
+            },
+        )
+        found["503"] = _problem(
+            "The credit ledger or the rate limit storage cannot be reached; nothing was charged. Retry later.",
+            retry_after,
+        )
     invalid = []
     if rule.units is not None:
         invalid.append("the request's units are not a number the price can be multiplied by")
@@ -150,6 +165,10 @@ def extension(rule: Rule, *, idempotency: str, check_url: str | None) -> dict[st
         "units": "fixed" if rule.units is None else "variable",
         "idempotency": idempotency,
     }
+    if rule.rate is not None:
+        found["rate"] = {"limit": rule.rate, "per": rule.rate_by}
+    if rule.on_disconnect != "refund":
+        found["onDisconnect"] = rule.on_disconnect
     if check_url is not None:
         found["priceCheck"] = f"{check_url}?feature={rule.feature_key}"
     return found

@@ -27,8 +27,26 @@ class Headers:
     #: The request header a client retries with (the IETF httpapi draft).
     IDEMPOTENCY_KEY: Final = "Idempotency-Key"
     RETRY_AFTER: Final = "Retry-After"
+    #: On a 429 (the IETF httpapi RateLimit header fields draft): the limit, what is left
+    #: of it (0), seconds until the window lets a request in, and the policy (``10;w=60``).
+    RATELIMIT_LIMIT: Final = "RateLimit-Limit"
+    RATELIMIT_REMAINING: Final = "RateLimit-Remaining"
+    RATELIMIT_RESET: Final = "RateLimit-Reset"
+    RATELIMIT_POLICY: Final = "RateLimit-Policy"
     #: What browsers must be allowed to read: pass to CORSMiddleware(expose_headers=...).
-    EXPOSE: Final = (REMAINING, CHARGED, REFUNDED, REQUIRED, REPLAYED, BODY_OMITTED, RETRY_AFTER)
+    EXPOSE: Final = (
+        REMAINING,
+        CHARGED,
+        REFUNDED,
+        REQUIRED,
+        REPLAYED,
+        BODY_OMITTED,
+        RETRY_AFTER,
+        RATELIMIT_LIMIT,
+        RATELIMIT_REMAINING,
+        RATELIMIT_RESET,
+        RATELIMIT_POLICY,
+    )
 
 
 # The module-level names earlier versions exported, kept as aliases of the one place above.
@@ -57,6 +75,7 @@ TYPE_IDEMPOTENCY_MISMATCH = _TYPE_BASE + "idempotency-key-reused"
 TYPE_NOT_STARTED = _TYPE_BASE + "guard-not-started"
 TYPE_CHARGE_REFUSED = _TYPE_BASE + "charge-refused-by-database"
 TYPE_SCHEMA_MISSING = _TYPE_BASE + "schema-missing"
+TYPE_RATE_LIMITED = _TYPE_BASE + "rate-limited"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +118,36 @@ def insufficient_credits(feature_key: str, required: int, available: int) -> Pro
         detail=f"{feature_key!r} costs {required} credits; the organization has {available}.",
         extra={"feature": feature_key, "required": required, "available": available},
         headers={Headers.REQUIRED: str(required), Headers.REMAINING: str(available)},
+    )
+
+
+def rate_limited(feature_key: str, *, amount: int, window: int, per: str, rate: str, retry_after: int) -> Problem:
+    """A request over its route's rate: 429, nothing charged. ``per`` is "organization"
+    or "member"; ``rate`` the limit as ``limits`` says it ("10 per 1 minute")."""
+    return Problem(
+        status=429,
+        type=TYPE_RATE_LIMITED,
+        title="Too many requests",
+        detail=f"{feature_key!r} allows {rate} per {per}; nothing was charged. Retry in {retry_after} s.",
+        extra={"feature": feature_key, "limit": amount, "window": window, "per": per, "retry_after": retry_after},
+        headers={
+            Headers.RETRY_AFTER: str(retry_after),
+            Headers.RATELIMIT_LIMIT: str(amount),
+            Headers.RATELIMIT_REMAINING: "0",
+            Headers.RATELIMIT_RESET: str(retry_after),
+            Headers.RATELIMIT_POLICY: f"{amount};w={window}",
+        },
+    )
+
+
+def rate_limit_unavailable(retry_after: int) -> Problem:
+    """The rate limit storage (Redis) did not answer: 503, as for the database."""
+    return Problem(
+        status=503,
+        type=TYPE_UNAVAILABLE,
+        title="Credits unavailable",
+        detail="The rate limit storage cannot be reached right now; nothing was charged. Retry later.",
+        headers={Headers.RETRY_AFTER: str(retry_after)},
     )
 
 

@@ -207,7 +207,7 @@ OPT_CREDITS = "credits"
 #: Prefix of the route ``opt`` keys for the rest of a route's options (``credits_units``...).
 OPT_PREFIX = "credits_"
 #: The options after the prefix, as ``requires_credits`` takes them.
-OPT_OPTIONS = ("units", "idempotency", "max_overage", "charge_client_errors")
+OPT_OPTIONS = ("units", "idempotency", "max_overage", "charge_client_errors", "rate", "rate_by", "on_disconnect")
 #: Set in a paid handler's own resolved ``opt`` (by its opt or a decorator): the plugin's
 #: middleware runs a passage around its requests.
 _PAID_KEY = "credit_guard.paid"
