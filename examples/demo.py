@@ -31,6 +31,7 @@ PRICING = [
     ("seedream_text_to_image", "SeeDream Text to Image", "Image Generation", 5, "One 1024x1024 image."),
     ("kling_image_to_video", "Kling Image to Video", "Video Generation", 20, "Five seconds of video from an image."),
     ("ai_voice_generation", "AI Voice Generation", "AI Voice", 2, "Up to 500 characters of speech."),
+    ("llm_chat_token", "Chat Tokens", "Text Generation", 1, "One streamed token of a chat answer."),
 ]
 
 

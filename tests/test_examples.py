@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from examples.demo import PRICING
 from starlette.testclient import TestClient
 
 from credit_guard.testing import CreditKit, assert_charged, assert_refunded, assert_refused
@@ -77,7 +78,7 @@ def test_demo_admin_login_opens_the_admin_page_in_a_browser(example: TestClient)
     assert "text/html" in page.headers["content-type"]
     assert "seedream_text_to_image" in page.text
     listed = example.get("/api/admin/feature-pricing")  # the cookie signs the API calls too
-    assert listed.status_code == 200 and len(listed.json()) == 3
+    assert listed.status_code == 200 and len(listed.json()) == len(PRICING)
 
 
 @pytest.mark.parametrize("example", ["fastapi_app"], indirect=True)

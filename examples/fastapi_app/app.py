@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import uuid
@@ -16,8 +17,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
@@ -34,6 +36,8 @@ DATABASE_URL = os.environ.get("CREDIT_GUARD_DATABASE_URL", "sqlite+aiosqlite:///
 log = logging.getLogger("credit_guard.demo")
 #: The model renders at most this many seconds, whatever was asked (to show a partial capture).
 MAX_RENDERED_SECONDS = 8
+#: Seconds between two streamed chat tokens (a model's pace).
+TOKEN_DELAY = float(os.environ.get("DEMO_TOKEN_DELAY", "0.05"))
 
 
 class DemoApiKeyAuth:
@@ -150,6 +154,37 @@ async def video_completed(job_id: str, body: VideoCompletion, request: Request) 
         "credits_kept": done.captured_credits,
         "credits_refunded": done.refunded_credits,
     }
+
+
+class ChatRequest(BaseModel):
+    prompt: str = Field(min_length=1, max_length=2000)
+    max_tokens: int = Field(default=16, ge=1, le=64)
+
+
+async def max_tokens(request: Request) -> int:
+    """The reserve: one credit per token the answer may have."""
+    return int((await request.json()).get("max_tokens", 16))
+
+
+@app.post("/v1/chat")
+@requires_credits("llm_chat_token", units=max_tokens, on_disconnect="charge_usage", rate="30/minute", rate_by="member")
+async def chat(body: ChatRequest, request: Request) -> StreamingResponse:
+    """A chat answer streamed as server-sent events, paid per token: ``max_tokens`` credits
+    are reserved before the model runs and the charge settles at the tokens streamed. A
+    client that hangs up mid-answer pays for the tokens it was sent (``on_disconnect``),
+    and each member may start 30 answers a minute (``rate``, a 429 past it, nothing charged)."""
+    ticket = current_ticket(request)
+    words = (f"You asked about {body.prompt!r}. " + "Here is a long and careful answer. " * 8).split()
+
+    async def tokens() -> AsyncIterator[str]:
+        for produced, word in enumerate(words[: body.max_tokens], start=1):
+            await anyio.sleep(TOKEN_DELAY)
+            if ticket is not None:
+                ticket.report_usage(produced)  # the total so far: what a hang-up now costs
+            yield f"data: {json.dumps({'token': word})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(tokens(), media_type="text/event-stream")
 
 
 @app.post("/v1/voice/fail")

@@ -101,9 +101,13 @@ class Passage:
             ticket = self.ticket
             if ticket is not None and not self.delivered:
                 # Before the start, the app's error handler will answer 500; after it, the
-                # body broke mid-stream. Shielded: a cancelled request must still get its refund.
+                # body broke mid-stream (or a server raised on a send to a client that left).
+                # Shielded: a cancelled request must still get its refund.
                 with anyio.CancelScope(shield=True):
-                    await ticket.refund(f"handler raised {type(exc).__name__}")
+                    if self.disconnected:
+                        await ticket.hung_up()
+                    else:
+                        await ticket.refund(f"handler raised {type(exc).__name__}")
             elif ticket is not None and not ticket.fails(self.status):
                 await ticket.keep(self.status)
             raise
@@ -112,7 +116,10 @@ class Passage:
             return
         if not self.delivered:
             # No answer at all, or a client that hung up before the last chunk.
-            await ticket.refund("client disconnected" if self.disconnected else "no response sent")
+            if self.disconnected:
+                await ticket.hung_up()
+            else:
+                await ticket.refund("no response sent")
         elif not ticket.fails(self.status):
             await ticket.keep(self.status)
 

@@ -63,6 +63,9 @@ class Ticket:
     adjustment: int = 0
     #: The async job this charge now pays for (``reserve_for``): the reservation owns it.
     job_id: str | None = None
+    #: What a client that hangs up before the last byte pays: "refund" (nothing) or
+    #: "charge_usage" (what ``report_usage`` last said was produced).
+    on_disconnect: str = "refund"
 
     def fails(self, status: int) -> bool:
         """Whether an answer with this status is refunded: a 5xx always; a 4xx unless the
@@ -70,13 +73,30 @@ class Ticket:
         return status >= 500 or (status >= 400 and not self.charge_client_errors)
 
     def report_usage(self, units: int | float | Decimal | str) -> None:
-        """Say what the request really used (seconds of video rendered, images made...).
+        """Say what the request really used (seconds of video rendered, images made,
+        tokens streamed so far...): the total, not an increment; call it as often as the
+        work goes on (a stream: after each chunk), the last call counts.
 
         When the ticket is kept, unused credits of the reserve go back, and use beyond it is
         charged up to ``max_overage`` of the reserve (and what the balance holds), exactly
-        once. Raises ValueError for anything but a number from 0 to MAX_UNITS.
+        once. Under ``on_disconnect="charge_usage"`` a client that hangs up mid-stream pays
+        for the last total reported. Raises ValueError for anything but a number from 0 to
+        MAX_UNITS.
         """
         self.used_units = units_value(units, allow_zero=True)
+
+    async def hung_up(self, reason: str = "client disconnected") -> None:
+        """The client left before the whole answer reached it. By default (and when no
+        usage was reported) the charge is refunded; under ``on_disconnect="charge_usage"``
+        what was reported produced is paid, the rest of the reserve given back. A replay of
+        such a request (its Idempotency-Key) answers its status and headers, not the cut
+        body, and is not charged again."""
+        if self.on_disconnect != "charge_usage" or not self.used_units:
+            await self.refund(reason)
+            return
+        if self.recorder is not None:
+            self.recorder.overflow = True  # the body the client got is not the answer: keep none
+        await self.keep()
 
     async def reserve_for(self, job_id: str, *, ttl: float) -> Reservation:
         """Hand this request's charge to the async job it started: the credits stay held
