@@ -357,6 +357,9 @@ ADMIN_ROUTES = [
     ("GET", "/api/admin/organizations/org_1/subscription"),
     ("PUT", "/api/admin/organizations/org_1/subscription"),
     ("DELETE", "/api/admin/organizations/org_1/subscription"),
+    ("GET", "/api/admin/organizations/org_1/auto-topup"),
+    ("PUT", "/api/admin/organizations/org_1/auto-topup"),
+    ("DELETE", "/api/admin/organizations/org_1/auto-topup"),
     ("GET", PLANS),
     ("POST", PLANS),
     ("GET", f"{PLANS}/some-plan"),
@@ -380,6 +383,8 @@ async def test_admin_routes_refuse_anonymous_401_and_non_admins_403(
     kwargs: dict[str, Any] = {"json": NEW} if method in ("POST", "PATCH", "PUT") else {}
     if path.endswith("/subscription") and method == "PUT":
         kwargs = {"json": {"plan_key": "some_plan"}}
+    if path.endswith("/auto-topup") and method == "PUT":
+        kwargs = {"json": {"below": 100, "credits": 500}}
     path = path.replace("/some-plan", "/some_plan")
     assert_problem(await client.request(method, path, **kwargs), 401)
     assert_problem(await client.request(method, path, headers=MEMBER, **kwargs), 403)
@@ -388,6 +393,7 @@ async def test_admin_routes_refuse_anonymous_401_and_non_admins_403(
     assert await snapshot(guard) == before
     assert await guard.list_plans() == [Plan("some_plan", "some_plan", 10, "month", 0)]
     assert await ledger_rows(guard) == ledger and await guard.subscription("org_1") is None
+    assert await guard.auto_topup("org_1") is None
 
 
 async def test_user_may_be_an_object_and_is_admin_may_be_async(guard: CreditGuard) -> None:

@@ -47,6 +47,8 @@ DOCS_SCREENSHOTS = os.environ.get("CREDIT_GUARD_DOCS_SCREENSHOTS", "") not in ("
 CHROMIUM = os.environ.get("CREDIT_GUARD_CHROMIUM", "/usr/bin/chromium")
 REQUIRE_BROWSER = os.environ.get("CREDIT_GUARD_REQUIRE_BROWSER", "") not in ("", "0")
 DB_ENV = "CREDIT_GUARD_ADMIN_PAGE_DB"
+#: Set: the server's guard has the app's auto top-up charge registered (``demo_charge``).
+CHARGE_ENV = "CREDIT_GUARD_ADMIN_PAGE_CHARGE"
 TENANT = "/acme"
 PAGE = TENANT + "/admin/feature-pricing"
 ORG = "acme"
@@ -93,6 +95,8 @@ def demo_app() -> Starlette:
     from credit_guard.admin import admin_app
 
     guard = CreditGuard(os.environ[DB_ENV])
+    if os.environ.get(CHARGE_ENV):
+        guard.topups.register(demo_charge(guard))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -102,6 +106,17 @@ def demo_app() -> Starlette:
     app = Starlette(routes=[Mount(TENANT, app=admin_app(guard))], lifespan=lifespan)
     app.add_middleware(DemoSession)
     return app
+
+
+def demo_charge(guard: CreditGuard) -> Callable[..., Awaitable[str]]:
+    """The app's auto top-up charge, as an app registers it: pays (here, always) and grants,
+    once per crossing's key."""
+
+    async def charge(organization_id: str, credits: int, *, key: str) -> str:
+        await guard.grant_credits(organization_id, credits, reason="auto top-up", idempotency_key=key)
+        return f"pi_{key}"
+
+    return charge
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -117,6 +132,20 @@ def _free_port() -> int:
 @pytest.fixture
 async def server(db_url: str, guard: CreditGuard, tmp_path: Path) -> AsyncIterator[str]:
     """A uvicorn subprocess on the guard's database; yields its base URL."""
+    async with serve(db_url, tmp_path) as base:
+        yield base
+
+
+@pytest.fixture
+async def charging_server(db_url: str, guard: CreditGuard, tmp_path: Path) -> AsyncIterator[str]:
+    """The same, with the app's auto top-up charge registered in the server's process."""
+    async with serve(db_url, tmp_path, {CHARGE_ENV: "1"}) as base:
+        yield base
+
+
+@asynccontextmanager
+async def serve(db_url: str, tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterator[str]:
+    """``demo_app`` in a uvicorn subprocess on ``db_url``, with ``env`` added to its environment."""
     port = _free_port()
     log_path = tmp_path / "uvicorn.log"
     command = [sys.executable, "-m", "uvicorn", "--factory", "tests.test_admin_page:demo_app", "--host", "127.0.0.1"]
@@ -124,7 +153,7 @@ async def server(db_url: str, guard: CreditGuard, tmp_path: Path) -> AsyncIterat
     base = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = await anyio.open_process(
-            command, cwd=ROOT, env={**os.environ, DB_ENV: db_url}, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=ROOT, env={**os.environ, DB_ENV: db_url, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
         )
     try:
         async with httpx.AsyncClient() as client:
@@ -991,3 +1020,209 @@ async def test_the_plans_page_fits_a_phone_and_escapes_plan_names(guard: CreditG
         # the New plan button (the form is below the list on a phone) reaches the form
         await page.get_by_role("link", name="New plan").click()
         await expect(page.locator("#f-plan_key")).to_be_focused()
+
+
+# -- auto top-up --------------------------------------------------------------------------------
+
+NO_CHARGE = " No charge is registered in this app process: nothing is bought here until the app registers one."
+
+
+async def open_organization(browser: Browser, org: str) -> Page:
+    """The organizations view with ``org`` open and its plan and auto top-up boxes loaded."""
+    page = browser.page
+    if not page.url.endswith("/admin/organizations"):
+        await page.goto(browser.base + TENANT + "/admin/organizations")
+        await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
+    await page.locator("#org-topup").evaluate("box => box.setAttribute('data-loaded', 'false')")
+    await page.get_by_role("button", name=org, exact=True).click()
+    await expect(page.locator("#org-name")).to_have_text(org)
+    await expect(page.locator("#org-topup")).to_have_attribute("data-loaded", "true")
+    await expect(page.locator("#org-plan")).to_have_attribute("data-loaded", "true")
+    return page
+
+
+async def topup_after(guard: CreditGuard, org: str, crossings: int) -> Any:
+    """The organization's auto top-up once ``crossings`` top-ups have run and finished."""
+    with anyio.fail_after(10):
+        while True:
+            topup = await guard.auto_topup(org)
+            if topup is not None and topup.crossings == crossings and topup.state != "running":
+                return topup
+            await anyio.sleep(0.05)
+
+
+async def test_operator_sets_changes_and_removes_an_auto_topup_and_sees_a_real_crossing(
+    guard: CreditGuard, browser: Browser
+) -> None:
+    from credit_guard.models import AutoTopup
+
+    await guard.grant_credits(ORG, 40, reason="welcome")
+    page = await open_organization(browser, ORG)
+    box = page.locator("#org-topup")
+    await expect(page.locator("#topup-summary")).to_have_text("No auto top-up")
+    await expect(page.locator("#topup-facts")).to_be_hidden()
+    await expect(page.get_by_role("button", name="Remove auto top-up")).to_be_hidden()
+    # the server's process has no charge registered: the page says what that means
+    await expect(box).to_have_attribute("data-charge-registered", "false")
+    warning = page.locator("#topup-no-charge")
+    await expect(warning).to_be_visible()
+    await expect(warning).to_contain_text("nothing is bought and nothing is recorded")
+    await expect(warning).to_contain_text("guard.topups.register(charge)")
+
+    asked: list[str] = []
+
+    async def decline(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    below, credits = (
+        page.get_by_label("Buy when the balance falls below"),
+        page.get_by_label("Credits to buy each time"),
+    )
+    set_button = page.get_by_role("button", name="Set auto top-up")
+    # not a whole number: refused on the page, nothing asked or sent
+    await below.fill("0")
+    await credits.fill("500")
+    await set_button.click()
+    await expect(page.locator("#topup-error")).to_have_text("below must be a whole number of credits from 1")
+    # past the largest balance: the API's 422 appears under the form
+    await below.fill(str(2**53))
+    browser.on_next_dialog(accept)
+    await set_button.click()
+    await expect(page.locator("#topup-error")).to_have_text(f"below must be a whole number from 1 to {2**53 - 1}")
+    assert await guard.auto_topup(ORG) is None
+
+    # set: declined first (nothing stored), then confirmed
+    asked.clear()
+    await below.fill("30")
+    browser.on_next_dialog(decline)
+    await set_button.click()
+    await expect(page.locator("#status")).to_have_text("Auto top-up unchanged.")
+    assert await guard.auto_topup(ORG) is None
+    browser.on_next_dialog(accept)
+    await set_button.click()
+    await expect(box).to_have_attribute("data-topup", "30:500")
+    assert asked == ["Buy 500 credits for acme each time its balance falls below 30?" + NO_CHARGE] * 2
+    assert await guard.auto_topup(ORG) == AutoTopup(ORG, 30, 500, "armed", 0, None, None, None)
+    await expect(page.locator("#status")).to_have_text(
+        "acme's auto top-up: buys 500 credits when the balance falls below 30."
+    )
+    await expect(page.locator("#topup-summary")).to_have_text("Buys 500 credits when the balance falls below 30")
+    await expect(page.locator("#topup-state")).to_have_text("Armed: buys when the balance next falls below the line")
+    await expect(page.locator("#topup-crossings")).to_have_text("0")
+    await expect(page.locator("#topup-last-run")).to_have_text("never")
+    await expect(page.locator("#topup-last-result")).to_have_text("none")
+    await expect(page.locator("#topup-last-error-row")).to_be_hidden()
+
+    # change it: the form holds the current line
+    asked.clear()
+    await expect(below).to_have_value("30")
+    await expect(credits).to_have_value("500")
+    await credits.fill("200")
+    browser.on_next_dialog(accept)
+    await page.get_by_role("button", name="Change auto top-up").click()
+    await expect(box).to_have_attribute("data-topup", "30:200")
+    assert asked == ["Change acme's auto top-up from 500 credits below 30 to 200 credits below 30?" + NO_CHARGE]
+    assert await guard.auto_topup(ORG) == AutoTopup(ORG, 30, 200, "armed", 0, None, None, None)
+
+    # a real crossing, bought by the app's charge in another process (this test's guard)
+    calls: list[str] = []
+    charge = demo_charge(guard)
+
+    async def card(organization_id: str, amount: int, *, key: str) -> str:
+        calls.append(key)
+        if len(calls) > 1:
+            raise RuntimeError("card_declined")
+        return await charge(organization_id, amount, key=key)
+
+    guard.topups.register(card)
+    await guard.topups.refresh()  # the line the page set (a keeper round does this)
+    assert (await guard.deduct_credits(ORG, "kling_image_to_video")).success  # 40 -> 20: below 30
+    first = await topup_after(guard, ORG, 1)
+    assert await guard.get_balance(ORG) == 220 and first.last_run_at is not None
+    await open_organization(browser, ORG)
+    await expect(page.locator("#org-balance")).to_have_text("220")
+    await expect(page.locator("#topup-crossings")).to_have_text("1")
+    await expect(page.locator("#topup-state")).to_have_text("Armed: buys when the balance next falls below the line")
+    await expect(page.locator("#topup-last-run")).to_have_text(utc_minute(first.last_run_at))
+    await expect(page.locator("#topup-last-result")).to_have_text("pi_auto-topup:acme:1")
+    await expect(page.locator("#topup-last-error-row")).to_be_hidden()
+    await expect(warning).to_be_visible()  # still true of the server's own process
+
+    # the next crossing is declined: the error shows, and it waits for the balance to recover
+    assert (await guard.deduct_credits(ORG, "kling_image_to_video", units=10)).success  # 220 -> 20
+    second = await topup_after(guard, ORG, 2)
+    assert (second.state, second.last_error) == ("fired", "RuntimeError: card_declined")
+    await open_organization(browser, ORG)
+    await expect(page.locator("#topup-crossings")).to_have_text("2")
+    await expect(page.locator("#topup-state")).to_have_text(
+        "Fired: armed again once the balance is back at or above the line"
+    )
+    await expect(page.locator("#topup-last-result")).to_have_text("none")
+    await expect(page.locator("#topup-last-error-row")).to_be_visible()
+    await expect(page.locator("#topup-last-error")).to_have_text("RuntimeError: card_declined")
+    await browser.screenshot("admin-organization-topup", guard, of="#org-topup")
+    await browser.screenshot("admin-organization-boxes", guard, of=".org-boxes")
+
+    # remove: declined (still there), then confirmed
+    asked.clear()
+    remove = page.get_by_role("button", name="Remove auto top-up")
+    browser.on_next_dialog(decline)
+    await remove.click()
+    await expect(page.locator("#status")).to_have_text("Auto top-up unchanged.")
+    assert await guard.auto_topup(ORG) == second
+    browser.on_next_dialog(accept)
+    await remove.click()
+    await expect(page.locator("#topup-summary")).to_have_text("No auto top-up")
+    await expect(page.locator("#status")).to_have_text("acme has no auto top-up now.")
+    await expect(remove).to_be_hidden()
+    assert (
+        asked == ["Remove acme's auto top-up (200 credits below 30)? Nothing is bought automatically after this."] * 2
+    )
+    assert await guard.auto_topup(ORG) is None
+    assert calls == ["auto-topup:acme:1", "auto-topup:acme:2"]
+
+    # on a phone the box fits (under the plan box), and nothing scrolls sideways
+    await page.set_viewport_size({"width": 375, "height": 812})
+    await eventually(page, "document.documentElement.scrollWidth <= window.innerWidth")
+    for selector in ("org-plan", "org-topup"):
+        assert await page.evaluate(f"document.getElementById('{selector}').getBoundingClientRect().right <= innerWidth")
+    await browser.screenshot("admin-organization-topup-narrow", guard, full_page=True)
+    assert await guard.audit() == []
+
+
+async def test_with_the_apps_charge_a_line_set_over_the_balance_buys_at_once(
+    guard: CreditGuard, charging_server: str
+) -> None:
+    await guard.grant_credits(ORG, 40, reason="welcome")
+    async with browser_at(charging_server) as browser:
+        page = await open_organization(browser, ORG)
+        await expect(page.locator("#org-topup")).to_have_attribute("data-charge-registered", "true")
+        await expect(page.locator("#topup-no-charge")).to_be_hidden()
+        await page.get_by_label("Buy when the balance falls below").fill("100")
+        await page.get_by_label("Credits to buy each time").fill("500")
+        asked: list[str] = []
+
+        async def accept(dialog: Dialog) -> None:
+            asked.append(dialog.message)
+            await dialog.accept()
+
+        browser.on_next_dialog(accept)
+        await page.get_by_role("button", name="Set auto top-up").click()
+        await expect(page.locator("#org-topup")).to_have_attribute("data-topup", "100:500")
+        assert asked == [
+            "Buy 500 credits for acme each time its balance falls below 100? "
+            "Its balance (40) is below that already: a top-up is bought at once."
+        ]
+        bought = await topup_after(guard, ORG, 1)  # by the server's charge, in the server's process
+        assert bought.last_result == "pi_auto-topup:acme:1" and await guard.get_balance(ORG) == 540
+        await open_organization(browser, ORG)
+        await expect(page.locator("#org-balance")).to_have_text("540")
+        await expect(page.locator("#topup-crossings")).to_have_text("1")
+        await expect(page.locator("#topup-last-result")).to_have_text("pi_auto-topup:acme:1")
+        await expect(page.locator("#topup-no-charge")).to_be_hidden()
+    assert await guard.audit() == []

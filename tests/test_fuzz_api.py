@@ -10,8 +10,10 @@ never a 5xx, a documented status, the documented content type, headers and body 
 And money: apart from grants and subscriptions (fuzzed on their own, every credit they
 move accounted for in the ledger) the admin API moves no credits, so after the whole run
 every balance and every ledger row must be exactly as before, and ``audit()`` must still
-find the books exact, however many prices and plans were created, changed or deleted
-meanwhile.
+find the books exact, however many prices, plans and auto top-ups were created, changed or
+deleted meanwhile. (An auto top-up line buys nothing in a process without the app's
+charge, as here; with one registered it is fuzzed on its own, every credit it moves
+granted by that charge.)
 
 How it runs: schemathesis's own ASGI transport drives an app on an event loop of its own,
 but the guard (the ``guard`` fixture) lives on this test's loop, and asyncpg connections
@@ -77,6 +79,12 @@ GRANT_WRITE = "POST /api/admin/organizations/{organization_id}/grants"
 SUBSCRIBE = "PUT /api/admin/organizations/{organization_id}/subscription"
 UNSUBSCRIBE = "DELETE /api/admin/organizations/{organization_id}/subscription"
 MONEY_WRITES = {GRANT_WRITE, SUBSCRIBE, UNSUBSCRIBE}
+#: An organization's auto top-up: without a charge registered in the process (the guard
+#: fixture has none) setting a line buys nothing, so it is fuzzed with the rest; with one, on its own.
+TOPUP = "/api/admin/organizations/{organization_id}/auto-topup"
+TOPUP_OPS = (f"GET {TOPUP}", f"PUT {TOPUP}", f"DELETE {TOPUP}")
+#: An auto top-up set before a run, on an account well above its line.
+TOPUP_ORG, TOPUP_LINE = "org_rich", (10, 100)
 PLAN_WRITES = ("POST /api/admin/plans", "PATCH /api/admin/plans/{plan_key}")
 #: Plans defined before a run, and an organization on one of them (its own books).
 PLANS = {"pro": (100, "month", 50), "max": (300, "month", None), "daily": (5, "day", 0)}
@@ -237,6 +245,12 @@ async def setup_plans(guard: CreditGuard) -> None:
     assert await guard.get_balance(PLANNED_ORG) == 100
 
 
+async def setup_topups(guard: CreditGuard) -> None:
+    """``TOPUP_ORG``'s auto top-up (its balance stays above the line), so reads find one."""
+    below, credits = TOPUP_LINE
+    await guard.set_auto_topup(TOPUP_ORG, below=below, credits=credits)
+
+
 async def assert_books_unchanged(guard: CreditGuard, balances: dict[str, int], ledger: list[dict[str, object]]) -> None:
     assert {org: await guard.get_balance(org) for org in GRANTS} == balances
     assert await ledger_rows(guard) == ledger
@@ -255,6 +269,13 @@ def known_inputs_for(guard: CreditGuard) -> KnownInputs:
                 for org in [*GRANTS, PLANNED_ORG]
                 for key in plan_keys
                 for on_change in ("expire", "keep")
+            ]
+        if label == f"PUT {TOPUP}":
+            return [
+                {"path_parameters": {"organization_id": org}, "body": {"below": below, "credits": credits}}
+                for org in [*GRANTS, PLANNED_ORG]
+                for below in (10, 2_000)  # under every balance, and over every one
+                for credits in (1, 500)
             ]
         if "{pricing_id}" in label:
             return [{"path_parameters": {"pricing_id": p.id}} for p in pricing]
@@ -298,6 +319,7 @@ async def fuzz_admin_as_admin(
 async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(guard: CreditGuard) -> None:
     balances, _ = await setup_books(guard)
     await setup_plans(guard)
+    await setup_topups(guard)
     ledger = await ledger_rows(guard)
     subscription = await guard.subscription(PLANNED_ORG)
     fuzzed, answered = await fuzz_admin_as_admin(guard, keep=lambda op: op.label not in MONEY_WRITES)
@@ -306,9 +328,14 @@ async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(gua
     labels = {label for label, _ in answered}
     assert labels == fuzzed and not labels & MONEY_WRITES
     assert all(any(200 <= status < 300 for lb, status in answered if lb == label) for label in labels), answered
-    for write in (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}", *PLAN_WRITES):
+    for write in (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}", *PLAN_WRITES, f"PUT {TOPUP}"):
         assert answered[write, 422] > 0 and answered[write, 400] > 0, answered
     assert answered["GET /api/admin/organizations/{organization_id}/subscription", 404] > 0, answered
+    assert all(answered[f"{method} {TOPUP}", 404] > 0 for method in ("GET", "DELETE")), answered
+    # Lines were set over balances, but no charge is registered here: nothing was bought.
+    assert guard.topups.charge is None
+    await anyio.sleep(0.2)  # the looks each line set started
+    await guard.topups.run_once()
     await assert_books_unchanged(guard, balances, ledger)
     # Its plan may have been edited (from its next period) but neither deleted nor given another period.
     assert await guard.subscription(PLANNED_ORG) == subscription
@@ -360,6 +387,52 @@ async def test_fuzzed_subscriptions_move_exactly_the_credits_the_ledger_shows(gu
         if subscription is not None:  # the period under way is granted, and still live
             live = {grant.id for grant in await guard.list_grants(org)}
             assert subscription.period >= 0 and subscription.grant_id in live, subscription
+    assert await guard.audit() == []
+
+
+async def top_ups_settled(guard: CreditGuard, calls: list[tuple[str, int, str]]) -> None:
+    """Wait until no top-up runs: no line 'running' and no new charge, twice in a row."""
+    quiet = 0
+    with anyio.fail_after(30):
+        while quiet < 2:
+            seen = len(calls)
+            await anyio.sleep(0.1)
+            await guard.topups.run_once()
+            states = [await guard.auto_topup(org) for org in await guard.store.topup_lines()]
+            running = any(topup is not None and topup.state == "running" for topup in states)
+            quiet = quiet + 1 if not running and len(calls) == seen else 0
+
+
+async def test_fuzzed_auto_topups_buy_only_through_the_apps_charge(guard: CreditGuard) -> None:
+    """Auto top-ups fuzzed on their own, with the app's charge registered: a line set over a
+    balance buys at once (a change arms it again, so each set may buy once more). Whatever
+    is set, every credit moved is a grant that charge made, each under its own crossing's
+    key, every balance moved by exactly those grants, the books exact; whatever is refused
+    sets nothing."""
+    balances, ledger = await setup_books(guard)
+    await setup_topups(guard)
+    calls: list[tuple[str, int, str]] = []
+
+    async def charge(organization_id: str, credits: int, *, key: str) -> str:
+        calls.append((organization_id, credits, key))
+        await guard.grant_credits(organization_id, credits, reason="auto top-up", idempotency_key=key)
+        return f"pi_{key}"
+
+    guard.topups.register(charge)
+    _, answered = await fuzz_admin_as_admin(guard, keep=lambda op: op.label in TOPUP_OPS)
+    put, delete = f"PUT {TOPUP}", f"DELETE {TOPUP}"
+    assert answered[put, 200] > 0 and answered[put, 422] > 0 and answered[put, 400] > 0, answered
+    assert answered[delete, 204] > 0 and answered[delete, 404] > 0, answered
+    await top_ups_settled(guard, calls)
+    assert calls, "no line was set over a balance: the charge never ran"
+    keys = [key for _, _, key in calls]
+    assert len(keys) == len(set(keys)), calls  # one charge per crossing
+    new_rows = [row for row in await ledger_rows(guard) if row not in ledger]
+    assert new_rows and all(row["kind"] == "grant" and row["reason"] == "auto top-up" for row in new_rows), new_rows
+    assert {row["idempotency_key"] for row in new_rows} <= set(keys)
+    for org, before in balances.items():
+        granted = sum(int(str(row["amount"])) for row in new_rows if row["organization_id"] == org)
+        assert await guard.get_balance(org) - before == granted, org
     assert await guard.audit() == []
 
 

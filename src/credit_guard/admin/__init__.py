@@ -1,5 +1,6 @@
-"""Pricing, plans and organizations over HTTP: the admin JSON API, the public pricing
-endpoint, the OpenAPI document and (when installed) the HTML pages, as one mountable app.
+"""Pricing, plans and organizations (credits, plan, auto top-up) over HTTP: the admin JSON
+API, the public pricing endpoint, the OpenAPI document and (when installed) the HTML pages,
+as one mountable app.
 
     app.mount("/", admin_app())                 # FastAPI / Starlette
     Mount("/{tenant}", admin_app())             # under a tenant prefix

@@ -1,6 +1,7 @@
 """The admin API's plumbing: reading JSON bodies and query values, refusing with a problem.
 
-Shared by the pricing endpoints (``api.py``) and the organizations view (``organizations.py``).
+Shared by the pricing endpoints (``api.py``), the organizations view (``organizations.py``),
+plans (``plans.py``) and auto top-ups (``topups.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from .. import problems
 from ..models import UNSTORABLE_TEXT, FeaturePricing, is_storable_text
 from ..problems import Problem
+from ..schema import MAX_BALANCE
 
 PUBLIC_FIELDS = ("feature_key", "feature_name", "category", "credits", "description")
 
@@ -42,6 +44,15 @@ def refuse_unstorable(request: Request) -> None:
 def refuse_if(errors: dict[str, str]) -> None:
     if errors:
         raise Refusal(problems.invalid_request(errors, status=422))
+
+
+def whole_number(value: Any, low: int, name: str, errors: dict[str, str], *, null: str = "") -> int | None:
+    """``value`` when it is a whole number from ``low`` to ``MAX_BALANCE`` (not a bool);
+    else None, with why in ``errors[name]`` (``null``: what a null would mean, if allowed)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_BALANCE:
+        errors[name] = f"must be a whole number from {low} to {MAX_BALANCE}{null}"
+        return None
+    return value
 
 
 def parse_bool(raw: str | None, name: str, errors: dict[str, str]) -> bool | None:

@@ -1,5 +1,5 @@
 """What the admin app's OpenAPI document is made of: shared by ``openapi.py`` and the
-plans' part of it (``_openapi_plans.py``)."""
+plans' and auto top-ups' parts of it (``_openapi_plans.py``, ``_openapi_topups.py``)."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ mountable Starlette app.
            POST .../{org}/grants                                       admin (organizations.py)
     GET, POST /api/admin/plans; GET, PATCH, DELETE .../plans/{plan_key};
            GET, PUT, DELETE /api/admin/organizations/{org}/subscription  admin (plans.py)
+    GET, PUT, DELETE /api/admin/organizations/{org}/auto-topup         admin (topups.py)
     GET    /api/features/pricing[?key=]                                public
     GET    /openapi.json                                               public
     GET    /admin/feature-pricing, /admin/organizations, /admin/plans  admin (the HTML pages)
@@ -57,7 +58,7 @@ from ..models import (
     validate_pricing_fields,
 )
 from ..problems import Problem
-from . import organizations, plans
+from . import organizations, plans, topups
 from ._http import (
     Refusal,
     json_object,
@@ -415,6 +416,11 @@ def admin_app(
             ORGANIZATIONS_PATH + "/{organization_id}/subscription",
             "organization_subscription",
             {"GET": plans.get_subscription, "PUT": plans.put_subscription, "DELETE": plans.delete_subscription},
+        ),
+        route(
+            ORGANIZATIONS_PATH + "/{organization_id}/auto-topup",
+            "organization_auto_topup",
+            {"GET": topups.get_auto_topup, "PUT": topups.put_auto_topup, "DELETE": topups.delete_auto_topup},
         ),
         route(PLANS_PATH, "plans", {"GET": plans.list_plans, "POST": plans.create_plan}),
         route(

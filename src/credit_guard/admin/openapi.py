@@ -28,6 +28,7 @@ from ._openapi_common import json_response as _json
 from ._openapi_common import problem_response as _problem_response
 from ._openapi_common import query_param as _query
 from ._openapi_plans import PLAN_SCHEMAS, plan_paths
+from ._openapi_topups import TOPUP_SCHEMAS, topup_paths
 
 
 def _fields() -> dict[str, dict[str, Any]]:
@@ -302,8 +303,10 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
     }
     paths.update(_organization_paths(admin))
     paths.update(plan_paths(admin, _ORG_ID))
+    paths.update(topup_paths(admin, _ORG_ID))
     schemas.update(_ORGANIZATION_SCHEMAS)
     schemas.update(PLAN_SCHEMAS)
+    schemas.update(TOPUP_SCHEMAS)
     if include_page:
         paths["/admin/plans"] = {
             "get": {
@@ -344,9 +347,9 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
             "title": "credit_guard pricing administration",
             "version": "1",
             "description": (
-                "Manage feature pricing, plans and organizations' credits and read usage (admin routes: the "
-                "host app decides who is an administrator), and show active prices to anyone. Errors are "
-                "RFC 9457 problem+json."
+                "Manage feature pricing, plans, and organizations' credits, plans and auto top-ups, and read "
+                "usage (admin routes: the host app decides who is an administrator), and show active prices "
+                "to anyone. Errors are RFC 9457 problem+json."
             ),
         },
         "servers": [{"url": server_url}],

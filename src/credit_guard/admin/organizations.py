@@ -8,6 +8,7 @@
                                                              each UTC day it moved (a chart)
     POST /api/admin/organizations/{organization_id}/grants   admin: grant credits
     GET, PUT, DELETE .../{organization_id}/subscription      admin: its plan (``plans.py``)
+    GET, PUT, DELETE .../{organization_id}/auto-topup        admin: its auto top-up (``topups.py``)
     GET  /admin/organizations                                admin (the HTML page, ``page.py``)
 
 The balance history is a route of its own rather than part of the organization's detail:

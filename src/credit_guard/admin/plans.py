@@ -45,8 +45,7 @@ from ..models import (
     Subscription,
     is_storable_text,
 )
-from ..schema import MAX_BALANCE
-from ._http import Refusal, json_object, refuse_if
+from ._http import Refusal, json_object, refuse_if, whole_number
 from .organizations import path_organization
 
 log = logging.getLogger("credit_guard.admin")
@@ -260,7 +259,7 @@ def validate_plan_fields(data: dict[str, Any], *, partial: bool = False) -> dict
         else:
             clean["name"] = name.strip()
     if "credits" in data and "credits" not in errors:
-        clean_credits = _whole(data["credits"], 1, "credits", errors)
+        clean_credits = whole_number(data["credits"], 1, "credits", errors)
         if clean_credits is not None:
             clean["credits"] = clean_credits
     if "period" in data:
@@ -273,18 +272,13 @@ def validate_plan_fields(data: dict[str, Any], *, partial: bool = False) -> dict
         if rollover is None:
             clean["rollover"] = None
         else:
-            clean_rollover = _whole(rollover, 0, "rollover", errors, null="; or null: every unused credit carries")
+            clean_rollover = whole_number(
+                rollover, 0, "rollover", errors, null="; or null: every unused credit carries"
+            )
             if clean_rollover is not None:
                 clean["rollover"] = clean_rollover
     refuse_if(errors)
     return clean
-
-
-def _whole(value: Any, low: int, name: str, errors: dict[str, str], *, null: str = "") -> int | None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_BALANCE:
-        errors[name] = f"must be a whole number from {low} to {MAX_BALANCE}{null}"
-        return None
-    return value
 
 
 def _possible(key: str) -> bool:

@@ -1,6 +1,6 @@
-// The organizations view: find an organization, see its credits and its plan, grant
-// credits or change the plan. Every value from the server is set with textContent: nothing
-// it sends is parsed as HTML. The balance history chart is drawn by static/charts.js (the
+// The organizations view: find an organization, see its credits, its plan and its auto
+// top-up, grant credits, change the plan or the auto top-up. Every value from the server is
+// set with textContent: nothing it sends is parsed as HTML. The balance history chart is drawn by static/charts.js (the
 // vendored uPlot).
 (function () {
   "use strict";
@@ -8,6 +8,8 @@
   var API = main.getAttribute("data-base") + "/api/admin";
   var current = null;
   var currentPlan = null;  // the open organization's subscription (null: no plan)
+  var currentTopup = null;  // the open organization's auto top-up (null: none)
+  var currentBalance = null;  // its spendable balance, as last read
   var plans = [];
 
   function $(id) { return document.getElementById(id); }
@@ -72,6 +74,7 @@
       if (!result.ok) { status(problemText(result)); return; }
       var d = result.data;
       current = d.organization_id;
+      currentBalance = d.balance;
       $("detail").hidden = false;
       $("org-name").textContent = d.organization_id;
       $("org-balance").textContent = d.balance;
@@ -88,7 +91,7 @@
         row("ledger", [e.id, e.kind, e.amount, e.balance_after, e.feature_key || e.reason || "", e.created_at]);
       });
       $("detail").setAttribute("data-org", d.organization_id);
-      return Promise.all([history(d.organization_id), subscription(d.organization_id)]);
+      return Promise.all([history(d.organization_id), subscription(d.organization_id), topup(d.organization_id)]);
     });
   }
 
@@ -243,6 +246,99 @@
       if (!result.ok) { $("plan-error").textContent = problemText(result); return; }
       status(org + " is on no plan now.");
       return Promise.all([open(org), loadPlans()]);
+    });
+  });
+
+  // ---- the organization's auto top-up ---------------------------------------------------
+
+  var TOPUP_STATES = {
+    armed: "Armed: buys when the balance next falls below the line",
+    running: "Buying now",
+    fired: "Fired: armed again once the balance is back at or above the line"
+  };
+
+  /** "Buys 500 credits when the balance falls below 100". */
+  function topupTerms(t) {
+    return "Buys " + count(t.credits) + " credits when the balance falls below " + count(t.below);
+  }
+
+  function showTopup(t, chargeRegistered) {
+    currentTopup = t;
+    var box = $("org-topup");
+    box.setAttribute("data-topup", t ? t.below + ":" + t.credits : "");
+    box.setAttribute("data-charge-registered", chargeRegistered ? "true" : "false");
+    $("topup-no-charge").hidden = !!chargeRegistered;
+    $("topup-summary").textContent = t ? topupTerms(t) : "No auto top-up";
+    $("topup-facts").hidden = !t;
+    $("topup-state").textContent = t ? TOPUP_STATES[t.state] || t.state : "";
+    $("topup-crossings").textContent = t ? count(t.crossings) : "";
+    $("topup-last-run").textContent = t && t.last_run_at ? when(t.last_run_at) : "never";
+    $("topup-last-result").textContent = t && t.last_result !== null ? t.last_result : "none";
+    $("topup-last-error").textContent = t && t.last_error !== null ? t.last_error : "";
+    $("topup-last-error-row").hidden = !(t && t.last_error !== null);
+    $("topup-below").value = t ? t.below : "";
+    $("topup-credits").value = t ? t.credits : "";
+    $("topup-submit").textContent = t ? "Change auto top-up" : "Set auto top-up";
+    $("topup-remove").hidden = !t;
+    box.setAttribute("data-loaded", "true");
+  }
+
+  function topup(org) {
+    $("org-topup").setAttribute("data-loaded", "false");
+    $("topup-error").textContent = "";
+    return request("GET", "/organizations/" + encodeURIComponent(org) + "/auto-topup").then(function (result) {
+      if (current !== org) return;  // another organization was opened meanwhile
+      if (result.status === 404) { showTopup(null, result.data.charge_registered); return; }
+      if (!result.ok) { $("topup-error").textContent = problemText(result); return; }
+      showTopup(result.data, result.data.charge_registered);
+    });
+  }
+
+  function wholeField(id, name) {
+    var value = Number($(id).value);
+    return $(id).value !== "" && Number.isInteger(value) && value >= 1 ? value : name;
+  }
+
+  $("topup-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    $("topup-error").textContent = "";
+    var org = current;
+    var below = wholeField("topup-below", "below"), credits = wholeField("topup-credits", "credits");
+    var bad = [below, credits].filter(function (v) { return typeof v === "string"; });
+    if (bad.length) { $("topup-error").textContent = bad.join(" and ") + " must be a whole number of credits from 1"; return; }
+    if (currentTopup && currentTopup.below === below && currentTopup.credits === credits) {
+      status(org + "'s auto top-up is that already: nothing changed.");
+      return;
+    }
+    var wanted = { below: below, credits: credits };
+    var charging = $("org-topup").getAttribute("data-charge-registered") === "true";
+    var question = currentTopup
+      ? "Change " + org + "'s auto top-up from " + count(currentTopup.credits) + " credits below " +
+        count(currentTopup.below) + " to " + count(credits) + " credits below " + count(below) + "?"
+      : "Buy " + count(credits) + " credits for " + org + " each time its balance falls below " + count(below) + "?";
+    if (currentBalance !== null && currentBalance < below) {
+      question += " Its balance (" + count(currentBalance) + ") is below that already" +
+        (charging ? ": a top-up is bought at once." : ".");
+    }
+    if (!charging) question += " No charge is registered in this app process: nothing is bought here until the app registers one.";
+    if (!window.confirm(question)) { status("Auto top-up unchanged."); return; }
+    request("PUT", "/organizations/" + encodeURIComponent(org) + "/auto-topup", wanted).then(function (result) {
+      if (!result.ok) { $("topup-error").textContent = problemText(result); return; }
+      status(org + "'s auto top-up: " + topupTerms(result.data).toLowerCase() + ".");
+      return open(org);
+    });
+  });
+
+  $("topup-remove").addEventListener("click", function () {
+    var org = current;
+    if (!currentTopup) return;
+    var question = "Remove " + org + "'s auto top-up (" + count(currentTopup.credits) + " credits below " +
+      count(currentTopup.below) + ")? Nothing is bought automatically after this.";
+    if (!window.confirm(question)) { status("Auto top-up unchanged."); return; }
+    request("DELETE", "/organizations/" + encodeURIComponent(org) + "/auto-topup").then(function (result) {
+      if (!result.ok) { $("topup-error").textContent = problemText(result); return; }
+      status(org + " has no auto top-up now.");
+      return open(org);
     });
   });
 
