@@ -360,6 +360,9 @@ ADMIN_ROUTES = [
     ("GET", "/api/admin/organizations/org_1/auto-topup"),
     ("PUT", "/api/admin/organizations/org_1/auto-topup"),
     ("DELETE", "/api/admin/organizations/org_1/auto-topup"),
+    ("GET", "/api/admin/organizations/org_1/members"),
+    ("PUT", "/api/admin/organizations/org_1/members/some-member"),
+    ("DELETE", "/api/admin/organizations/org_1/members/some-member"),
     ("GET", PLANS),
     ("POST", PLANS),
     ("GET", f"{PLANS}/some-plan"),
@@ -385,6 +388,8 @@ async def test_admin_routes_refuse_anonymous_401_and_non_admins_403(
         kwargs = {"json": {"plan_key": "some_plan"}}
     if path.endswith("/auto-topup") and method == "PUT":
         kwargs = {"json": {"below": 100, "credits": 500}}
+    if "/members/" in path and method == "PUT":
+        kwargs = {"json": {"credits": 10, "per": "day"}}
     path = path.replace("/some-plan", "/some_plan")
     assert_problem(await client.request(method, path, **kwargs), 401)
     assert_problem(await client.request(method, path, headers=MEMBER, **kwargs), 403)
@@ -394,6 +399,7 @@ async def test_admin_routes_refuse_anonymous_401_and_non_admins_403(
     assert await guard.list_plans() == [Plan("some_plan", "some_plan", 10, "month", 0)]
     assert await ledger_rows(guard) == ledger and await guard.subscription("org_1") is None
     assert await guard.auto_topup("org_1") is None
+    assert await guard.list_member_limits("org_1") == []
 
 
 async def test_user_may_be_an_object_and_is_admin_may_be_async(guard: CreditGuard) -> None:
@@ -587,7 +593,8 @@ async def test_openapi_document_is_valid_and_describes_every_route(client: httpx
         (
             path.replace("/some-id", "/{pricing_id}")
             .replace("/org_1", "/{organization_id}")
-            .replace("/some-plan", "/{plan_key}"),
+            .replace("/some-plan", "/{plan_key}")
+            .replace("/some-member", "/{member}"),
             method,
         )
         for method, path in ADMIN_ROUTES

@@ -10,10 +10,12 @@ never a 5xx, a documented status, the documented content type, headers and body 
 And money: apart from grants and subscriptions (fuzzed on their own, every credit they
 move accounted for in the ledger) the admin API moves no credits, so after the whole run
 every balance and every ledger row must be exactly as before, and ``audit()`` must still
-find the books exact, however many prices, plans and auto top-ups were created, changed or
-deleted meanwhile. (An auto top-up line buys nothing in a process without the app's
-charge, as here; with one registered it is fuzzed on its own, every credit it moves
-granted by that charge.)
+find the books exact, however many prices, plans, auto top-ups and member caps were
+created, changed or deleted meanwhile. (An auto top-up line buys nothing in a process
+without the app's charge, as here; with one registered it is fuzzed on its own, every
+credit it moves granted by that charge.) A member cap moves no credits either, and no write
+to it may invent or forgive spending: afterwards each cap's ``used`` is what its member
+really spent this period (or 0, counting again), and the next charges meet the caps as stored.
 
 How it runs: schemathesis's own ASGI transport drives an app on an event loop of its own,
 but the guard (the ``guard`` fixture) lives on this test's loop, and asyncpg connections
@@ -85,6 +87,14 @@ TOPUP = "/api/admin/organizations/{organization_id}/auto-topup"
 TOPUP_OPS = (f"GET {TOPUP}", f"PUT {TOPUP}", f"DELETE {TOPUP}")
 #: An auto top-up set before a run, on an account well above its line.
 TOPUP_ORG, TOPUP_LINE = "org_rich", (10, 100)
+#: Member caps: no credits move, so fuzzed with the rest.
+MEMBERS = "/api/admin/organizations/{organization_id}/members"
+MEMBER_OPS = (f"GET {MEMBERS}", f"PUT {MEMBERS}/{{member}}", f"DELETE {MEMBERS}/{{member}}")
+#: Caps set before a run ((organization, member): (credits, per)), each member having spent
+#: one seedream_text_to_image (5 credits) of it. The fuzzing writes to ann's and bob's; dan's
+#: is no request's (5 left of it, exactly the next image): a write to one cap never moves another.
+CAPS = {("org_rich", "ann"): (12, "day"), ("org_spent", "bob"): (50, None), ("org_exact", "dan"): (10, "month")}
+CAP_SPEND = 5
 PLAN_WRITES = ("POST /api/admin/plans", "PATCH /api/admin/plans/{plan_key}")
 #: Plans defined before a run, and an organization on one of them (its own books).
 PLANS = {"pro": (100, "month", 50), "max": (300, "month", None), "daily": (5, "day", 0)}
@@ -251,6 +261,38 @@ async def setup_topups(guard: CreditGuard) -> None:
     await guard.set_auto_topup(TOPUP_ORG, below=below, credits=credits)
 
 
+async def setup_members(guard: CreditGuard) -> None:
+    """The caps of ``CAPS``, each with a real charge counted against it."""
+    for (org, member), (credits, per) in CAPS.items():
+        await guard.set_member_limit(org, member, credits, per=per)
+        assert (await guard.deduct_credits(org, "seedream_text_to_image", user_id=member)).success
+        usage = await guard.get_member_usage(org, member)
+        assert usage is not None and usage.used == CAP_SPEND
+
+
+async def assert_caps_counted_and_enforced(guard: CreditGuard) -> list[tuple[str, str]]:
+    """After any run of member cap writes: every cap counts what its member really spent
+    (the seeded charge) or 0 (a change of period counts again), never another amount, and
+    the next charge by each capped member goes through exactly when its cap and the
+    organization both have the 5 credits. The books stay exact. Returns the caps checked."""
+    checked = []
+    for org in [*GRANTS, PLANNED_ORG]:
+        for cap in await guard.list_member_limits(org):
+            checked.append((org, cap.member))
+            spent = CAP_SPEND if (org, cap.member) in CAPS else 0
+            assert cap.used in (0, spent) and cap.remaining == max(cap.credits - cap.used, 0), cap
+            balance = await guard.get_balance(org)
+            charged = await guard.deduct_credits(org, "seedream_text_to_image", user_id=cap.member)
+            fits = cap.remaining >= CAP_SPEND and balance >= CAP_SPEND
+            assert charged.success is fits, (cap, balance, charged)
+            if not fits and cap.remaining < CAP_SPEND:
+                assert charged.error_code == "member_limit_reached", (cap, charged)
+            after = await guard.get_member_usage(org, cap.member)
+            assert after is not None and after.used == cap.used + (CAP_SPEND if fits else 0), after
+    assert await guard.audit() == []
+    return checked
+
+
 async def assert_books_unchanged(guard: CreditGuard, balances: dict[str, int], ledger: list[dict[str, object]]) -> None:
     assert {org: await guard.get_balance(org) for org in GRANTS} == balances
     assert await ledger_rows(guard) == ledger
@@ -269,6 +311,22 @@ def known_inputs_for(guard: CreditGuard) -> KnownInputs:
                 for org in [*GRANTS, PLANNED_ORG]
                 for key in plan_keys
                 for on_change in ("expire", "keep")
+            ]
+        if label == f"PUT {MEMBERS}/{{member}}":
+            return [
+                {
+                    "path_parameters": {"organization_id": org, "member": member},
+                    "body": {"credits": credits, "per": per},
+                }
+                for org, member in [("org_rich", "ann"), ("org_spent", "bob"), ("org_poor", "cat")]
+                for credits in (0, 7, 500)
+                for per in ("day", "month", None)
+            ]
+        if label == f"DELETE {MEMBERS}/{{member}}":
+            # ann's cap at org_rich is left to the PUTs: it is there, with the credits, to charge against after
+            return [
+                {"path_parameters": {"organization_id": org, "member": member}}
+                for org, member in [("org_spent", "bob"), ("org_poor", "cat")]
             ]
         if label == f"PUT {TOPUP}":
             return [
@@ -317,9 +375,11 @@ async def fuzz_admin_as_admin(
 
 
 async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(guard: CreditGuard) -> None:
-    balances, _ = await setup_books(guard)
+    await setup_books(guard)
     await setup_plans(guard)
     await setup_topups(guard)
+    await setup_members(guard)
+    balances = {org: await guard.get_balance(org) for org in GRANTS}
     ledger = await ledger_rows(guard)
     subscription = await guard.subscription(PLANNED_ORG)
     fuzzed, answered = await fuzz_admin_as_admin(guard, keep=lambda op: op.label not in MONEY_WRITES)
@@ -328,10 +388,12 @@ async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(gua
     labels = {label for label, _ in answered}
     assert labels == fuzzed and not labels & MONEY_WRITES
     assert all(any(200 <= status < 300 for lb, status in answered if lb == label) for label in labels), answered
-    for write in (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}", *PLAN_WRITES, f"PUT {TOPUP}"):
+    writes = (PRICING_WRITE, "PATCH /api/admin/feature-pricing/{pricing_id}", *PLAN_WRITES, f"PUT {TOPUP}")
+    for write in (*writes, MEMBER_OPS[1]):
         assert answered[write, 422] > 0 and answered[write, 400] > 0, answered
     assert answered["GET /api/admin/organizations/{organization_id}/subscription", 404] > 0, answered
     assert all(answered[f"{method} {TOPUP}", 404] > 0 for method in ("GET", "DELETE")), answered
+    assert answered[MEMBER_OPS[2], 204] > 0 and answered[MEMBER_OPS[2], 404] > 0, answered
     # Lines were set over balances, but no charge is registered here: nothing was bought.
     assert guard.topups.charge is None
     await anyio.sleep(0.2)  # the looks each line set started
@@ -341,6 +403,11 @@ async def test_admin_api_conforms_to_its_openapi_document_and_moves_no_money(gua
     assert await guard.subscription(PLANNED_ORG) == subscription
     pro = await guard.get_plan("pro")
     assert pro is not None and pro.period == "month"
+    dan = await guard.get_member_usage("org_exact", "dan")
+    assert dan is not None and (dan.credits, dan.used, dan.remaining) == (10, 5, 5)
+    assert {("org_rich", "ann"), ("org_exact", "dan")} <= set(await assert_caps_counted_and_enforced(guard))
+    dan = await guard.get_member_usage("org_exact", "dan")  # its 5 left paid for one more image, exactly
+    assert dan is not None and (dan.used, dan.remaining) == (10, 0) and await guard.get_balance("org_exact") == 10
 
 
 async def test_fuzzed_grants_move_exactly_the_credits_the_ledger_shows(guard: CreditGuard) -> None:

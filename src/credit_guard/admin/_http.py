@@ -1,7 +1,7 @@
 """The admin API's plumbing: reading JSON bodies and query values, refusing with a problem.
 
 Shared by the pricing endpoints (``api.py``), the organizations view (``organizations.py``),
-plans (``plans.py``) and auto top-ups (``topups.py``).
+plans (``plans.py``), auto top-ups (``topups.py``) and member caps (``members.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """What the admin app's OpenAPI document is made of: shared by ``openapi.py`` and the
-plans' and auto top-ups' parts of it (``_openapi_plans.py``, ``_openapi_topups.py``)."""
+plans', auto top-ups' and member caps' parts of it (``_openapi_plans.py``, ``_openapi_topups.py``,
+``_openapi_members.py``)."""
 
 from __future__ import annotations
 

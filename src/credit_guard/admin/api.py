@@ -12,6 +12,8 @@ mountable Starlette app.
     GET, POST /api/admin/plans; GET, PATCH, DELETE .../plans/{plan_key};
            GET, PUT, DELETE /api/admin/organizations/{org}/subscription  admin (plans.py)
     GET, PUT, DELETE /api/admin/organizations/{org}/auto-topup         admin (topups.py)
+    GET    /api/admin/organizations/{org}/members,
+           PUT, DELETE .../{org}/members/{member}                      admin (members.py)
     GET    /api/features/pricing[?key=]                                public
     GET    /openapi.json                                               public
     GET    /admin/feature-pricing, /admin/organizations, /admin/plans  admin (the HTML pages)
@@ -58,7 +60,7 @@ from ..models import (
     validate_pricing_fields,
 )
 from ..problems import Problem
-from . import organizations, plans, topups
+from . import members, organizations, plans, topups
 from ._http import (
     Refusal,
     json_object,
@@ -421,6 +423,12 @@ def admin_app(
             ORGANIZATIONS_PATH + "/{organization_id}/auto-topup",
             "organization_auto_topup",
             {"GET": topups.get_auto_topup, "PUT": topups.put_auto_topup, "DELETE": topups.delete_auto_topup},
+        ),
+        route(ORGANIZATIONS_PATH + "/{organization_id}/members", "organization_members", {"GET": members.list_members}),
+        route(
+            ORGANIZATIONS_PATH + "/{organization_id}/members/{member:" + members.MEMBER_CONVERTOR + "}",
+            "organization_member",
+            {"PUT": members.put_member, "DELETE": members.delete_member},
         ),
         route(PLANS_PATH, "plans", {"GET": plans.list_plans, "POST": plans.create_plan}),
         route(

@@ -27,6 +27,7 @@ from ._openapi_common import error_refs as _errors
 from ._openapi_common import json_response as _json
 from ._openapi_common import problem_response as _problem_response
 from ._openapi_common import query_param as _query
+from ._openapi_members import MEMBER_SCHEMAS, member_paths
 from ._openapi_plans import PLAN_SCHEMAS, plan_paths
 from ._openapi_topups import TOPUP_SCHEMAS, topup_paths
 
@@ -304,9 +305,11 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
     paths.update(_organization_paths(admin))
     paths.update(plan_paths(admin, _ORG_ID))
     paths.update(topup_paths(admin, _ORG_ID))
+    paths.update(member_paths(admin, _ORG_ID))
     schemas.update(_ORGANIZATION_SCHEMAS)
     schemas.update(PLAN_SCHEMAS)
     schemas.update(TOPUP_SCHEMAS)
+    schemas.update(MEMBER_SCHEMAS)
     if include_page:
         paths["/admin/plans"] = {
             "get": {
@@ -347,7 +350,7 @@ def openapi_document(*, server_url: str = "/", include_page: bool = True) -> dic
             "title": "credit_guard pricing administration",
             "version": "1",
             "description": (
-                "Manage feature pricing, plans, and organizations' credits, plans and auto top-ups, and read "
+                "Manage feature pricing, plans, and organizations' credits, plans, auto top-ups and member caps, and read "
                 "usage (admin routes: the host app decides who is an administrator), and show active prices "
                 "to anyone. Errors are RFC 9457 problem+json."
             ),

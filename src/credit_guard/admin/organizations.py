@@ -9,6 +9,8 @@
     POST /api/admin/organizations/{organization_id}/grants   admin: grant credits
     GET, PUT, DELETE .../{organization_id}/subscription      admin: its plan (``plans.py``)
     GET, PUT, DELETE .../{organization_id}/auto-topup        admin: its auto top-up (``topups.py``)
+    GET .../{organization_id}/members, PUT, DELETE .../members/{member}
+                                                             admin: its member caps (``members.py``)
     GET  /admin/organizations                                admin (the HTML page, ``page.py``)
 
 The balance history is a route of its own rather than part of the organization's detail:

@@ -1,6 +1,7 @@
-// The organizations view: find an organization, see its credits, its plan and its auto
-// top-up, grant credits, change the plan or the auto top-up. Every value from the server is
-// set with textContent: nothing it sends is parsed as HTML. The balance history chart is drawn by static/charts.js (the
+// The organizations view: find an organization, see its credits, its plan, its auto top-up
+// and its member caps, grant credits, change the plan, the auto top-up or a member's cap.
+// Every value from the server is set with textContent: nothing it sends is parsed as HTML
+// (a member id is whatever the app's user id is, markup included). The balance history chart is drawn by static/charts.js (the
 // vendored uPlot).
 (function () {
   "use strict";
@@ -10,6 +11,7 @@
   var currentPlan = null;  // the open organization's subscription (null: no plan)
   var currentTopup = null;  // the open organization's auto top-up (null: none)
   var currentBalance = null;  // its spendable balance, as last read
+  var currentMembers = [];  // its member caps, as last read
   var plans = [];
 
   function $(id) { return document.getElementById(id); }
@@ -91,7 +93,9 @@
         row("ledger", [e.id, e.kind, e.amount, e.balance_after, e.feature_key || e.reason || "", e.created_at]);
       });
       $("detail").setAttribute("data-org", d.organization_id);
-      return Promise.all([history(d.organization_id), subscription(d.organization_id), topup(d.organization_id)]);
+      return Promise.all([
+        history(d.organization_id), subscription(d.organization_id), topup(d.organization_id), members(d.organization_id)
+      ]);
     });
   }
 
@@ -340,6 +344,187 @@
       status(org + " has no auto top-up now.");
       return open(org);
     });
+  });
+
+  // ---- the organization's member caps ----------------------------------------------------
+
+  function memberPath(org, member) {
+    return "/organizations/" + encodeURIComponent(org) + "/members/" + encodeURIComponent(member);
+  }
+
+  /** "12 credits a day", "0 credits in all". */
+  function capTerms(credits, per) { return count(credits) + " credits " + (per ? "a " + per : "in all"); }
+
+  function cell(tr, label, value, tag) {
+    var td = document.createElement(tag || "td");
+    if (tag) td.setAttribute("scope", "row");
+    td.setAttribute("data-label", label);
+    td.textContent = value;
+    tr.appendChild(td);
+    return td;
+  }
+
+  function button(text, name, className, onClick) {
+    var b = document.createElement("button");
+    b.type = "button";
+    b.className = "btn btn-sm " + className;
+    b.textContent = text;
+    b.setAttribute("aria-label", name);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  function showMembers(list) {
+    currentMembers = list;
+    var tbody = $("members").querySelector("tbody");
+    tbody.textContent = "";
+    list.forEach(function (m) {
+      var tr = document.createElement("tr");
+      tr.className = "member-row";
+      tr.setAttribute("data-member", m.member);
+      cell(tr, "Member", m.member, "th").className = "member-id";
+      cell(tr, "Cap", count(m.credits));
+      cell(tr, "Per", m.per || "in all");
+      cell(tr, "Used", count(m.used));
+      cell(tr, "Remaining", count(m.remaining));
+      cell(tr, "Resets (UTC)", m.resets_at ? when(m.resets_at).replace(/ UTC$/, "") : "never");
+      var actions = document.createElement("div");
+      actions.className = "member-actions";
+      cell(tr, "Actions", "").appendChild(actions);
+      actions.appendChild(button("Change", "Change the cap of " + m.member, "btn-secondary", function () { editMember(tr, m); }));
+      actions.appendChild(button("Remove", "Remove the cap of " + m.member, "btn-ghost-danger", function () { removeMember(m); }));
+      tbody.appendChild(tr);
+    });
+    $("members").hidden = !list.length;
+    $("members-summary").textContent = list.length
+      ? list.length + (list.length === 1 ? " member has a cap" : " members have caps") +
+        "; everyone else may spend all of the organization's credits."
+      : "No member caps: every member may spend all of the organization's credits.";
+    $("org-members").setAttribute("data-loaded", "true");
+  }
+
+  function members(org) {
+    $("org-members").setAttribute("data-loaded", "false");
+    $("member-error").textContent = "";
+    return request("GET", "/organizations/" + encodeURIComponent(org) + "/members").then(function (result) {
+      if (current !== org) return;  // another organization was opened meanwhile
+      if (!result.ok) { $("member-error").textContent = problemText(result); return; }
+      showMembers(result.data.members);
+    });
+  }
+
+  /** A whole number of credits from 0, or null. */
+  function capCredits(raw) {
+    var value = Number(raw);
+    return raw !== "" && Number.isInteger(value) && value >= 0 ? value : null;
+  }
+
+  /** Ask, then PUT the cap; ``fail`` shows a refusal next to the form that sent it. */
+  function writeCap(org, member, credits, per, fail) {
+    var before = null;
+    currentMembers.forEach(function (m) { if (m.member === member) before = m; });
+    if (before && before.credits === credits && before.per === per) {
+      status(member + "'s cap is that already: nothing changed.");
+      return Promise.resolve(false);
+    }
+    var question = before
+      ? "Change " + member + "'s cap in " + org + " from " + capTerms(before.credits, before.per) + " to " +
+        capTerms(credits, per) + "? " + (before.per === per
+          ? "What it used this period (" + count(before.used) + ") still counts."
+          : "A new period starts its count again at 0 (it used " + count(before.used) + ").")
+      : "Let " + member + " spend at most " + capTerms(credits, per) + " of " + org + "'s credits? " +
+        "A charge over the cap is refused.";
+    if (credits === 0) question += " A cap of 0 refuses all of its paid calls.";
+    if (!window.confirm(question)) { status("Member caps unchanged."); return Promise.resolve(false); }
+    return request("PUT", memberPath(org, member), { credits: credits, per: per }).then(function (result) {
+      if (!result.ok) { fail(problemText(result)); return false; }
+      var said = member + " may spend " + capTerms(result.data.credits, result.data.per) + " of " + org + "'s credits.";
+      return members(org).then(function () { status(said); return true; });  // said once the table shows it
+    });
+  }
+
+  function removeMember(m) {
+    var org = current;
+    var question = "Remove " + m.member + "'s cap in " + org + " (" + capTerms(m.credits, m.per) + ")? " +
+      "It may then spend all of the organization's credits.";
+    if (!window.confirm(question)) { status("Member caps unchanged."); return; }
+    request("DELETE", memberPath(org, m.member)).then(function (result) {
+      if (!result.ok) { $("member-error").textContent = problemText(result); return; }
+      return members(org).then(function () { status(m.member + " has no cap in " + org + " now."); });
+    });
+  }
+
+  /** An editor row under the member's row: its cap and period, saved with a confirmation. */
+  function editMember(tr, m) {
+    var shown = tr.nextSibling;
+    if (shown && shown.className === "member-editor") { shown.querySelector("input").focus(); return; }
+    var index = Array.prototype.indexOf.call(tr.parentNode.children, tr);
+    var editor = document.createElement("tr");
+    editor.className = "member-editor";
+    var td = document.createElement("td");
+    td.colSpan = 7;
+    var form = document.createElement("form");
+    form.className = "member-edit-form";
+    form.noValidate = true;
+    function field(label, control, id) {
+      var l = document.createElement("label");
+      l.htmlFor = control.id = id;
+      l.textContent = label;
+      form.appendChild(l);
+      form.appendChild(control);
+    }
+    var credits = document.createElement("input");
+    credits.type = "number";
+    credits.min = "0";
+    credits.step = "1";
+    credits.inputMode = "numeric";
+    credits.value = m.credits;
+    field("New cap for " + m.member, credits, "member-edit-credits-" + index);
+    var per = $("member-per").cloneNode(true);
+    per.removeAttribute("name");
+    per.value = m.per || "";
+    field("Period for " + m.member, per, "member-edit-per-" + index);
+    var error = document.createElement("p");
+    error.className = "field-error";
+    error.setAttribute("role", "alert");
+    var save = document.createElement("button");
+    save.type = "submit";
+    save.className = "btn btn-sm btn-primary";
+    save.textContent = "Save cap";
+    save.setAttribute("aria-label", "Save the cap of " + m.member);
+    var cancel = button("Cancel", "Cancel changing the cap of " + m.member, "btn-secondary", function () {
+      editor.remove();
+    });
+    var actions = document.createElement("div");
+    actions.className = "org-plan-actions";
+    actions.appendChild(save);
+    actions.appendChild(cancel);
+    form.appendChild(actions);
+    form.appendChild(error);
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      error.textContent = "";
+      var value = capCredits(credits.value);
+      if (value === null) { error.textContent = "credits must be a whole number from 0"; return; }
+      writeCap(current, m.member, value, per.value || null, function (text) { error.textContent = text; });
+    });
+    td.appendChild(form);
+    editor.appendChild(td);
+    tr.parentNode.insertBefore(editor, tr.nextSibling);
+    credits.focus();
+  }
+
+  $("member-form").addEventListener("submit", function (event) {
+    event.preventDefault();
+    $("member-error").textContent = "";
+    var member = $("member-id").value, credits = capCredits($("member-credits").value);
+    var bad = [];
+    if (!member) bad.push("member must not be empty");
+    if (credits === null) bad.push("credits must be a whole number from 0");
+    if (bad.length) { $("member-error").textContent = bad.join("; "); return; }
+    writeCap(current, member, credits, $("member-per").value || null, function (text) {
+      $("member-error").textContent = text;
+    }).then(function (written) { if (written) $("member-form").reset(); });
   });
 
   loadPlans();
