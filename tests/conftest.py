@@ -199,3 +199,14 @@ def fresh_db(db_url: str) -> str:
     """For sync tests (a CLI, a TestClient, a subprocess): ``db_url`` with fresh tables."""
     asyncio.run(fresh_tables(db_url))
     return db_url
+
+
+async def topup_key(guard: CreditGuard, organization_id: str, crossing: int) -> str:
+    """The idempotency key an auto top-up's ``crossing`` runs under (its line's id, stored)."""
+    from sqlalchemy import select
+
+    from credit_guard.schema import auto_topups
+
+    async with guard.engine.connect() as conn:
+        line = await conn.scalar(select(auto_topups.c.line_id).where(auto_topups.c.organization_id == organization_id))
+    return f"auto-topup:{line}:{crossing}"

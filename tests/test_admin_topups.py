@@ -17,7 +17,7 @@ from credit_guard.admin import admin_app
 from credit_guard.models import AutoTopup
 from credit_guard.schema import MAX_BALANCE
 
-from .conftest import ledger_rows
+from .conftest import ledger_rows, topup_key
 from .test_admin_api import ADMIN, MEMBER, assert_problem, client_for
 
 pytestmark = pytest.mark.anyio
@@ -132,14 +132,14 @@ async def test_with_a_charge_registered_the_api_shows_each_crossing_and_its_resu
     for _ in range(3):
         assert (await guard.deduct_credits(ORG, "kling_image_to_video")).success
     topup = await settled(guard, ORG, 1)
-    assert card.calls == [(ORG, 500, f"auto-topup:{ORG}:1")]
+    assert card.calls == [(ORG, 500, await topup_key(guard, ORG, 1))]
     assert await guard.get_balance(ORG) == 150 - 60 + 500
     read = (await client.get(path, headers=ADMIN)).json()
     assert read == view(topup, charge_registered=True)
     assert (read["state"], read["crossings"], read["last_result"], read["last_error"]) == (
         "armed",
         1,
-        f"pi_auto-topup:{ORG}:1",
+        "pi_" + await topup_key(guard, ORG, 1),
         None,
     )
     assert read["last_run_at"] is not None

@@ -14,6 +14,8 @@ import pytest
 from credit_guard import CreditGuard
 from credit_guard._clock import reset_travel, travel, utcnow
 
+from .conftest import topup_key
+
 pytestmark = pytest.mark.anyio
 
 ORG = "org_topup"
@@ -82,14 +84,14 @@ async def test_two_hundred_racing_charges_over_two_processes_top_up_once(
         for n in range(200):
             tg.start_soon(charge, guard if n % 2 else other)
     await drain(guard, other)
-    assert card.calls == [(ORG, 500, f"auto-topup:{ORG}:1")]
+    assert card.calls == [(ORG, 500, await topup_key(guard, ORG, 1))]
     assert await guard.get_balance(ORG) == 150 + 500 - charged
     topup = await guard.auto_topup(ORG)
     assert topup is not None
     assert (topup.state, topup.crossings, topup.last_result, topup.last_error) == (
         "armed",  # back above the line: the next crossing tops up again
         1,
-        f"pi_auto-topup:{ORG}:1",
+        "pi_" + await topup_key(guard, ORG, 1),
         None,
     )
     assert await guard.audit() == []
@@ -136,7 +138,8 @@ async def test_a_runner_that_died_is_replaced_under_the_same_crossing(priced: Cr
     await guard.set_auto_topup(ORG, below=100, credits=500)
     assert (await guard.deduct_credits(ORG, "llm_token", units=60)).success
     now = utcnow()
-    assert await guard.store.claim_topup(ORG, now, now + guard.topups.lease) == (1, 500)  # then it died
+    claimed = await guard.store.claim_topup(ORG, now, now + guard.topups.lease)  # then it died
+    assert claimed == (1, 500, await topup_key(guard, ORG, 1))
     guard.topups.register(card)
     guard.topups.moved(ORG, None, -1)
     await drain(guard)
@@ -144,8 +147,27 @@ async def test_a_runner_that_died_is_replaced_under_the_same_crossing(priced: Cr
     travel(guard.topups.lease + timedelta(seconds=1))
     guard.topups.moved(ORG, None, -1)
     await drain(guard)
-    assert card.calls == [(ORG, 500, f"auto-topup:{ORG}:1")]  # the same key: the payment is not made twice
+    assert card.calls == [(ORG, 500, await topup_key(guard, ORG, 1))]  # the same key: the payment is not made twice
     assert await guard.get_balance(ORG) == 590
+    assert await guard.audit() == []
+
+
+async def test_a_line_removed_and_set_again_never_reuses_an_earlier_key(priced: CreditGuard) -> None:
+    """Its count starts again, but its keys are a new line's: a key an earlier top-up used
+    would make the payment provider and the grant answer "done" while nothing was bought."""
+    guard = priced
+    card = Card(guard)
+    await guard.grant_credits(ORG, 10)
+    await guard.set_auto_topup(ORG, below=100, credits=200, charge=card)
+    await drain(guard)
+    first = await topup_key(guard, ORG, 1)
+    assert await guard.remove_auto_topup(ORG)
+    assert (await guard.deduct_credits(ORG, "llm_token", units=150)).success  # 210 -> 60: below again
+    await guard.set_auto_topup(ORG, below=100, credits=200)
+    await drain(guard)
+    second = await topup_key(guard, ORG, 1)
+    assert [call[2] for call in card.calls] == [first, second] and first != second
+    assert await guard.get_balance(ORG) == 60 + 200  # bought and granted again, not answered "done"
     assert await guard.audit() == []
 
 

@@ -20,7 +20,7 @@ from credit_guard.contrib.stripe import stripe_webhook
 from credit_guard.contrib.stripe_topup import AutoTopupFailed, grant_topup_payment, stripe_auto_topup
 from credit_guard.errors import StorageUnavailable
 
-from .conftest import ledger_rows
+from .conftest import ledger_rows, topup_key
 from .helpers import client
 
 pytestmark = pytest.mark.anyio
@@ -436,7 +436,7 @@ async def test_set_auto_topup_with_stripe_charges_the_card_once_when_the_line_is
     for _ in range(3):
         await guard.topups.run_once()
     [post] = fake.posts()
-    assert post["headers"]["Idempotency-Key"] == "credit_guard-topup:org_1:auto-topup:org_1:1"
+    assert post["headers"]["Idempotency-Key"] == "credit_guard-topup:org_1:" + await topup_key(guard, "org_1", 1)
     assert await guard.get_balance("org_1") == 595
     topup = await guard.auto_topup("org_1")
     assert topup is not None and (topup.state, topup.last_result) == ("armed", "pi_1")

@@ -124,11 +124,11 @@ class AutoTopups:
         claimed = await self.store.claim_topup(org, now, now + self.lease)
         if claimed is None:
             return 0
-        crossing, credits = claimed
+        crossing, credits, key = claimed
         result = error = None
         try:
             if self._takes_key:
-                returned = await charge(org, credits, key=f"auto-topup:{org}:{crossing}")
+                returned = await charge(org, credits, key=key)
             else:
                 returned = await charge(org, credits)
             result = None if returned is None else str(returned)[:255]

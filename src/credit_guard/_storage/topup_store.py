@@ -37,7 +37,9 @@ class TopupStore:
     async def topup_lines(self) -> dict[str, int]:
         return await self._read(topup_lines_in)
 
-    async def claim_topup(self, organization_id: str, now: datetime, lease_until: datetime) -> tuple[int, int] | None:
+    async def claim_topup(
+        self, organization_id: str, now: datetime, lease_until: datetime
+    ) -> tuple[int, int, str] | None:
         return await self._write(partial(claim_topup_in, org=organization_id, now=now, lease_until=lease_until))
 
     async def finish_topup(

@@ -8,6 +8,7 @@ look at once queue on the lock, and the second finds it running: one charge per 
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -40,7 +41,7 @@ def set_topup_in(conn: Connection, dialect: str, org: str, below: int, credits: 
     values = {"below": below, "credits": credits, "state": "armed", "lease_until": None, "updated_at": now}
     conn.execute(
         upsert(dialect)(auto_topups)
-        .values(organization_id=org, crossings=0, **values)
+        .values(organization_id=org, line_id=uuid.uuid4().hex, crossings=0, **values)
         .on_conflict_do_update(index_elements=[T.organization_id], set_=values)
     )
     found = topup_in(conn, org)
@@ -62,8 +63,10 @@ def topup_lines_in(conn: Connection) -> dict[str, int]:
     return {row.organization_id: int(row.below) for row in conn.execute(select(T.organization_id, T.below))}
 
 
-def claim_topup_in(conn: Connection, org: str, now: datetime, lease_until: datetime) -> tuple[int, int] | None:
-    """``(crossing, credits)`` when this caller is to run the top-up; None otherwise."""
+def claim_topup_in(conn: Connection, org: str, now: datetime, lease_until: datetime) -> tuple[int, int, str] | None:
+    """``(crossing, credits, key)`` when this caller is to run the top-up; None otherwise.
+    The key (``auto-topup:<line>:<crossing>``) is the same when a dead runner's crossing
+    is run again, and never an earlier line's: a line removed and set again is a new line."""
     row = conn.execute(select(auto_topups).where(T.organization_id == org)).first()
     if row is None or lock_account(conn, org, now) is None:
         return None
@@ -85,7 +88,7 @@ def claim_topup_in(conn: Connection, org: str, now: datetime, lease_until: datet
         .where(where)
         .values(state="running", crossings=crossing, lease_until=lease_until, last_run_at=now, updated_at=now)
     )
-    return crossing, int(row.credits)
+    return crossing, int(row.credits), f"auto-topup:{row.line_id}:{crossing}"
 
 
 def finish_topup_in(
