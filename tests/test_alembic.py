@@ -48,6 +48,7 @@ TABLES = {
     "credit_guard_outbox",
     "credit_guard_balance_alerts",
     "credit_guard_auto_topups",
+    "credit_guard_member_limits",
 }
 INDEXES = {
     "ix_credit_guard_grants_organization_id",

@@ -57,7 +57,8 @@ async def test_over_its_rate_a_request_is_answered_429_and_charged_nothing(guard
     assert refused.headers["content-type"] == "application/problem+json"
     body = refused.json()
     assert body["type"] == "urn:credit-guard:problem:rate-limited" and body["status"] == 429
-    assert body["feature"] == IMAGE and body["limit"] == 3 and body["window"] == 60 and body["per"] == "organization"
+    assert (body["feature"], body["limit"], body["allowed"], body["window"]) == (IMAGE, "rate", 3, 60)
+    assert body["per"] == "organization"
     assert "3 per 1 minute" in body["detail"] and "nothing was charged" in body["detail"]
     assert 1 <= int(refused.headers["retry-after"]) <= 60 and body["retry_after"] == int(refused.headers["retry-after"])
     assert refused.headers["ratelimit-limit"] == "3" and refused.headers["ratelimit-remaining"] == "0"

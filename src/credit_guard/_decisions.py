@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._storage.base import MemberCapHit
+
 
 @dataclass(frozen=True, slots=True)
 class Charged:
@@ -32,6 +34,8 @@ class Refusal(enum.Enum):
     """Why a charge was refused (the values are ``DeductionResult.error_code``'s)."""
 
     INSUFFICIENT = "insufficient_credits"
+    #: The organization had the credits; the member's cap for the period did not.
+    MEMBER_LIMIT = "member_limit_reached"
     FEATURE_NOT_FOUND = "feature_not_found"
     FEATURE_INACTIVE = "feature_inactive"
 
@@ -46,14 +50,26 @@ class Refused:
     #: (both 0 unless the reason is INSUFFICIENT).
     required: int = 0
     available: int = 0
+    #: MEMBER_LIMIT: the cap that refused it, as it stood at the charge's turn.
+    capped: MemberCapHit | None = None
 
     @property
     def message(self) -> str:
         if self.reason is Refusal.INSUFFICIENT:
             return f"Insufficient credits. Required: {self.required}, Available: {self.available}"
+        if self.reason is Refusal.MEMBER_LIMIT and self.capped is not None:
+            cap = self.capped
+            return (
+                f"Member limit reached: {cap.member!r} may spend {cap.credits} credits {_per(cap.per)};"
+                f" {cap.left} left, this costs {self.required}"
+            )
         if self.reason is Refusal.FEATURE_INACTIVE:
             return f"Feature is inactive: {self.feature_key}"
         return f"Feature pricing not found: {self.feature_key}"
+
+
+def _per(per: str | None) -> str:
+    return "in all" if per is None else f"a {per}"
 
 
 @dataclass(frozen=True, slots=True)

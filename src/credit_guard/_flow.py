@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import problems
 from ._body import BodyTooLarge, ClientDisconnected, read_body
+from ._clock import utcnow
 from ._config import IdempotencyMode
 from ._decisions import Charged, Decision, InFlight, KeyReused, Refusal, Refused, Replayed
 from ._guard import CreditGuard
@@ -51,6 +52,8 @@ from ._metrics import outcome_of
 from ._passage import client_gone, in_passage, put_on_request, run_paid
 from ._ratelimit import RateLimitUnavailable
 from ._rule import RequiresCredits, Rule
+from ._storage.base import MemberCapHit
+from ._storage.members import resets_at
 from ._ticket import Ticket, current_ticket
 from ._units import ONE, units_value
 from .errors import IntegrityViolation, SchemaMissing, StorageUnavailable
@@ -240,6 +243,18 @@ def _answer(
             )
         case Refused(reason=Refusal.INSUFFICIENT):
             return problems.insufficient_credits(rule.feature_key, decision.required, decision.available)
+        case Refused(reason=Refusal.MEMBER_LIMIT, capped=MemberCapHit() as cap):
+            log.info("credit_guard: %s %s refused: %s", scope.get("method"), scope.get("path"), decision.message)
+            resets = resets_at(cap.per, utcnow())
+            return problems.member_limit(
+                rule.feature_key,
+                required=decision.required,
+                member=cap.member,
+                cap=cap.credits,
+                left=cap.left,
+                per=cap.per,
+                resets_at=None if resets is None else resets.isoformat(),
+            )
         case Refused():
             if guard.allow_unpriced:
                 log.warning("credit_guard: %s; served free (allow_unpriced=True)", decision.message)

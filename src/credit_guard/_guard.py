@@ -38,6 +38,7 @@ from ._holds import HoldKeeper
 from ._hooks import HookDispatcher
 from ._hooks_api import HooksApi
 from ._ledger import Ledger
+from ._members_api import MembersApi
 from ._plans_api import PlansApi
 from ._pricing import Pricing
 from ._ratelimit import RateLimits
@@ -59,7 +60,7 @@ from .models import (
 log = logging.getLogger("credit_guard")
 
 
-class CreditGuard(AccountsApi, PlansApi, HooksApi):
+class CreditGuard(AccountsApi, PlansApi, HooksApi, MembersApi):
     """Pay-per-use credits in front of an ASGI app: the one object an app holds.
 
     A thin facade: it wires the services (``pricing``, ``ledger``, ``grants``,

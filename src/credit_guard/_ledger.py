@@ -191,7 +191,7 @@ class Ledger:
         for attempt in range(2):
             if idempotency is None:
                 charged = await self.store.charge(request)
-                charge_id, spendable = charged.charge_id, charged.spendable
+                charge_id, spendable, capped = charged.charge_id, charged.spendable, charged.capped
             else:
                 key, fingerprint, finish_now = idempotency
                 now = utcnow()
@@ -210,14 +210,16 @@ class Ledger:
                     return InFlight(outcome.stored or {})
                 if outcome.kind is ClaimKind.MISMATCH:
                     return KeyReused(outcome.stored or {})
-                charge_id, spendable = outcome.charge_id, outcome.spendable
+                charge_id, spendable, capped = outcome.charge_id, outcome.spendable, outcome.capped
             # Short, maybe because a plan's new period began moments ago and no keeper has
             # granted it yet: grant it now and try once more (only a refusal pays for the look).
-            if charge_id is not None or credits == 0 or attempt or self.renew is None:
+            if charge_id is not None or credits == 0 or capped is not None or attempt or self.renew is None:
                 break
             if not await self.renew(organization_id):
                 break
         if charge_id is None and credits > 0:
+            if capped is not None:
+                return Refused(Refusal.MEMBER_LIMIT, feature_key, credits, spendable, capped)
             return self.refused(organization_id, feature_key, credits, spendable)
         if charge_id is not None:
             if hold:
@@ -455,7 +457,7 @@ class Ledger:
 
 def refusal_result(refused: Refused) -> DeductionResult:
     """A refusal as the Python API answers it."""
-    insufficient = refused.reason is Refusal.INSUFFICIENT
+    insufficient = refused.reason in (Refusal.INSUFFICIENT, Refusal.MEMBER_LIMIT)
     return DeductionResult(
         success=False,
         remaining_credits=refused.available if insufficient else None,

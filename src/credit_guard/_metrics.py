@@ -17,13 +17,14 @@ from typing import Literal, Protocol
 from ._decisions import Charged, Decision, InFlight, KeyReused, Refused, Replayed
 
 #: How a request's charge was decided (``Metrics.decided``). ``insufficient_credits`` is a
-#: 402; ``unavailable`` a 503 (the database could not be reached, fail closed);
+#: 402, ``member_limit_reached`` a 402 of a member's cap; ``unavailable`` a 503 (the database could not be reached, fail closed);
 #: ``served_free`` the same outage under ``fail_open``; ``replayed`` an idempotent retry
 #: answered from its first response; ``idempotency_conflict`` a 409 or 422 for a key in use;
 #: ``rate_limited`` a 429 (the route's ``rate``), decided before any charge.
 Outcome = Literal[
     "charged",
     "insufficient_credits",
+    "member_limit_reached",
     "unavailable",
     "served_free",
     "feature_not_found",

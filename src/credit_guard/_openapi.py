@@ -61,6 +61,25 @@ def problem_schema() -> dict[str, Any]:
             "required": {**_COUNT, "description": "402: the credits this request costs."},
             "available": {"type": "integer", "description": "402: the credits the organization has now."},
             "idempotency_key": {"type": "string", "description": "409/422: the Idempotency-Key concerned."},
+            "limit": {
+                "type": "string",
+                "enum": ["member", "rate"],
+                "description": "402 member-limit-reached / 429 rate-limited: which limit refused the request.",
+            },
+            "member": {"type": "string", "description": "402 member-limit-reached: the member (user or key id)."},
+            "cap": {**_COUNT, "description": "402 member-limit-reached: the member's cap."},
+            "per": {
+                "type": ["string", "null"],
+                "description": "The cap's period (day, month, null: in all); a rate's (organization, member).",
+            },
+            "resets_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "402 member-limit-reached: when the member's cap starts again (null: never).",
+            },
+            "allowed": {**_COUNT, "description": "429: the requests the rate allows in its window."},
+            "window": {**_COUNT, "description": "429: the window, in seconds."},
+            "retry_after": {**_COUNT, "description": "429: seconds until the window lets a request in."},
             "errors": {
                 "type": "object",
                 "description": "Each bad field or parameter, and what is wrong with it.",
@@ -112,7 +131,9 @@ def refusals(rule: Rule, *, idempotency: str) -> dict[str, dict[str, Any]]:
             " one; the app's own 401/403 come first)."
         ),
         "402": _problem(
-            "Insufficient credits: `required` is the price, `available` the balance. Nothing was charged.",
+            "Insufficient credits: `required` is the price, `available` the balance. Or (type"
+            " member-limit-reached, `limit`: member) the member's cap for its period is spent: `cap`, `per`,"
+            " `available` to that member and `resets_at`. Nothing was charged.",
             {
                 problems.HEADER_REQUIRED: _header("The price of this request.", _COUNT, required=True),
                 problems.HEADER_REMAINING: _header("The organization's balance.", {"type": "integer"}, required=True),

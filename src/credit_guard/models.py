@@ -22,7 +22,7 @@ DESCRIPTION_MAX = 2000
 CREDITS_MAX = 1_000_000
 
 #: Why a deduction did not happen; stable strings callers may switch on.
-DeductionError = Literal["insufficient_credits", "feature_not_found", "feature_inactive"]
+DeductionError = Literal["insufficient_credits", "member_limit_reached", "feature_not_found", "feature_inactive"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +233,26 @@ class AutoTopup:
     last_result: str | None
     last_error: str | None
     last_run_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberLimit:
+    """A member's cap inside an organization and its use now: at most ``credits`` per
+    ``per`` ('day', 'month': UTC calendar periods; None: in all), ``used`` of it in the
+    current period, ``remaining`` what is left, ``resets_at`` when the next period starts."""
+
+    organization_id: str
+    member: str
+    credits: int
+    per: str | None
+    used: int
+    remaining: int
+    resets_at: datetime | None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["resets_at"] = None if self.resets_at is None else self.resets_at.isoformat()
+        return data
 
 
 _FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}

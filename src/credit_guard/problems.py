@@ -76,6 +76,7 @@ TYPE_NOT_STARTED = _TYPE_BASE + "guard-not-started"
 TYPE_CHARGE_REFUSED = _TYPE_BASE + "charge-refused-by-database"
 TYPE_SCHEMA_MISSING = _TYPE_BASE + "schema-missing"
 TYPE_RATE_LIMITED = _TYPE_BASE + "rate-limited"
+TYPE_MEMBER_LIMIT = _TYPE_BASE + "member-limit-reached"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,35 @@ def insufficient_credits(feature_key: str, required: int, available: int) -> Pro
     )
 
 
+def member_limit(
+    feature_key: str, *, required: int, member: str, cap: int, left: int, per: str | None, resets_at: str | None
+) -> Problem:
+    """A charge the member's cap refused (the organization had the credits): 402, saying
+    which limit, the cap, what is left of it and when it starts again (None: never)."""
+    period = "in all" if per is None else f"a {per}"
+    again = "" if resets_at is None else f" It resets at {resets_at}."
+    return Problem(
+        status=402,
+        type=TYPE_MEMBER_LIMIT,
+        title="Member limit reached",
+        detail=(
+            f"{feature_key!r} costs {required} credits; this member may spend {cap} {period} and has {left} left."
+            f"{again} Nothing was charged."
+        ),
+        extra={
+            "feature": feature_key,
+            "limit": "member",
+            "member": member,
+            "required": required,
+            "cap": cap,
+            "per": per,
+            "available": left,
+            "resets_at": resets_at,
+        },
+        headers={Headers.REQUIRED: str(required), Headers.REMAINING: str(left)},
+    )
+
+
 def rate_limited(feature_key: str, *, amount: int, window: int, per: str, rate: str, retry_after: int) -> Problem:
     """A request over its route's rate: 429, nothing charged. ``per`` is "organization"
     or "member"; ``rate`` the limit as ``limits`` says it ("10 per 1 minute")."""
@@ -129,7 +159,14 @@ def rate_limited(feature_key: str, *, amount: int, window: int, per: str, rate: 
         type=TYPE_RATE_LIMITED,
         title="Too many requests",
         detail=f"{feature_key!r} allows {rate} per {per}; nothing was charged. Retry in {retry_after} s.",
-        extra={"feature": feature_key, "limit": amount, "window": window, "per": per, "retry_after": retry_after},
+        extra={
+            "feature": feature_key,
+            "limit": "rate",
+            "allowed": amount,
+            "window": window,
+            "per": per,
+            "retry_after": retry_after,
+        },
         headers={
             Headers.RETRY_AFTER: str(retry_after),
             Headers.RATELIMIT_LIMIT: str(amount),

@@ -328,6 +328,9 @@ auto_topups = Table(
     # app's charge, ``crossings`` counts it) and 'fired' until the balance is back at or
     # above ``below``, which arms it again. A runner that died leaves a lease that runs out.
     Column("organization_id", String(255), primary_key=True),
+    # Made when the line is set (kept by a change, new after a removal): with the crossing
+    # count it names each top-up's idempotency key, which must never name an earlier one.
+    Column("line_id", String(32), nullable=False),
     Column("below", BigInteger, nullable=False),
     Column("credits", BigInteger, nullable=False),
     Column("state", String(8), nullable=False),
@@ -339,4 +342,25 @@ auto_topups = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
     CheckConstraint("below > 0 AND credits > 0", name="positive"),
     CheckConstraint("state IN ('armed', 'running', 'fired')", name="state_known"),
+)
+
+member_limits = Table(
+    f"{TABLE_PREFIX}member_limits",
+    metadata,
+    # A member's cap inside an organization: at most ``credits`` per ``per`` period ('day',
+    # 'month', UTC calendar) or in all (NULL). ``used`` counts the member's charges (net of
+    # their refunds) in the period that starts at ``period_start``; a charge in a later
+    # period starts it again from 0. Written by the charge that spends it, in the same
+    # statement as the organization's debit, with this row locked.
+    Column("organization_id", String(255), primary_key=True),
+    Column("member", String(255), primary_key=True),
+    Column("credits", BigInteger, nullable=False),
+    Column("per", String(8), nullable=True),
+    Column("period_start", DateTime(timezone=True), nullable=True),
+    Column("used", BigInteger, nullable=False, default=0),
+    # When the cap began counting (set, or its period changed): charges before it are not its.
+    Column("since", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("credits >= 0 AND used >= 0", name="not_negative"),
+    CheckConstraint("per IS NULL OR per IN ('day', 'month')", name="per_known"),
 )

@@ -22,6 +22,7 @@ from ..models import (
     BalancePoint,
     FeaturePricing,
     Grant,
+    MemberLimit,
     Plan,
     RefundResult,
     Reservation,
@@ -49,14 +50,27 @@ class ChargeRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberCapHit:
+    """A charge its member's cap refused, and the cap as it stood at the charge's turn:
+    ``credits`` per ``per`` ('day', 'month' or None: in all), ``left`` of it this period."""
+
+    member: str
+    credits: int
+    left: int
+    per: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ChargeOutcome:
     """``charge_id`` is None when the live grants could not cover it. ``spendable``: what
     the organization can spend after the charge, or, refused, what it could spend at its
     turn (0 for an organization without an account). Never the book balance, which also
-    counts expired credits not yet written off."""
+    counts expired credits not yet written off. ``capped``: refused by its member's cap
+    (the organization had the credits)."""
 
     charge_id: int | None
     spendable: int
+    capped: MemberCapHit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +109,7 @@ class ClaimOutcome:
     charge_id: int | None = None
     spendable: int = 0
     stored: Mapping[str, Any] | None = None
+    capped: MemberCapHit | None = None
 
     @classmethod
     def for_taken(cls, row: Mapping[Any, Any], fingerprint: str) -> ClaimOutcome:
@@ -286,7 +301,15 @@ class Store(Protocol):
     async def topup_lines(self) -> dict[str, int]: ...
     async def claim_topup(
         self, organization_id: str, now: datetime, lease_until: datetime
-    ) -> tuple[int, int] | None: ...
+    ) -> tuple[int, int, str] | None: ...
     async def finish_topup(
         self, organization_id: str, crossing: int, result: str | None, error: str | None, now: datetime
     ) -> None: ...
+
+    async def set_member_limit(
+        self, organization_id: str, member: str, credits: int, per: str | None, now: datetime
+    ) -> MemberLimit: ...
+    async def remove_member_limit(self, organization_id: str, member: str, now: datetime) -> bool: ...
+    async def member_limits(
+        self, organization_id: str, now: datetime, member: str | None = None
+    ) -> list[MemberLimit]: ...

@@ -25,10 +25,10 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .._clock import utcnow
 from ..schema import accounts, grant_moves, grants, holds, ledger
-from . import keys, spending
-from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim
+from . import keys, members, spending
+from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim, MemberCapHit
 from .grants import APPLY, ROOM, SPENDABLE, lock_account
-from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, charge_columns, key_columns
+from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, capped_of, statement_args
 
 _SQLITE = sqlite_dialect.dialect()
 #: A datetime as SQLAlchemy stores it in SQLite (text), bound explicitly: every raw
@@ -37,10 +37,11 @@ _SQLITE = sqlite_dialect.dialect()
 #: errors it raised inside the writer thread).
 store_datetime: Callable[[datetime | None], Any] = DateTime(timezone=True).dialect_impl(_SQLITE).bind_processor(_SQLITE)  # type: ignore[assignment]
 
-#: The conditional debit: it happens only if the live grants' room covers the cost.
+#: The conditional debit: it happens only if the live grants' room covers the cost, and
+#: the member's cap (if it has one) does too.
 DEBIT = (
     f"UPDATE {accounts.name} SET balance = balance - :cost, updated_at = :now"
-    f" WHERE organization_id = :org AND {ROOM} >= :cost"
+    f" WHERE organization_id = :org AND {ROOM} >= :cost AND NOT {members.CAPPED}"
     f" RETURNING balance, {SPENDABLE} - :cost"
 )
 #: The draws: ``:cost`` over the live grants in spending order, each up to its room.
@@ -70,13 +71,20 @@ Execute = Callable[[str, Mapping[str, Any]], Any]
 def charge_sqlite(execute: Execute, request: ChargeRequest) -> ChargeOutcome:
     """SQLite's charge, inside the writer's transaction (its lock is taken): judged at the
     moment it runs, so no grant is spent after its expiry instant."""
-    now = store_datetime(utcnow())
-    org, cost = request.organization_id, request.credits
-    row = execute(DEBIT, {"org": org, "cost": cost, "now": now}).fetchone()
+    clock = utcnow()
+    now = store_datetime(clock)
+    day, month = (store_datetime(start) for start in members.period_starts(clock))
+    org, cost, user = request.organization_id, request.credits, request.user_id
+    row = execute(DEBIT, {"org": org, "cost": cost, "now": now, "user": user, "day": day, "month": month}).fetchone()
     if row is None:
-        available = execute(f"SELECT {SPENDABLE}", {"org": org, "now": now}).fetchone()
+        available = execute(f"SELECT {SPENDABLE}, {ROOM}", {"org": org, "now": now}).fetchone()
+        cap = members.cap_row(execute, org, user, now, day, month) if user is not None else None
+        if cap is not None and int(available[1]) >= cost and cap[1] < cost:  # the cap refused it, not the balance
+            return ChargeOutcome(None, int(available[0]), MemberCapHit(user or "", *cap))
         return ChargeOutcome(None, int(available[0]))
     book, spendable = int(row[0]), int(row[1])
+    if user is not None and cost:
+        execute(members.SPEND, {"org": org, "user": user, "cost": cost, "now": now, "day": day, "month": month})
     entry = execute(
         ENTRY,
         {
@@ -127,7 +135,7 @@ def claim_and_charge_sqlite(execute: Execute, request: ChargeRequest, claim: Key
         return ClaimOutcome.for_taken(dict(zip(names, row, strict=True)), claim.fingerprint)
     outcome = charge_sqlite(execute, request)
     if outcome.charge_id is None and request.credits > 0:
-        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=outcome.spendable)
+        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=outcome.spendable, capped=outcome.capped)
     execute(
         CLAIM,
         {
@@ -167,13 +175,14 @@ def claim_and_charge_in(conn: Connection, request: ChargeRequest, claim: KeyClai
     if conn.dialect.name != "postgresql":
         return claim_and_charge_sqlite(conn.exec_driver_sql, request, claim)
     lock_account(conn, request.organization_id, utcnow())
-    args = (*charge_columns([request]), utcnow(), *key_columns([claim]))
-    ((charge_id, spendable, _, taken, *fields, _kept),) = conn.exec_driver_sql(CHARGE_MANY_KEYED, args).all()
-    if taken:
-        return ClaimOutcome.for_taken(dict(zip(keys.FIELDS, fields, strict=True)), claim.fingerprint)
+    args = tuple(statement_args([request], [claim], utcnow()))
+    (row,) = conn.exec_driver_sql(CHARGE_MANY_KEYED, args).mappings().all()
+    charge_id, spendable = row["charge_id"], int(row["spendable"])
+    if row["taken"]:
+        return ClaimOutcome.for_taken({f: row[f"key_{f}"] for f in keys.FIELDS}, claim.fingerprint)
     if charge_id is None and request.credits > 0:
-        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=int(spendable))
-    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=charge_id, spendable=int(spendable))
+        return ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=spendable, capped=capped_of(request, row))
+    return ClaimOutcome(ClaimKind.CLAIMED, charge_id=charge_id, spendable=spendable)
 
 
 def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
@@ -182,8 +191,9 @@ def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
         # The lock first, in its own statement: the charge's snapshot is then taken after
         # it, so it sees every grant committed before (no refusal on stale grants).
         lock_account(conn, request.organization_id, utcnow())
-        (row,) = conn.exec_driver_sql(CHARGE_MANY, (*charge_columns([request]), utcnow())).all()
-        return ChargeOutcome(None if row[0] is None else int(row[0]), int(row[1]))
+        (row,) = conn.exec_driver_sql(CHARGE_MANY, tuple(statement_args([request], None, utcnow()))).mappings().all()
+        charge_id = None if row["charge_id"] is None else int(row["charge_id"])
+        return ChargeOutcome(charge_id, int(row["spendable"]), capped_of(request, row))
     return charge_sqlite(conn.exec_driver_sql, request)
 
 

@@ -113,13 +113,12 @@ EXPIRED = (
 #: Parameter types: SQLAlchemy binds datetimes as it stores them (SQLite) and casts every
 #: parameter on asyncpg, which would otherwise guess one type per ``$n`` from its first use.
 _TYPES: dict[str, Any] = {
-    "now": DateTime(timezone=True),
-    "expires_at": DateTime(timezone=True),
+    **dict.fromkeys(("now", "expires_at", "day", "month"), DateTime(timezone=True)),
     **dict.fromkeys(
         ("cost", "credits", "amount", "lid", "charge", "grant", "floor", "id", "balance", "over"), BigInteger()
     ),
     "priority": Integer(),
-    **dict.fromkeys(("org", "reason"), String()),
+    **dict.fromkeys(("org", "reason", "user"), String()),
 }
 
 

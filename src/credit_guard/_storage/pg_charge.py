@@ -36,11 +36,12 @@ statement (a division by zero), so the key stays free for the retry after a top-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from ..schema import accounts, grant_moves, grants, holds, idempotency_keys, ledger
-from . import keys, spending
-from .base import ChargeRequest, KeyClaim
+from ..schema import accounts, grant_moves, grants, holds, idempotency_keys, ledger, member_limits
+from . import keys, members, spending
+from .base import ChargeRequest, KeyClaim, MemberCapHit
 
 #: The statement's parameters, in order: the charges as arrays (``charge_columns``), then
 #: the app's clock when it was sent; the keyed variant adds the keys' arrays (``KEY_COLUMNS``).
@@ -69,14 +70,15 @@ _KEYS = f"""
     SELECT r.*, k.key IS NOT NULL AND NOT {keys.reclaimable("k", "r.claim_now")} AS taken
       FROM req0 r LEFT JOIN k ON k.org = r.org AND k.key = r.key
 ), eligible AS (
-    SELECT r.ord, r.org, r.cost, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
+    SELECT r.ord, r.org, r.cost, r.user_id, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
       FROM req r WHERE NOT r.taken"""
 
 _NO_KEYS = """
 ), req AS (
     SELECT r.*, false AS taken FROM req0 r
 ), eligible AS (
-    SELECT r.ord, r.org, r.cost, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn FROM req r"""
+    SELECT r.ord, r.org, r.cost, r.user_id, row_number() OVER (PARTITION BY r.org ORDER BY r.ord) AS rn
+      FROM req r"""
 
 _CLAIMS = f"""
 ), claims AS (
@@ -94,6 +96,7 @@ _CLAIMS = f"""
 #: charges again, one by one, with a fresh snapshot.
 _KEYED_ANSWER = f"""
 SELECT d.charge_id, d.spendable, d.stale, r.taken, {", ".join(f"k.{f} AS key_{f}" for f in KEY_FIELDS)},
+       d.capped, d.member_cap, d.member_left, d.member_per,
        -- (the divisor is computed, never a constant: PostgreSQL folds constants at plan time)
        (SELECT 1 / (count(*) = (SELECT count(*) FROM claims))::int
           FROM decided WHERE accepted AND key IS NOT NULL) AS claims_kept
@@ -102,13 +105,24 @@ SELECT d.charge_id, d.spendable, d.stale, r.taken, {", ".join(f"k.{f} AS key_{f}
 """
 
 
-_PLAIN_ANSWER = "SELECT charge_id, spendable, stale FROM decided ORDER BY ord"
+_PLAIN_ANSWER = (
+    "SELECT charge_id, spendable, stale, capped, member_cap, member_left, member_per FROM decided ORDER BY ord"
+)
+
+
+#: Whether a charge fits its organization's room left, and its member's cap (none: fits).
+_FITS = "(r.cost <= w.room - w.spent)"
+_MSPENT = "coalesce((w.mspent->>r.user_id)::bigint, 0)"
+_WITHIN = f"(m.member IS NULL OR r.cost = 0 OR r.cost <= m.cap - m.used - {_MSPENT})"
 
 
 def charge_statement(*, keyed: bool = False) -> str:
     """The statement: ``$1..$9`` are arrays (``COLUMNS``), ``$10`` the app's clock when it
     was sent; the keyed variant adds ``$11..$15`` (``KEY_COLUMNS``), NULL where a charge
-    has no key. A batch never names one key twice (the batcher keeps twins apart)."""
+    has no key. A batch never names one key twice (the batcher keeps twins apart). Last,
+    the starts of that clock's UTC day and month (``members.period_starts``)."""
+    first = 16 if keyed else 11
+    day, month = f"${first}::timestamptz", f"${first + 1}::timestamptz"
     columns = COLUMNS + KEY_COLUMNS if keyed else COLUMNS
     numbered = list(enumerate(_TYPES, start=1)) + (list(enumerate(_KEY_TYPES, start=11)) if keyed else [])
     arrays = ", ".join(f"${n}::{kind}[]" for n, kind in numbered)
@@ -133,21 +147,38 @@ WITH RECURSIVE req0 AS (
        AND {spending.live("x", "(SELECT now FROM at)")}
        AND ({spending.has_room("x")} OR x.remaining <> 0)
        FOR UPDATE
+), m AS MATERIALIZED (
+    -- The members' caps the batch's charges touch, locked after the grants, each with its
+    -- use in the current period (``members.py``); read as last committed, like the grants.
+    SELECT x.organization_id AS org, x.member, x.credits AS cap, x.per,
+           {members.current_start("x", day, month)} AS period, {members.used_now("x", day, month)} AS used
+      FROM {member_limits.name} x
+     WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
+       AND (x.organization_id, x.member) IN (SELECT org, user_id FROM req0 WHERE user_id IS NOT NULL)
+       FOR UPDATE
 ), totals AS (
     SELECT g.org, coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint AS room,
            sum(g.remaining)::bigint AS spendable
       FROM g GROUP BY g.org
-), walk(org, rn, room, spent, accepted) AS (
-    SELECT a.organization_id, 0::bigint, coalesce(t.room, 0), 0::bigint, false
+), walk(org, rn, room, spent, mspent, accepted, capped) AS (
+    -- Each organization's charges in arrival order: taken while the room left covers it
+    -- and its member's cap (less what this batch already gave that member) does too.
+    SELECT a.organization_id, 0::bigint, coalesce(t.room, 0), 0::bigint, '{{}}'::jsonb, false, false
       FROM acct a LEFT JOIN totals t ON t.org = a.organization_id
     UNION ALL
     SELECT w.org, r.rn, w.room,
-           w.spent + CASE WHEN r.cost <= w.room - w.spent THEN r.cost ELSE 0 END,
-           r.cost <= w.room - w.spent
+           w.spent + CASE WHEN {_FITS} AND {_WITHIN} THEN r.cost ELSE 0 END,
+           CASE WHEN {_FITS} AND {_WITHIN} AND m.member IS NOT NULL
+                THEN jsonb_set(w.mspent, ARRAY[r.user_id], to_jsonb({_MSPENT} + r.cost)) ELSE w.mspent END,
+           {_FITS} AND {_WITHIN},
+           {_FITS} AND NOT {_WITHIN}
       FROM walk w JOIN eligible r ON r.org = w.org AND r.rn = w.rn + 1
+      LEFT JOIN m ON m.org = r.org AND m.member = r.user_id
 ), decided AS MATERIALIZED (
     SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until, r.extra_of, r.reason{keyed_fields},
            coalesce(w.accepted, false) AS accepted, coalesce(w.spent, 0) AS spent,
+           coalesce(w.capped, false) AS capped, m.cap AS member_cap, m.per AS member_per,
+           greatest(m.cap - m.used - coalesce((w.mspent->>r.user_id)::bigint, 0), 0) AS member_left,
            a.balance - coalesce(w.spent, 0) AS book,
            coalesce(t.spendable, 0) - coalesce(w.spent, 0) AS spendable,
            CASE WHEN w.accepted THEN {new_id} END AS charge_id,
@@ -156,7 +187,8 @@ WITH RECURSIVE req0 AS (
            -- (a grant committed while it waited for the lock: a new row, which no lock
            -- can show it). Only then is the refusal worth a second look; computed for
            -- refused charges only.
-           CASE WHEN NOT coalesce(w.accepted, false) AND NOT r.taken AND a.organization_id IS NOT NULL
+           CASE WHEN NOT coalesce(w.accepted, false) AND NOT coalesce(w.capped, false) AND NOT r.taken
+                     AND a.organization_id IS NOT NULL
                 THEN a.balance <> (SELECT coalesce(sum(y.remaining), 0) FROM {grants.name} y
                                     WHERE y.organization_id = r.org)
            END AS stale
@@ -165,6 +197,7 @@ WITH RECURSIVE req0 AS (
       LEFT JOIN walk w ON w.org = r.org AND w.rn = e.rn
       LEFT JOIN acct a ON a.organization_id = r.org
       LEFT JOIN totals t ON t.org = r.org
+      LEFT JOIN m ON m.org = r.org AND m.member = r.user_id
 ), gw AS (
     SELECT g.id, g.org, g.remaining AS locked, {spending.room("g")} AS groom,
            sum({spending.room("g")}) OVER (PARTITION BY g.org ORDER BY {spending.order("g")} ROWS UNBOUNDED PRECEDING) AS grun
@@ -183,6 +216,13 @@ WITH RECURSIVE req0 AS (
     UPDATE {grants.name} x SET remaining = t.locked - t.total
       FROM (SELECT grant_id, min(locked) AS locked, sum(take) AS total FROM draws GROUP BY grant_id) t
      WHERE x.id = t.grant_id
+), spend AS (
+    -- Each capped member's use grows by what it was charged, from the row as locked above.
+    UPDATE {member_limits.name} x SET used = t.used + t.total, period_start = t.period, updated_at = now()
+      FROM (SELECT m.org, m.member, min(m.used) AS used, min(m.period) AS period, sum(d.cost) AS total
+              FROM decided d JOIN m ON m.org = d.org AND m.member = d.user_id
+             WHERE d.accepted GROUP BY m.org, m.member) t
+     WHERE x.organization_id = t.org AND x.member = t.member
 ), moves AS (
     INSERT INTO {grant_moves.name} (ledger_id, grant_id, amount) SELECT charge_id, grant_id, -take FROM draws
 ), entry AS (
@@ -224,6 +264,24 @@ def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
         [r.extra_of for r in requests],
         [r.reason for r in requests],
     ]
+
+
+def statement_args(
+    requests: Sequence[ChargeRequest], claims: Sequence[KeyClaim | None] | None, now: datetime
+) -> list[Any]:
+    """The statement's parameters in order: the charges, the clock, the keys (keyed
+    variant: ``claims`` given), the starts of the clock's day and month."""
+    args: list[Any] = [*charge_columns(requests), now]
+    if claims is not None:
+        args += key_columns(claims)
+    return [*args, *members.period_starts(now)]
+
+
+def capped_of(request: ChargeRequest, row: Any) -> MemberCapHit | None:
+    """The member cap that refused the charge of ``row`` (None: not refused by one)."""
+    if not row["capped"]:
+        return None
+    return MemberCapHit(request.user_id or "", int(row["member_cap"]), int(row["member_left"]), row["member_per"])
 
 
 CHARGE_MANY = charge_statement()

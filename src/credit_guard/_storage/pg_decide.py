@@ -26,7 +26,7 @@ from .._clock import utcnow
 from ..errors import IntegrityViolation
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, KeyClaim
 from .batching import Item
-from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, KEY_FIELDS, ROOM, charge_columns, key_columns
+from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, KEY_FIELDS, ROOM, capped_of, statement_args
 
 log = logging.getLogger("credit_guard")
 
@@ -42,9 +42,7 @@ async def decide(conn: Any, items: Sequence[Item], *, attempt: int = 1) -> list[
     """Each charge of ``items`` decided by one statement on ``conn`` (asyncpg)."""
     keyed = any(claim is not None for _, claim in items)
     requests = [request for request, _ in items]
-    args: list[Any] = [*charge_columns(requests), utcnow()]
-    if keyed:
-        args += key_columns([claim for _, claim in items])
+    args = statement_args(requests, [claim for _, claim in items] if keyed else None, utcnow())
     try:
         rows = await conn.fetch(CHARGE_MANY_KEYED if keyed else CHARGE_MANY, *args)
     except asyncpg.IntegrityConstraintViolationError as exc:
@@ -67,12 +65,12 @@ async def _outcome(conn: Any, request: ChargeRequest, claim: KeyClaim | None, ro
     if claim is None:
         if row["stale"]:
             return await _second_look(conn, request, None, ChargeOutcome(None, spendable))
-        return ChargeOutcome(charge_id, spendable)
+        return ChargeOutcome(charge_id, spendable, capped_of(request, row))
     if row["taken"]:
         return ClaimOutcome.for_taken({field: row[f"key_{field}"] for field in KEY_FIELDS}, claim.fingerprint)
     if charge_id is not None:
         return ClaimOutcome(ClaimKind.CLAIMED, charge_id=charge_id, spendable=spendable)
-    refused = ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=spendable)
+    refused = ClaimOutcome(ClaimKind.INSUFFICIENT, spendable=spendable, capped=capped_of(request, row))
     return await _second_look(conn, request, claim, refused) if row["stale"] else refused
 
 

@@ -14,7 +14,7 @@ from sqlalchemy import Date as SqlDate
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..models import AuditIssue, BalancePoint, UsageGroup, UsageRow
-from ..schema import accounts, grant_moves, grants, holds, ledger, reservations
+from ..schema import accounts, grant_moves, grants, holds, ledger, member_limits, reservations
 
 
 def audit_queries() -> dict[str, Select[Any]]:
@@ -131,7 +131,30 @@ def audit_queries() -> dict[str, Select[Any]]:
         .select_from(accounts.outerjoin(kept, kept.c.organization_id == accounts.c.organization_id))
         .where(accounts.c.balance != func.coalesce(kept.c.kept, 0))
     )
+    # A member's cap counts exactly its member's charges (net of their refunds) since it
+    # began counting and in its current period: what the charge statements added and the
+    # refunds gave back.
+    counted = ledger.alias("counted")
+    given_back = (
+        select(func.coalesce(func.sum(refund.c.amount), 0)).where(refund.c.refund_of == counted.c.id).scalar_subquery()
+    )
+    in_cap = (
+        select(func.coalesce(func.sum(literal(0) - counted.c.amount - given_back), 0))
+        .where(
+            counted.c.organization_id == member_limits.c.organization_id,
+            counted.c.user_id == member_limits.c.member,
+            counted.c.kind == "charge",
+            counted.c.created_at >= member_limits.c.since,
+            member_limits.c.per.is_(None)
+            | (member_limits.c.period_start.isnot(None) & (counted.c.created_at >= member_limits.c.period_start)),
+        )
+        .scalar_subquery()
+    )
+    bad_caps = select(
+        member_limits.c.organization_id, member_limits.c.member, member_limits.c.used, in_cap.label("counted")
+    ).where(member_limits.c.used != in_cap)
     return {
+        "bad_caps": bad_caps,
         "over_granted": over_granted,
         "bad_repaid": bad_repaid,
         "unmoved": unmoved,
@@ -173,6 +196,12 @@ _ISSUES: list[tuple[str, Callable[[Any], AuditIssue]]] = [
     (
         "unmoved",
         lambda r: AuditIssue(r.organization_id, f"ledger row {r.id} ({r.amount}) is not what it moved in grants"),
+    ),
+    (
+        "bad_caps",
+        lambda r: AuditIssue(
+            r.organization_id, f"member {r.member!r} has used {r.used} of its cap, its charges say {r.counted}"
+        ),
     ),
 ]
 

@@ -53,6 +53,7 @@ from .base import (
 )
 from .charge import charge_in
 from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, set_overdraft_in
+from .member_store import MemberStore
 from .outbox_store import OutboxStore
 from .plan_store import PlanStore
 from .report_store import ReportStore
@@ -105,7 +106,7 @@ def missing_tables(exc: BaseException) -> bool:
     return False
 
 
-class SqlStore(PlanStore, OutboxStore, ReportStore, TopupStore):
+class SqlStore(PlanStore, OutboxStore, ReportStore, TopupStore, MemberStore):
     """Every read and write of credit_guard's tables through one SQLAlchemy async engine."""
 
     def __init__(self, engine: AsyncEngine, *, owns_engine: bool = True) -> None:

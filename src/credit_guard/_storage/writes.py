@@ -44,7 +44,7 @@ from ..schema import (
     metadata,
     reservations,
 )
-from . import charge
+from . import charge, members
 from .base import (
     ChargeRequest,
     ClaimKind,
@@ -260,6 +260,7 @@ def refund_in(
     refund_id = refund_row_in(conn, charge, charge_id, amount, book, reason)
     now = utcnow()
     give_back_in(conn, charge.organization_id, charge_id, amount, refund_id, now)
+    members.give_back_in(conn, charge.organization_id, charge_id, amount, now)
     spendable = spendable_in(conn, charge.organization_id, now)
     if credits is None:
         # A full refund means the request did not happen: its idempotency key is free
@@ -324,6 +325,9 @@ def settle_usage_in(
     org = charge.organization_id
     lock_account(conn, org, utcnow())
     taken = min(extra, room_in(conn, org, utcnow()))
+    left = members.left_in(conn, org, charge.user_id, utcnow())
+    if left is not None:  # a member's cap bounds its surcharge as it bounds its charges
+        taken = min(taken, left)
     if taken <= 0:
         return moved
     surcharge = ChargeRequest(

@@ -74,7 +74,9 @@ CACHE_RESULT = "credit_guard.cache.result"
 #: made for milliseconds) would put every one of them in the first, so these are advised.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Outcomes that answer a refusal, counted by ``credit_guard.refusals``.
-REFUSALS: frozenset[Outcome] = frozenset({"insufficient_credits", "unavailable", "rate_limited"})
+REFUSALS: frozenset[Outcome] = frozenset(
+    {"insufficient_credits", "member_limit_reached", "unavailable", "rate_limited"}
+)
 
 
 def _package_version() -> str:
@@ -110,7 +112,10 @@ class CreditGuardMetrics(Metrics):
         self.refusals = meter.create_counter(
             "credit_guard.refusals",
             unit="{request}",
-            description="Paid requests refused: 402 insufficient_credits, 503 unavailable (fail closed)",
+            description=(
+                "Paid requests refused: 402 insufficient_credits or member_limit_reached,"
+                " 429 rate_limited, 503 unavailable (fail closed)"
+            ),
         )
         self.charge_duration = meter.create_histogram(
             "credit_guard.charge.duration",
