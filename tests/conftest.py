@@ -153,11 +153,19 @@ async def seed_prices(guard: CreditGuard) -> None:
 
 @pytest.fixture
 async def guard(db_url: str) -> AsyncIterator[CreditGuard]:
-    async with CreditGuard(db_url) as g:
+    # The tables are emptied and priced BEFORE the guard starts: its keeper's first sweep
+    # would otherwise race the TRUNCATE for the same tables (a deadlock PostgreSQL broke
+    # by failing the setup, once, under load).
+    g = CreditGuard(db_url)
+    try:
         await g.create_schema()
         if g.engine.dialect.name == "postgresql":
             await reset_postgres(g)
         await seed_prices(g)
+    except BaseException:
+        await g.close()
+        raise
+    async with g:
         yield g
 
 
