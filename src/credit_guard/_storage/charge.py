@@ -28,7 +28,7 @@ from ..schema import accounts, grant_moves, grants, holds, ledger
 from . import keys, members, spending
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim, MemberCapHit
 from .grants import APPLY, ROOM, SPENDABLE, lock_account
-from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, capped_of, statement_args
+from .pg_charge import capped_of, statement_args, statement_for
 
 _SQLITE = sqlite_dialect.dialect()
 #: A datetime as SQLAlchemy stores it in SQLite (text), bound explicitly: every raw
@@ -176,7 +176,7 @@ def claim_and_charge_in(conn: Connection, request: ChargeRequest, claim: KeyClai
         return claim_and_charge_sqlite(conn.exec_driver_sql, request, claim)
     lock_account(conn, request.organization_id, utcnow())
     args = tuple(statement_args([request], [claim], utcnow()))
-    (row,) = conn.exec_driver_sql(CHARGE_MANY_KEYED, args).mappings().all()
+    (row,) = conn.exec_driver_sql(statement_for([request], keyed=True), args).mappings().all()
     charge_id, spendable = row["charge_id"], int(row["spendable"])
     if row["taken"]:
         return ClaimOutcome.for_taken({f: row[f"key_{f}"] for f in keys.FIELDS}, claim.fingerprint)
@@ -191,7 +191,8 @@ def charge_in(conn: Connection, request: ChargeRequest) -> ChargeOutcome:
         # The lock first, in its own statement: the charge's snapshot is then taken after
         # it, so it sees every grant committed before (no refusal on stale grants).
         lock_account(conn, request.organization_id, utcnow())
-        (row,) = conn.exec_driver_sql(CHARGE_MANY, tuple(statement_args([request], None, utcnow()))).mappings().all()
+        args = tuple(statement_args([request], None, utcnow()))
+        (row,) = conn.exec_driver_sql(statement_for([request], keyed=False), args).mappings().all()
         charge_id = None if row["charge_id"] is None else int(row["charge_id"])
         return ChargeOutcome(charge_id, int(row["spendable"]), capped_of(request, row))
     return charge_sqlite(conn.exec_driver_sql, request)

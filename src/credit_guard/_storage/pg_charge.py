@@ -116,12 +116,55 @@ _MSPENT = "coalesce((w.mspent->>r.user_id)::bigint, 0)"
 _WITHIN = f"(m.member IS NULL OR r.cost = 0 OR r.cost <= m.cap - m.used - {_MSPENT})"
 
 
-def charge_statement(*, keyed: bool = False) -> str:
+def _members_cte(day: str, month: str) -> str:
+    return f"""), m AS MATERIALIZED (
+    -- The members' caps the batch's charges touch, locked after the grants, each with its
+    -- use in the current period (``members.py``); read as last committed, like the grants.
+    SELECT x.organization_id AS org, x.member, x.credits AS cap, x.per,
+           {members.current_start("x", day, month)} AS period, {members.used_now("x", day, month)} AS used
+      FROM {member_limits.name} x
+     WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
+       AND (x.organization_id, x.member) IN (SELECT org, user_id FROM req0 WHERE user_id IS NOT NULL)
+       FOR UPDATE
+"""
+
+
+def _no_members(day: str, month: str) -> str:
+    """No member named: an empty ``m`` of the same shape (the day and month still typed)."""
+    return f"""), m AS (
+    SELECT NULL::text AS org, NULL::text AS member, NULL::bigint AS cap, NULL::text AS per,
+           {day} AS period, NULL::bigint AS used WHERE {month} IS NULL AND false
+"""
+
+
+_SPEND = f"""), spend AS (
+    -- Each capped member's use grows by what it was charged, from the row as locked above.
+    UPDATE {member_limits.name} x SET used = t.used + t.total, period_start = t.period, updated_at = now()
+      FROM (SELECT m.org, m.member, min(m.used) AS used, min(m.period) AS period, sum(d.cost) AS total
+              FROM decided d JOIN m ON m.org = d.org AND m.member = d.user_id
+             WHERE d.accepted GROUP BY m.org, m.member) t
+     WHERE x.organization_id = t.org AND x.member = t.member
+"""
+
+
+def charge_statement(*, keyed: bool = False, members: bool = True) -> str:
     """The statement: ``$1..$9`` are arrays (``COLUMNS``), ``$10`` the app's clock when it
     was sent; the keyed variant adds ``$11..$15`` (``KEY_COLUMNS``), NULL where a charge
     has no key. A batch never names one key twice (the batcher keeps twins apart). Last,
-    the starts of that clock's UTC day and month (``members.period_starts``)."""
+    the starts of that clock's UTC day and month (``members.period_starts``).
+
+    ``members=False``: for a batch whose charges name no member (no ``user_id``), so no
+    cap can apply: the same statement without reading or writing the caps table (its
+    relation is not even opened), which a plain charge would otherwise pay for."""
     first = 16 if keyed else 11
+    # Without members the walk is the room alone: no cap to be within, nothing to count.
+    within = _WITHIN if members else "true"
+    mspent = (
+        f"CASE WHEN {_FITS} AND {_WITHIN} AND m.member IS NOT NULL"
+        f" THEN jsonb_set(w.mspent, ARRAY[r.user_id], to_jsonb({_MSPENT} + r.cost)) ELSE w.mspent END"
+        if members
+        else "w.mspent"
+    )
     day, month = f"${first}::timestamptz", f"${first + 1}::timestamptz"
     columns = COLUMNS + KEY_COLUMNS if keyed else COLUMNS
     numbered = list(enumerate(_TYPES, start=1)) + (list(enumerate(_KEY_TYPES, start=11)) if keyed else [])
@@ -147,31 +190,22 @@ WITH RECURSIVE req0 AS (
        AND {spending.live("x", "(SELECT now FROM at)")}
        AND ({spending.has_room("x")} OR x.remaining <> 0)
        FOR UPDATE
-), m AS MATERIALIZED (
-    -- The members' caps the batch's charges touch, locked after the grants, each with its
-    -- use in the current period (``members.py``); read as last committed, like the grants.
-    SELECT x.organization_id AS org, x.member, x.credits AS cap, x.per,
-           {members.current_start("x", day, month)} AS period, {members.used_now("x", day, month)} AS used
-      FROM {member_limits.name} x
-     WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
-       AND (x.organization_id, x.member) IN (SELECT org, user_id FROM req0 WHERE user_id IS NOT NULL)
-       FOR UPDATE
-), totals AS (
+{_members_cte(day, month) if members else _no_members(day, month)}), totals AS (
     SELECT g.org, coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint AS room,
            sum(g.remaining)::bigint AS spendable
       FROM g GROUP BY g.org
 ), walk(org, rn, room, spent, mspent, accepted, capped) AS (
     -- Each organization's charges in arrival order: taken while the room left covers it
     -- and its member's cap (less what this batch already gave that member) does too.
-    SELECT a.organization_id, 0::bigint, coalesce(t.room, 0), 0::bigint, '{{}}'::jsonb, false, false
+    SELECT a.organization_id, 0::bigint, coalesce(t.room, 0), 0::bigint, {"'{}'::jsonb" if members else "NULL::jsonb"},
+           false, false
       FROM acct a LEFT JOIN totals t ON t.org = a.organization_id
     UNION ALL
     SELECT w.org, r.rn, w.room,
-           w.spent + CASE WHEN {_FITS} AND {_WITHIN} THEN r.cost ELSE 0 END,
-           CASE WHEN {_FITS} AND {_WITHIN} AND m.member IS NOT NULL
-                THEN jsonb_set(w.mspent, ARRAY[r.user_id], to_jsonb({_MSPENT} + r.cost)) ELSE w.mspent END,
-           {_FITS} AND {_WITHIN},
-           {_FITS} AND NOT {_WITHIN}
+           w.spent + CASE WHEN {_FITS} AND {within} THEN r.cost ELSE 0 END,
+           {mspent},
+           {_FITS} AND {within},
+           {_FITS} AND NOT {within}
       FROM walk w JOIN eligible r ON r.org = w.org AND r.rn = w.rn + 1
       LEFT JOIN m ON m.org = r.org AND m.member = r.user_id
 ), decided AS MATERIALIZED (
@@ -216,14 +250,7 @@ WITH RECURSIVE req0 AS (
     UPDATE {grants.name} x SET remaining = t.locked - t.total
       FROM (SELECT grant_id, min(locked) AS locked, sum(take) AS total FROM draws GROUP BY grant_id) t
      WHERE x.id = t.grant_id
-), spend AS (
-    -- Each capped member's use grows by what it was charged, from the row as locked above.
-    UPDATE {member_limits.name} x SET used = t.used + t.total, period_start = t.period, updated_at = now()
-      FROM (SELECT m.org, m.member, min(m.used) AS used, min(m.period) AS period, sum(d.cost) AS total
-              FROM decided d JOIN m ON m.org = d.org AND m.member = d.user_id
-             WHERE d.accepted GROUP BY m.org, m.member) t
-     WHERE x.organization_id = t.org AND x.member = t.member
-), moves AS (
+{_SPEND if members else ""}), moves AS (
     INSERT INTO {grant_moves.name} (ledger_id, grant_id, amount) SELECT charge_id, grant_id, -take FROM draws
 ), entry AS (
     INSERT INTO {ledger.name}
@@ -286,6 +313,18 @@ def capped_of(request: ChargeRequest, row: Any) -> MemberCapHit | None:
 
 CHARGE_MANY = charge_statement()
 CHARGE_MANY_KEYED = charge_statement(keyed=True)
+#: The same two for a batch whose charges name no member (see ``charge_statement``).
+CHARGE_MANY_NO_MEMBERS = charge_statement(members=False)
+CHARGE_MANY_KEYED_NO_MEMBERS = charge_statement(keyed=True, members=False)
+
+
+def statement_for(requests: Sequence[ChargeRequest], *, keyed: bool) -> str:
+    """The statement for a batch: without the caps table when no charge names a member."""
+    if any(r.user_id is not None for r in requests):
+        return CHARGE_MANY_KEYED if keyed else CHARGE_MANY
+    return CHARGE_MANY_KEYED_NO_MEMBERS if keyed else CHARGE_MANY_NO_MEMBERS
+
+
 #: What a refused charge re-reads (its statement's snapshot may predate a grant).
 ROOM = f"""
 SELECT coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint,

@@ -26,7 +26,7 @@ from .._clock import utcnow
 from ..errors import IntegrityViolation
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, KeyClaim
 from .batching import Item
-from .pg_charge import CHARGE_MANY, CHARGE_MANY_KEYED, KEY_FIELDS, ROOM, capped_of, statement_args
+from .pg_charge import KEY_FIELDS, ROOM, capped_of, statement_args, statement_for
 
 log = logging.getLogger("credit_guard")
 
@@ -44,7 +44,7 @@ async def decide(conn: Any, items: Sequence[Item], *, attempt: int = 1) -> list[
     requests = [request for request, _ in items]
     args = statement_args(requests, [claim for _, claim in items] if keyed else None, utcnow())
     try:
-        rows = await conn.fetch(CHARGE_MANY_KEYED if keyed else CHARGE_MANY, *args)
+        rows = await conn.fetch(statement_for(requests, keyed=keyed), *args)
     except asyncpg.IntegrityConstraintViolationError as exc:
         if len(items) == 1:
             return [violation(exc)]
