@@ -166,8 +166,6 @@ async def test_usage_past_the_reserve_is_charged_up_to_max_overage(guard: Credit
 async def test_a_stream_on_litestars_middleware_path_is_metered_the_same(guard: CreditGuard) -> None:
     from litestar.response import Stream
 
-
-
     await price_tokens(guard)
     await guard.grant_credits("acme", 100)
 
