@@ -112,7 +112,7 @@ class RateLimits:
         ``RateLimitUnavailable`` when the storage cannot answer within ``timeout``.
         """
         limiter = self._strategy()
-        who = ("org", organization_id) if member is None else ("member", organization_id, member)
+        who = _window_of(organization_id, member)
         try:
             with anyio.fail_after(self.timeout):
                 for item in items:
@@ -126,7 +126,7 @@ class RateLimits:
 
     async def clear(self, feature_key: str, organization_id: str, rate: str, member: str | None = None) -> None:
         """Forget an organization's (or member's) window for ``rate`` (support, tests)."""
-        who = ("org", organization_id) if member is None else ("member", organization_id, member)
+        who = _window_of(organization_id, member)
         for item in parse_rate(rate):
             await self._strategy().clear(item, _NAMESPACE, feature_key, *who)
 
@@ -138,6 +138,11 @@ class RateLimits:
             return
         self._storage = None
         await release_storage(storage)
+
+
+def _window_of(organization_id: str, member: str | None) -> tuple[str, ...]:
+    """Whose window a request counts in: its organization's, or its member's there."""
+    return ("org", organization_id) if member is None else ("member", organization_id, member)
 
 
 async def release_storage(storage: Storage) -> None:

@@ -260,7 +260,8 @@ def refund_in(
     refund_id = refund_row_in(conn, charge, charge_id, amount, book, reason)
     now = utcnow()
     give_back_in(conn, charge.organization_id, charge_id, amount, refund_id, now)
-    members.give_back_in(conn, charge.organization_id, charge_id, amount, now)
+    if charge.user_id is not None:  # a charge without a member counted in no cap
+        members.give_back_in(conn, charge.organization_id, charge_id, amount, now)
     spendable = spendable_in(conn, charge.organization_id, now)
     if credits is None:
         # A full refund means the request did not happen: its idempotency key is free
