@@ -336,6 +336,55 @@ def test_upgrading_tables_made_before_grants_keeps_every_balance_as_a_grant(db: 
     assert (expired, balance, issues) == (1, 5, [])
 
 
+def downgrade_pools(op: Any) -> None:
+    """Back to the version before credit pools: no pool columns, no pool CHECKs."""
+    with op.batch_alter_table("credit_guard_grants") as batch:
+        batch.drop_constraint("ck_credit_guard_grants_overdraft_line_is_general", type_="check")
+        batch.drop_constraint("ck_credit_guard_grants_pools_never_repay", type_="check")
+        batch.drop_column("pool")
+    for table in ("credit_guard_ledger", "credit_guard_feature_pricing"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("pool")
+            batch.drop_column("pool_fallback")
+
+
+def test_upgrading_to_credit_pools_keeps_every_balance_and_pools_work(db: Db) -> None:
+    """Tables of the version before credit pools, holding money: autogenerate finds the
+    five new columns, the documented migration adds them (and the two CHECKs); balances,
+    grants and the overdraft line are kept, and pooled features then charge their pool."""
+
+    async def before() -> None:
+        async with CreditGuard(db.async_url) as guard:
+            await guard.create_schema()
+            await guard.create_pricing(feature_key="ping", feature_name="Ping", category="c", credits=3)
+            await guard.grant_credits("org_1", 10)
+            await guard.set_overdraft_limit("org_1", 5)
+            assert (await guard.deduct_credits("org_1", "ping")).success
+
+    anyio.run(before)
+    _migrate(db, downgrade_pools)
+    assert [diff[0] for diff in db.diffs(credit_guard_metadata)] == ["add_column"] * 5
+    _migrate(db, documented_upgrade("pool_fallback"))
+    assert db.diffs(credit_guard_metadata) == []
+
+    async def after() -> tuple[Any, ...]:
+        async with CreditGuard(db.async_url) as guard:
+            old = await guard.get_feature_pricing("ping")
+            await guard.create_pricing(feature_key="clip", feature_name="Clip", category="v", credits=4, pool="video")
+            refused = await guard.deduct_credits("org_1", "clip")  # general credits are not the pool's
+            await guard.grant_credits("org_1", 6, pool="video")
+            clip = await guard.deduct_credits("org_1", "clip")
+            return (
+                (old.pool, old.pool_fallback) if old else None,
+                refused.success,
+                clip.remaining_credits,
+                await guard.get_pool_balances("org_1"),
+                await guard.audit(),
+            )
+
+    assert anyio.run(after) == ((None, False), False, 2, {None: 7, "video": 2}, [])
+
+
 def test_upgrading_grants_made_before_repaid_keeps_each_repayment(db: Db) -> None:
     """Tables of the previous version (grants without ``repaid``, no ``remaining <= amount``
     CHECK) with a grant that repaid an overdraft: the documented migration adds the column,
@@ -357,17 +406,18 @@ def test_upgrading_grants_made_before_repaid_keeps_each_repayment(db: Db) -> Non
     charge_id = anyio.run(before)
 
     def downgrade(op: Any) -> None:  # back to the previous version's grants
+        downgrade_pools(op)
         with op.batch_alter_table("credit_guard_grants") as batch:
             batch.drop_constraint("ck_credit_guard_grants_remaining_at_most_amount", type_="check")
             batch.drop_constraint("ck_credit_guard_grants_repaid_non_negative", type_="check")
             batch.drop_column("repaid")
 
     _migrate(db, downgrade)
-    assert [diff[0] for diff in db.diffs(credit_guard_metadata)] == ["add_column"]
+    assert [diff[0] for diff in db.diffs(credit_guard_metadata)] == ["add_column"] * 6  # repaid, 5 of pools
 
-    upgrade = documented_upgrade("repaid")  # the migration docs/alembic.md shows, run as written
-
-    _migrate(db, upgrade)
+    # The migrations docs/alembic.md shows, run as written, in the order they came.
+    _migrate(db, documented_upgrade("UPDATE credit_guard_grants SET repaid"))
+    _migrate(db, documented_upgrade("pool_fallback"))
     assert db.diffs(credit_guard_metadata) == []
 
     async def after() -> tuple[Any, ...]:

@@ -13,10 +13,20 @@ from typing import Any
 
 from ._grants import Grants
 from ._ledger import check_org
+from ._pricing import Pricing
 from ._reservations import Reservations
-from ._storage.base import Store
+from ._storage.base import Lane, Store, lane_for
 from ._topups import AutoTopups, Charge
-from .models import AutoTopup, BalancePoint, DeductionResult, Grant, Reservation, is_storable_text
+from .models import (
+    AutoTopup,
+    BalancePoint,
+    CreditCheck,
+    DeductionResult,
+    Grant,
+    Reservation,
+    check_pool,
+    is_storable_text,
+)
 
 
 class AccountsApi:
@@ -24,6 +34,33 @@ class AccountsApi:
     topups: AutoTopups
     reservations: Reservations
     store: Store
+    pricing: Pricing
+
+    async def check_credits(self, organization_id: str, feature_key: str) -> CreditCheck:
+        """Would the organization afford this feature now? Advice only: it reserves nothing.
+        ``available`` is what the feature's charge could draw from (its credit pool's
+        credits, and general ones if it falls back to them), the number a 402 would say."""
+        check_org(organization_id)
+        pricing = await self.pricing.active(feature_key)
+        if pricing is None:
+            available = await self.store.spendable(organization_id)
+            return CreditCheck(False, 0, available, error=f"Feature pricing not found: {feature_key}")
+        available = await self.store.spendable(organization_id, lane_for(pricing.pool, pricing.pool_fallback))
+        return CreditCheck(available >= pricing.credits, pricing.credits, available)
+
+    async def get_balance(self, organization_id: str, *, pool: str | None = None) -> int:
+        """The organization's balance (0 when it has no account): what it can spend, every
+        credit pool counted; with ``pool``, what that pool's own grants hold. ValueError
+        for a malformed id or pool name."""
+        check_org(organization_id)
+        check_pool(pool)
+        return await self.store.spendable(organization_id, None if pool is None else Lane(pool))
+
+    async def get_pool_balances(self, organization_id: str) -> dict[str | None, int]:
+        """What the organization can spend in each credit pool its live grants belong to
+        (None: general; the overdraft line's debt counts there). Their sum is ``get_balance``."""
+        check_org(organization_id)
+        return await self.store.pool_balances(organization_id)
 
     async def grant_credits(
         self,
@@ -34,6 +71,7 @@ class AccountsApi:
         expires_at: datetime | None = None,
         priority: int = 0,
         idempotency_key: str | None = None,
+        pool: str | None = None,
     ) -> int:
         """Grant credits (creating the account); returns the new spendable balance.
 
@@ -41,6 +79,8 @@ class AccountsApi:
         whether or not ``expire_grants`` has run. ``priority``: charges draw from lower
         priorities first, then the soonest expiry, never-expiring last, then the oldest.
         A grant first repays what the organization owes on its overdraft line.
+        ``pool``: credits only the features priced in that credit pool draw from (they are
+        never spent on other features, and never repay the overdraft line); None: general.
         ``idempotency_key`` (a payment's or webhook event's id): the same key grants once
         per organization, whatever the concurrency or the number of processes, and every
         later call grants nothing and returns the current balance; reusing a key for
@@ -54,6 +94,7 @@ class AccountsApi:
             expires_at=expires_at,
             priority=priority,
             idempotency_key=idempotency_key,
+            pool=pool,
         )
 
     async def expire_grants(self, now: datetime | None = None) -> int:

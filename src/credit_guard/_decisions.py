@@ -24,10 +24,13 @@ class Charged:
     #: None only for a free feature and an organization without an account: nothing taken.
     charge_id: int | None
     credits: int
-    #: What the organization can spend after the charge.
+    #: What the organization can spend after the charge, in the feature's lane (its credit
+    #: pool, and general credits if the pool falls back to them).
     spendable: int
     #: The price of one unit (``credits`` is it times the units, rounded up).
     unit_price: int
+    #: The credit pool the feature draws from (None: general).
+    pool: str | None = None
 
 
 class Refusal(enum.Enum):
@@ -52,11 +55,14 @@ class Refused:
     available: int = 0
     #: MEMBER_LIMIT: the cap that refused it, as it stood at the charge's turn.
     capped: MemberCapHit | None = None
+    #: The credit pool the feature draws from (None: general): ``available`` is its lane's.
+    pool: str | None = None
 
     @property
     def message(self) -> str:
         if self.reason is Refusal.INSUFFICIENT:
-            return f"Insufficient credits. Required: {self.required}, Available: {self.available}"
+            where = "" if self.pool is None else f" in pool {self.pool!r}"
+            return f"Insufficient credits{where}. Required: {self.required}, Available: {self.available}"
         if self.reason is Refusal.MEMBER_LIMIT and self.capped is not None:
             cap = self.capped
             return (

@@ -240,9 +240,12 @@ def _answer(
                 charge_client_errors=guard.charge_client_errors
                 if rule.charge_client_errors is None
                 else rule.charge_client_errors,
+                pool=decision.pool,
             )
         case Refused(reason=Refusal.INSUFFICIENT):
-            return problems.insufficient_credits(rule.feature_key, decision.required, decision.available)
+            return problems.insufficient_credits(
+                rule.feature_key, decision.required, decision.available, pool=decision.pool
+            )
         case Refused(reason=Refusal.MEMBER_LIMIT, capped=MemberCapHit() as cap):
             log.info("credit_guard: %s %s refused: %s", scope.get("method"), scope.get("path"), decision.message)
             resets = resets_at(cap.per, utcnow())

@@ -17,7 +17,7 @@ from ._ledger import check_key, check_org
 from ._storage.base import GrantStatus, Store
 from .errors import IdempotencyKeyReused
 from .events import GrantExpiredEvent, LowBalanceEvent, crossed_below
-from .models import Grant, is_storable_text
+from .models import Grant, check_pool, is_storable_text
 from .schema import MAX_BALANCE
 
 log = logging.getLogger("credit_guard")
@@ -42,8 +42,10 @@ class Grants:
         expires_at: datetime | None,
         priority: int,
         idempotency_key: str | None,
+        pool: str | None = None,
     ) -> int:
         check_org(organization_id)
+        check_pool(pool)
         if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount <= MAX_BALANCE:
             raise ValueError(f"amount must be a positive integer up to {MAX_BALANCE}, got {amount!r:.40}")
         if reason is not None and (not isinstance(reason, str) or not is_storable_text(reason)):
@@ -61,6 +63,7 @@ class Grants:
             idempotency_key,
             expires_at=expires_at,
             priority=priority,
+            pool=pool,
         )
         if outcome.status is GrantStatus.OVER_LIMIT:
             raise ValueError(

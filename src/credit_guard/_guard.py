@@ -49,7 +49,6 @@ from ._topups import AutoTopups, fan_out
 from ._webhooks import Webhooks
 from .models import (
     AuditIssue,
-    CreditCheck,
     DeductionResult,
     FeaturePricing,
     RefundResult,
@@ -280,8 +279,14 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi, MembersApi):
         credits: int,
         description: str | None = None,
         is_active: bool = True,
+        pool: str | None = None,
+        pool_fallback: bool = False,
     ) -> FeaturePricing:
-        """Add a feature's price. Raises InvalidPricing or DuplicateFeature; writes nothing then."""
+        """Add a feature's price. Raises InvalidPricing or DuplicateFeature; writes nothing then.
+
+        ``pool``: the credit pool its charges draw from (grants given with the same
+        ``pool``), None for the general pool; ``pool_fallback``: once the pool's grants are
+        spent, draw from general ones (the overdraft line among them) too."""
         return await self.pricing.create(
             feature_key=feature_key,
             feature_name=feature_name,
@@ -289,6 +294,8 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi, MembersApi):
             credits=credits,
             description=description,
             is_active=is_active,
+            pool=pool,
+            pool_fallback=pool_fallback,
         )
 
     async def list_pricing(self, *, category: str | None = None, is_active: bool | None = None) -> list[FeaturePricing]:
@@ -408,14 +415,6 @@ class CreditGuard(AccountsApi, PlansApi, HooksApi, MembersApi):
         """Write queued settlements and let queued hooks run now (tests, shutdown)."""
         await self.holds.flush()
         await self.hooks.drain()
-
-    async def check_credits(self, organization_id: str, feature_key: str) -> CreditCheck:
-        """Would the organization afford this feature now? Advice only: it reserves nothing."""
-        return await self.ledger.check(organization_id, feature_key)
-
-    async def get_balance(self, organization_id: str) -> int:
-        """The organization's balance (0 when it has no account). ValueError for a malformed id."""
-        return await self.ledger.balance(organization_id)
 
     async def usage_report(
         self,

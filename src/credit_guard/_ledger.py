@@ -42,7 +42,6 @@ from .models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
     AuditIssue,
-    CreditCheck,
     DeductionResult,
     RefundResult,
     Reservation,
@@ -125,6 +124,7 @@ class Ledger:
                     charge_id=decision.charge_id,
                     required=decision.credits,
                     unit_price=decision.unit_price,
+                    pool=decision.pool,
                 )
             case Refused():
                 return refusal_result(decision)
@@ -143,10 +143,12 @@ class Ledger:
                     replayed=True,
                 )
 
-    def refused(self, organization_id: str, feature_key: str, credits: int, spendable: int) -> Refused:
+    def refused(
+        self, organization_id: str, feature_key: str, credits: int, spendable: int, pool: str | None = None
+    ) -> Refused:
         """A charge (or a reservation) the live grants cannot cover, its hook told."""
         self.hooks.emit(InsufficientCreditsEvent(organization_id, feature_key, credits, spendable))
-        return Refused(Refusal.INSUFFICIENT, feature_key, credits, spendable)
+        return Refused(Refusal.INSUFFICIENT, feature_key, credits, spendable, pool=pool)
 
     async def charge(
         self,
@@ -186,7 +188,15 @@ class Ledger:
         request_path = storable(request_path[:REQUEST_PATH_MAX]) if request_path else request_path
         hold_until = self.holds.hold_until() if hold else None
         request = ChargeRequest(
-            organization_id, credits, feature_key, user_id, request_method, request_path, hold_until
+            organization_id,
+            credits,
+            feature_key,
+            user_id,
+            request_method,
+            request_path,
+            hold_until,
+            pool=pricing.pool,
+            fallback=pricing.pool_fallback,
         )
         for attempt in range(2):
             if idempotency is None:
@@ -219,14 +229,14 @@ class Ledger:
                 break
         if charge_id is None and credits > 0:
             if capped is not None:
-                return Refused(Refusal.MEMBER_LIMIT, feature_key, credits, spendable, capped)
-            return self.refused(organization_id, feature_key, credits, spendable)
+                return Refused(Refusal.MEMBER_LIMIT, feature_key, credits, spendable, capped, pricing.pool)
+            return self.refused(organization_id, feature_key, credits, spendable, pricing.pool)
         if charge_id is not None:
             if hold:
                 self.holds.track(charge_id)
-            self.charged(organization_id, feature_key, credits, spendable, charge_id, user_id)
+            self.charged(organization_id, feature_key, credits, spendable, charge_id, user_id, pool=pricing.pool)
         # charge_id None: a free feature for an organization without an account.
-        return Charged(charge_id, credits, spendable, pricing.credits)
+        return Charged(charge_id, credits, spendable, pricing.credits, pricing.pool)
 
     def charged(
         self,
@@ -238,11 +248,16 @@ class Ledger:
         user_id: str | None,
         *,
         overage: bool = False,
+        pool: str | None = None,
     ) -> None:
         if self.metrics is not None:
             self.metrics.charged(feature_key, credits, overage=overage)
         if self.hooks.wants(ChargeEvent):
             self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, overage))
+        if pool is not None:
+            # ``balance`` is the pool's lane, not the organization's balance: the balance
+            # alerts, auto top-ups and low-balance hook judge the general balance only.
+            return
         if self.watch is not None:
             self.watch(organization_id, balance, -credits)
         threshold = self.low_balance_threshold
@@ -255,7 +270,8 @@ class Ledger:
         self.holds.forget(charge_id)
         if result.refunded and self.metrics is not None:
             self.metrics.refunded(result.feature_key, result.credits_refunded)
-        if result.refunded and result.organization_id is not None and self.watch is not None:
+        watched = result.pool is None  # a pool's lane is not the balance the watch judges
+        if result.refunded and result.organization_id is not None and self.watch is not None and watched:
             self.watch(result.organization_id, result.remaining_credits, result.credits_refunded)
         if result.refunded and result.organization_id is not None:
             self.hooks.emit(
@@ -387,6 +403,7 @@ class Ledger:
                 charge_id,
                 user_id or moved.user_id,
                 overage=True,
+                pool=moved.pool,
             )
 
     # -- holds and reads ------------------------------------------------------------------
@@ -420,18 +437,6 @@ class Ledger:
     async def open_holds(self, organization_id: str | None) -> list[int]:
         return await self.store.open_holds(organization_id)
 
-    async def check(self, organization_id: str, feature_key: str) -> CreditCheck:
-        check_org(organization_id)
-        pricing = await self.pricing.active(feature_key)
-        available = await self.store.spendable(organization_id)
-        if pricing is None:
-            return CreditCheck(False, 0, available, error=f"Feature pricing not found: {feature_key}")
-        return CreditCheck(available >= pricing.credits, pricing.credits, available)
-
-    async def balance(self, organization_id: str) -> int:
-        check_org(organization_id)
-        return await self.store.spendable(organization_id)
-
     async def usage(
         self,
         *,
@@ -464,6 +469,7 @@ def refusal_result(refused: Refused) -> DeductionResult:
         error=refused.message,
         required=refused.required if insufficient else None,
         error_code=refused.reason.value,
+        pool=refused.pool,
     )
 
 

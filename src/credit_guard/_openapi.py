@@ -24,7 +24,7 @@ from starlette.routing import compile_path
 from . import problems
 from ._flow import Rule
 from ._idempotency import KEY_MAX
-from .models import FEATURE_KEY_MAX
+from .models import FEATURE_KEY_MAX, POOL_MAX, POOL_RE
 
 if TYPE_CHECKING:
     from ._guard import CreditGuard
@@ -59,7 +59,16 @@ def problem_schema() -> dict[str, Any]:
             "detail": {"type": "string"},
             "feature": {"type": "string", "maxLength": FEATURE_KEY_MAX, "description": "The feature key priced."},
             "required": {**_COUNT, "description": "402: the credits this request costs."},
-            "available": {"type": "integer", "description": "402: the credits the organization has now."},
+            "available": {
+                "type": "integer",
+                "description": "402: the credits the organization has now for this feature (its pool's, if it has one).",
+            },
+            "pool": {
+                "type": "string",
+                "maxLength": POOL_MAX,
+                "pattern": POOL_RE.pattern,
+                "description": "402: the credit pool the feature draws from (absent: the general pool).",
+            },
             "idempotency_key": {"type": "string", "description": "409/422: the Idempotency-Key concerned."},
             "limit": {
                 "type": "string",
@@ -99,10 +108,14 @@ def success_headers(*, idempotent: bool) -> dict[str, Any]:
     headers = {
         problems.HEADER_CHARGED: _header("Credits this request took.", _COUNT, required=True),
         problems.HEADER_REMAINING: _header(
-            "The organization's balance after this request (absent when it is not known: fail-open, unpriced).",
+            "What the organization can still spend on this feature (its credit pool's credits, and general ones"
+            " if the pool falls back to them; absent when it is not known: fail-open, unpriced).",
             {"type": "integer"},
         ),
         problems.HEADER_REFUNDED: _header("Credits given back (unused units, or a failed request).", _COUNT),
+        problems.Headers.POOL: _header(
+            "The credit pool the feature draws from; absent for the general pool.", {"type": "string"}
+        ),
     }
     if idempotent:
         headers[problems.HEADER_REPLAYED] = _header(
@@ -131,12 +144,18 @@ def refusals(rule: Rule, *, idempotency: str) -> dict[str, dict[str, Any]]:
             " one; the app's own 401/403 come first)."
         ),
         "402": _problem(
-            "Insufficient credits: `required` is the price, `available` the balance. Or (type"
-            " member-limit-reached, `limit`: member) the member's cap for its period is spent: `cap`, `per`,"
-            " `available` to that member and `resets_at`. Nothing was charged.",
+            "Insufficient credits: `required` is the price, `available` what the organization can spend on"
+            " this feature (for a feature of a credit pool, `pool` names it: its credits, and general ones if it"
+            " falls back to them). Or (type member-limit-reached, `limit`: member) the member's cap for its"
+            " period is spent: `cap`, `per`, `available` to that member and `resets_at`. Nothing was charged.",
             {
                 problems.HEADER_REQUIRED: _header("The price of this request.", _COUNT, required=True),
-                problems.HEADER_REMAINING: _header("The organization's balance.", {"type": "integer"}, required=True),
+                problems.HEADER_REMAINING: _header(
+                    "What the organization can spend on this feature.", {"type": "integer"}, required=True
+                ),
+                problems.Headers.POOL: _header(
+                    "The credit pool the feature draws from; absent for the general pool.", {"type": "string"}
+                ),
             },
         ),
         "403": _problem("credit_guard: the feature this route charges for is switched off in the pricing table."),

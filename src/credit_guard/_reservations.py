@@ -49,19 +49,29 @@ class Reservations:
             return refusal_result(Refused(Refusal.FEATURE_NOT_FOUND, feature_key))
         credits = cost_of(pricing.credits, count)
         request = ChargeRequest(
-            organization_id, credits, feature_key, user_id, None, None, utcnow() + timedelta(seconds=ttl)
+            organization_id,
+            credits,
+            feature_key,
+            user_id,
+            None,
+            None,
+            utcnow() + timedelta(seconds=ttl),
+            pool=pricing.pool,
+            fallback=pricing.pool_fallback,
         )
         share = self.max_overage if max_overage is None else max_overage
         reservation, balance, new = await self.store.reserve(
             request, job_id, unit_price=pricing.credits, max_overage_credits=math.floor(credits * share)
         )
         if reservation is None:
-            return refusal_result(self.ledger.refused(organization_id, feature_key, credits, balance))
+            return refusal_result(self.ledger.refused(organization_id, feature_key, credits, balance, pricing.pool))
         if reservation.organization_id != organization_id:
             raise ValueError(f"job {job_id!r:.80} is reserved by another organization")
         replayed = not new
         if new:
-            self.ledger.charged(organization_id, feature_key, credits, balance, reservation.charge_id, user_id)
+            self.ledger.charged(
+                organization_id, feature_key, credits, balance, reservation.charge_id, user_id, pool=pricing.pool
+            )
         return DeductionResult(
             success=True,
             remaining_credits=None if replayed else balance,
@@ -70,6 +80,7 @@ class Reservations:
             required=reservation.credits,
             replayed=replayed,
             unit_price=reservation.unit_price,
+            pool=pricing.pool,
         )
 
     async def capture(self, job_id: str, *, units: int | float | Decimal | str | None) -> Reservation:

@@ -66,6 +66,8 @@ class Ticket:
     #: What a client that hangs up before the last byte pays: "refund" (nothing) or
     #: "charge_usage" (what ``report_usage`` last said was produced).
     on_disconnect: str = "refund"
+    #: The credit pool the feature draws from (None: general); ``remaining`` is its lane's.
+    pool: str | None = None
 
     def fails(self, status: int) -> bool:
         """Whether an answer with this status is refunded: a 5xx always; a 4xx unless the
@@ -127,13 +129,16 @@ class Ticket:
     def headers(self) -> list[tuple[str, str]]:
         """The credit headers the response carries, reflecting a refund if one happened."""
         if self.refunded is not None and self.refunded.refunded:
-            return [
+            out = [
                 (Headers.REFUNDED, str(self.refunded.credits_refunded)),
                 (Headers.REMAINING, str(self.refunded.remaining_credits)),
             ]
-        out = [(Headers.CHARGED, str(self.credits))]
-        if self.remaining is not None:
-            out.append((Headers.REMAINING, str(self.remaining)))
+        else:
+            out = [(Headers.CHARGED, str(self.credits))]
+            if self.remaining is not None:
+                out.append((Headers.REMAINING, str(self.remaining)))
+        if self.pool is not None:
+            out.append((Headers.POOL, self.pool))
         return out
 
     def _end(self) -> Ledger | None:

@@ -16,6 +16,10 @@ from .errors import InvalidPricing
 
 FEATURE_KEY_RE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 FEATURE_KEY_MAX = 64
+#: A credit pool's name: spelled like a feature key (it travels in ``X-Credits-Pool``).
+POOL_RE = FEATURE_KEY_RE
+POOL_MAX = 64
+POOL_RULE = "must be lowercase letters and digits joined by single underscores, starting with a letter (e.g. video)"
 FEATURE_NAME_MAX = 200
 CATEGORY_MAX = 100
 DESCRIPTION_MAX = 2000
@@ -38,6 +42,10 @@ class FeaturePricing:
     is_active: bool
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    #: The credit pool the feature draws from (None: the general pool), and whether it may
+    #: draw from general credits once its pool's are spent.
+    pool: str | None = None
+    pool_fallback: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,6 +74,9 @@ class DeductionResult:
     replayed: bool = False
     #: The feature's price per unit (``credits_deducted`` is it times the units, rounded up).
     unit_price: int | None = None
+    #: The credit pool the feature draws from (None: general); ``remaining_credits`` is
+    #: then what the feature can still spend (its pool, and general credits if it falls back).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +91,8 @@ class Grant:
     priority: int
     reason: str | None
     created_at: datetime | None
+    #: The credit pool it belongs to: only that pool's features draw from it (None: general).
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +144,9 @@ class RefundResult:
     error: str | None = None
     organization_id: str | None = None
     feature_key: str | None = None
+    #: The credit pool the refunded charge drew from (None: general); ``remaining_credits``
+    #: is then what its feature can spend.
+    pool: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +271,7 @@ class MemberLimit:
         return data
 
 
-_FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active"}
+_FIELDS = {"feature_key", "feature_name", "category", "credits", "description", "is_active", "pool", "pool_fallback"}
 _REQUIRED = ("feature_key", "feature_name", "category", "credits")
 
 
@@ -268,6 +284,25 @@ LABEL_FORBIDDEN = r"\u0000-\u001f\u007f-\u009f\u2028-\u202e\u2066-\u2069"
 #: A label: not blank, and none of the above.
 LABEL_PATTERN = rf"^[^{LABEL_FORBIDDEN}]*[^\s{LABEL_FORBIDDEN}][^{LABEL_FORBIDDEN}]*$"
 _LABEL_FORBIDDEN_RE = re.compile(f"[{LABEL_FORBIDDEN}]")
+
+
+def pool_error(pool: object) -> str | None:
+    """What is wrong with a credit pool's name (None: nothing; ``None`` itself is the general pool)."""
+    if pool is None:
+        return None
+    if not isinstance(pool, str):
+        return "must be a string or null (the general pool)"
+    if len(pool) > POOL_MAX:
+        return f"must be at most {POOL_MAX} characters"
+    return None if POOL_RE.fullmatch(pool) else POOL_RULE
+
+
+def check_pool(pool: object) -> str | None:
+    """``pool`` for the Python API: ValueError naming what is wrong with it."""
+    error = pool_error(pool)
+    if error is not None:
+        raise ValueError(f"pool {error}, got {pool!r:.80}")
+    return pool  # type: ignore[return-value]
 
 
 def has_control_characters(value: str) -> bool:
@@ -356,6 +391,18 @@ def validate_pricing_fields(data: Mapping[str, Any], *, partial: bool = False) -
             errors["is_active"] = "must be true or false"
         else:
             clean["is_active"] = active
+    if "pool" in data:
+        error = pool_error(data["pool"])
+        if error is not None:
+            errors["pool"] = error
+        else:
+            clean["pool"] = data["pool"]
+    if "pool_fallback" in data:
+        fallback = data["pool_fallback"]
+        if not isinstance(fallback, bool):
+            errors["pool_fallback"] = "must be true or false"
+        else:
+            clean["pool_fallback"] = fallback
     if errors:
         raise InvalidPricing(errors)
     return clean

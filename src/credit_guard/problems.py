@@ -21,6 +21,10 @@ class Headers:
     REMAINING: Final = "X-Credits-Remaining"
     REFUNDED: Final = "X-Credits-Refunded"
     REQUIRED: Final = "X-Credits-Required"
+    #: The credit pool a feature draws from, when it is not the general one: then
+    #: ``X-Credits-Remaining`` is what that feature can spend (its pool, and general
+    #: credits if the pool falls back to them).
+    POOL: Final = "X-Credits-Pool"
     #: Set on an idempotent replay, and when its body was too large to keep.
     REPLAYED: Final = "Idempotent-Replayed"
     BODY_OMITTED: Final = "Idempotent-Body-Omitted"
@@ -39,6 +43,7 @@ class Headers:
         CHARGED,
         REFUNDED,
         REQUIRED,
+        POOL,
         REPLAYED,
         BODY_OMITTED,
         RETRY_AFTER,
@@ -111,14 +116,21 @@ class Problem:
         await send({"type": "http.response.body", "body": body})
 
 
-def insufficient_credits(feature_key: str, required: int, available: int) -> Problem:
+def insufficient_credits(feature_key: str, required: int, available: int, *, pool: str | None = None) -> Problem:
+    """The organization cannot cover the charge. For a feature of a credit pool, the body's
+    ``pool`` and ``X-Credits-Pool`` name it and ``available`` is what the feature can spend."""
+    extra: dict[str, Any] = {"feature": feature_key, "required": required, "available": available}
+    headers = {Headers.REQUIRED: str(required), Headers.REMAINING: str(available)}
+    of = ""
+    if pool is not None:
+        extra["pool"], headers[Headers.POOL], of = pool, pool, f" of pool {pool!r}"
     return Problem(
         status=402,
         type=TYPE_INSUFFICIENT,
         title="Insufficient credits",
-        detail=f"{feature_key!r} costs {required} credits; the organization has {available}.",
-        extra={"feature": feature_key, "required": required, "available": available},
-        headers={Headers.REQUIRED: str(required), Headers.REMAINING: str(available)},
+        detail=f"{feature_key!r} costs {required} credits{of}; the organization has {available}.",
+        extra=extra,
+        headers=headers,
     )
 
 

@@ -53,6 +53,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
     func,
 )
 
@@ -87,6 +88,10 @@ feature_pricing = Table(
     Column("is_active", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # The credit pool the feature draws from (None: the general pool), and whether it may
+    # draw from general grants once its pool's are spent (``spending.in_lane``).
+    Column("pool", String(64), nullable=True),
+    Column("pool_fallback", Boolean, nullable=False, default=False, server_default=false()),
     CheckConstraint("credits >= 0", name="credits_non_negative"),
 )
 
@@ -133,6 +138,11 @@ ledger = Table(
     # A grant's idempotency key (a payment's id, a seeding step's name): the UNIQUE pair
     # below makes the same key grant once per organization, whatever the concurrency.
     Column("idempotency_key", String(255), nullable=True),
+    # A charge's lane, as its pricing row said when it was decided: the pool it drew from
+    # (None: general) and whether it could fall back to general grants. A surcharge of it
+    # draws from the same lane, and ``audit()`` checks its draws stayed inside it.
+    Column("pool", String(64), nullable=True),
+    Column("pool_fallback", Boolean, nullable=True),
     UniqueConstraint("organization_id", "idempotency_key"),
     CheckConstraint("kind IN ('grant', 'charge', 'refund', 'expiry')", name="kind_known"),
     CheckConstraint(
@@ -172,11 +182,16 @@ grants = Table(
     # to the grant that repaid it (and expires with it), never to the line, which never
     # expires. ``audit()`` checks it against the grant's repayment move.
     Column("repaid", BigInteger, nullable=False, default=0, server_default="0"),
+    # The credit pool it belongs to (None: general): only charges of that pool's features
+    # draw from it. The overdraft line is general, and a pool's grant never repays it.
+    Column("pool", String(64), nullable=True),
     CheckConstraint("remaining >= floor", name="remaining_above_floor"),
     CheckConstraint("remaining <= amount", name="remaining_at_most_amount"),
     CheckConstraint("repaid >= 0", name="repaid_non_negative"),
     CheckConstraint("floor <= 0 AND amount >= 0", name="floor_and_amount"),
     CheckConstraint("overdraft OR floor = 0", name="only_overdraft_below_zero"),
+    CheckConstraint("pool IS NULL OR NOT overdraft", name="overdraft_line_is_general"),
+    CheckConstraint("pool IS NULL OR repaid = 0", name="pools_never_repay"),
 )
 grant_moves = Table(
     f"{TABLE_PREFIX}grant_moves",

@@ -32,6 +32,29 @@ from ..models import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """The grants a charge may draw from: those of credit pool ``pool`` (None: the general
+    pool), and general ones too once they are spent if ``fallback`` (``spending.in_lane``)."""
+
+    pool: str | None = None
+    fallback: bool = False
+
+    def params(self) -> dict[str, Any]:
+        """The ``:pool`` and ``:fallback`` parameters of the statements that judge a lane."""
+        return {"pool": self.pool, "fallback": self.fallback}
+
+
+#: The general pool's lane: every charge of a feature without a pool.
+GENERAL = Lane()
+
+
+def lane_for(pool: str | None, fallback: bool | None) -> Lane:
+    """The lane of a charge of pool ``pool`` (a pricing row's, a ledger row's): a general
+    charge has nothing to fall back to, whatever ``fallback`` says."""
+    return Lane(pool, bool(fallback)) if pool is not None else GENERAL
+
+
 @dataclass(slots=True)  # not frozen: built on every paid request, and frozen __init__ costs more
 class ChargeRequest:
     """One charge to decide: ``credits`` taken only if the live grants cover them."""
@@ -47,6 +70,14 @@ class ChargeRequest:
     #: A surcharge: the charge whose reported usage went beyond its reserve (``extra_of``).
     extra_of: int | None = None
     reason: str | None = None
+    #: The credit pool its feature draws from (None: general), and whether it may fall back
+    #: to general grants (the pricing row's ``pool`` and ``pool_fallback``).
+    pool: str | None = None
+    fallback: bool = False
+
+    @property
+    def lane(self) -> Lane:
+        return lane_for(self.pool, self.fallback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,8 +94,9 @@ class MemberCapHit:
 @dataclass(frozen=True, slots=True)
 class ChargeOutcome:
     """``charge_id`` is None when the live grants could not cover it. ``spendable``: what
-    the organization can spend after the charge, or, refused, what it could spend at its
-    turn (0 for an organization without an account). Never the book balance, which also
+    the organization can spend after the charge in the charge's lane (its pool, and general
+    grants if it falls back to them), or, refused, what it could spend there at its turn
+    (0 for an organization without an account). Never the book balance, which also
     counts expired credits not yet written off. ``capped``: refused by its member's cap
     (the organization had the credits)."""
 
@@ -187,6 +219,8 @@ class UsageSettlement:
     feature_key: str | None = None
     user_id: str | None = None
     refund_id: int | None = None
+    #: The charge's credit pool (None: general); ``spendable`` is then its lane's.
+    pool: str | None = None
 
 
 class Store(Protocol):
@@ -221,6 +255,7 @@ class Store(Protocol):
         *,
         expires_at: datetime | None = None,
         priority: int = 0,
+        pool: str | None = None,
     ) -> GrantOutcome: ...
     async def expire_grants(self, now: datetime) -> list[ExpiredGrant]: ...
     async def list_grants(self, organization_id: str, now: datetime) -> list[Grant]: ...
@@ -258,7 +293,8 @@ class Store(Protocol):
     async def release_key(self, organization_id: str, idempotency_key: str) -> None: ...
     async def delete_expired_keys(self, now: datetime) -> int: ...
 
-    async def spendable(self, organization_id: str) -> int: ...
+    async def spendable(self, organization_id: str, lane: Lane | None = None) -> int: ...
+    async def pool_balances(self, organization_id: str) -> dict[str | None, int]: ...
     async def audit(self) -> list[AuditIssue]: ...
     async def usage(
         self,

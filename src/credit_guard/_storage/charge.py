@@ -27,7 +27,7 @@ from .._clock import utcnow
 from ..schema import accounts, grant_moves, grants, holds, ledger
 from . import keys, members, spending
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, Completion, KeyClaim, MemberCapHit
-from .grants import APPLY, ROOM, SPENDABLE, lock_account
+from .grants import APPLY, LANE, LANE_SPENDABLE, ROOM, lock_account
 from .pg_charge import capped_of, statement_args, statement_for
 
 _SQLITE = sqlite_dialect.dialect()
@@ -37,14 +37,14 @@ _SQLITE = sqlite_dialect.dialect()
 #: errors it raised inside the writer thread).
 store_datetime: Callable[[datetime | None], Any] = DateTime(timezone=True).dialect_impl(_SQLITE).bind_processor(_SQLITE)  # type: ignore[assignment]
 
-#: The conditional debit: it happens only if the live grants' room covers the cost, and
-#: the member's cap (if it has one) does too.
+#: The conditional debit: it happens only if the room of the live grants in the charge's
+#: lane covers the cost, and the member's cap (if it has one) does too.
 DEBIT = (
     f"UPDATE {accounts.name} SET balance = balance - :cost, updated_at = :now"
     f" WHERE organization_id = :org AND {ROOM} >= :cost AND NOT {members.CAPPED}"
-    f" RETURNING balance, {SPENDABLE} - :cost"
+    f" RETURNING balance, {LANE_SPENDABLE} - :cost"
 )
-#: The draws: ``:cost`` over the live grants in spending order, each up to its room.
+#: The draws: ``:cost`` over the live grants of its lane in spending order, each up to its room.
 DRAW = f"""
 INSERT INTO {grant_moves.name} (ledger_id, grant_id, amount)
 SELECT :lid, id, -take FROM (
@@ -52,14 +52,16 @@ SELECT :lid, id, -take FROM (
       FROM (SELECT g.id, {spending.room("g")} AS room,
                    sum({spending.room("g")}) OVER (ORDER BY {spending.order("g")} ROWS UNBOUNDED PRECEDING) AS run
               FROM {grants.name} g
-             WHERE g.organization_id = :org AND {spending.has_room("g")} AND {spending.live("g", ":now")}) w
+             WHERE g.organization_id = :org AND {spending.has_room("g")} AND {spending.live("g", ":now")}
+               AND {LANE}) w
      WHERE run - room < :cost
 ) t
 """
 ENTRY = (
     f"INSERT INTO {ledger.name} (organization_id, kind, amount, balance_after, feature_key, user_id,"
-    " request_method, request_path, extra_of, reason, created_at)"
-    " VALUES (:org, 'charge', :amount, :book, :feature, :user, :method, :path, :extra_of, :reason, :now)"
+    " request_method, request_path, extra_of, reason, created_at, pool, pool_fallback)"
+    " VALUES (:org, 'charge', :amount, :book, :feature, :user, :method, :path, :extra_of, :reason, :now,"
+    " :pool, :fallback)"
 )
 HOLD = f"INSERT INTO {holds.name} (charge_id, expires_at) VALUES (:lid, :until)"
 
@@ -75,9 +77,11 @@ def charge_sqlite(execute: Execute, request: ChargeRequest) -> ChargeOutcome:
     now = store_datetime(clock)
     day, month = (store_datetime(start) for start in members.period_starts(clock))
     org, cost, user = request.organization_id, request.credits, request.user_id
-    row = execute(DEBIT, {"org": org, "cost": cost, "now": now, "user": user, "day": day, "month": month}).fetchone()
+    lane = request.lane.params()
+    debit = {"org": org, "cost": cost, "now": now, "user": user, "day": day, "month": month, **lane}
+    row = execute(DEBIT, debit).fetchone()
     if row is None:
-        available = execute(f"SELECT {SPENDABLE}, {ROOM}", {"org": org, "now": now}).fetchone()
+        available = execute(f"SELECT {LANE_SPENDABLE}, {ROOM}", {"org": org, "now": now, **lane}).fetchone()
         cap = members.cap_row(execute, org, user, now, day, month) if user is not None else None
         if cap is not None and int(available[1]) >= cost and cap[1] < cost:  # the cap refused it, not the balance
             return ChargeOutcome(None, int(available[0]), MemberCapHit(user or "", *cap))
@@ -98,11 +102,14 @@ def charge_sqlite(execute: Execute, request: ChargeRequest) -> ChargeOutcome:
             "extra_of": request.extra_of,
             "reason": request.reason,
             "now": now,
+            # A general charge records no lane (NULL, NULL): the common row stays as it was.
+            "fallback": request.fallback if request.pool is not None else None,
+            "pool": request.pool,
         },
     )
     charge_id = int(entry.lastrowid or 0)
     if cost > 0:
-        execute(DRAW, {"lid": charge_id, "org": org, "cost": cost, "now": now})
+        execute(DRAW, {"lid": charge_id, "org": org, "cost": cost, "now": now, **lane})
         execute(APPLY, {"lid": charge_id})
     if request.hold_until is not None:
         execute(HOLD, {"lid": charge_id, "until": store_datetime(request.hold_until)})

@@ -22,24 +22,32 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, DateTime, Integer, String, TextClause, bindparam, text
+from sqlalchemy import BigInteger, Boolean, Connection, DateTime, Integer, String, TextClause, bindparam, text
 
 from ..models import Grant
 from ..schema import accounts, grant_moves, grants, ledger, subscriptions
 from . import spending
+from .base import Lane
 from .outbox_events import add_event_in
 
 A, G, M, L, S = accounts.name, grants.name, grant_moves.name, ledger.name, subscriptions.name
 
 #: Live at ``:now``: a grant stops being spendable at the instant it expires.
 LIVE = spending.live("g", ":now")
-#: What a charge may still take: every live grant's room above its floor.
+#: In the lane of a charge of pool ``:pool`` (NULL: general) that may fall back or not (``:fallback``).
+LANE = spending.in_lane("g", ":pool", ":fallback")
+#: What a charge of that lane may still take: every live grant's room above its floor.
 ROOM = (
     f"(SELECT coalesce(sum({spending.room('g')}), 0) FROM {G} g"
-    f" WHERE g.organization_id = :org AND {spending.has_room('g')} AND {LIVE})"
+    f" WHERE g.organization_id = :org AND {spending.has_room('g')} AND {LIVE} AND {LANE})"
 )
-#: What the organization can spend now (negative while it owes on its overdraft line).
+#: What the organization can spend now, every pool counted (negative while it owes on its
+#: overdraft line): its balance as a client reads it.
 SPENDABLE = f"(SELECT coalesce(sum(g.remaining), 0) FROM {G} g WHERE g.organization_id = :org AND {LIVE})"
+#: What a charge of lane (``:pool``, ``:fallback``) can spend now: a feature's spendable.
+LANE_SPENDABLE = (
+    f"(SELECT coalesce(sum(g.remaining), 0) FROM {G} g WHERE g.organization_id = :org AND {LIVE} AND {LANE})"
+)
 
 #: A refund's moves: ``:credits`` back to the grants charge ``:charge`` drew from, the
 #: last drawn first (so a partial refund undoes the overdraft part first).
@@ -98,8 +106,8 @@ MOVE_MORE = (
 LOCK = f"UPDATE {A} SET updated_at = :now WHERE organization_id = :org RETURNING balance"
 ADD_GRANT = (
     f"INSERT INTO {G} (organization_id, amount, remaining, floor, overdraft, priority, expires_at, reason,"
-    " ledger_id, created_at, repaid)"
-    " VALUES (:org, :amount, :amount, 0, false, :priority, :expires_at, :reason, :lid, :now, 0)"
+    " ledger_id, created_at, repaid, pool)"
+    " VALUES (:org, :amount, :amount, 0, false, :priority, :expires_at, :reason, :lid, :now, 0, :pool)"
     " RETURNING id"
 )
 #: Expired grants still holding credits, but not a subscription's current allowance: its
@@ -118,7 +126,8 @@ _TYPES: dict[str, Any] = {
         ("cost", "credits", "amount", "lid", "charge", "grant", "floor", "id", "balance", "over"), BigInteger()
     ),
     "priority": Integer(),
-    **dict.fromkeys(("org", "reason", "user"), String()),
+    **dict.fromkeys(("org", "reason", "user", "pool"), String()),
+    "fallback": Boolean(),
 }
 
 
@@ -147,12 +156,26 @@ def lock_account(conn: Connection, org: str, now: datetime) -> int | None:
     return None if value is None else int(value)
 
 
-def spendable_in(conn: Connection, org: str, now: datetime) -> int:
-    return int(run(conn, f"SELECT {SPENDABLE}", org=org, now=now).scalar() or 0)
+def spendable_in(conn: Connection, org: str, now: datetime, lane: Lane | None = None) -> int:
+    """What the organization can spend now: every pool counted, or what a charge of ``lane`` can."""
+    if lane is None:
+        return int(run(conn, f"SELECT {SPENDABLE}", org=org, now=now).scalar() or 0)
+    return int(run(conn, f"SELECT {LANE_SPENDABLE}", org=org, now=now, **lane.params()).scalar() or 0)
 
 
-def room_in(conn: Connection, org: str, now: datetime) -> int:
-    return int(run(conn, f"SELECT {ROOM}", org=org, now=now).scalar() or 0)
+def pool_balances_in(conn: Connection, org: str, now: datetime) -> dict[str | None, int]:
+    """What each pool's live grants hold (None: general, the overdraft line's debt counted)."""
+    rows = run(
+        conn,
+        f"SELECT g.pool, sum(g.remaining) FROM {G} g WHERE g.organization_id = :org AND {LIVE} GROUP BY g.pool",
+        org=org,
+        now=now,
+    ).all()
+    return {row[0]: int(row[1]) for row in rows}
+
+
+def room_in(conn: Connection, org: str, now: datetime, lane: Lane) -> int:
+    return int(run(conn, f"SELECT {ROOM}", org=org, now=now, **lane.params()).scalar() or 0)
 
 
 def give_back_in(conn: Connection, org: str, charge_id: int, credits: int, refund_id: int, now: datetime) -> None:
@@ -196,9 +219,11 @@ def add_grant_in(
     expires_at: datetime | None = None,
     reason: str | None = None,
     repay: bool = True,
+    pool: str | None = None,
 ) -> int:
-    """A new grant (after its ledger row); it repays the overdraft line's debt first (and
-    remembers how much, ``repaid``), unless ``repay`` is False."""
+    """A new grant (after its ledger row); a general one repays the overdraft line's debt
+    first (and remembers how much, ``repaid``), unless ``repay`` is False. A pool's grant
+    never does: its credits are for that pool's features, and the line is general."""
     result = run(
         conn,
         ADD_GRANT,
@@ -209,9 +234,10 @@ def add_grant_in(
         reason=reason,
         lid=ledger_id,
         now=now,
+        pool=pool,
     )
     grant_id = int(result.scalar_one())
-    if repay and ledger_id is not None and amount > 0 and (expires_at is None or expires_at > now):
+    if repay and pool is None and ledger_id is not None and amount > 0 and (expires_at is None or expires_at > now):
         run(conn, REPAY, lid=ledger_id, org=org, grant=grant_id, amount=amount)
         run(conn, APPLY, lid=ledger_id)
         run(conn, REPAID, lid=ledger_id, grant=grant_id)
@@ -329,7 +355,7 @@ def list_grants_in(conn: Connection, org: str, now: datetime) -> list[Grant]:
     then the spent and expired ones, newest first. The overdraft line is not a grant."""
     rows = run(
         conn,
-        f"SELECT g.id, g.amount, g.remaining, g.expires_at, g.priority, g.reason, g.created_at,"
+        f"SELECT g.id, g.amount, g.remaining, g.expires_at, g.priority, g.reason, g.created_at, g.pool,"
         f" CASE WHEN g.remaining > 0 AND {LIVE} THEN 0 ELSE 1 END AS spent"
         f" FROM {G} g WHERE g.organization_id = :org AND NOT g.overdraft",
         org=org,
@@ -346,13 +372,14 @@ def list_grants_in(conn: Connection, org: str, now: datetime) -> list[Grant]:
                 priority=int(row.priority),
                 reason=row.reason,
                 created_at=read_datetime(row.created_at),
+                pool=row.pool,
             ),
         )
         for row in rows
     ]
     live = sorted(
         (grant for spent, grant in items if not spent),
-        key=lambda g: (g.priority, g.expires_at is None, g.expires_at or now, g.id),
+        key=lambda g: (g.pool is None, g.priority, g.expires_at is None, g.expires_at or now, g.id),
     )
     done = sorted((grant for spent, grant in items if spent), key=lambda g: -g.id)
     return live + done

@@ -45,10 +45,22 @@ from .base import ChargeRequest, KeyClaim, MemberCapHit
 
 #: The statement's parameters, in order: the charges as arrays (``charge_columns``), then
 #: the app's clock when it was sent; the keyed variant adds the keys' arrays (``KEY_COLUMNS``).
-COLUMNS = ("org", "cost", "feature", "user_id", "method", "path", "hold_until", "extra_of", "reason")
-_TYPES = ("text", "bigint", "text", "text", "text", "text", "timestamptz", "bigint", "text")
-SENT_AT = "$10::timestamptz"
-#: A keyed charge's claim (NULL for a charge without a key): ``$11..$15``.
+COLUMNS = (
+    "org",
+    "cost",
+    "feature",
+    "user_id",
+    "method",
+    "path",
+    "hold_until",
+    "extra_of",
+    "reason",
+    "pool",
+    "fallback",
+)
+_TYPES = ("text", "bigint", "text", "text", "text", "text", "timestamptz", "bigint", "text", "text", "boolean")
+SENT_AT = f"${len(COLUMNS) + 1}::timestamptz"
+#: A keyed charge's claim (NULL for a charge without a key): the parameters after the clock.
 KEY_COLUMNS = ("key", "fingerprint", "locked_until", "key_expires_at", "claim_now")
 _KEY_TYPES = ("text", "text", "timestamptz", "timestamptz", "timestamptz")
 #: The key row's fields a taken key is answered with, each ``key_<field>`` in the keyed answer.
@@ -148,15 +160,18 @@ _SPEND = f"""), spend AS (
 
 
 def charge_statement(*, keyed: bool = False, members: bool = True) -> str:
-    """The statement: ``$1..$9`` are arrays (``COLUMNS``), ``$10`` the app's clock when it
-    was sent; the keyed variant adds ``$11..$15`` (``KEY_COLUMNS``), NULL where a charge
-    has no key. A batch never names one key twice (the batcher keeps twins apart). Last,
+    """The statement: ``$1..$11`` are arrays (``COLUMNS``), ``$12`` the app's clock when it
+    was sent; the keyed variant adds ``$13..$17`` (``KEY_COLUMNS``), NULL where a charge
+    has no key. Every charge of one organization in a batch is of one lane (its pool and
+    fallback: ``pg_decide`` splits a batch that mixes them), so the grants read for an
+    organization are exactly its charges' lane's. A batch never names one key twice (the batcher keeps twins apart). Last,
     the starts of that clock's UTC day and month (``members.period_starts``).
 
     ``members=False``: for a batch whose charges name no member (no ``user_id``), so no
     cap can apply: the same statement without reading or writing the caps table (its
     relation is not even opened), which a plain charge would otherwise pay for."""
-    first = 16 if keyed else 11
+    clock = len(COLUMNS) + 1
+    first = clock + 1 + (len(KEY_COLUMNS) if keyed else 0)
     # Without members the walk is the room alone: no cap to be within, nothing to count.
     within = _WITHIN if members else "true"
     mspent = (
@@ -167,7 +182,7 @@ def charge_statement(*, keyed: bool = False, members: bool = True) -> str:
     )
     day, month = f"${first}::timestamptz", f"${first + 1}::timestamptz"
     columns = COLUMNS + KEY_COLUMNS if keyed else COLUMNS
-    numbered = list(enumerate(_TYPES, start=1)) + (list(enumerate(_KEY_TYPES, start=11)) if keyed else [])
+    numbered = list(enumerate(_TYPES, start=1)) + (list(enumerate(_KEY_TYPES, start=clock + 1)) if keyed else [])
     arrays = ", ".join(f"${n}::{kind}[]" for n, kind in numbered)
     new_id = f"nextval(pg_get_serial_sequence('{ledger.name}', 'id'))"
     keyed_fields = ", r.key, r.fingerprint, r.locked_until, r.key_expires_at, r.claim_now" if keyed else ""
@@ -184,11 +199,12 @@ WITH RECURSIVE req0 AS (
     -- The moment of the decision: after every account lock above was granted.
     SELECT {SENT_AT} + (clock_timestamp() - statement_timestamp()) AS now FROM (SELECT count(*) FROM acct) locked
 ), g AS MATERIALIZED (
-    SELECT x.id, x.organization_id AS org, x.remaining, x.floor, x.overdraft, x.priority, x.expires_at
+    SELECT x.id, x.organization_id AS org, x.remaining, x.floor, x.overdraft, x.priority, x.expires_at, x.pool
       FROM {grants.name} x
      WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
        AND {spending.live("x", "(SELECT now FROM at)")}
        AND ({spending.has_room("x")} OR x.remaining <> 0)
+       AND EXISTS (SELECT 1 FROM req0 l WHERE l.org = x.organization_id AND {spending.in_lane("x", "l.pool", "l.fallback")})
        FOR UPDATE
 {_members_cte(day, month) if members else _no_members(day, month)}), totals AS (
     SELECT g.org, coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint AS room,
@@ -209,7 +225,8 @@ WITH RECURSIVE req0 AS (
       FROM walk w JOIN eligible r ON r.org = w.org AND r.rn = w.rn + 1
       LEFT JOIN m ON m.org = r.org AND m.member = r.user_id
 ), decided AS MATERIALIZED (
-    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until, r.extra_of, r.reason{keyed_fields},
+    SELECT r.ord, r.org, r.cost, r.feature, r.user_id, r.method, r.path, r.hold_until, r.extra_of, r.reason,
+           r.pool, CASE WHEN r.pool IS NOT NULL THEN r.fallback END AS fallback{keyed_fields},
            coalesce(w.accepted, false) AS accepted, coalesce(w.spent, 0) AS spent,
            coalesce(w.capped, false) AS capped, m.cap AS member_cap, m.per AS member_per,
            greatest(m.cap - m.used - coalesce((w.mspent->>r.user_id)::bigint, 0), 0) AS member_left,
@@ -255,9 +272,9 @@ WITH RECURSIVE req0 AS (
 ), entry AS (
     INSERT INTO {ledger.name}
            (id, organization_id, kind, amount, balance_after, feature_key, user_id, request_method, request_path,
-            extra_of, reason, created_at)
+            extra_of, reason, created_at, pool, pool_fallback)
     SELECT charge_id, org, 'charge', -cost, book, feature, user_id, method, path, extra_of, reason,
-           (SELECT now FROM at)
+           (SELECT now FROM at), pool, fallback
       FROM decided WHERE accepted
 ), hold AS (
     INSERT INTO {holds.name} (charge_id, expires_at)
@@ -290,6 +307,8 @@ def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
         [r.hold_until for r in requests],
         [r.extra_of for r in requests],
         [r.reason for r in requests],
+        [r.pool for r in requests],
+        [r.fallback for r in requests],
     ]
 
 
@@ -325,10 +344,11 @@ def statement_for(requests: Sequence[ChargeRequest], *, keyed: bool) -> str:
     return CHARGE_MANY_KEYED_NO_MEMBERS if keyed else CHARGE_MANY_NO_MEMBERS
 
 
-#: What a refused charge re-reads (its statement's snapshot may predate a grant).
+#: What a refused charge re-reads in its lane (its statement's snapshot may predate a grant).
 ROOM = f"""
 SELECT coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint,
        coalesce(sum(g.remaining), 0)::bigint
   FROM {grants.name} g
  WHERE g.organization_id = $1 AND {spending.live("g", "$2::timestamptz")}
+   AND {spending.in_lane("g", "$3::text", "$4::boolean")}
 """

@@ -12,6 +12,10 @@ on the same connection, with a fresh snapshot:
 * a constraint the batch broke (a bug the rules should have prevented; the batch rolled
   back whole): each charge is decided again alone, and only the one that still breaks it
   fails, with IntegrityViolation.
+
+The statement reads one lane of grants per organization (``pg_charge``): a batch in which
+one organization's charges are of two lanes (a pool's feature next to a general one) is
+sent as several statements, one after the other, each holding one lane per organization.
 """
 
 from __future__ import annotations
@@ -38,8 +42,41 @@ Outcome = ChargeOutcome | ClaimOutcome | IntegrityViolation
 _CLAIM_ATTEMPTS = 3
 
 
-async def decide(conn: Any, items: Sequence[Item], *, attempt: int = 1) -> list[Outcome]:
-    """Each charge of ``items`` decided by one statement on ``conn`` (asyncpg)."""
+async def decide(conn: Any, items: Sequence[Item]) -> list[Outcome]:
+    """Each charge of ``items`` decided on ``conn`` (asyncpg): one statement, or one per
+    lane a single organization's charges mix (rare: each statement is still one batch)."""
+    if all(request.pool is None for request, _ in items):  # all general: the common case
+        return await _decide(conn, items)
+    runs = one_lane_each(items)
+    if len(runs) == 1:
+        return await _decide(conn, items)
+    outcomes: list[Outcome | None] = [None] * len(items)
+    for run in runs:
+        for at, outcome in zip(run, await _decide(conn, [items[i] for i in run]), strict=True):
+            outcomes[at] = outcome
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def one_lane_each(items: Sequence[Item]) -> list[list[int]]:
+    """``items``' positions cut into runs in which each organization's charges share one
+    lane, in arrival order within each run (the n-th lane an organization shows goes to
+    run n)."""
+    lanes: dict[str, list[Any]] = {}
+    runs: list[list[int]] = []
+    for at, (request, _) in enumerate(items):
+        seen = lanes.setdefault(request.organization_id, [])
+        lane = request.lane
+        if lane not in seen:
+            seen.append(lane)
+        n = seen.index(lane)
+        while len(runs) <= n:
+            runs.append([])
+        runs[n].append(at)
+    return runs
+
+
+async def _decide(conn: Any, items: Sequence[Item], *, attempt: int = 1) -> list[Outcome]:
+    """Each charge of ``items`` (one lane per organization) decided by one statement."""
     keyed = any(claim is not None for _, claim in items)
     requests = [request for request, _ in items]
     args = statement_args(requests, [claim for _, claim in items] if keyed else None, utcnow())
@@ -49,12 +86,12 @@ async def decide(conn: Any, items: Sequence[Item], *, attempt: int = 1) -> list[
         if len(items) == 1:
             return [violation(exc)]
         log.error("credit_guard: a batch of %d charges broke a constraint: %s", len(items), exc)
-        return [(await decide(conn, [item]))[0] for item in items]
+        return [(await _decide(conn, [item]))[0] for item in items]
     except asyncpg.DivisionByZeroError:  # a claim lost: nothing was written
         if len(items) > 1:
-            return [(await decide(conn, [item]))[0] for item in items]
+            return [(await _decide(conn, [item]))[0] for item in items]
         if attempt < _CLAIM_ATTEMPTS:
-            return await decide(conn, items, attempt=attempt + 1)
+            return await _decide(conn, items, attempt=attempt + 1)
         return [ClaimOutcome(ClaimKind.RUNNING, stored={})]
     return [await _outcome(conn, request, claim, row) for (request, claim), row in zip(items, rows, strict=True)]
 
@@ -76,10 +113,11 @@ async def _outcome(conn: Any, request: ChargeRequest, claim: KeyClaim | None, ro
 
 async def _second_look(conn: Any, request: ChargeRequest, claim: KeyClaim | None, refused: Outcome) -> Outcome:
     """A refusal judged on stale grants: decided again if the committed grants cover it."""
-    room, _ = await conn.fetchrow(ROOM, request.organization_id, utcnow())
+    lane = request.lane
+    room, _ = await conn.fetchrow(ROOM, request.organization_id, utcnow(), lane.pool, lane.fallback)
     if int(room) < request.credits:
         return refused  # what was spendable at its turn
-    return (await decide(conn, [(request, claim)]))[0]
+    return (await _decide(conn, [(request, claim)]))[0]
 
 
 def violation(exc: BaseException) -> IntegrityViolation:

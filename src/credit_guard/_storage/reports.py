@@ -9,12 +9,13 @@ from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, and_, case, cast, func, literal, null, select
+from sqlalchemy import Connection, Select, and_, case, cast, func, literal, null, select, text
 from sqlalchemy import Date as SqlDate
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..models import AuditIssue, BalancePoint, UsageGroup, UsageRow
 from ..schema import accounts, grant_moves, grants, holds, ledger, member_limits, reservations
+from . import spending
 
 
 def audit_queries() -> dict[str, Select[Any]]:
@@ -153,7 +154,30 @@ def audit_queries() -> dict[str, Select[Any]]:
     bad_caps = select(
         member_limits.c.organization_id, member_limits.c.member, member_limits.c.used, in_cap.label("counted")
     ).where(member_limits.c.used != in_cap)
+    # Every charge drew only from its lane (``spending.in_lane``, the charges' own rule):
+    # its pool's grants, and general ones only for a general charge or a pool falling back.
+    drawn, lane = grants.alias("g"), ledger.alias("l")
+    out_of_lane = (
+        select(
+            lane.c.organization_id,
+            lane.c.id,
+            lane.c.pool,
+            drawn.c.id.label("grant_id"),
+            drawn.c.pool.label("grant_pool"),
+        )
+        .select_from(
+            grant_moves.join(lane, lane.c.id == grant_moves.c.ledger_id).join(
+                drawn, drawn.c.id == grant_moves.c.grant_id
+            )
+        )
+        .where(
+            lane.c.kind == "charge",
+            grant_moves.c.amount < 0,
+            text("NOT " + spending.in_lane("g", "l.pool", "l.pool_fallback")),
+        )
+    )
     return {
+        "out_of_lane": out_of_lane,
         "bad_caps": bad_caps,
         "over_granted": over_granted,
         "bad_repaid": bad_repaid,
@@ -201,6 +225,13 @@ _ISSUES: list[tuple[str, Callable[[Any], AuditIssue]]] = [
         "bad_caps",
         lambda r: AuditIssue(
             r.organization_id, f"member {r.member!r} has used {r.used} of its cap, its charges say {r.counted}"
+        ),
+    ),
+    (
+        "out_of_lane",
+        lambda r: AuditIssue(
+            r.organization_id,
+            f"charge {r.id} of pool {r.pool or 'general'} drew from grant {r.grant_id} of pool {r.grant_pool or 'general'}",
         ),
     ),
 ]

@@ -8,9 +8,13 @@ may be spent", "how much each can still give" and "in which order" cannot drift 
   drawn from it, whatever was decided before a lock wait;
 * a grant's *room* is what it holds above its floor (0 for a grant, ``-limit`` for the
   account's overdraft line): ``room``, counted only where positive (``has_room``);
-* the *spending order*: lower ``priority`` first, then the soonest ``expires_at``,
-  never-expiring after every date, then the oldest; the overdraft line after all of them
-  (``order``). A refund gives back in the ``reverse`` order (the last drawn first).
+* a charge's *lane*: the grants it may draw from at all (``in_lane``): its pool's, and
+  the general ones (the overdraft line among them) only for a general charge or a pool
+  that falls back to them;
+* the *spending order*: a pool's own grants before general ones (``pool IS NULL`` sorts
+  false first), then lower ``priority``, then the soonest ``expires_at``, never-expiring
+  after every date, then the oldest; the overdraft line after all of them (``order``). A
+  refund gives back in the ``reverse`` order (the last drawn first).
 
 Plain text fragments over a table alias (``g``), valid on SQLite and PostgreSQL alike
 (a boolean sorts false first on both; ``(expires_at IS NULL)`` puts NULL after dates).
@@ -33,9 +37,23 @@ def has_room(alias: str) -> str:
     return f"{alias}.remaining > {alias}.floor"
 
 
+def in_lane(alias: str, pool: str, fallback: str) -> str:
+    """The grant ``alias`` is one a charge of pool ``pool`` (an SQL expression, NULL: the
+    general pool) may draw from; ``fallback`` (a boolean expression): the charge may also
+    draw from general grants once its pool's are spent."""
+    # Two-valued (never NULL), so that ``NOT`` of it (the audit's) means "outside the lane".
+    return (
+        f"(coalesce({alias}.pool = {pool}, false)"
+        f" OR ({alias}.pool IS NULL AND ({pool} IS NULL OR coalesce({fallback}, false))))"
+    )
+
+
 def order(alias: str) -> str:
     """The spending order (an ORDER BY list): the first grant named is drawn from first."""
-    return f"{alias}.overdraft, {alias}.priority, ({alias}.expires_at IS NULL), {alias}.expires_at, {alias}.id"
+    return (
+        f"{alias}.overdraft, ({alias}.pool IS NULL), {alias}.priority, ({alias}.expires_at IS NULL),"
+        f" {alias}.expires_at, {alias}.id"
+    )
 
 
 def reverse(alias: str) -> str:

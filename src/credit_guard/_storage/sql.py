@@ -49,10 +49,11 @@ from .base import (
     ExpiredGrant,
     GrantOutcome,
     KeyClaim,
+    Lane,
     UsageSettlement,
 )
 from .charge import charge_in
-from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, set_overdraft_in
+from .grants import expire_in, expiring_in, list_grants_in, overdraft_in, pool_balances_in, set_overdraft_in
 from .member_store import MemberStore
 from .outbox_store import OutboxStore
 from .plan_store import PlanStore
@@ -255,6 +256,7 @@ class SqlStore(PlanStore, OutboxStore, ReportStore, TopupStore, MemberStore):
         *,
         expires_at: datetime | None = None,
         priority: int = 0,
+        pool: str | None = None,
     ) -> GrantOutcome:
         """Top up (creating the account on first use) with a new grant, never past ``MAX_BALANCE``.
 
@@ -272,6 +274,7 @@ class SqlStore(PlanStore, OutboxStore, ReportStore, TopupStore, MemberStore):
             idempotency_key=idempotency_key,
             expires_at=expires_at,
             priority=priority,
+            pool=pool,
         )
         try:
             return await self._write(work)
@@ -462,6 +465,10 @@ class SqlStore(PlanStore, OutboxStore, ReportStore, TopupStore, MemberStore):
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def spendable(self, organization_id: str) -> int:
-        """What the organization can spend now: its live grants (expired credits left out)."""
-        return await self._read(partial(spendable_now_in, organization_id=organization_id))
+    async def spendable(self, organization_id: str, lane: Lane | None = None) -> int:
+        """What the organization can spend now: its live grants (expired credits left out),
+        every pool's, or those a charge of ``lane`` may draw from."""
+        return await self._read(partial(spendable_now_in, organization_id=organization_id, lane=lane))
+
+    async def pool_balances(self, organization_id: str) -> dict[str | None, int]:
+        return await self._read(partial(pool_balances_in, org=organization_id, now=utcnow()))

@@ -53,7 +53,9 @@ from .base import (
     GrantOutcome,
     GrantStatus,
     KeyClaim,
+    Lane,
     UsageSettlement,
+    lane_for,
 )
 from .charge import charge_in, complete_keys_sqlite
 from .grants import add_grant_in, give_back_in, lock_account, room_in, spendable_in
@@ -69,7 +71,14 @@ CHARGE_COLUMNS = (
     ledger.c.user_id,
     ledger.c.request_method,
     ledger.c.request_path,
+    ledger.c.pool,
+    ledger.c.pool_fallback,
 )
+
+
+def lane_of(charge: Any) -> Lane:
+    """The lane a charge (a row with ``CHARGE_COLUMNS``) was decided in."""
+    return lane_for(charge.pool, charge.pool_fallback)
 
 
 def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:
@@ -84,6 +93,8 @@ def pricing_from_row(row: Row[Any] | Mapping[str, Any]) -> FeaturePricing:
         is_active=bool(m["is_active"]),
         created_at=m["created_at"],
         updated_at=m["updated_at"],
+        pool=m.get("pool"),
+        pool_fallback=bool(m.get("pool_fallback")),
     )
 
 
@@ -93,6 +104,8 @@ def new_pricing_row(fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
         "id": str(uuid.uuid4()),
         "description": None,
         "is_active": True,
+        "pool": None,
+        "pool_fallback": False,
         **fields,
         "created_at": now,
         "updated_at": now,
@@ -120,9 +133,10 @@ class Abandon(Exception):
 # -- the write bodies: one transaction each, on a sync connection ---------------------------
 
 
-def spendable_now_in(conn: Connection, organization_id: str) -> int:
-    """What the organization can spend now: its live grants (expired ones left out)."""
-    return spendable_in(conn, organization_id, utcnow())
+def spendable_now_in(conn: Connection, organization_id: str, lane: Lane | None = None) -> int:
+    """What the organization can spend now: its live grants (expired ones left out), every
+    pool's or ``lane``'s."""
+    return spendable_in(conn, organization_id, utcnow(), lane)
 
 
 def granted_in(conn: Connection, organization_id: str, idempotency_key: str) -> GrantOutcome | None:
@@ -150,6 +164,7 @@ def grant_in(
     expires_at: datetime | None = None,
     priority: int = 0,
     now: datetime | None = None,
+    pool: str | None = None,
 ) -> GrantOutcome:
     if idempotency_key is not None:
         done = granted_in(conn, organization_id, idempotency_key)
@@ -177,6 +192,7 @@ def grant_in(
             reason=reason,
             idempotency_key=idempotency_key,
             created_at=now,
+            pool=pool,
         )
         .returning(ledger.c.id)
     ).scalar_one()
@@ -189,6 +205,7 @@ def grant_in(
         priority=priority,
         expires_at=expires_at,
         reason=reason,
+        pool=pool,
     )
     return GrantOutcome(GrantStatus.GRANTED, spendable_in(conn, organization_id, now), int(entry_id), amount)
 
@@ -262,7 +279,7 @@ def refund_in(
     give_back_in(conn, charge.organization_id, charge_id, amount, refund_id, now)
     if charge.user_id is not None:  # a charge without a member counted in no cap
         members.give_back_in(conn, charge.organization_id, charge_id, amount, now)
-    spendable = spendable_in(conn, charge.organization_id, now)
+    spendable = spendable_in(conn, charge.organization_id, now, lane_of(charge))
     if credits is None:
         # A full refund means the request did not happen: its idempotency key is free
         # again, a reservation it paid for is closed, and a surcharge goes back with it.
@@ -288,6 +305,7 @@ def refund_in(
         refund_id=int(refund_id),
         organization_id=charge.organization_id,
         feature_key=charge.feature_key,
+        pool=charge.pool,
     )
 
 
@@ -309,7 +327,10 @@ def settle_usage_in(
     if closed is None or charge is None:
         return UsageSettlement()
     moved = UsageSettlement(
-        organization_id=charge.organization_id, feature_key=charge.feature_key, user_id=charge.user_id
+        organization_id=charge.organization_id,
+        feature_key=charge.feature_key,
+        user_id=charge.user_id,
+        pool=charge.pool,
     )
     held = -int(charge.amount)
     if used < held:
@@ -325,7 +346,8 @@ def settle_usage_in(
     # that expires in between only makes it refuse (then nothing is taken).
     org = charge.organization_id
     lock_account(conn, org, utcnow())
-    taken = min(extra, room_in(conn, org, utcnow()))
+    lane = lane_of(charge)
+    taken = min(extra, room_in(conn, org, utcnow(), lane))
     left = members.left_in(conn, org, charge.user_id, utcnow())
     if left is not None:  # a member's cap bounds its surcharge as it bounds its charges
         taken = min(taken, left)
@@ -340,6 +362,8 @@ def settle_usage_in(
         charge.request_path,
         extra_of=charge_id,
         reason=reason[:500],
+        pool=lane.pool,
+        fallback=lane.fallback,
     )
     outcome = charge_in(conn, surcharge)
     if outcome.charge_id is None:
