@@ -437,6 +437,60 @@ async def test_api_validation_errors_appear_next_to_their_fields(guard: CreditGu
     assert await guard.list_pricing() == before
 
 
+async def test_operator_prices_a_feature_in_a_credit_pool_and_grants_that_pools_credits(
+    guard: CreditGuard, browser: Browser
+) -> None:
+    page, form = browser.page, browser.form
+    await browser.open()
+    await form.get_by_label("Feature Key").fill("sora_clip")
+    await form.get_by_label("Feature Name").fill("Sora Clip")
+    await form.get_by_label("Category").fill("Video Generation")
+    await form.get_by_label("Credits").fill("10")
+    await form.get_by_label("Credit pool").fill("Video!")  # the API's rule, shown next to the field
+    await page.get_by_role("button", name="Add feature").click()
+    await expect(page.locator('.field[data-field="pool"] .error')).to_contain_text("lowercase")
+    assert await by_key(guard, "sora_clip") is None
+    await form.get_by_label("Credit pool").fill("video")
+    await form.get_by_label("Fall back to the general pool").check()
+    await page.get_by_role("button", name="Add feature").click()
+    row = browser.row("sora_clip")
+    await expect(row.locator('[data-slot="pool-badge"]')).to_have_text("pool video (then general)")
+    stored = await by_key(guard, "sora_clip")
+    assert stored is not None and (stored["pool"], stored["pool_fallback"]) == ("video", True)
+    await expect(browser.row("seedream_text_to_image").locator('[data-slot="pool-badge"]')).to_be_hidden()
+
+    await row.get_by_role("button", name="Edit Sora Clip").click()
+    await expect(form.get_by_label("Credit pool")).to_have_value("video")
+    await form.get_by_label("Fall back to the general pool").uncheck()
+    await page.get_by_role("button", name="Save changes").click()
+    await expect(row.locator('[data-slot="pool-badge"]')).to_have_text("pool video")
+    stored = await by_key(guard, "sora_clip")
+    assert stored is not None and (stored["pool"], stored["pool_fallback"]) == ("video", False)
+
+    await guard.grant_credits("acme", 5)
+    await page.goto(browser.base + TENANT + "/admin/organizations")
+    await expect(page.locator("#results")).to_have_attribute("data-loaded", "true")
+    page = await open_organization(browser, "acme")
+    asked: list[str] = []
+
+    async def accept(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.accept()
+
+    browser.on_next_dialog(accept)
+    await page.get_by_label("Amount").fill("30")
+    await page.get_by_label("Credit pool (optional: general)").fill("video")
+    await page.get_by_role("button", name="Grant", exact=True).click()
+    await expect(page.locator("#org-balance")).to_have_text("35")
+    await expect(page.locator("#org-pools")).to_have_text("· of which video 30")
+    await expect(page.locator("#grants tbody tr").first.locator("td").last).to_have_text("video")  # spent first
+    assert asked == ["Grant 30 video credits to acme?"]
+    assert await guard.get_pool_balances("acme") == {None: 5, "video": 30}
+    clip = await guard.deduct_credits("acme", "sora_clip")
+    assert clip.success and clip.remaining_credits == 20 and clip.pool == "video"
+    assert await guard.audit() == []
+
+
 #: Organizations charged in the chart tests; one id is markup, to be shown as typed (no "/":
 #: the organization routes take the id as one path segment).
 HOSTILE_ORG = "<img src=x onerror=__pwned=1>"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from typing import Any
 
 import anyio
 import pytest
@@ -179,3 +180,25 @@ async def test_bad_lines_are_precise_errors(priced: CreditGuard) -> None:
         priced.topups.register("not callable")  # type: ignore[arg-type]
     assert await priced.auto_topup(ORG) is None
     assert await priced.remove_auto_topup(ORG) is False
+
+
+async def test_claimers_racing_for_one_crossing_claim_it_once(priced: CreditGuard, other: CreditGuard) -> None:
+    """Twenty claims of the same crossing at once, from two processes: one wins. (The line
+    was once read before the account's lock: on PostgreSQL two claimers both saw it armed
+    and both ran crossing 1 with the same key.)"""
+    guard = priced
+    await guard.grant_credits(ORG, 150)
+    await guard.set_auto_topup(ORG, below=100, credits=500)
+    assert (await guard.deduct_credits(ORG, "llm_token", units=60)).success
+    now = utcnow()
+    claims: list[Any] = []
+
+    async def claim(g: CreditGuard) -> None:
+        claims.append(await g.store.claim_topup(ORG, now, now + g.topups.lease))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(20):
+            tg.start_soon(claim, (guard, other)[n % 2])
+    assert [c for c in claims if c is not None] == [(1, 500, await topup_key(guard, ORG, 1))]
+    topup = await guard.auto_topup(ORG)
+    assert topup is not None and (topup.state, topup.crossings) == ("running", 1)

@@ -101,7 +101,15 @@ PRIORITIES = st.sampled_from([0, 0, -1, 1])
 MINUTES = st.sampled_from([1, 2, 5, 20])
 LIMITS = st.sampled_from([0, 7, 30])
 JOBS = st.sampled_from(["job-1", "job-2", "job-3"])
-FEATURES = st.sampled_from(sorted(PRICES))  # includes an inactive one: never charged
+#: Two features of credit pool "video": one that draws only from its pool's grants, one
+#: that falls back to general grants (and the overdraft line) once they are spent.
+POOLED = {"pooled_clip": ("Clip", "Video", 5, True), "pooled_render": ("Render", "Video", 20, True)}
+LANES = {"pooled_clip": ("video", False), "pooled_render": ("video", True)}
+ALL_PRICES = {**PRICES, **POOLED}
+GENERAL: tuple[str | None, bool] = (None, False)
+FEATURES = st.sampled_from(sorted(ALL_PRICES))  # includes an inactive one: never charged
+#: A grant's pool: general mostly, the pooled features' now and then.
+GRANT_POOLS = st.sampled_from([None, None, "video"])
 # Fractions are paid for whole: 1.5 units at 5 credits cost 8, half a unit at 5 costs 3.
 # "1.0" is "1" spelt otherwise: a retry that spells it so is the same call, not a reuse.
 UNITS = st.sampled_from(["1", "2", "0.5", "1.5", "1.0"])
@@ -189,6 +197,10 @@ MUST_REACH = {
     "debt repaid by an allowance",
     "member cap set",
     "member cap refused",
+    "charged from a pool",
+    "a pool fell back to general",
+    "pool short while general credits would cover it",
+    "a pool's grant left the debt alone",
 }
 # Reached in some runs only (a refund of a capped member's charge; a capped member charged
 # on both sides of a UTC midnight): counted when they happen, and each also proved on both
@@ -209,12 +221,27 @@ class Grant:
     amount: int = 0  # what was granted (the line: 0)
     repaid: int = 0  # what it paid of the line's debt and has not had back
     refunded_after_end: bool = False  # a refund came back to it after it expired
+    pool: str | None = None
 
     def live(self, now: datetime) -> bool:
         return self.expires is None or self.expires > now
 
     def order(self) -> tuple[Any, ...]:
-        return (self.overdraft, self.priority, self.expires is None, self.expires or datetime.min, self.seq)
+        return (
+            self.overdraft,
+            self.pool is None,
+            self.priority,
+            self.expires is None,
+            self.expires or datetime.min,
+            self.seq,
+        )
+
+    def serves(self, lane: tuple[str | None, bool] | None) -> bool:
+        """A charge of ``lane`` may draw from it (None: any lane, for the balance)."""
+        if lane is None:
+            return True
+        pool, fallback = lane
+        return self.pool == pool if self.pool is not None else pool is None or fallback
 
 
 @dataclass
@@ -234,6 +261,7 @@ class Charge:
     member: str | None = None
     at: datetime | None = None  # when it was charged (what a member's cap compares)
     surcharge_at: datetime | None = None
+    lane: tuple[str | None, bool] = GENERAL
 
 
 @dataclass
@@ -325,7 +353,11 @@ def utc(when: datetime) -> datetime:
 
 
 def cost(feature: str, units: str) -> int:
-    return math.ceil(Decimal(PRICES[feature][2]) * Decimal(units))
+    return math.ceil(Decimal(ALL_PRICES[feature][2]) * Decimal(units))
+
+
+def lane(feature: str) -> tuple[str | None, bool]:
+    return LANES.get(feature, GENERAL)
 
 
 class Model:
@@ -347,16 +379,21 @@ class Model:
     def book(self, org: str) -> int:
         return sum(g.remaining for g in self.grants.get(org, []))
 
-    def spendable(self, org: str, now: datetime) -> int:
-        return sum(g.remaining for g in self.grants.get(org, []) if g.live(now))
+    def spendable(self, org: str, now: datetime, lane: tuple[str | None, bool] | None = None) -> int:
+        """What ``org`` can spend in ``lane`` (None: every pool, its balance)."""
+        return sum(g.remaining for g in self.grants.get(org, []) if g.live(now) and g.serves(lane))
 
-    def room(self, org: str, now: datetime) -> int:
-        return sum(g.remaining - g.floor for g in self.grants.get(org, []) if g.live(now) and g.remaining > g.floor)
+    def room(self, org: str, now: datetime, lane: tuple[str | None, bool]) -> int:
+        return sum(
+            g.remaining - g.floor
+            for g in self.grants.get(org, [])
+            if g.live(now) and g.remaining > g.floor and g.serves(lane)
+        )
 
-    def draw(self, org: str, credits: int, now: datetime) -> dict[int, int]:
+    def draw(self, org: str, credits: int, now: datetime, lane: tuple[str | None, bool]) -> dict[int, int]:
         left, draws = credits, {}
         for g in sorted(self.grants.get(org, []), key=Grant.order):
-            if left and g.live(now) and g.remaining > g.floor:
+            if left and g.live(now) and g.remaining > g.floor and g.serves(lane):
                 take = min(left, g.remaining - g.floor)
                 g.remaining -= take
                 draws[g.seq] = take
@@ -397,12 +434,19 @@ class Model:
         return next((g for g in self.grants.get(org, []) if g.overdraft), None)
 
     def grant(
-        self, org: str, amount: int, now: datetime, *, priority: int = 0, expires: datetime | None = None
+        self,
+        org: str,
+        amount: int,
+        now: datetime,
+        *,
+        priority: int = 0,
+        expires: datetime | None = None,
+        pool: str | None = None,
     ) -> Grant:
-        """A new grant; one that has not expired repays what the line owes, first."""
-        grant = Grant(self.next_seq(), amount, priority, expires, amount=amount)
+        """A new grant; a general one that has not expired repays what the line owes, first."""
+        grant = Grant(self.next_seq(), amount, priority, expires, amount=amount, pool=pool)
         line = self.line(org)
-        if line is not None and line.remaining < 0 and grant.live(now):
+        if line is not None and line.remaining < 0 and grant.live(now) and pool is None:
             repay = min(-line.remaining, amount)
             line.remaining += repay
             grant.remaining -= repay
@@ -541,20 +585,31 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 reached["grants expired"] += 1
 
         def charge_model(
-            self, org: str, price: int, *, renew: bool = True, member: str | None = None
+            self,
+            org: str,
+            price: int,
+            *,
+            renew: bool = True,
+            member: str | None = None,
+            lane: tuple[str | None, bool] = GENERAL,
         ) -> tuple[bool, dict[int, int], int, bool]:
             """(succeeds, draws, spendable after, refused by the member's cap) for a charge of
-            ``price`` now; one the grants cannot cover first grants a plan's period that has
-            begun (``renew``); one they cover may still be over its member's cap."""
+            ``price`` now in ``lane``; one the grants cannot cover first grants a plan's period
+            that has begun (``renew``); one they cover may still be over its member's cap."""
             now = utcnow()
             sub = self.model.subs.get(org)
-            if renew and sub is not None and self.model.room(org, now) < price and sub.renews_at() <= now:
+            if renew and sub is not None and self.model.room(org, now, lane) < price and sub.renews_at() <= now:
                 self.renew(org, now)
                 reached["charge short: the period renewed first"] += 1
-            have = self.model.spendable(org, now)
-            if org not in self.accounts or self.model.room(org, now) < price:
-                if org in self.accounts and self.model.room(org, datetime.min.replace(tzinfo=now.tzinfo)) >= price:
+            have = self.model.spendable(org, now, lane)
+            if org not in self.accounts or self.model.room(org, now, lane) < price:
+                if (
+                    org in self.accounts
+                    and self.model.room(org, datetime.min.replace(tzinfo=now.tzinfo), lane) >= price
+                ):
                     reached["insufficient: credits expired"] += 1
+                if org in self.accounts and lane[0] is not None and self.model.room(org, now, GENERAL) >= price:
+                    reached["pool short while general credits would cover it"] += 1
                 return False, {}, have if org in self.accounts else 0, False
             cap = self.caps.get((org, member)) if member is not None else None
             if cap is not None and price > 0 and cap.used_now(now) + price > cap.credits:
@@ -562,9 +617,12 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 return False, {}, have, True
             if cap is not None:
                 cap.spend(price, now)
-            draws = self.model.draw(org, price, now)
+            draws = self.model.draw(org, price, now, lane)
             if len(draws) > 1:
                 reached["charged across grants"] += 1
+            if lane[0] is not None:
+                pools = {g.pool for g in self.model.grants[org] if g.seq in draws}
+                reached["charged from a pool" if pools == {lane[0]} else "a pool fell back to general"] += 1
             if have - price < 0:
                 reached["charged into overdraft"] += 1
             return True, draws, have - price, False
@@ -583,6 +641,16 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 if self.guard.engine.dialect.name == "postgresql":
                     await reset_postgres(self.guard)
                 await seed_prices(self.guard)
+                for key, (name, category, credits, _) in POOLED.items():
+                    pool, fallback = LANES[key]
+                    await self.guard.create_pricing(
+                        feature_key=key,
+                        feature_name=name,
+                        category=category,
+                        credits=credits,
+                        pool=pool,
+                        pool_fallback=fallback,
+                    )
                 for key, (credits, rollover) in PLANS.items():
                     await self.guard.define_plan(key, credits=credits, period="day", rollover=rollover)
                 for org, amount in zip(ORG_IDS, start, strict=True):
@@ -596,11 +664,15 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 if plan is not None:
                     self.change_plan(org, plan, "expire")
 
-        @rule(org=ORGS, amount=AMOUNTS, expires=EXPIRES, priority=PRIORITIES)
-        def grant(self, org: str, amount: int, expires: int | None, priority: int) -> None:
+        @rule(org=ORGS, amount=AMOUNTS, expires=EXPIRES, priority=PRIORITIES, pool=GRANT_POOLS)
+        def grant(self, org: str, amount: int, expires: int | None, priority: int, pool: str | None) -> None:
             when = utcnow() + timedelta(minutes=expires, seconds=30) if expires else None
-            balance = self.run(lambda: self.guard.grant_credits(org, amount, expires_at=when, priority=priority))
-            if self.model.grant(org, amount, utcnow(), priority=priority, expires=when).repaid:
+            balance = self.run(
+                lambda: self.guard.grant_credits(org, amount, expires_at=when, priority=priority, pool=pool)
+            )
+            if pool is not None and self.model.line(org) is not None and self.model.line(org).remaining < 0:  # type: ignore[union-attr]
+                reached["a pool's grant left the debt alone"] += 1
+            if self.model.grant(org, amount, utcnow(), priority=priority, expires=when, pool=pool).repaid:
                 reached["debt repaid by a grant"] += 1
             self.accounts.add(org)
             assert balance == self.model.spendable(org, utcnow())
@@ -620,7 +692,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
         @precondition(lambda self: bool(self.indebted()))
         @rule(data=st.data(), amount=AMOUNTS)
         def grant_to_an_indebted_organization(self, data: st.DataObject, amount: int) -> None:
-            self.grant(data.draw(st.sampled_from(self.indebted()), label="org"), amount, None, 0)
+            self.grant(data.draw(st.sampled_from(self.indebted()), label="org"), amount, None, 0, None)
 
         @precondition(lambda self: bool(self.indebted()))
         @rule(data=st.data())
@@ -634,9 +706,13 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             the expired credits would have covered, when there is one."""
             org = data.draw(st.sampled_from(self.expired_unspent()), label="org")
             now = utcnow()
-            live, all_ = self.model.room(org, now), self.model.room(org, datetime.min.replace(tzinfo=now.tzinfo))
-            calls = [(f, u) for f in sorted(PRICES) if PRICES[f][3] for u in ("0.5", "1", "1.5", "2")]
-            tempting = [(f, u) for f, u in calls if live < cost(f, u) <= all_]
+            ever = datetime.min.replace(tzinfo=now.tzinfo)
+            calls = [(f, u) for f in sorted(ALL_PRICES) if ALL_PRICES[f][3] for u in ("0.5", "1", "1.5", "2")]
+            tempting = [
+                (f, u)
+                for f, u in calls
+                if self.model.room(org, now, lane(f)) < cost(f, u) <= self.model.room(org, ever, lane(f))
+            ]
             feature, units = data.draw(st.sampled_from(tempting or calls), label="call")
             self.deduct_and_check(org, feature, units, hold=False)
 
@@ -648,7 +724,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             charge = self.charges[charge_id]
             assert result.refunded and result.credits_refunded == charge.credits + charge.surcharge
             self.refunded_in_full(charge_id)
-            assert result.remaining_credits == self.model.spendable(charge.org, utcnow())
+            assert result.remaining_credits == self.model.spendable(charge.org, utcnow(), charge.lane)
 
         @rule(org=ORGS, how=HOW)
         def an_organization_runs_into_debt(self, org: str, how: str) -> None:
@@ -660,7 +736,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
         def a_charge_outlives_its_grant(self, org: str, how: str) -> None:
             """A promotion spent first (priority -1) that expires a minute later: a charge draws
             from it, then two minutes pass (a refund of that charge lands on an expired grant)."""
-            self.grant(org, 8, 1, -1)
+            self.grant(org, 8, 1, -1, None)
             self.deduct_and_check(
                 org, "seedream_text_to_image", "1", hold=how != "charge", dead=how == "hold, then die"
             )
@@ -669,7 +745,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
         @rule(org=ORGS, amount=AMOUNTS)
         def a_grant_runs_out_unspent(self, org: str, amount: int) -> None:
             """A trial grant spent last (priority 1) that expires a minute later, then two minutes pass."""
-            self.grant(org, amount, 1, 1)
+            self.grant(org, amount, 1, 1, None)
             travel(timedelta(minutes=2))
 
         @rule(minutes=MINUTES)
@@ -846,7 +922,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                     return exc
 
             result = self.run(deduct)
-            active = PRICES[feature][3]
+            active = ALL_PRICES[feature][3]
             price = cost(feature, units)
             claim = self.keys.get((org, key)) if key is not None else None
             reused = claim is not None and (claim.feature, Decimal(claim.units)) != (feature, Decimal(units))
@@ -868,13 +944,14 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 reached["replayed"] += 1
                 return
             at = utcnow()
-            ok, draws, after, capped = self.charge_model(org, price, member=member)
+            ok, draws, after, capped = self.charge_model(org, price, member=member, lane=lane(feature))
             if ok:
                 assert result.success and not result.replayed and result.charge_id is not None
                 assert result.charge_id not in self.charges
                 assert (result.credits_deducted, result.remaining_credits) == (price, after)
+                assert result.pool == lane(feature)[0]
                 self.charges[result.charge_id] = Charge(
-                    org, price, hold, draws, open=hold, live=hold and not dead, member=member, at=at
+                    org, price, hold, draws, open=hold, live=hold and not dead, member=member, at=at, lane=lane(feature)
                 )
                 if key is not None:
                     self.keys[(org, key)] = Claim(feature, units, result.charge_id, price, after, utcnow())
@@ -956,7 +1033,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 # The reserve comes back, and with it any surcharge taken for its usage.
                 assert result.refunded and result.credits_refunded == charge.credits + charge.surcharge
                 self.refunded_in_full(charge_id)
-                assert result.remaining_credits == self.model.spendable(charge.org, utcnow())
+                assert result.remaining_credits == self.model.spendable(charge.org, utcnow(), charge.lane)
                 reached["refunded"] += 1
 
         def settle_model(self, charge: Charge, used: int, max_extra: int) -> tuple[int, int]:
@@ -970,14 +1047,14 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                 reached["usage: unused part refunded" if used else "usage: nothing used, all refunded"] += 1
                 return held - used, 0
             now = utcnow()
-            taken = min(used - held, max_extra, self.model.room(charge.org, now))
+            taken = min(used - held, max_extra, self.model.room(charge.org, now, charge.lane))
             cap = self.caps.get((charge.org, charge.member)) if charge.member is not None else None
             if cap is not None:
                 taken = max(min(taken, cap.credits - cap.used_now(now)), 0)
             if taken:
                 if cap is not None:
                     cap.spend(taken, now)
-                charge.surcharge_draws = self.model.draw(charge.org, taken, now)
+                charge.surcharge_draws = self.model.draw(charge.org, taken, now, charge.lane)
                 charge.surcharge, charge.surcharge_at = taken, now
             reached["usage: surcharge" if taken else "settled as reserved"] += 1
             return 0, taken
@@ -1015,7 +1092,7 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
 
         @rule(
             org=ORGS,
-            feature=st.sampled_from(["seedream_text_to_image", "kling_image_to_video"]),
+            feature=st.sampled_from(["seedream_text_to_image", "kling_image_to_video", "pooled_clip", "pooled_render"]),
             units=UNITS,
             job=JOBS,
             share=st.sampled_from([0.0, 0.5]),
@@ -1039,12 +1116,13 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                     reached["reserve replayed"] += 1
                 return
             price = cost(feature, units)
-            ok, draws, after, _ = self.charge_model(org, price, renew=False)  # a reservation renews nothing
+            # A reservation renews nothing.
+            ok, draws, after, _ = self.charge_model(org, price, renew=False, lane=lane(feature))
             assert (result.success, result.remaining_credits) == (ok, after)
             if ok:
                 assert result.charge_id is not None and result.charge_id not in self.charges
-                self.charges[result.charge_id] = Charge(org, price, True, draws, open=True, job=job)
-                self.jobs[job] = Job(org, result.charge_id, price, PRICES[feature][2], math.floor(price * share))
+                self.charges[result.charge_id] = Charge(org, price, True, draws, open=True, job=job, lane=lane(feature))
+                self.jobs[job] = Job(org, result.charge_id, price, ALL_PRICES[feature][2], math.floor(price * share))
                 reached["reserved"] += 1
 
         @precondition(lambda self: bool(self.jobs))
@@ -1143,20 +1221,33 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
                     for org, grant_id, left in rows:
                         kept.setdefault(org, []).append((int(grant_id), int(left)))
                 spendable = {org: await self.guard.get_balance(org) for org in ORG_IDS}
-                # What a 402 would say is available is the same number (one definition).
+                # What a 402 would say is available, per lane (one definition): a general
+                # feature's, a strict pool's, a pool falling back to general credits.
                 checked = {
-                    org: (await self.guard.check_credits(org, "seedream_text_to_image")).available for org in ORG_IDS
+                    (org, feature): (await self.guard.check_credits(org, feature)).available
+                    for org in ORG_IDS
+                    for feature in ("seedream_text_to_image", "pooled_clip", "pooled_render")
                 }
-                assert checked == spendable
+                pools = {org: await self.guard.get_pool_balances(org) for org in ORG_IDS}
                 caps = {
                     (org, c.member): (c.credits, c.per, c.used)
                     for org in ORG_IDS
                     for c in await self.guard.list_member_limits(org)
                 }
-                return balances, kept, subs, spendable, await self.guard.audit(), await self.guard.open_holds(), caps
+                audit = await self.guard.audit()
+                return balances, kept, subs, spendable, audit, await self.guard.open_holds(), caps, checked, pools
 
-            balances, kept, subs, spendable, issues, open_holds, caps = self.run(read)
+            balances, kept, subs, spendable, issues, open_holds, caps, checked, pools = self.run(read)
             now = utcnow()
+            assert checked == {
+                (org, feature): self.model.spendable(org, now, lane(feature))
+                for org in ORG_IDS
+                for feature in ("seedream_text_to_image", "pooled_clip", "pooled_render")
+            }
+            assert {org: pools[org].get("video", 0) for org in ORG_IDS} == {
+                org: self.model.spendable(org, now, ("video", False)) for org in ORG_IDS
+            }
+            assert {org: sum(pools[org].values()) for org in ORG_IDS} == spendable
             assert issues == []
             assert caps == {key: (c.credits, c.per, c.used_now(now)) for key, c in self.caps.items()}
             if reached_cap_reset[0]:

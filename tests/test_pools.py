@@ -259,3 +259,44 @@ async def test_two_hundred_racing_requests_of_five_members_against_caps_and_a_po
     assert {r["pool"] for r in rows if r["feature_key"] != IMAGE} <= {"video"}
     assert [status for _, _, status in answers].count(402) > 0  # 1,665 credits asked of 500
     assert await guard.audit() == []
+
+
+async def test_the_auto_top_up_judges_general_credits_and_a_falling_back_charge_can_trigger_it(
+    guard: CreditGuard,
+) -> None:
+    """A top-up buys general credits, so it watches general credits: a charge that fell
+    back to them sets it off (its own spendable counts the pool), and 500 video credits
+    do not hide a general balance below its line."""
+    await price_pools(guard)
+    bought: list[tuple[str, int]] = []
+
+    async def card(organization_id: str, credits: int, *, key: str) -> str:
+        bought.append((organization_id, credits))
+        await guard.grant_credits(organization_id, credits, reason="auto top-up", idempotency_key=key)
+        return "pi_1"
+
+    async def drain() -> None:
+        for _ in range(3):
+            await guard.topups.run_once()
+            await anyio.sleep(0.05)
+
+    await guard.grant_credits(ORG, 5, pool="video")
+    await guard.grant_credits(ORG, 30)
+    await guard.set_auto_topup(ORG, below=28, credits=100, charge=card)
+    render = await guard.deduct_credits(ORG, FALLBACK)  # 5 video, then 5 general: 25 general left
+    assert render.success and render.remaining_credits == 25
+    await drain()
+    assert bought == [(ORG, 100)]
+
+    rich = "rich_in_video"
+    await guard.grant_credits(rich, 500, pool="video")
+    await guard.grant_credits(rich, 30)
+    await guard.set_auto_topup(rich, below=28, credits=100, charge=card)
+    assert (await guard.deduct_credits(rich, STRICT)).success  # the pool only: general untouched
+    await drain()
+    assert bought == [(ORG, 100)]
+    assert (await guard.deduct_credits(rich, IMAGE)).success  # 25 general: below the line, 490 video or not
+    await drain()
+    assert bought == [(ORG, 100), (rich, 100)]
+    assert await guard.get_pool_balances(rich) == {"video": 490, None: 125}
+    assert await guard.audit() == []

@@ -76,8 +76,9 @@ class Grants:
             log.info(
                 "credit_guard: grant %r to %s was already made; not granted again", idempotency_key, organization_id
             )
-        if self.watch is not None and outcome.status is GrantStatus.GRANTED:
-            self.watch(organization_id, outcome.spendable, amount)
+        if self.watch is not None and outcome.status is GrantStatus.GRANTED and pool is None:
+            # ``spendable`` counts every pool; the watchers judge general credits: they look.
+            self.watch(organization_id, None, amount)
         return outcome.spendable
 
     async def expire(self, now: datetime | None = None) -> int:
@@ -96,8 +97,8 @@ class Grants:
             by_org[grant.organization_id] = by_org.get(grant.organization_id, 0) + grant.credits
         threshold = self.low_balance_threshold
         for grant in {g.organization_id: g for g in closed}.values():
-            if self.watch is not None:
-                self.watch(grant.organization_id, grant.spendable, -by_org[grant.organization_id])
+            if self.watch is not None:  # (every pool counted in ``spendable``: the watchers look themselves)
+                self.watch(grant.organization_id, None, -by_org[grant.organization_id])
             if crossed_below(threshold, grant.spendable, by_org[grant.organization_id]):
                 assert threshold is not None
                 self.hooks.emit(LowBalanceEvent(grant.organization_id, grant.spendable, threshold, None))

@@ -255,8 +255,10 @@ class Ledger:
         if self.hooks.wants(ChargeEvent):
             self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, overage))
         if pool is not None:
-            # ``balance`` is the pool's lane, not the organization's balance: the balance
-            # alerts, auto top-ups and low-balance hook judge the general balance only.
+            # ``balance`` is the pool's lane, not the general balance the alerts and auto
+            # top-ups judge (a falling-back charge may have moved it): they look themselves.
+            if self.watch is not None:
+                self.watch(organization_id, None, -credits)
             return
         if self.watch is not None:
             self.watch(organization_id, balance, -credits)
@@ -270,9 +272,10 @@ class Ledger:
         self.holds.forget(charge_id)
         if result.refunded and self.metrics is not None:
             self.metrics.refunded(result.feature_key, result.credits_refunded)
-        watched = result.pool is None  # a pool's lane is not the balance the watch judges
-        if result.refunded and result.organization_id is not None and self.watch is not None and watched:
-            self.watch(result.organization_id, result.remaining_credits, result.credits_refunded)
+        if result.refunded and result.organization_id is not None and self.watch is not None:
+            # A pool's lane is not the general balance the watchers judge: they look themselves.
+            balance = result.remaining_credits if result.pool is None else None
+            self.watch(result.organization_id, balance, result.credits_refunded)
         if result.refunded and result.organization_id is not None:
             self.hooks.emit(
                 RefundEvent(

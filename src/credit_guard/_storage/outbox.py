@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import Connection, insert, select, update
 
 from ..schema import balance_alerts, outbox
+from .base import GENERAL
 from .grants import lock_account, spendable_in
 from .outbox_events import add_event_in
 
@@ -63,7 +64,7 @@ def watch_in(conn: Connection, org: str, low: int, now: datetime, falling: bool)
     first grant) there is nothing to tell yet."""
     if lock_account(conn, org, now) is None:
         return None
-    spendable = spendable_in(conn, org, now)
+    spendable = spendable_in(conn, org, now, GENERAL)  # general credits: a pool's are not the balance watched
     state = "empty" if spendable <= 0 else "low" if spendable < low else "ok"
     old = conn.execute(select(balance_alerts.c.state).where(balance_alerts.c.organization_id == org)).scalar()
     if old is None:

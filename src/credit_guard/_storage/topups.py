@@ -16,6 +16,7 @@ from sqlalchemy import Connection, delete, select, update
 
 from ..models import AutoTopup
 from ..schema import auto_topups
+from .base import GENERAL
 from .grants import lock_account, read_datetime, spendable_in
 from .writes import upsert
 
@@ -67,10 +68,15 @@ def claim_topup_in(conn: Connection, org: str, now: datetime, lease_until: datet
     """``(crossing, credits, key)`` when this caller is to run the top-up; None otherwise.
     The key (``auto-topup:<line>:<crossing>``) is the same when a dead runner's crossing
     is run again, and never an earlier line's: a line removed and set again is a new line."""
-    row = conn.execute(select(auto_topups).where(T.organization_id == org)).first()
-    if row is None or lock_account(conn, org, now) is None:
+    # The account's lock FIRST, then the line: read before the lock, two claimers racing on
+    # PostgreSQL both saw it 'armed' and both ran the same crossing (the second one's row
+    # was the snapshot from before the first one's commit).
+    if lock_account(conn, org, now) is None:
         return None
-    spendable = spendable_in(conn, org, now)
+    row = conn.execute(select(auto_topups).where(T.organization_id == org)).first()
+    if row is None:
+        return None
+    spendable = spendable_in(conn, org, now, GENERAL)  # what general features spend: what a top-up buys
     where = T.organization_id == org
     if spendable >= int(row.below):
         if row.state == "fired":
@@ -99,7 +105,7 @@ def finish_topup_in(
     when the balance is at or above the line now; else it stays 'fired' until it is."""
     lock_account(conn, org, now)
     row = conn.execute(select(T.below).where(T.organization_id == org)).first()
-    above = row is not None and spendable_in(conn, org, now) >= int(row.below)
+    above = row is not None and spendable_in(conn, org, now, GENERAL) >= int(row.below)
     conn.execute(
         update(auto_topups)
         .where(T.organization_id == org, T.crossings == crossing, T.state == "running")

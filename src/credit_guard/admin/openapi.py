@@ -16,6 +16,8 @@ from ..models import (
     FEATURE_KEY_MAX,
     FEATURE_KEY_RE,
     FEATURE_NAME_MAX,
+    POOL_MAX,
+    POOL_RE,
     UsageGroup,
 )
 from ._openapi_common import FILTER as _FILTER
@@ -58,6 +60,16 @@ def _fields() -> dict[str, dict[str, Any]]:
         "credits": {"type": "integer", "minimum": 0, "maximum": CREDITS_MAX, "description": "Cost of one use."},
         "description": {"type": ["string", "null"], "maxLength": DESCRIPTION_MAX, "pattern": _NO_NUL},
         "is_active": {"type": "boolean", "description": "Inactive features cannot be charged for or seen publicly."},
+        "pool": {
+            "type": ["string", "null"],
+            "maxLength": POOL_MAX,
+            "pattern": POOL_RE.pattern,
+            "description": "The credit pool its charges draw from (grants given to that pool); null: general.",
+        },
+        "pool_fallback": {
+            "type": "boolean",
+            "description": "Once the pool's grants are spent, draw from general credits (and the overdraft line).",
+        },
     }
 
 
@@ -389,11 +401,20 @@ _ORGANIZATION_SCHEMAS: dict[str, Any] = {
             "organization_id": {"type": "string"},
             "balance": {"type": "integer"},
             "overdraft": {"type": "object"},
+            "pools": {
+                "type": "array",
+                "description": "What each credit pool's live grants hold (pool null: general); they sum to balance.",
+                "items": {
+                    "type": "object",
+                    "properties": {"pool": {"type": ["string", "null"]}, "balance": {"type": "integer"}},
+                    "required": ["pool", "balance"],
+                },
+            },
             "grants": {"type": "array", "items": {"type": "object"}},
             "reservations": {"type": "array", "items": {"type": "object"}},
             "ledger": {"type": "array", "items": {"type": "object"}},
         },
-        "required": ["organization_id", "balance", "overdraft", "grants", "reservations", "ledger"],
+        "required": ["organization_id", "balance", "overdraft", "pools", "grants", "reservations", "ledger"],
     },
     "BalanceHistory": {
         "type": "object",
@@ -423,6 +444,12 @@ _ORGANIZATION_SCHEMAS: dict[str, Any] = {
             },
             "priority": {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1},
             "reason": {"type": ["string", "null"], "maxLength": 500},
+            "pool": {
+                "type": ["string", "null"],
+                "maxLength": POOL_MAX,
+                "pattern": POOL_RE.pattern,
+                "description": "Credits only that pool's features draw from; null: general.",
+            },
         },
         "required": ["amount"],
         "additionalProperties": False,

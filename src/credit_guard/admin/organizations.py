@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response
 from .. import problems
 from .._guard import CreditGuard
 from ..errors import IdempotencyKeyReused
-from ..models import Grant, Reservation
+from ..models import Grant, Reservation, pool_error
 from ..schema import MAX_BALANCE
 from ._http import Refusal, json_object, parse_when, refuse_if
 
@@ -66,6 +66,7 @@ async def detail(request: Request, guard: CreditGuard) -> Response:
         "organization_id": org,
         "balance": await guard.get_balance(org),
         "overdraft": {"limit": limit, "owed": owed},
+        "pools": [{"pool": pool, "balance": held} for pool, held in (await guard.get_pool_balances(org)).items()],
         "grants": [_grant(g) for g in grants],
         "reservations": [_reservation(r) for r in jobs],
         "ledger": [{**row, "created_at": _when(row["created_at"])} for row in entries],
@@ -90,7 +91,7 @@ async def grant(request: Request, guard: CreditGuard) -> Response:
     org = path_organization(request)
     data = await json_object(request)
     errors: dict[str, str] = {}
-    unknown = sorted(set(data) - {"amount", "expires_at", "priority", "reason"})
+    unknown = sorted(set(data) - {"amount", "expires_at", "priority", "reason", "pool"})
     if unknown:
         errors["body"] = f"unknown fields: {', '.join(unknown)}"
     amount = data.get("amount")
@@ -103,12 +104,21 @@ async def grant(request: Request, guard: CreditGuard) -> Response:
     if reason is not None and (not isinstance(reason, str) or len(reason) > 500):
         errors["reason"] = "must be text of at most 500 characters"
     expires_at = _expiry(data.get("expires_at"), errors)
+    pool = data.get("pool")
+    if (wrong := pool_error(pool)) is not None:
+        errors["pool"] = wrong
     refuse_if(errors)
     assert isinstance(amount, int)
     key = request.headers.get("idempotency-key") or None
     try:
         balance = await guard.grant_credits(
-            org, amount, reason=reason or None, expires_at=expires_at, priority=priority, idempotency_key=key
+            org,
+            amount,
+            reason=reason or None,
+            expires_at=expires_at,
+            priority=priority,
+            idempotency_key=key,
+            pool=pool,
         )
     except IdempotencyKeyReused as exc:
         raise Refusal(problems.invalid_request({"idempotency-key": str(exc)}, status=422)) from exc
@@ -150,6 +160,7 @@ def _grant(g: Grant) -> dict[str, Any]:
         "priority": g.priority,
         "reason": g.reason,
         "created_at": _when(g.created_at),
+        "pool": g.pool,
     }
 
 

@@ -215,11 +215,14 @@ def _render_feature(f: FeaturePricing | None) -> str:
     key, name = _e(fields["feature_key"]), _e(fields["feature_name"])
     active = bool(fields["is_active"])
     description = fields["description"]
+    pool = fields.get("pool")
+    pool_label = f"pool {pool}{' (then general)' if fields.get('pool_fallback') else ''}" if pool else ""
     return (
         f'<li class="feature{"" if active else " is-inactive"}" data-id="{_e(fields["id"])}" data-key="{key}">'
         '<div class="feature-main">'
         f'<div class="feature-title"><span class="feature-name" data-slot="feature_name">{name}</span>'
-        f'<span class="badge" data-slot="inactive-badge"{"" if not active else " hidden"}>Inactive</span></div>'
+        f'<span class="badge" data-slot="inactive-badge"{"" if not active else " hidden"}>Inactive</span>'
+        f'<span class="badge badge-pool" data-slot="pool-badge"{"" if pool else " hidden"}>{_e(pool_label)}</span></div>'
         '<div class="feature-key">'
         f'<code data-slot="feature_key">{key}</code>'
         f'<button type="button" class="copy" data-action="copy" aria-label="Copy feature key {key}" title="Copy key">'

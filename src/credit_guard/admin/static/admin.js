@@ -9,7 +9,7 @@
   "use strict";
 
   var PAGE_SUFFIX = "/admin/feature-pricing";
-  var FIELDS = ["feature_key", "feature_name", "category", "credits", "description", "is_active"];
+  var FIELDS = ["feature_key", "feature_name", "category", "credits", "description", "is_active", "pool", "pool_fallback"];
   var charts = window.creditGuardCharts;
 
   function apiBase(pathname) {
@@ -81,6 +81,8 @@
     var desc = setSlot(li, "description", f.description || "No description");
     desc.classList.toggle("is-empty", !f.description);
     li.querySelector('[data-slot="inactive-badge"]').hidden = f.is_active;
+    var pool = setSlot(li, "pool-badge", f.pool ? "pool " + f.pool + (f.pool_fallback ? " (then general)" : "") : "");
+    pool.hidden = !f.pool;
     var sw = li.querySelector('[data-action="toggle"]');
     sw.setAttribute("aria-checked", f.is_active ? "true" : "false");
     sw.setAttribute("aria-label", f.feature_name + " active");
@@ -321,7 +323,9 @@
       // Send what was typed and let the API judge it, so its message is the one shown.
       credits: credits === "" ? null : (isFinite(number) ? number : credits),
       description: field("description").value.trim() || null,
-      is_active: field("is_active").checked
+      is_active: field("is_active").checked,
+      pool: field("pool").value.trim() || null,
+      pool_fallback: field("pool_fallback").checked
     };
   }
 
@@ -332,6 +336,8 @@
     field("credits").value = String(f.credits);
     field("description").value = f.description || "";
     field("is_active").checked = f.is_active;
+    field("pool").value = f.pool || "";
+    field("pool_fallback").checked = !!f.pool_fallback;
   }
 
   function startEdit(f) {

@@ -82,9 +82,12 @@
       $("org-balance").textContent = d.balance;
       $("org-overdraft").textContent = d.overdraft.limit || d.overdraft.owed
         ? "· overdraft limit " + d.overdraft.limit + ", owed " + d.overdraft.owed : "";
+      var pooled = d.pools.filter(function (p) { return p.pool !== null; });
+      $("org-pools").textContent = pooled.length
+        ? "· of which " + pooled.map(function (p) { return p.pool + " " + p.balance; }).join(", ") : "";
       clear("grants");
       d.grants.forEach(function (g) {
-        row("grants", [g.reason || "(no reason)", g.remaining, g.amount, g.expires_at || "never", g.priority]);
+        row("grants", [g.reason || "(no reason)", g.remaining, g.amount, g.expires_at || "never", g.priority, g.pool || "general"]);
       });
       clear("reservations");
       d.reservations.forEach(function (r) { row("reservations", [r.job_id, r.feature_key, r.credits, r.expires_at]); });
@@ -126,8 +129,9 @@
     var amount = Number($("grant-amount").value);
     if (!Number.isInteger(amount) || amount < 1) { $("grant-error").textContent = "amount must be a whole number of credits"; return; }
     var expires = $("grant-expires").value;
-    var body = { amount: amount, reason: $("grant-reason").value || null, expires_at: expires ? expires + ":00Z" : null };
-    var question = "Grant " + amount + " credits to " + current + (expires ? ", expiring " + expires + " UTC" : "") + "?";
+    var pool = $("grant-pool").value.trim() || null;
+    var body = { amount: amount, reason: $("grant-reason").value || null, expires_at: expires ? expires + ":00Z" : null, pool: pool };
+    var question = "Grant " + amount + (pool ? " " + pool : "") + " credits to " + current + (expires ? ", expiring " + expires + " UTC" : "") + "?";
     if (!window.confirm(question)) { status("Nothing granted."); return; }
     var key = "admin-grant-" + (window.crypto && crypto.randomUUID ? crypto.randomUUID() : String(Date.now()));
     request("POST", "/organizations/" + encodeURIComponent(current) + "/grants", body, { "Idempotency-Key": key }).then(function (result) {
