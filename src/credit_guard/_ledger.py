@@ -254,16 +254,12 @@ class Ledger:
             self.metrics.charged(feature_key, credits, overage=overage)
         if self.hooks.wants(ChargeEvent):
             self.hooks.emit(ChargeEvent(organization_id, feature_key, credits, balance, charge_id, user_id, overage))
-        if pool is not None:
-            # ``balance`` is the pool's lane, not the general balance the alerts and auto
-            # top-ups judge (a falling-back charge may have moved it): they look themselves.
-            if self.watch is not None:
-                self.watch(organization_id, None, -credits)
-            return
+        # A pool's lane is not the general balance the alerts and auto top-ups judge (a
+        # falling-back charge may have moved it): they look themselves (None).
         if self.watch is not None:
-            self.watch(organization_id, balance, -credits)
+            self.watch(organization_id, balance if pool is None else None, -credits)
         threshold = self.low_balance_threshold
-        if threshold is not None and crossed_below(threshold, balance, credits):
+        if threshold is not None and pool is None and crossed_below(threshold, balance, credits):
             self.hooks.emit(LowBalanceEvent(organization_id, balance, threshold, feature_key))
 
     # -- refunds --------------------------------------------------------------------------
