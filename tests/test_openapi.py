@@ -112,7 +112,8 @@ def test_document_is_valid_and_shows_what_paid_routes_answer(app: FastAPI) -> No
     assert "Idempotent-Replayed" not in ok_headers
     assert not any(p["name"] == "Idempotency-Key" for p in image.get("parameters", []))
     shortfall = image["responses"]["402"]
-    assert set(shortfall["headers"]) == {"X-Credits-Required", "X-Credits-Remaining"}
+    assert set(shortfall["headers"]) == {"X-Credits-Required", "X-Credits-Remaining", "X-Credits-Pool"}
+    assert shortfall["headers"]["X-Credits-Pool"]["required"] is False  # a feature of a credit pool only
     assert shortfall["content"]["application/problem+json"]["schema"] == {
         "$ref": "#/components/schemas/CreditGuardProblem"
     }
@@ -173,8 +174,10 @@ def test_real_answers_match_the_document(app: FastAPI) -> None:
         short = client.post("/v1/images", json={"prompt": "cat"}, headers={"x-org": "org_doc"})
         assert short.status_code == 402
         assert short.headers["content-type"] == "application/problem+json"
-        for name in image["responses"]["402"]["headers"]:
-            assert name in short.headers
+        for name, header in image["responses"]["402"]["headers"].items():
+            if header["required"]:
+                assert name in short.headers
+        assert "X-Credits-Pool" not in short.headers  # a general feature
         _validates(document, image["responses"]["402"]["content"]["application/problem+json"]["schema"], short.json())
         assert (short.json()["required"], short.json()["available"]) == (5, 2)
 
