@@ -61,16 +61,25 @@ async def cmd_grants(guard: CreditGuard, args: argparse.Namespace) -> int:
                     "expires_at": g.expires_at.isoformat() if g.expires_at else None,
                     "priority": g.priority,
                     "reason": g.reason,
+                    "pool": g.pool,
                 }
                 for g in grants
             ]
         )
         return 0
     rows = [
-        (g.id, g.amount, g.remaining, g.expires_at.isoformat() if g.expires_at else "never", g.priority, g.reason or "")
+        (
+            g.id,
+            g.amount,
+            g.remaining,
+            g.expires_at.isoformat() if g.expires_at else "never",
+            g.priority,
+            g.pool or "general",
+            g.reason or "",
+        )
         for g in grants
     ]
-    print(table(("ID", "AMOUNT", "REMAINING", "EXPIRES", "PRIORITY", "REASON"), rows, right={0, 1, 2, 4}))
+    print(table(("ID", "AMOUNT", "REMAINING", "EXPIRES", "PRIORITY", "POOL", "REASON"), rows, right={0, 1, 2, 4}))
     if limit or owed:
         print(f"overdraft: limit {limit}, owed {owed}")
     print(f"spendable: {await guard.get_balance(args.organization_id)} ({shown(args.organization_id)})")

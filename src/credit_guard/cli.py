@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expires-at", type=expiry, metavar="ISO", help="not spendable from then on (UTC if no offset)")
     p.add_argument("--priority", type=priority, default=0, metavar="N", help="lower is spent first (default 0)")
     p.add_argument(
+        "--pool", metavar="POOL", help="credits only the features of this credit pool spend (default: general)"
+    )
+    p.add_argument(
         "--idempotency-key",
         metavar="KEY",
         help="grant once per organization and key (a payment's id): repeating the command grants nothing",
@@ -414,13 +417,15 @@ async def cmd_grant(guard: CreditGuard, args: argparse.Namespace) -> int:
             expires_at=args.expires_at,
             priority=args.priority,
             idempotency_key=key,
+            pool=args.pool,
         )
     except ValueError as exc:  # the guard's own checks: an empty organization id, the balance maximum, a reused key
         raise CliError(str(exc)) from None
+    what = f"{args.amount}" if args.pool is None else f"{args.amount} {args.pool} credits"
     if key is None:
-        print(f"granted {args.amount} to {_shown(args.organization_id)}: balance {balance}")
+        print(f"granted {what} to {_shown(args.organization_id)}: balance {balance}")
     else:
-        print(f"granted {args.amount} to {_shown(args.organization_id)} once for key {key}: balance {balance}")
+        print(f"granted {what} to {_shown(args.organization_id)} once for key {key}: balance {balance}")
     return 0
 
 
