@@ -20,10 +20,13 @@ API_KEYS = {
     "demo-key-poor": ("org_poor", "user_bob"),
     "demo-key-admin": ("org_demo", "user_admin"),  # DEMO: may use the pricing admin API and page
     "demo-key-pro": ("org_pro", "user_carol"),  # on the Pro plan: 1,000 credits a month
+    "demo-key-studio": ("org_studio", "user_dan"),  # bought video credits: a credit pool
 }
 #: DEMO ONLY: keys whose user is an administrator (``request.state.user["is_admin"]``).
 ADMIN_API_KEYS = frozenset({"demo-key-admin"})
-DEMO_GRANTS = {"org_demo": 100, "org_poor": 3}
+DEMO_GRANTS = {"org_demo": 100, "org_poor": 3, "org_studio": 10}
+#: Credits of a credit pool: only the features priced in that pool spend them.
+DEMO_POOL_GRANTS = {"org_studio": ("video", 50)}
 #: Organizations on the demo's Pro plan (1,000 credits a month, up to 500 carried over).
 DEMO_SUBSCRIBERS = ("org_pro",)
 
@@ -32,6 +35,10 @@ PRICING = [
     ("kling_image_to_video", "Kling Image to Video", "Video Generation", 20, "Five seconds of video from an image."),
     ("ai_voice_generation", "AI Voice Generation", "AI Voice", 2, "Up to 500 characters of speech."),
     ("llm_chat_token", "Chat Tokens", "Text Generation", 1, "One streamed token of a chat answer."),
+]
+#: Features of a credit pool: (key, name, category, credits, description, pool, falls back to general).
+POOLED_PRICING = [
+    ("veo_video_clip", "Veo Video Clip", "Video Generation", 25, "Eight seconds of video.", "video", False),
 ]
 
 
@@ -51,8 +58,24 @@ async def seed(guard: CreditGuard) -> None:
             )
         except DuplicateFeature:
             pass
+    for key, name, category, credits, description, pool, fallback in POOLED_PRICING:
+        try:
+            await guard.create_pricing(
+                feature_key=key,
+                feature_name=name,
+                category=category,
+                credits=credits,
+                description=description,
+                pool=pool,
+                pool_fallback=fallback,
+            )
+        except DuplicateFeature:
+            pass
     for org, amount in DEMO_GRANTS.items():
         await guard.grant_credits(org, amount, reason="demo funding", idempotency_key=f"demo-funding-{org}")
+    for org, (pool, amount) in DEMO_POOL_GRANTS.items():
+        key = f"demo-funding-{org}-{pool}"
+        await guard.grant_credits(org, amount, reason=f"demo {pool} credits", idempotency_key=key, pool=pool)
     # The plan is made once (an operator's later edit on the admin page stands); subscribing
     # again to the same plan changes nothing, so every worker may run this at once.
     if await guard.get_plan("pro") is None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from examples.demo import PRICING
+from examples.demo import POOLED_PRICING, PRICING
 from starlette.testclient import TestClient
 
 from credit_guard.testing import CreditKit, assert_charged, assert_refunded, assert_refused
@@ -78,7 +78,7 @@ def test_demo_admin_login_opens_the_admin_page_in_a_browser(example: TestClient)
     assert "text/html" in page.headers["content-type"]
     assert "seedream_text_to_image" in page.text
     listed = example.get("/api/admin/feature-pricing")  # the cookie signs the API calls too
-    assert listed.status_code == 200 and len(listed.json()) == len(PRICING)
+    assert listed.status_code == 200 and len(listed.json()) == len(PRICING) + len(POOLED_PRICING)
 
 
 @pytest.mark.parametrize("example", ["fastapi_app"], indirect=True)
@@ -114,6 +114,26 @@ def test_fastapi_example_video_is_a_job_reserved_then_captured_or_released(examp
     for not_an_id in ("vid%00nul", "v" * 300):  # a NUL, too long: bad input, never a 500
         bad = example.post(f"/v1/videos/{not_an_id}/complete", json={"status": "failed"})
         assert bad.status_code == 422 and "job_id" in bad.json()["detail"], bad.text
+    assert example.portal.call(example.app.state.credit_guard.audit) == []
+
+
+@pytest.mark.parametrize("example", ["fastapi_app"], indirect=True)
+def test_fastapi_example_clip_is_paid_from_the_video_credit_pool(example: TestClient) -> None:
+    """The example's /v1/clips is priced in the "video" pool: the studio's 50 video credits
+    pay for two clips (its 10 general credits are not the pool's), and the 402 names the
+    pool; an organization with only general credits cannot buy a clip at all."""
+    studio = {"X-API-Key": "demo-key-studio"}
+    for left in (25, 0):
+        clip = example.post("/v1/clips", json={"prompt": "a fox"}, headers=studio)
+        assert_charged(clip, 25, remaining=left)
+        assert clip.headers["x-credits-pool"] == "video"
+    short = example.post("/v1/clips", json={"prompt": "a fox"}, headers=studio)
+    assert_refused(short, required=25, available=0)
+    assert (short.headers["x-credits-pool"], short.json()["pool"]) == ("video", "video")
+    assert_charged(example.post("/v1/images", json={"prompt": "a fox"}, headers=studio), 5, remaining=5)
+    assert_refused(example.post("/v1/clips", json={"prompt": "a fox"}, headers=RICH), required=25, available=0)
+    assert example.get("/api/credits/balance", headers=studio).json()["credits"] == 5
+    assert example.portal is not None
     assert example.portal.call(example.app.state.credit_guard.audit) == []
 
 

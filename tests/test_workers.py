@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 import asyncpg
 import pytest
-from examples.demo import PRICING
+from examples.demo import POOLED_PRICING, PRICING
 from sqlalchemy.engine import make_url
 
 from credit_guard import CreditGuard
@@ -114,8 +114,9 @@ def test_four_workers_starting_the_example_on_a_fresh_database_seed_it_once(empt
             assert await guard.get_balance("org_demo") == 100
             assert await guard.get_balance("org_poor") == 3
             assert await guard.get_balance("org_pro") == 1000  # its Pro plan's first month, granted once
-            assert [row["kind"] for row in await ledger_rows(guard)] == ["grant", "grant", "grant"]
-            assert len(await guard.list_pricing()) == len(PRICING)
+            assert await guard.get_pool_balances("org_studio") == {None: 10, "video": 50}
+            assert [row["kind"] for row in await ledger_rows(guard)] == ["grant"] * 5
+            assert len(await guard.list_pricing()) == len(PRICING) + len(POOLED_PRICING)
             assert [plan.plan_key for plan in await guard.list_plans()] == ["pro"]
             assert await guard.audit() == []
 

@@ -127,6 +127,14 @@ async def image_to_video(body: VideoRequest, request: Request) -> JSONResponse:
     return JSONResponse({"job_id": job_id, "status": "queued", "seconds": body.seconds}, status_code=202)
 
 
+@app.post("/v1/clips")
+@requires_credits("veo_video_clip")
+async def video_clip(body: ImageRequest) -> dict[str, Any]:
+    """Paid from the "video" credit pool (its pricing row says so): only credits granted to
+    that pool pay for it, and its answers say ``X-Credits-Pool: video``."""
+    return {"clip_url": f"https://cdn.example/{abs(hash(body.prompt)) % 10**8}.mp4"}
+
+
 class VideoCompletion(BaseModel):
     status: Literal["succeeded", "failed"]
     seconds_rendered: float = Field(default=0, ge=0, le=60)
