@@ -100,6 +100,18 @@ def server(db_url: str) -> Iterator[str]:
             proc.stdout.close()
 
 
+def test_sync_client_says_which_credit_pool_paid_and_which_one_is_short(server: str) -> None:
+    tracker = CreditTracker()
+    with tracker.client(base_url=server, headers={"X-API-Key": "demo-key-studio"}) as api:
+        for left in (25, 0):
+            assert api.post("/v1/clips", json=IMAGE).status_code == 200
+            assert tracker.last == CreditInfo(remaining=left, charged=25, pool="video")
+        with pytest.raises(InsufficientCredits) as refused:
+            api.post("/v1/clips", json=IMAGE)
+    assert (refused.value.pool, refused.value.available) == ("video", 0)
+    assert refused.value.credits == CreditInfo(remaining=0, required=25, pool="video")
+
+
 def test_sync_client_tracks_credits_and_raises_refusals(server: str) -> None:
     tracker = CreditTracker()
     with tracker.client(base_url=server, headers=RICH) as api:
@@ -131,6 +143,7 @@ def test_sync_client_tracks_credits_and_raises_refusals(server: str) -> None:
     exc = refused.value
     assert (exc.status, exc.feature, exc.required, exc.available) == (402, "seedream_text_to_image", 5, 3)
     assert exc.credits == CreditInfo(remaining=3, required=5)
+    assert exc.pool is None
     assert isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 402
     assert tracker.remaining == 3  # the last balance seen was org_poor's
     assert anonymous.value.status == 401

@@ -50,6 +50,7 @@ from .problems import (
     TYPE_NO_ORGANIZATION,
     TYPE_SCHEMA_MISSING,
     TYPE_UNAVAILABLE,
+    Headers,
 )
 
 
@@ -65,6 +66,9 @@ class CreditInfo:
     charged: int | None = None
     refunded: int | None = None
     required: int | None = None
+    #: The credit pool the feature draws from (None: general, or not said); ``remaining``
+    #: is then what that feature can still spend.
+    pool: str | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> CreditInfo | None:
@@ -74,6 +78,7 @@ class CreditInfo:
             charged=_int_header(headers, HEADER_CHARGED),
             refunded=_int_header(headers, HEADER_REFUNDED),
             required=_int_header(headers, HEADER_REQUIRED),
+            pool=headers.get(Headers.POOL),
         )
         return None if info == _EMPTY else info
 
@@ -114,6 +119,8 @@ class InsufficientCredits(CreditProblem):
         self.feature: str | None = _str_or_none(body.get("feature"))
         self.required: int | None = _int_or_none(body.get("required"))
         self.available: int | None = _int_or_none(body.get("available"))
+        #: The credit pool the feature draws from (None: general).
+        self.pool: str | None = _str_or_none(body.get("pool"))
 
 
 class NoOrganization(CreditProblem):
