@@ -360,7 +360,7 @@ async def test_operator_adds_copies_edits_toggles_and_deletes_a_feature(guard: C
     await expect(switch).to_have_attribute("aria-checked", "false")
     assert len(toggled) == 2 and all("Deactivate" in m and "flux_upscale" in m for m in toggled)
     await expect(row).to_have_class(re.compile(r"\bis-inactive\b"))
-    await expect(row.locator(".badge")).to_be_visible()
+    await expect(row.locator('[data-slot="inactive-badge"]')).to_be_visible()
     await expect(page.locator("#summary")).to_have_text("4 features · 3 categories · 2 inactive")
     assert (await guard.get_pricing(stored["id"])).is_active is False  # type: ignore[union-attr]
 
