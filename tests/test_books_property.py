@@ -144,9 +144,9 @@ ON_CHANGE = st.sampled_from(["expire", "keep"])
 THEN = st.sampled_from(["keeper", "charge", "refund", "expiry"])
 DAY = timedelta(days=1)
 KEY_TTL = timedelta(hours=24)  # the guard's idempotency_ttl
-# Reaches every branch of MUST_REACH on both databases (as seeds 3 and 4 of 1-8 tried do);
-# BOOKS_SEED=n explores another sequence.
-SEED = int(os.environ.get("BOOKS_SEED", "10"))
+# Reaches every branch of MUST_REACH on both databases (since the credit pools' rules, seed
+# 10 missed one; 11 and 12 reach them all); BOOKS_SEED=n explores another sequence.
+SEED = int(os.environ.get("BOOKS_SEED", "11"))
 # Branches the runs must reach, or the machine proves less than it claims (a precondition
 # that never holds, a strategy that never draws the edge). Deterministic: a fixed seed.
 MUST_REACH = {
@@ -695,6 +695,12 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             self.grant(data.draw(st.sampled_from(self.indebted()), label="org"), amount, None, 0, None)
 
         @precondition(lambda self: bool(self.indebted()))
+        @rule(data=st.data(), amount=AMOUNTS)
+        def pool_grant_to_an_indebted_organization(self, data: st.DataObject, amount: int) -> None:
+            """A pool's grant to an organization that owes: the debt stays (the line is general)."""
+            self.grant(data.draw(st.sampled_from(self.indebted()), label="org"), amount, None, 0, "video")
+
+        @precondition(lambda self: bool(self.indebted()))
         @rule(data=st.data())
         def lower_the_limit_below_the_debt(self, data: st.DataObject) -> None:
             self.overdraft(data.draw(st.sampled_from(self.indebted()), label="org"), 0)
@@ -725,6 +731,12 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
             assert result.refunded and result.credits_refunded == charge.credits + charge.surcharge
             self.refunded_in_full(charge_id)
             assert result.remaining_credits == self.model.spendable(charge.org, utcnow(), charge.lane)
+
+        @rule(org=ORGS, amount=AMOUNTS, feature=st.sampled_from(sorted(POOLED)), how=HOW)
+        def a_pool_pays_for_its_feature(self, org: str, amount: int, feature: str, how: str) -> None:
+            """Credits granted to the video pool, then one of its features charged."""
+            self.grant(org, amount, None, 0, "video")
+            self.deduct_and_check(org, feature, "1", hold=how != "charge", dead=how == "hold, then die")
 
         @rule(org=ORGS, how=HOW)
         def an_organization_runs_into_debt(self, org: str, how: str) -> None:
