@@ -159,7 +159,7 @@ _SPEND = f"""), spend AS (
 """
 
 
-def charge_statement(*, keyed: bool = False, members: bool = True) -> str:
+def charge_statement(*, keyed: bool = False, members: bool = True, pools: bool = True) -> str:
     """The statement: ``$1..$11`` are arrays (``COLUMNS``), ``$12`` the app's clock when it
     was sent; the keyed variant adds ``$13..$17`` (``KEY_COLUMNS``), NULL where a charge
     has no key. Every charge of one organization in a batch is of one lane (its pool and
@@ -169,11 +169,19 @@ def charge_statement(*, keyed: bool = False, members: bool = True) -> str:
 
     ``members=False``: for a batch whose charges name no member (no ``user_id``), so no
     cap can apply: the same statement without reading or writing the caps table (its
-    relation is not even opened), which a plain charge would otherwise pay for."""
+    relation is not even opened), which a plain charge would otherwise pay for.
+    ``pools=False``: for a batch whose charges are all of the general pool: its grants are
+    the organization's general ones (``pool IS NULL``, an index condition), not a match of
+    every grant against the batch's lanes."""
     clock = len(COLUMNS) + 1
     first = clock + 1 + (len(KEY_COLUMNS) if keyed else 0)
     # Without members the walk is the room alone: no cap to be within, nothing to count.
     within = _WITHIN if members else "true"
+    lane = (
+        f"EXISTS (SELECT 1 FROM req0 l WHERE l.org = x.organization_id AND {spending.in_lane('x', 'l.pool', 'l.fallback')})"
+        if pools
+        else spending.in_lane("x", "NULL", "NULL")
+    )
     mspent = (
         f"CASE WHEN {_FITS} AND {_WITHIN} AND m.member IS NOT NULL"
         f" THEN jsonb_set(w.mspent, ARRAY[r.user_id], to_jsonb({_MSPENT} + r.cost)) ELSE w.mspent END"
@@ -204,7 +212,7 @@ WITH RECURSIVE req0 AS (
      WHERE x.organization_id = ANY((SELECT array_agg(organization_id) FROM acct)::text[])
        AND {spending.live("x", "(SELECT now FROM at)")}
        AND ({spending.has_room("x")} OR x.remaining <> 0)
-       AND EXISTS (SELECT 1 FROM req0 l WHERE l.org = x.organization_id AND {spending.in_lane("x", "l.pool", "l.fallback")})
+       AND {lane}
        FOR UPDATE
 {_members_cte(day, month) if members else _no_members(day, month)}), totals AS (
     SELECT g.org, coalesce(sum({spending.room("g")}) FILTER (WHERE {spending.has_room("g")}), 0)::bigint AS room,
@@ -330,18 +338,22 @@ def capped_of(request: ChargeRequest, row: Any) -> MemberCapHit | None:
     return MemberCapHit(request.user_id or "", int(row["member_cap"]), int(row["member_left"]), row["member_per"])
 
 
-CHARGE_MANY = charge_statement()
-CHARGE_MANY_KEYED = charge_statement(keyed=True)
-#: The same two for a batch whose charges name no member (see ``charge_statement``).
-CHARGE_MANY_NO_MEMBERS = charge_statement(members=False)
-CHARGE_MANY_KEYED_NO_MEMBERS = charge_statement(keyed=True, members=False)
+#: Each variant, made once: (keyed, members, pools); see ``charge_statement``.
+STATEMENTS = {
+    (keyed, members, pools): charge_statement(keyed=keyed, members=members, pools=pools)
+    for keyed in (False, True)
+    for members in (False, True)
+    for pools in (False, True)
+}
 
 
 def statement_for(requests: Sequence[ChargeRequest], *, keyed: bool) -> str:
-    """The statement for a batch: without the caps table when no charge names a member."""
-    if any(r.user_id is not None for r in requests):
-        return CHARGE_MANY_KEYED if keyed else CHARGE_MANY
-    return CHARGE_MANY_KEYED_NO_MEMBERS if keyed else CHARGE_MANY_NO_MEMBERS
+    """The statement for a batch: without the caps table when no charge names a member, and
+    reading general grants alone when every charge is of the general pool (the plain charge
+    pays for neither)."""
+    members = any(r.user_id is not None for r in requests)
+    pools = any(r.pool is not None for r in requests)
+    return STATEMENTS[keyed, members, pools]
 
 
 #: What a refused charge re-reads in its lane (its statement's snapshot may predate a grant).
