@@ -303,8 +303,10 @@ def key_columns(claims: Sequence[KeyClaim | None]) -> list[list[Any]]:
     ]
 
 
-def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
-    """The charges as the statement's arrays, in ``COLUMNS`` order."""
+def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any] | None]:
+    """The charges as the statement's arrays, in ``COLUMNS`` order. A batch of general
+    charges sends no pool arrays (NULL: ``unnest`` pads every charge's pool with NULL)."""
+    pooled = any(r.pool is not None for r in requests)
     return [
         [r.organization_id for r in requests],
         [r.credits for r in requests],
@@ -315,8 +317,8 @@ def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any]]:
         [r.hold_until for r in requests],
         [r.extra_of for r in requests],
         [r.reason for r in requests],
-        [r.pool for r in requests],
-        [r.fallback for r in requests],
+        [r.pool for r in requests] if pooled else None,
+        [r.fallback for r in requests] if pooled else None,
     ]
 
 
