@@ -152,7 +152,9 @@ def free_port() -> int:
 class App:
     """One uvicorn process serving one variant app (one worker, loopback)."""
 
-    def __init__(self, name: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, env: dict[str, str], *, root: Path = ROOT) -> None:
+        """``root``: the checkout whose ``benchmarks.apps`` and ``src`` it serves (``ab.py``
+        serves two revisions side by side)."""
         self.name = name
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -171,8 +173,8 @@ class App:
                 "--log-level",
                 "warning",
             ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}", "BENCH_APP": name, **env},
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'src'}", "BENCH_APP": name, **env},
         )
 
     def wait_ready(self, timeout: float = 30.0) -> None:

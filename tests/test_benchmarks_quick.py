@@ -65,3 +65,29 @@ def test_quick_benchmark_measures_every_variant_and_finds_no_overdraft() -> None
     assert 0.0 < float(keyed.split()[0]) < 1.05, keyed
     assert "VARIANT 8 NO OVERDRAFT: yes" in output
     assert "OVERDRAFT OR BOOKS DO NOT BALANCE" not in output
+
+
+def test_paired_ab_serves_two_revisions_and_leaves_no_worktree() -> None:
+    """``benchmarks/ab.py``: HEAD and the working tree measured in the same rounds, every
+    request a 2xx, the ratio printed, its temporary worktree gone afterwards."""
+    problem = pg_problem()
+    if problem:
+        pytest.skip(problem)
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: ab.py compares git revisions")
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab.py"), "HEAD", ".", "--rounds", "1", "--seconds", "1"]
+    proc = subprocess.run(
+        [*command, "--pg-url", PG_URL],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert proc.returncode == 0, f"ab.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("HEAD: req/s per round ") for line in lines), proc.stdout
+    assert any(line.startswith(".: req/s per round ") for line in lines), proc.stdout
+    assert any(line.startswith("B/A (median of per-round ratios): ") for line in lines), proc.stdout
+    after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert after == worktrees
