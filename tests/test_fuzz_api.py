@@ -33,6 +33,7 @@ was granted and seeded, and afterwards nothing has moved.
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -274,7 +275,13 @@ async def assert_caps_counted_and_enforced(guard: CreditGuard) -> list[tuple[str
     """After any run of member cap writes: every cap counts what its member really spent
     (the seeded charge) or 0 (a change of period counts again), never another amount, and
     the next charge by each capped member goes through exactly when its cap and the
-    organization both have the 5 credits. The books stay exact. Returns the caps checked."""
+    organization both have the 5 credits. The books stay exact. Returns the caps checked.
+
+    The charges are of a feature priced here, after the fuzzing: the fuzzed pricing writes
+    may have deactivated, repriced or pooled every feature seeded before."""
+    probe = await guard.create_pricing(
+        feature_key=f"caps_probe_{uuid.uuid4().hex[:8]}", feature_name="Caps probe", category="Probe", credits=CAP_SPEND
+    )
     checked = []
     for org in [*GRANTS, PLANNED_ORG]:
         for cap in await guard.list_member_limits(org):
@@ -282,7 +289,7 @@ async def assert_caps_counted_and_enforced(guard: CreditGuard) -> list[tuple[str
             spent = CAP_SPEND if (org, cap.member) in CAPS else 0
             assert cap.used in (0, spent) and cap.remaining == max(cap.credits - cap.used, 0), cap
             balance = await guard.get_balance(org)
-            charged = await guard.deduct_credits(org, "seedream_text_to_image", user_id=cap.member)
+            charged = await guard.deduct_credits(org, probe.feature_key, user_id=cap.member)
             fits = cap.remaining >= CAP_SPEND and balance >= CAP_SPEND
             assert charged.success is fits, (cap, balance, charged)
             if not fits and cap.remaining < CAP_SPEND:
