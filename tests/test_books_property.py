@@ -144,16 +144,21 @@ ON_CHANGE = st.sampled_from(["expire", "keep"])
 THEN = st.sampled_from(["keeper", "charge", "refund", "expiry"])
 DAY = timedelta(days=1)
 KEY_TTL = timedelta(hours=24)  # the guard's idempotency_ttl
-# Reaches every branch of MUST_REACH on both databases (since the credit pools' rules, seed
-# 10 missed one; 11 and 12 reach them all); BOOKS_SEED=n explores another sequence.
+# The first seed of the runs; BOOKS_SEED=n explores other sequences.
 SEED = int(os.environ.get("BOOKS_SEED", "11"))
+# A seed alone does not fix the interleavings: Hypothesis also draws constants it finds in
+# the local modules loaded so far (credit_guard's, the examples'), so the same seed takes
+# other paths after an edit of the library, or after another test imported an example app
+# (CI's whole suite missed two branches that this file alone reached). So the machine runs
+# seed after seed, up to SEEDS of them, until every branch of MUST_REACH is reached; each
+# run holds every invariant on its own.
+SEEDS = 4
 # Every example starts at this instant (ahead of any real clock: the library's clock only
-# ever moves forward of the database's). The wall clock's time of day and month decided
-# which steps crossed a UTC midnight or a month's end, so one seed reached different
-# branches on different days (CI missed two that a run here reached).
+# ever moves forward of the database's), so the time of day a run starts at does not
+# decide which steps cross a UTC midnight or a month's end.
 START = datetime(2031, 1, 14, 9, 30, tzinfo=UTC)
 # Branches the runs must reach, or the machine proves less than it claims (a precondition
-# that never holds, a strategy that never draws the edge). Deterministic: a fixed seed.
+# that never holds, a strategy that never draws the edge).
 MUST_REACH = {
     "charged",
     "charged a hold",
@@ -1314,16 +1319,19 @@ def books_machine(db_url: str, tmp_path: Path, reached: Counter[str]) -> type[Ru
 
 def test_any_interleaving_keeps_balances_equal_to_model_and_ledger(db_url: str, tmp_path: Path) -> None:
     reached: Counter[str] = Counter()
-    run_state_machine_as_test(
-        # The same interleavings on every run and machine, and after an edit of the machine's
-        # code (derandomize=True would seed from that code).
-        seed(SEED)(books_machine(db_url, tmp_path, reached)),
-        settings=settings(
-            max_examples=50,
-            stateful_step_count=60,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
-    )
-    assert MUST_REACH <= set(reached), f"never reached: {sorted(MUST_REACH - set(reached))}; reached: {reached}"
+    for n in range(SEEDS):
+        run_state_machine_as_test(
+            # Seeded (not derandomize=True, which would seed from the test's code).
+            seed(SEED + n)(books_machine(db_url, tmp_path, reached)),
+            settings=settings(
+                max_examples=50,
+                stateful_step_count=60,
+                deadline=None,
+                database=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            ),
+        )
+        if MUST_REACH <= set(reached):
+            break
+    missed = sorted(MUST_REACH - set(reached))
+    assert not missed, f"never reached in {SEEDS} seeded runs: {missed}; reached: {reached}"
