@@ -35,7 +35,7 @@ statement (a division by zero), so the key stays free for the retry after a top-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -303,10 +303,16 @@ def key_columns(claims: Sequence[KeyClaim | None]) -> list[list[Any]]:
     ]
 
 
+def pooled(requests: Iterable[ChargeRequest]) -> bool:
+    """Whether any charge of a batch is of a credit pool. None is, most often: then the
+    batch takes the general-lane statement and sends no pool arrays."""
+    return any(r.pool is not None for r in requests)
+
+
 def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any] | None]:
     """The charges as the statement's arrays, in ``COLUMNS`` order. A batch of general
     charges sends no pool arrays (NULL: ``unnest`` pads every charge's pool with NULL)."""
-    pooled = any(r.pool is not None for r in requests)
+    lanes = pooled(requests)
     return [
         [r.organization_id for r in requests],
         [r.credits for r in requests],
@@ -317,8 +323,8 @@ def charge_columns(requests: Sequence[ChargeRequest]) -> list[list[Any] | None]:
         [r.hold_until for r in requests],
         [r.extra_of for r in requests],
         [r.reason for r in requests],
-        [r.pool for r in requests] if pooled else None,
-        [r.fallback for r in requests] if pooled else None,
+        [r.pool for r in requests] if lanes else None,
+        [r.fallback for r in requests] if lanes else None,
     ]
 
 
@@ -353,9 +359,7 @@ def statement_for(requests: Sequence[ChargeRequest], *, keyed: bool) -> str:
     """The statement for a batch: without the caps table when no charge names a member, and
     reading general grants alone when every charge is of the general pool (the plain charge
     pays for neither)."""
-    members = any(r.user_id is not None for r in requests)
-    pools = any(r.pool is not None for r in requests)
-    return STATEMENTS[keyed, members, pools]
+    return STATEMENTS[keyed, any(r.user_id is not None for r in requests), pooled(requests)]
 
 
 #: What a refused charge re-reads in its lane (its statement's snapshot may predate a grant).

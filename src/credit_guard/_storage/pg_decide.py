@@ -30,7 +30,7 @@ from .._clock import utcnow
 from ..errors import IntegrityViolation
 from .base import ChargeOutcome, ChargeRequest, ClaimKind, ClaimOutcome, KeyClaim
 from .batching import Item
-from .pg_charge import KEY_FIELDS, ROOM, capped_of, statement_args, statement_for
+from .pg_charge import KEY_FIELDS, ROOM, capped_of, pooled, statement_args, statement_for
 
 log = logging.getLogger("credit_guard")
 
@@ -45,7 +45,7 @@ _CLAIM_ATTEMPTS = 3
 async def decide(conn: Any, items: Sequence[Item]) -> list[Outcome]:
     """Each charge of ``items`` decided on ``conn`` (asyncpg): one statement, or one per
     lane a single organization's charges mix (rare: each statement is still one batch)."""
-    if all(request.pool is None for request, _ in items):  # all general: the common case
+    if not pooled(request for request, _ in items):  # all general: the common case
         return await _decide(conn, items)
     runs = one_lane_each(items)
     if len(runs) == 1:
